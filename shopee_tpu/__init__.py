@@ -1,0 +1,45 @@
+"""shopee_tpu: product-image classification for Kaggle kernels on TPU, GPU or CPU.
+
+A notebook reads top to bottom::
+
+    import shopee_tpu as st
+    cfg = st.RunConfig.preset("shopee-b0").override("data.train=/kaggle/input/my-recs")
+    acc = st.connect()                      # TPU, GPUs or CPU
+    result = st.train(cfg, accelerator=acc)  # checkpoints, resume, plots
+    ids, probs = st.predict(result.model, test_ds)
+
+The names below are imported lazily, so ``import shopee_tpu`` works (and is fast)
+without TensorFlow installed, and before the Keras backend is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "connect": "shopee_tpu.accelerator",
+    "Accelerator": "shopee_tpu.accelerator",
+    "AcceleratorNotFound": "shopee_tpu.accelerator",
+    "RunConfig": "shopee_tpu.config",
+    "ConfigError": "shopee_tpu.config",
+    "PRESETS": "shopee_tpu.config",
+    "train": "shopee_tpu.training",
+    "predict": "shopee_tpu.inference.tta",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shopee_tpu' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

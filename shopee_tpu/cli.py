@@ -1,0 +1,213 @@
+"""The ``shopee-tpu`` command line: a thin layer over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from shopee_tpu.config import PRESETS, ConfigError, RunConfig
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help=f"named preset: {', '.join(sorted(PRESETS))}")
+    p.add_argument(
+        "--config", metavar="FILE", help="JSON or YAML config (or differences)"
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set data.train=recs/ --set epochs=3",
+    )
+
+
+def _config(args) -> RunConfig:
+    return RunConfig.resolve(args.preset, args.config, args.sets)
+
+
+def parse_duration(text: str) -> float:
+    """Parses ``8h45m``, ``90m``, ``30s``, ``1h`` or plain seconds into seconds."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise argparse.ArgumentTypeError(
+            f"bad duration {text!r}; use e.g. 8h45m, 90m, 30s"
+        )
+    scale = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+# ---------------------------------------------------------------------------
+# Commands. Each one parses nothing itself: it hands arguments to a library call.
+
+
+def _cmd_config(args) -> int:
+    print(json.dumps(_config(args).to_dict(), indent=2))
+    return 0
+
+
+def _cmd_tfrecords(args) -> int:
+    from shopee_tpu.data.records import write_records_from_csv
+
+    manifest = write_records_from_csv(
+        args.csv,
+        args.images,
+        args.out,
+        test=args.test,
+        shards=args.shards,
+        image_size=args.image_size,
+        resize=args.resize,
+        quality=args.quality,
+        workers=args.workers,
+        label_map=args.label_map,
+        overwrite=args.overwrite,
+        seed=args.seed,
+    )
+    print(
+        f"wrote {manifest['total']} records in {len(manifest['shards'])} shards to "
+        f"{args.out} ({len(manifest['skipped'])} skipped)"
+    )
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from shopee_tpu.training import train
+
+    cfg = _config(args)
+    result = train(
+        cfg, out_dir=args.out, time_limit=args.time_limit, device=args.device
+    )
+    print(json.dumps(result.metrics, indent=2))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from shopee_tpu.inference.run import predict_run
+
+    predict_run(
+        args.run,
+        args.data,
+        out=args.out,
+        tta=tuple(v for v in args.tta.split(",") if v) if args.tta else None,
+        reduce=args.reduce,
+        batch_size=args.batch_size,
+    )
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from shopee_tpu.demo import run_demo
+
+    metrics = run_demo(args.out, quick=args.quick, sets=args.sets)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from shopee_tpu.bench import run_bench
+
+    result = run_bench(args.what, args)
+    print(json.dumps(result, indent=2 if not args.json else None))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shopee-tpu",
+        description="Product-image classification for Kaggle kernels on TPU, GPU or CPU.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("config", help="print the resolved run config as JSON")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("tfrecords", help="write TFRecord shards from a CSV and images")
+    p.add_argument(
+        "--csv", required=True, help="CSV with filename,category or path,label[,group]"
+    )
+    p.add_argument(
+        "--images", required=True, help="folder the CSV's paths are relative to"
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder for shards and manifest.json"
+    )
+    p.add_argument(
+        "--test", action="store_true", help="unlabeled test set (keeps filenames)"
+    )
+    p.add_argument("--shards", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=None, help="resize on write")
+    p.add_argument("--resize", choices=("longest", "square"), default="square")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality on re-encode")
+    p.add_argument(
+        "--workers", type=int, default=None, help="processes (default: cores)"
+    )
+    p.add_argument(
+        "--label-map", default=None, help="manifest.json or JSON label map to reuse"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a different dataset"
+    )
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=_cmd_tfrecords)
+
+    p = sub.add_parser("train", help="train (and resume) a run from a config")
+    _add_config_args(p)
+    p.add_argument(
+        "--out", default=None, help="run folder (default: the config's out_dir)"
+    )
+    p.add_argument("--time-limit", type=parse_duration, default=None, help="e.g. 8h45m")
+    p.add_argument("--device", default=None, help="auto, tpu, gpu or cpu")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "predict", help="predict test records with TTA; write a submission"
+    )
+    p.add_argument("--run", required=True, help="a training run folder")
+    p.add_argument(
+        "--data", required=True, help="test TFRecords (folder, file or glob)"
+    )
+    p.add_argument("--tta", default=None, help="views, e.g. identity,flip_lr")
+    p.add_argument("--reduce", default=None, help="mean, geometric or beta")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--out", default="submission.csv")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("demo", help="the main job end to end on bundled real data")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster setting")
+    p.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE"
+    )
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks that print JSON")
+    p.add_argument("what", choices=("input", "train", "predict"))
+    p.add_argument("--json", action="store_true", help="compact JSON on one line")
+    p.add_argument("--images", default=None, help="folder of images (bench input)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating A/B rounds")
+    p.add_argument("--seconds", type=float, default=None, help="time per measurement")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        parser.exit(2, f"shopee-tpu: config error: {e}\n")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"shopee-tpu {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
