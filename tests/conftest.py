@@ -1,0 +1,45 @@
+"""Shared fixtures: small real images (scikit-learn's digits) in the Shopee layout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+# Quiet TensorFlow's C++ logging in tests and subprocesses; keep oneDNN on as in use.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """About 300 real digit scans as 32-px JPEGs in the Shopee competition layout."""
+    from shopee_tpu.data.digits import make_digits_dataset
+
+    out = tmp_path_factory.mktemp("digits")
+    info = make_digits_dataset(out, image_size=32, limit=300, seed=0)
+    return info
+
+
+def run_python(code: str, *, env: dict | None = None, timeout: float = 600) -> str:
+    """Runs ``code`` in a fresh interpreter (for backends and device setups that
+    must be chosen before TensorFlow or Keras start); returns stdout, raises with
+    stderr on failure."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONPATH", REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc.stdout
