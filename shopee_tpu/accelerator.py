@@ -234,8 +234,8 @@ def _connect_tf(device: str, strategy: str | None) -> Accelerator:
 
     if device == "tpu":
         raise AcceleratorNotFound(
-            "connect(device='tpu') with strategy=%r: TPUs only run under TPUStrategy"
-            % strategy
+            f"connect(device='tpu') with strategy={strategy!r}: "
+            "TPUs only run under TPUStrategy"
         )
 
     gpus = tf.config.list_logical_devices("GPU")
