@@ -1,0 +1,157 @@
+"""Plots for notebooks and run folders: sample grids, training curves, the LR schedule,
+confusion matrices, sample predictions and the TTA report.
+
+Every function returns the matplotlib Figure and, given ``path``, also saves it as a
+PNG. In a notebook the returned figure displays inline; scripts never open a window
+(the Agg backend is used when no display is available).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    if (
+        not os.environ.get("DISPLAY")
+        and "inline" not in matplotlib.get_backend().lower()
+    ):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, path: str | os.PathLike | None):
+    fig.tight_layout()
+    if path is not None:
+        from shopee_tpu.utils import atomic_path
+
+        with atomic_path(os.fspath(path)) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    return fig
+
+
+def plot_history(history, path=None, *, metrics=("loss", "accuracy")):
+    """Loss and accuracy per epoch, training and validation.
+
+    Args:
+        history: A DataFrame (or dict of lists) with an ``epoch`` column and
+            ``loss``, ``val_loss``, ``accuracy``, ``val_accuracy`` columns.
+        path: Optional PNG path.
+        metrics: Which metrics get a panel.
+    """
+    import pandas as pd
+
+    plt = _plt()
+    df = pd.DataFrame(history)
+    epochs = df["epoch"] if "epoch" in df else np.arange(1, len(df) + 1)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5))
+    for ax, name in zip(np.atleast_1d(axes), metrics, strict=True):
+        for col, style in ((name, "-o"), (f"val_{name}", "-s")):
+            if col in df:
+                ax.plot(epochs, df[col], style, label=col, markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _finish(fig, path)
+
+
+def plot_lr_schedule(schedule, total_steps: int, path=None, *, steps_per_epoch=None):
+    """The learning rate over training, from a per-step schedule (callable)."""
+    plt = _plt()
+    steps = np.unique(
+        np.linspace(0, max(total_steps - 1, 0), num=min(total_steps, 400))
+    )
+    lrs = [float(schedule(int(s))) for s in steps.astype(int)]
+    x = steps / steps_per_epoch if steps_per_epoch else steps
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(x, lrs)
+    ax.set_xlabel("epoch" if steps_per_epoch else "step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("learning-rate schedule")
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """Counts ``[true, predicted]`` pairs into a ``num_classes`` square matrix."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
+    return cm
+
+
+def plot_confusion_matrix(
+    y_true, y_pred, class_names, path=None, *, max_classes: int = 20
+):
+    """A row-normalised confusion matrix.
+
+    With more than ``max_classes`` classes the full matrix is unreadable, so only
+    the classes involved in the most frequent confusions are shown.
+    """
+    plt = _plt()
+    names = list(class_names)
+    cm = confusion_matrix(y_true, y_pred, len(names))
+    keep = np.arange(len(names))
+    title = "confusion matrix (row-normalised)"
+    if len(names) > max_classes:
+        off = cm.copy()
+        np.fill_diagonal(off, 0)
+        order = np.argsort(off, axis=None)[::-1]
+        chosen: list[int] = []
+        for flat in order:
+            for c in np.unravel_index(flat, off.shape):
+                if int(c) not in chosen:
+                    chosen.append(int(c))
+            if len(chosen) >= max_classes:
+                break
+        keep = np.array(sorted(chosen[:max_classes]))
+        title = f"top confused classes ({len(keep)} of {len(names)})"
+    sub = cm[np.ix_(keep, keep)].astype(float)
+    sub = sub / np.maximum(sub.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.35 * len(keep) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(sub, cmap="Blues", vmin=0, vmax=1)
+    labels = [str(names[i]) for i in keep]
+    ax.set_xticks(range(len(keep)), labels, rotation=90)
+    ax.set_yticks(range(len(keep)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if len(keep) <= 12:
+        for i in range(len(keep)):
+            for j in range(len(keep)):
+                ax.text(j, i, f"{sub[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    return _finish(fig, path)
+
+
+def plot_predictions(images, y_true, probs, class_names, path=None, *, n: int = 16):
+    """A grid of images titled with the predicted class, its probability and the
+    true class; wrong predictions are titled in red."""
+    plt = _plt()
+    names = list(class_names)
+    images = np.asarray(images)[:n]
+    probs = np.asarray(probs)[:n]
+    y_true = np.asarray(y_true)[:n]
+    cols = int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, img, p, t in zip(axes.ravel(), images, probs, y_true, strict=False):
+        pred = int(np.argmax(p))
+        lo, hi = float(img.min()), float(img.max())
+        ax.imshow((img - lo) / max(hi - lo, 1e-6))
+        ok = pred == int(t)
+        ax.set_title(
+            f"{names[pred]} {p[pred]:.2f}"
+            + ("" if ok else f"\n(true {names[int(t)]})"),
+            color="black" if ok else "red",
+            fontsize=8,
+        )
+    return _finish(fig, path)
