@@ -1,0 +1,298 @@
+"""A run folder that survives interruption: checkpoints, history and resume state.
+
+Kaggle sessions end without warning (the 9-12 h limit, a preempted TPU, a closed
+browser), so every finished epoch is committed as one unit:
+
+1. the model weights, the optimizer state and (if improved) the best weights are
+   written under ``.pending-*`` names;
+2. ``state.json`` is replaced atomically; it names the pending files and holds the
+   whole history. This replace is the commit point;
+3. the pending files are renamed to ``last.weights.h5``, ``last.optimizer.npz`` and
+   ``best.weights.h5``, and ``history.csv`` is rewritten from the state.
+
+A run killed anywhere in between resumes from a consistent epoch: before the commit
+the pending files are ignored, after it the renames are completed on the next start.
+The optimizer state carries the iteration count, so a per-step learning-rate schedule
+continues where it stopped. Remote folders (``gs://``) go through ``tf.io.gfile``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from shopee_tpu.config import RunConfig, config_diff
+from shopee_tpu.utils import atomic_write_text, is_remote, require_tensorflow
+
+# Settings that may change between a run and its resume: where it is written, what
+# it is called, where it runs and how it predicts do not change what is trained.
+RESUME_IGNORES = ("out_dir", "name", "device", "predict.")
+
+
+class ConfigMismatch(ValueError):
+    """A resume was asked with a config that differs in something that matters."""
+
+
+class RunFolder:
+    """Files of one training run. See the module docstring for the commit protocol."""
+
+    LAST = "last.weights.h5"
+    BEST = "best.weights.h5"
+    OPTIMIZER = "last.optimizer.npz"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._fs().makedirs(self.path)
+        self.state = self._read_state()
+        self._finish_pending()
+
+    # -- paths and file-system access -------------------------------------------
+
+    def file(self, name: str) -> str:
+        return (
+            f"{self.path.rstrip('/')}/{name}"
+            if is_remote(self.path)
+            else (os.path.join(self.path, name))
+        )
+
+    def _fs(self):
+        return _GFile() if is_remote(self.path) else _LocalFS()
+
+    def exists(self, name: str) -> bool:
+        return self._fs().exists(self.file(name))
+
+    # -- state ------------------------------------------------------------------
+
+    def _read_state(self) -> dict[str, Any]:
+        fs = self._fs()
+        path = self.file("state.json")
+        if not fs.exists(path):
+            return {"epoch": 0, "finished": False, "history": [], "best": None}
+        try:
+            return json.loads(fs.read_text(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}: not valid JSON ({e}); the run folder is damaged"
+            ) from e
+
+    def _write_state(self) -> None:
+        atomic_write_text(
+            self.file("state.json"), json.dumps(self.state, indent=1) + "\n"
+        )
+
+    def _finish_pending(self) -> None:
+        pending = self.state.get("pending") or {}
+        fs = self._fs()
+        for src, dst in pending.items():
+            if fs.exists(self.file(src)):
+                fs.rename(self.file(src), self.file(dst))
+        if pending:
+            self.state.pop("pending")
+            self._write_state()
+        # Pending files of an epoch that never committed are stale.
+        for name in fs.listdir(self.path):
+            if name.startswith(".pending-"):
+                fs.remove(self.file(name))
+
+    @property
+    def epoch(self) -> int:
+        """Number of committed (completed) epochs."""
+        return int(self.state.get("epoch", 0))
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return list(self.state.get("history", []))
+
+    # -- config -----------------------------------------------------------------
+
+    def check_config(self, config: RunConfig) -> None:
+        """Saves the config on a fresh run; refuses a resume whose config differs."""
+        path = self.file("config.json")
+        fs = self._fs()
+        if self.epoch > 0 and fs.exists(path):
+            saved = RunConfig.from_dict(json.loads(fs.read_text(path)))
+            diff = config_diff(saved, config, ignore=RESUME_IGNORES)
+            if diff:
+                raise ConfigMismatch(
+                    f"{self.path} holds a run with a different config; resuming would mix "
+                    "two trainings. Use a new --out folder, or undo these changes:\n  "
+                    + "\n  ".join(diff)
+                )
+        config.save(path)
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def commit_epoch(
+        self,
+        model,
+        epoch: int,
+        row: dict[str, Any],
+        *,
+        monitor: str,
+        mode: str = "max",
+        write: bool = True,
+    ) -> bool:
+        """Commits a completed epoch (1-based); returns whether it is the new best.
+
+        ``write=False`` (non-chief workers of a multi-worker run) updates nothing on
+        disk, so only one process writes the shared folder.
+        """
+        value = row.get(monitor)
+        best = self.state.get("best")
+        improved = value is not None and (
+            best is None
+            or (value > best["value"] if mode == "max" else value < best["value"])
+        )
+        if not write:
+            return improved
+        pending = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = {
+                self.LAST: _save_weights(model, os.path.join(tmp, self.LAST), epoch),
+                self.OPTIMIZER: _save_optimizer(
+                    model.optimizer, os.path.join(tmp, "opt.npz"), epoch
+                ),
+            }
+            if improved:
+                staged[self.BEST] = staged[self.LAST]
+            for dst, local in staged.items():
+                src = f".pending-{epoch}-{dst}"
+                self._fs().put(local, self.file(src))
+                pending[src] = dst
+        history = [r for r in self.history if r["epoch"] < epoch] + [row]
+        self.state.update(epoch=epoch, history=history, pending=pending)
+        if improved:
+            self.state["best"] = {"epoch": epoch, "monitor": monitor, "value": value}
+        self._write_state()  # the commit point
+        self._finish_pending()
+        self.write_history_csv()
+        return improved
+
+    def mark_finished(self, finished: bool, **extra: Any) -> None:
+        self.state.update(finished=finished, **extra)
+        self._write_state()
+
+    def write_history_csv(self) -> None:
+        import pandas as pd
+
+        atomic_write_text(
+            self.file("history.csv"), pd.DataFrame(self.history).to_csv(index=False)
+        )
+
+    def restore(self, model, *, optimizer: bool = True, which: str = LAST) -> int:
+        """Loads weights (and optimizer state) into a built, compiled model."""
+        with tempfile.TemporaryDirectory() as tmp:
+            local = self._fs().get(self.file(which), os.path.join(tmp, which))
+            model.load_weights(local)
+            if optimizer and self.exists(self.OPTIMIZER):
+                opt = self._fs().get(
+                    self.file(self.OPTIMIZER), os.path.join(tmp, "o.npz")
+                )
+                _load_optimizer(model, opt)
+        return self.epoch
+
+
+def _save_weights(model, path: str, epoch: int) -> str:
+    model.save_weights(path)
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        f.attrs["shopee_tpu_epoch"] = epoch
+    return path
+
+
+def _save_optimizer(optimizer, path: str, epoch: int) -> str:
+    import keras
+
+    arrays = {
+        f"v{i:05d}": keras.ops.convert_to_numpy(v)
+        for i, v in enumerate(optimizer.variables)
+    }
+    paths = np.array([v.path for v in optimizer.variables])
+    with open(path, "wb") as f:
+        np.savez(f, paths=paths, epoch=np.int64(epoch), **arrays)
+    return path
+
+
+def _load_optimizer(model, path: str) -> None:
+    opt = model.optimizer
+    if not opt.built:
+        opt.build(model.trainable_variables)
+    with np.load(path, allow_pickle=False) as data:
+        paths = list(data["paths"])
+        if len(paths) != len(opt.variables):
+            raise ValueError(
+                f"{path}: holds {len(paths)} optimizer variables, the model's optimizer "
+                f"has {len(opt.variables)}; was the model or optimizer changed?"
+            )
+        for i, var in enumerate(opt.variables):
+            value = data[f"v{i:05d}"]
+            if tuple(value.shape) != tuple(var.shape):
+                raise ValueError(
+                    f"{path}: optimizer variable {paths[i]} has shape {value.shape}, "
+                    f"expected {tuple(var.shape)}"
+                )
+            var.assign(value)
+
+
+class _LocalFS:
+    def makedirs(self, p):
+        os.makedirs(p, exist_ok=True)
+
+    def exists(self, p):
+        return os.path.exists(p)
+
+    def read_text(self, p):
+        with open(p, encoding="utf-8") as f:
+            return f.read()
+
+    def rename(self, a, b):
+        os.replace(a, b)
+
+    def remove(self, p):
+        os.remove(p)
+
+    def listdir(self, p):
+        return os.listdir(p)
+
+    def put(self, local, dst):
+        shutil.copyfile(local, dst)
+
+    def get(self, src, local):
+        return src
+
+
+class _GFile:
+    def __init__(self):
+        self.g = require_tensorflow().io.gfile
+
+    def makedirs(self, p):
+        self.g.makedirs(p)
+
+    def exists(self, p):
+        return self.g.exists(p)
+
+    def read_text(self, p):
+        with self.g.GFile(p, "r") as f:
+            return f.read()
+
+    def rename(self, a, b):
+        self.g.rename(a, b, overwrite=True)
+
+    def remove(self, p):
+        self.g.remove(p)
+
+    def listdir(self, p):
+        return [n.rstrip("/") for n in self.g.listdir(p)]
+
+    def put(self, local, dst):
+        self.g.copy(local, dst, overwrite=True)
+
+    def get(self, src, local):
+        self.g.copy(src, local, overwrite=True)
+        return local
