@@ -1,33 +1,30 @@
 """``connect()``: find the hardware, set up distribution, return an ``Accelerator``.
 
-This is the only module that knows about TPUs, ``tf.distribute`` strategies and
-``keras.distribution``. Everything else receives an ``Accelerator`` and uses its
-``scope()``, ``replicas`` and ``batch_size()``.
+The only module that knows about TPUs, ``tf.distribute`` and ``keras.distribution``;
+everything else uses an ``Accelerator``'s ``scope()``, ``replicas`` and ``batch_size()``.
 
-Which route is taken:
-
-============  ==========================================  ============================
-Situation     TensorFlow backend                          JAX backend
-============  ==========================================  ============================
-TPU           TPUClusterResolver(tpu="local") on a TPU    keras.distribution.DataParallel
-              VM, or TPU_NAME; connect, initialize,       over all jax.devices()
-              TPUStrategy
-Several GPUs  MirroredStrategy                            DataParallel
-TF_CONFIG     MultiWorkerMirroredStrategy                 --
-Otherwise     default strategy                            default
-============  ==========================================  ============================
+============  ============================================  ==========================
+Situation     TensorFlow backend                            JAX backend
+============  ============================================  ==========================
+TPU           TPUClusterResolver(tpu="local") on a TPU VM,  keras.distribution.
+              or TPU_NAME; connect, initialize, TPUStrategy DataParallel over all
+Several GPUs  MirroredStrategy                              jax.devices()
+TF_CONFIG     MultiWorkerMirroredStrategy                   --
+Otherwise     default strategy                              default
+============  ============================================  ==========================
 
 Kaggle's TPU v5e-8 image ships ``tensorflow-cpu``, so TensorFlow sees no TPU there
-while JAX does. When Keras has not been imported yet, ``KERAS_BACKEND`` is unset and
-the machine looks like a TPU VM, ``connect()`` picks the JAX backend by itself.
+while JAX does. When Keras has not been imported yet (note: ``import tensorflow``
+imports it), ``KERAS_BACKEND`` is unset and the machine is a TPU VM, ``connect()``
+picks the JAX backend by itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.metadata
 import importlib.util
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -37,6 +34,7 @@ __all__ = ["Accelerator", "AcceleratorNotFound", "connect"]
 
 DEVICE_ENV = "SHOPEE_TPU_DEVICE"
 _DEVICES = ("auto", "tpu", "gpu", "cpu")
+_STRATEGIES = (None, "mirrored", "default")
 _POLICIES = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16"}
 
 
@@ -50,15 +48,15 @@ class Accelerator:
 
     Attributes:
         kind: ``"tpu"``, ``"gpu"`` or ``"cpu"``.
-        replicas: Number of model replicas that share a global batch.
+        replicas: Model replicas that share a global batch (over all workers).
         backend: The Keras backend, ``"tensorflow"`` or ``"jax"``.
         strategy: The ``tf.distribute.Strategy`` (TensorFlow backend only).
-        distribution: The ``keras.distribution.Distribution`` (JAX backend, several
-            devices only).
+        distribution: ``keras.distribution.DataParallel`` (JAX, several devices).
         num_workers: Hosts or worker processes that feed input (multi-worker runs).
-        worker_index: This process's index among them.
+        worker_index: This process's index among them (0 is the chief).
         precision: The Keras dtype policy in force.
         note: Why the setup differs from what was asked (auto-mode fallbacks).
+        devices: Names of the local devices in use.
     """
 
     kind: str
@@ -84,13 +82,12 @@ class Accelerator:
 
     @property
     def summary(self) -> str:
-        """One line: what runs where."""
+        """One line: what runs where, and why if auto mode fell back."""
+        how = "default strategy"
         if self.distribution is not None:
             how = type(self.distribution).__name__
-        elif self.strategy is not None and self.replicas > 1 or self.kind == "tpu":
+        elif self.strategy is not None and (self.replicas > 1 or self.kind == "tpu"):
             how = type(self.strategy).__name__
-        else:
-            how = "default strategy"
         line = (
             f"shopee_tpu: {self.kind.upper()} x{self.replicas} replica(s), "
             f"backend={self.backend}, {how}, precision={self.precision}"
@@ -120,12 +117,11 @@ def connect(
             to the ``SHOPEE_TPU_DEVICE`` environment variable. A forced device that
             is absent raises ``AcceleratorNotFound``; auto mode falls back quietly
             and says so in the summary line.
-        strategy: ``"mirrored"`` forces a ``MirroredStrategy`` over all local devices
-            of the chosen kind (several logical CPUs in tests), ``"default"`` forces
-            the default strategy. ``None`` picks by the table in the module docstring.
-        mixed_precision: ``True`` enables ``mixed_bfloat16`` on TPU and
-            ``mixed_float16`` on GPU and leaves the CPU in float32; a policy name
-            (e.g. ``"mixed_bfloat16"``) is applied on any device.
+        strategy: ``None`` picks by the module docstring's table; ``"mirrored"``
+            forces a ``MirroredStrategy`` over all local devices of the chosen kind
+            (e.g. logical CPUs); ``"default"`` forces no distribution.
+        mixed_precision: ``True``: ``mixed_bfloat16`` on TPU, ``mixed_float16`` on
+            GPU, float32 on CPU. A policy name is applied on any device.
         backend: ``"tensorflow"`` or ``"jax"``. Only honoured before Keras is first
             imported; afterwards it must match the backend in use.
         verbose: Print the one-line summary.
@@ -135,18 +131,26 @@ def connect(
 
     Raises:
         AcceleratorNotFound: A forced device is not present.
+        ImportError: The TensorFlow backend is needed but TensorFlow is missing.
         ValueError: Unknown ``device`` or ``strategy``, or a backend mismatch.
-    """
-    device = (device or os.environ.get(DEVICE_ENV) or "auto").lower()
-    if device not in _DEVICES:
-        raise ValueError(f"device must be one of {_DEVICES}, got {device!r}")
-    if strategy not in (None, "mirrored", "default"):
-        raise ValueError(
-            f"strategy must be None, 'mirrored' or 'default', got {strategy!r}"
-        )
 
-    backend_name = _choose_backend(backend, device)
-    if backend_name == "jax":
+    Example::
+
+        acc = shopee_tpu.connect()   # prints e.g. "shopee_tpu: TPU x8 replica(s), ..."
+        with acc.scope():
+            model = build_model(...)
+        ds = load_dataset(..., batch_size=acc.batch_size(64))
+    """
+    device = (device or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    if device not in _DEVICES:
+        raise ValueError(
+            f"device must be one of {_DEVICES} (argument or ${DEVICE_ENV}), "
+            f"got {device!r}"
+        )
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+
+    if _choose_backend(backend, device) == "jax":
         acc = _connect_jax(device, strategy)
     else:
         acc = _connect_tf(device, strategy)
@@ -161,15 +165,22 @@ def connect(
 
 
 def _tpu_vm_hints() -> list[str]:
-    """Signs that this machine has a TPU attached (without importing a framework)."""
-    hints = [
-        k
-        for k in ("TPU_NAME", "ISTPUVM", "TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR")
-        if os.environ.get(k)
-    ]
-    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
-        hints.append("/dev/accel*")
+    """Signs of a TPU VM (the TPU is attached to this host), without importing a
+    framework: Kaggle sets ISTPUVM; TPU chips show up as /dev/accel* (v2-v4) or
+    /dev/vfio/N (v5e and later) when libtpu is installed to drive them."""
+    hints = [k for k in ("ISTPUVM", "TPU_ACCELERATOR_TYPE") if os.environ.get(k)]
+    if importlib.util.find_spec("libtpu") is not None and (
+        glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+    ):
+        hints.append("TPU device files")
     return hints
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        return bool(importlib.metadata.version(distribution))
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def _choose_backend(requested: str | None, device: str) -> str:
@@ -181,19 +192,26 @@ def _choose_backend(requested: str | None, device: str) -> str:
             raise ValueError(
                 f"Keras is already running on the {active!r} backend; to use "
                 f"{requested!r}, restart the kernel and set "
-                f"os.environ['KERAS_BACKEND'] = {requested!r} before importing keras."
+                f"os.environ['KERAS_BACKEND'] = {requested!r} before importing "
+                "keras or tensorflow."
             )
         return active
-    if requested:
-        os.environ["KERAS_BACKEND"] = requested
-    elif (
-        not os.environ.get("KERAS_BACKEND")
+    target = requested or os.environ.get("KERAS_BACKEND") or "tensorflow"
+    if (
+        not requested
+        and not os.environ.get("KERAS_BACKEND")
         and device in ("auto", "tpu")
         and _tpu_vm_hints()
         and importlib.util.find_spec("jax") is not None
+        # With tensorflow-tpu installed TF owns the TPU (JAX cannot share it).
+        and not _installed("tensorflow-tpu")
     ):
-        # Kaggle's TPU image: tensorflow-cpu cannot see the TPU, JAX can.
-        os.environ["KERAS_BACKEND"] = "jax"
+        target = "jax"
+    if target == "tensorflow":
+        from shopee_tpu.utils import require_tensorflow
+
+        require_tensorflow()  # a clear install hint instead of keras' ImportError
+    os.environ["KERAS_BACKEND"] = target
     import keras
 
     return keras.backend.backend()
@@ -207,74 +225,81 @@ def _connect_tf(device: str, strategy: str | None) -> Accelerator:
     from shopee_tpu.utils import require_tensorflow
 
     tf = require_tensorflow()
-    notes: list[str] = []
-
-    if device in ("auto", "tpu") and strategy is None:
-        if device == "tpu" or _tpu_vm_hints():
-            tpu_strategy, problem = _tf_tpu_strategy(tf)
-            if tpu_strategy is not None:
-                return Accelerator(
-                    kind="tpu",
-                    replicas=tpu_strategy.num_replicas_in_sync,
-                    backend="tensorflow",
-                    strategy=tpu_strategy,
-                    devices=[d.name for d in tf.config.list_logical_devices("TPU")],
-                )
-            if device == "tpu":
-                raise AcceleratorNotFound(
-                    "connect(device='tpu'): no TPU found. Looked for "
-                    f"TPUClusterResolver(tpu={_tpu_name()!r}) (TPU_NAME, else 'local' "
-                    f"for a TPU VM) with the TensorFlow backend: {problem}. On Kaggle's "
-                    "TPU image TensorFlow is CPU-only; set KERAS_BACKEND=jax before "
-                    "importing keras."
-                )
-            notes.append(f"no TPU ({problem})")
-        else:
-            notes.append("no TPU found")
-
-    if device == "tpu":
-        raise AcceleratorNotFound(
-            f"connect(device='tpu') with strategy={strategy!r}: "
-            "TPUs only run under TPUStrategy"
-        )
-
-    gpus = tf.config.list_logical_devices("GPU")
+    # Physical listing does not start TF's runtime; MultiWorkerMirroredStrategy
+    # must configure collective ops before anything else starts it.
+    gpus = tf.config.list_physical_devices("GPU")
     if device == "gpu" and not gpus:
         raise AcceleratorNotFound(
             "connect(device='gpu'): TensorFlow lists no GPU "
-            "(tf.config.list_logical_devices('GPU') is empty; is tensorflow-cpu installed?)"
+            "(tf.config.list_physical_devices('GPU') is empty; is tensorflow-cpu "
+            "installed, or CUDA missing?)"
         )
     kind = "gpu" if gpus and device != "cpu" else "cpu"
+
+    if os.environ.get("TF_CONFIG") and strategy is None and device != "tpu":
+        strat = _multi_worker_strategy(tf)
+        spec = strat.cluster_resolver.cluster_spec().as_dict()
+        task, index = strat.cluster_resolver.task_type, strat.cluster_resolver.task_id
+        if task == "worker" and "chief" in spec:
+            index += len(spec["chief"])  # the chief is worker 0
+        workers = len(spec.get("chief", [])) + len(spec.get("worker", []))
+        return _tf_accelerator(tf, kind, strat, num_workers=workers, worker_index=index)
+
+    if device == "tpu" and strategy is not None:
+        raise ValueError(f"device='tpu' runs TPUStrategy; got strategy={strategy!r}")
+    notes = []
+    if device == "tpu" or (device == "auto" and strategy is None and _tpu_vm_hints()):
+        tpu_strategy, problem = _tf_tpu_strategy(tf)
+        if tpu_strategy is not None:
+            return _tf_accelerator(tf, "tpu", tpu_strategy)
+        if device == "tpu":
+            raise AcceleratorNotFound(
+                "connect(device='tpu'): no TPU found on the TensorFlow backend. "
+                f"Looked for TPUClusterResolver(tpu={_tpu_name()!r}) ('local' = this "
+                f"TPU VM; set TPU_NAME for a named TPU): {problem}. On Kaggle's TPU image "
+                "TensorFlow is CPU-only: set os.environ['KERAS_BACKEND'] = 'jax' "
+                "before importing keras or tensorflow."
+            )
+        notes.append(f"TPU VM, but TensorFlow sees no TPU: {problem}; use JAX")
     if device == "auto" and kind == "cpu":
-        notes.append("no GPU found")
-    local = gpus if kind == "gpu" else tf.config.list_logical_devices("CPU")
+        notes.append("auto: no TPU or GPU found, fell back to CPU")
 
-    if os.environ.get("TF_CONFIG") and strategy != "default":
-        workers, index = _tf_config_workers()
-        strat = tf.distribute.MultiWorkerMirroredStrategy()
-        return Accelerator(
-            kind=kind,
-            replicas=strat.num_replicas_in_sync,
-            backend="tensorflow",
-            strategy=strat,
-            num_workers=workers,
-            worker_index=index,
-            note="; ".join(notes),
-            devices=[d.name for d in local],
-        )
-
-    if strategy == "mirrored" or (strategy is None and kind == "gpu" and len(gpus) > 1):
+    if strategy == "mirrored":
+        local = tf.config.list_logical_devices(kind.upper())
         strat = tf.distribute.MirroredStrategy([d.name for d in local])
+    elif strategy is None and kind == "gpu" and len(gpus) > 1:
+        strat = tf.distribute.MirroredStrategy()
     else:
         strat = tf.distribute.get_strategy()
+    return _tf_accelerator(tf, kind, strat, note="; ".join(notes))
+
+
+def _tf_accelerator(tf, kind: str, strat, **extra) -> Accelerator:
+    try:
+        devices = list(strat.extended.worker_devices)
+    except RuntimeError:  # the default strategy: the first local device
+        devices = [d.name for d in tf.config.list_logical_devices(kind.upper())[:1]]
     return Accelerator(
-        kind=kind,
-        replicas=strat.num_replicas_in_sync,
-        backend="tensorflow",
-        strategy=strat,
-        note="; ".join(notes),
-        devices=[d.name for d in local],
+        kind, strat.num_replicas_in_sync, "tensorflow", strat, devices=devices, **extra
     )
+
+
+def _multi_worker_strategy(tf):
+    """MultiWorkerMirroredStrategy (cluster from TF_CONFIG), patched for Keras 3,
+    whose ``fit`` calls ``reduce`` on a whole ``(x, y)`` batch and with ``axis=0``
+    on scalar logs; the stock strategy rejects both (keras-team/keras#20585)."""
+
+    class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            parent = super().reduce
+
+            def reduce_one(v):
+                rank = self.experimental_local_results(v)[0].shape.rank
+                return parent(reduce_op, v, None if rank == 0 else axis)
+
+            return tf.nest.map_structure(reduce_one, value)
+
+    return MultiWorkerMirroredStrategy()
 
 
 def _tpu_name() -> str:
@@ -284,30 +309,16 @@ def _tpu_name() -> str:
 def _tf_tpu_strategy(tf) -> tuple[Any, str]:
     """Returns (TPUStrategy, "") or (None, why it failed)."""
     try:
-        # TPU VMs need tpu="local"; the 2020 no-argument call fails there.
+        # TPU VMs need tpu="local": the 2020 no-argument call fails there.
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=_tpu_name())
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver), ""
-    except (ValueError, RuntimeError, tf.errors.OpError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return None, first[:200]
-
-
-def _tf_config_workers() -> tuple[int, int]:
-    try:
-        tf_config = json.loads(os.environ["TF_CONFIG"])
-        cluster = tf_config.get("cluster", {})
-        workers = sum(len(cluster.get(k, [])) for k in ("chief", "worker"))
-        task = tf_config.get("task", {})
-        index = int(task.get("index", 0))
-        if task.get("type") == "worker" and "chief" in cluster:
-            index += len(cluster["chief"])
-        return max(workers, 1), index
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ValueError(
-            f"TF_CONFIG is set but is not valid JSON of a cluster: {e}"
-        ) from e
+    except (ValueError, RuntimeError, ImportError, tf.errors.OpError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        if "ConfigureDistributedTPU" in text:
+            text = "this TensorFlow build has no TPU kernels (tensorflow-cpu?)"
+        return None, text if len(text) <= 160 else text[:157] + "..."
 
 
 # ---------------------------------------------------------------------------
@@ -323,24 +334,27 @@ def _connect_jax(device: str, strategy: str | None) -> Accelerator:
     kind = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(
         platform, "cpu"
     )
-    notes: list[str] = []
-    if device != "auto" and device != kind:
-        if device == "cpu":
-            devices = jax.devices("cpu")
-            kind = "cpu"
-        else:
-            raise AcceleratorNotFound(
-                f"connect(device={device!r}) on the JAX backend: jax.devices() lists "
-                f"{len(devices)} {platform} device(s) and no {device.upper()}."
-            )
+    note = ""
+    if device == "cpu" and kind != "cpu":
+        devices, kind = jax.devices("cpu"), "cpu"
+    elif device not in ("auto", kind):
+        install = {"tpu": "jax[tpu]", "gpu": "jax[cuda12]"}[device]
+        raise AcceleratorNotFound(
+            f"connect(device={device!r}) on the JAX backend: jax.devices() lists "
+            f"{len(devices)} {platform} device(s) and no {device.upper()} "
+            f"(is `pip install '{install}'` done, and the {device.upper()} attached?)"
+        )
     if device == "auto" and kind == "cpu":
-        notes.append("no TPU or GPU found")
+        note = "auto: no TPU or GPU found, fell back to CPU"
 
+    # DataParallel: one replica per device, the global batch split along axis 0.
+    # Several hosts would need keras.distribution.initialize() before this call.
     distribution = None
     if strategy != "default" and len(devices) > 1:
-        keras_devices = [f"{d.platform}:{d.id}" for d in devices]
-        distribution = keras.distribution.DataParallel(devices=keras_devices)
-        keras.distribution.set_distribution(distribution)
+        distribution = keras.distribution.DataParallel(
+            devices=[f"{d.platform}:{d.id}" for d in devices]
+        )
+    keras.distribution.set_distribution(distribution)
     return Accelerator(
         kind=kind,
         replicas=len(devices) if distribution is not None else 1,
@@ -348,7 +362,7 @@ def _connect_jax(device: str, strategy: str | None) -> Accelerator:
         distribution=distribution,
         num_workers=jax.process_count(),
         worker_index=jax.process_index(),
-        note="; ".join(notes),
+        note=note,
         devices=[str(d) for d in devices],
     )
 
@@ -365,8 +379,9 @@ def _set_precision(acc: Accelerator, mixed_precision: bool | str) -> None:
     elif mixed_precision:
         policy = _POLICIES.get(acc.kind, "float32")
         if policy == "float32":
-            acc.note = "; ".join(filter(None, [acc.note, "mixed precision off on CPU"]))
+            note = "mixed precision stays off on CPU (float32)"
+            acc.note = f"{acc.note}; {note}" if acc.note else note
     else:
         policy = "float32"
     keras.mixed_precision.set_global_policy(policy)
-    acc.precision = policy
+    acc.precision = keras.mixed_precision.global_policy().name

@@ -1,0 +1,252 @@
+"""connect() set-ups that must exist before TensorFlow or Keras start, each in fresh
+interpreters: two logical CPUs under MirroredStrategy, a 2-process
+MultiWorkerMirroredStrategy over loopback, and the JAX backend over 8 host devices
+standing in for a TPU v5e-8. Each one runs real training steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, run_python
+
+pytestmark = pytest.mark.slow
+
+# A tiny model and dataset shared by every child process. Labels are one-hot and
+# batches are static, as in the real pipeline.
+OUTER_ENV = ("TF_CONFIG", "SHOPEE_TPU_DEVICE", "ISTPUVM", "TPU_NAME", "KERAS_BACKEND")
+
+# Children start clean of the outer shell's device settings; tests add their own.
+PRELUDE = f"""
+import os
+for name in {OUTER_ENV!r}:
+    os.environ.pop(name, None)
+"""
+
+TRAINING = r"""
+import json, os, sys
+import numpy as np
+
+def tiny_model(keras):
+    return keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(8, activation="relu"),
+        keras.layers.Dense(3, activation="softmax"),
+    ])
+
+def tiny_dataset(tf, seed, batch):
+    rng = np.random.RandomState(seed)
+    x = rng.rand(64, 4).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.randint(0, 3, 64)]
+    return tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(
+        batch, drop_remainder=True)
+
+def report(**values):
+    print("RESULT " + json.dumps(values), flush=True)
+"""
+
+
+def _result(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"child printed no RESULT line:\n{stdout[-3000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_mirrored_strategy_over_two_logical_cpus_keeps_replicas_identical():
+    code = (
+        PRELUDE
+        + TRAINING
+        + r"""
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, shopee_tpu
+acc = shopee_tpu.connect(strategy="mirrored")
+keras.utils.set_random_seed(0)
+with acc.scope():
+    model = tiny_model(keras)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="categorical_crossentropy")
+init = [v.numpy() for v in model.weights]
+model.fit(tiny_dataset(tf, 0, acc.batch_size(8)), steps_per_epoch=2, epochs=1, verbose=0)
+per_var = []
+for v, start in zip(model.weights, init):
+    copies = v.value.values  # the MirroredVariable's per-replica copies
+    per_var.append(dict(
+        name=v.path,
+        devices=[c.device for c in copies],
+        spread=max(float(np.abs(c.numpy() - copies[0].numpy()).max()) for c in copies),
+        moved=float(np.abs(copies[0].numpy() - start).max()),
+    ))
+report(summary=acc.summary, replicas=acc.replicas, kind=acc.kind,
+       strategy=type(acc.strategy).__name__, batch=acc.batch_size(8),
+       steps=int(model.optimizer.iterations.numpy()), variables=per_var)
+"""
+    )
+    r = _result(run_python(code, timeout=240))
+
+    assert (r["replicas"], r["kind"], r["strategy"]) == (2, "cpu", "MirroredStrategy")
+    assert r["batch"] == 16 and r["steps"] == 2
+    assert "CPU x2" in r["summary"]
+    assert len(r["variables"]) == 4
+    for v in r["variables"]:
+        assert len(set(v["devices"])) == 2, v  # one copy on each logical CPU
+        assert v["spread"] == 0.0, v  # replicas agree exactly after training
+        assert v["moved"] > 0.0, v  # and training changed them
+
+
+WORKER = (
+    TRAINING
+    + r"""
+import shopee_tpu
+acc = shopee_tpu.connect()  # must pick MultiWorkerMirroredStrategy from TF_CONFIG
+import keras, tensorflow as tf
+# Different seeds per worker: the strategy has to broadcast the initial weights.
+keras.utils.set_random_seed(acc.worker_index)
+with acc.scope():
+    model = tiny_model(keras)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="categorical_crossentropy")
+init = [v.numpy() for v in model.weights]
+# Different data per worker (no auto-sharding): only the gradient all-reduce can
+# keep the two workers' weights equal.
+data = tiny_dataset(tf, 100 + acc.worker_index, acc.batch_size(8))
+options = tf.data.Options()
+options.experimental_distribute.auto_shard_policy = (
+    tf.data.experimental.AutoShardPolicy.OFF)
+model.fit(data.with_options(options), steps_per_epoch=2, epochs=1, verbose=0)
+final = [v.numpy() for v in model.weights]
+np.savez(sys.argv[1], *init, *final)
+report(summary=acc.summary, replicas=acc.replicas, strategy=type(acc.strategy).__name__,
+       num_workers=acc.num_workers, worker_index=acc.worker_index,
+       steps=int(model.optimizer.iterations.numpy()))
+"""
+)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:  # held open together, so the ports are distinct
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_multi_worker_mirrored_strategy_two_processes_over_loopback(tmp_path):
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    procs = []
+    try:
+        for index in range(2):
+            tf_config = {
+                "cluster": {"worker": workers},
+                "task": {"type": "worker", "index": index},
+            }
+            env = {k: v for k, v in os.environ.items() if k not in OUTER_ENV}
+            env.update(TF_CONFIG=json.dumps(tf_config), KERAS_BACKEND="tensorflow")
+            env.setdefault("PYTHONPATH", REPO)
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), str(tmp_path / f"w{index}.npz")],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:  # a hung collective must not outlive the test
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-6000:]
+
+    results = [_result(out) for out in outputs]
+    assert [r["worker_index"] for r in results] == [0, 1]
+    for r in results:
+        assert r["strategy"] == "MultiWorkerMirroredStrategy"
+        assert (r["num_workers"], r["replicas"], r["steps"]) == (2, 2, 2)
+        assert f"worker {r['worker_index'] + 1}/2" in r["summary"]
+    a, b = (np.load(tmp_path / f"w{i}.npz") for i in range(2))
+    n = len(a.files) // 2
+    for k in range(n):
+        init_a, final_a = a[f"arr_{k}"], a[f"arr_{n + k}"]
+        init_b, final_b = b[f"arr_{k}"], b[f"arr_{n + k}"]
+        np.testing.assert_array_equal(init_a, init_b)  # broadcast from the chief
+        np.testing.assert_array_equal(final_a, final_b)  # identical after training
+        assert not np.array_equal(init_a, final_a)  # and training moved them
+
+
+def test_jax_backend_data_parallel_over_eight_devices_trains():
+    code = (
+        PRELUDE
+        + TRAINING
+        + r"""
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import shopee_tpu
+acc = shopee_tpu.connect()
+import keras, tensorflow as tf
+keras.utils.set_random_seed(0)
+with acc.scope():
+    model = tiny_model(keras)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="categorical_crossentropy")
+init = [np.asarray(w) for w in model.get_weights()]
+history = model.fit(tiny_dataset(tf, 0, acc.batch_size(2)), steps_per_epoch=2,
+                    epochs=1, verbose=0)
+final = model.get_weights()
+report(summary=acc.summary, replicas=acc.replicas, backend=acc.backend,
+       kind=acc.kind, distribution=type(acc.distribution).__name__,
+       batch=acc.batch_size(2), steps=int(np.asarray(model.optimizer.iterations)),
+       loss=history.history["loss"][-1],
+       weight_devices=len(model.weights[0].value.sharding.device_set),
+       moved=[bool(np.abs(a - b).max() > 0) for a, b in zip(init, final)])
+"""
+    )
+    r = _result(run_python(code, timeout=240))
+
+    assert (r["backend"], r["kind"], r["replicas"]) == ("jax", "cpu", 8)
+    assert r["distribution"] == "DataParallel"
+    assert "CPU x8" in r["summary"] and "DataParallel" in r["summary"]
+    assert r["batch"] == 16 and r["steps"] == 2
+    assert r["weight_devices"] == 8  # variables replicated over the 8-device mesh
+    assert np.isfinite(r["loss"]) and all(r["moved"])
+
+
+def test_tpu_vm_picks_jax_and_forced_tpu_on_jax_is_a_clear_error():
+    """ISTPUVM (Kaggle's marker) with no backend chosen → JAX, as on Kaggle's TPU
+    image; here JAX finds only the CPU, so auto mode falls back and forcing fails."""
+    code = (
+        PRELUDE
+        + r"""
+import sys, json
+os.environ["ISTPUVM"] = "1"  # Kaggle's TPU-VM marker; KERAS_BACKEND is unset
+import shopee_tpu
+acc = shopee_tpu.connect()
+try:
+    shopee_tpu.connect("tpu", verbose=False)
+    error = None
+except shopee_tpu.AcceleratorNotFound as e:
+    error = str(e)
+print("RESULT " + json.dumps(dict(backend=acc.backend, kind=acc.kind,
+    env=os.environ["KERAS_BACKEND"], summary=acc.summary, error=error,
+    tensorflow_imported="tensorflow" in sys.modules)))
+"""
+    )
+    r = _result(run_python(code, timeout=180))
+
+    assert (r["backend"], r["env"], r["kind"]) == ("jax", "jax", "cpu")
+    assert "fell back to CPU" in r["summary"]
+    assert r["error"] and "JAX backend" in r["error"] and "no TPU" in r["error"]
+    assert "jax[tpu]" in r["error"]
+    assert not r["tensorflow_imported"]  # the JAX route never needs TensorFlow
