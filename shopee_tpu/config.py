@@ -277,24 +277,24 @@ class RunConfig(_Section):
         """Reads a JSON or YAML file and applies it on top of ``base``.
 
         The file may hold a full config or only the differences. A top-level
-        ``preset`` key picks the base when ``base`` is not given.
+        ``preset`` key picks the base when ``base`` is not given, and must agree
+        with ``base`` when it is.
+
+        Raises:
+            ConfigError: Unreadable file, unknown key or bad value (both named).
         """
         path = os.fspath(path)
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        values = dict(values)
-        preset = values.pop("preset", None)
-        if base is None:
-            base = cls.preset(preset) if preset else cls()
+        values = _read_mapping(path)
         try:
+            preset = values.pop("preset", None)
+            if preset and base is not None and base != cls.preset(preset):
+                # Never drop a file's preset silently in favour of --preset.
+                raise ConfigError(
+                    f"the file names preset {preset!r}, but a different base "
+                    "config (--preset) was given; keep only one of them"
+                )
+            if base is None:
+                base = cls.preset(preset) if preset else cls()
             return base.merge(values)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
@@ -390,11 +390,11 @@ def _shopee(n: int) -> RunConfig:
     )
 
 
-PRESETS: dict[str, RunConfig] = {f"shopee-b{n}": _shopee(n) for n in range(8)}
+_PRESETS: dict[str, RunConfig] = {f"shopee-b{n}": _shopee(n) for n in range(8)}
 
 # The Cdiscount 3rd place: 180 px, Nadam, step LR 1e-4 / 2e-5 / 4e-6, label smoothing
 # 0.1, flip-only augmentation, no dropout after GAP, 512 images across 8 GPUs.
-PRESETS["cdiscount"] = RunConfig(
+_PRESETS["cdiscount"] = RunConfig(
     name="cdiscount",
     data=DataConfig(image_size=180, valid_fraction=0.05),
     model=ModelConfig(backbone="efficientnet-b0", weights="imagenet", dropout=0.0),
@@ -417,7 +417,7 @@ PRESETS["cdiscount"] = RunConfig(
 # cores in a few minutes. BatchNorm momentum 0.9 lets the moving statistics keep up
 # with the few steps per epoch (at 0.99 validation accuracy swings wildly), and a
 # warmup + cosine schedule with Adam avoids the early-epoch blow-ups.
-PRESETS["demo"] = RunConfig(
+_PRESETS["demo"] = RunConfig(
     name="demo",
     data=DataConfig(image_size=64, valid_fraction=0.1, cache=True),
     model=ModelConfig(
@@ -443,6 +443,9 @@ PRESETS["demo"] = RunConfig(
     seed=0,
     out_dir="runs/demo",
 )
+
+# Read-only: a notebook that wants changes overrides a copy, never the registry.
+PRESETS: Mapping[str, RunConfig] = types.MappingProxyType(_PRESETS)
 
 
 # ---------------------------------------------------------------------------
@@ -490,7 +493,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return _coerce(value, args[0], key)
     if origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)[:1]
@@ -537,6 +540,27 @@ def _parse(raw: str, hint: Any, key: str) -> Any:
     if optional and raw.lower() in ("none", "null", ""):
         return None
     return _coerce(raw, hint, key)
+
+
+def _read_mapping(path: str) -> dict[str, Any]:
+    """Reads a JSON or YAML (by suffix) file that must hold a mapping."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return dict(values)
 
 
 def _nest(parts: list[str], value: Any) -> dict[str, Any]:
