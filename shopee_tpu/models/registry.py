@@ -1,0 +1,272 @@
+"""Backbone registry: one name -> one model with our head and our input contract.
+
+Names (case-insensitive; ``-``/``_`` optional outside the EfficientNet ones):
+
+* ``efficientnet-b0`` .. ``efficientnet-b7`` and ``efficientnet-phi<value>``
+  (``efficientnet-phi-3``, ``efficientnet-phi0.5``): our builder.
+* keras.applications families for Cdiscount-style ensembles: ``resnet50/101/152``,
+  ``resnet50v2/101v2/152v2``, ``densenet121/169/201``, ``xception``,
+  ``efficientnetv2-b0/b1/b2/b3/s/m/l``, ``convnext-tiny/small/base``.
+
+Every model takes float RGB pixels in 0..255. Where keras.applications expects its
+``preprocess_input`` outside the model (ResNet v1 "caffe", ResNet v2 and Xception
+"tf", DenseNet "torch"), an ``ImageNetPreprocess`` layer does it inside; EfficientNetV2
+and ConvNeXt use their built-in preprocessing. Every model ends in the same head
+(GAP, optional dropout, float32 softmax ``predictions``; ConvNeXt keeps its pooled
+LayerNorm). Weights: ``None``, ``"imagenet"`` (keras.applications' notop file,
+downloaded; offline it fails with a hint) or a local ``.h5`` / ``.weights.h5`` path
+loaded by layer name, classifier skipped when it does not fit.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import keras
+
+from shopee_tpu.config import ModelConfig
+from shopee_tpu.models import layers as common
+from shopee_tpu.models.efficientnet_builder import efficientnet, scaling
+
+
+@dataclass(frozen=True)
+class Family:
+    """A keras.applications backbone: constructor, native size, preprocessing."""
+
+    name: str  # our canonical registry name
+    constructor: str  # attribute of keras.applications
+    size: int  # native input side
+    mode: str | None  # ImageNetPreprocess mode, None when built in
+    min_size: int = 32
+    builtin_preprocessing: bool = False
+    keras_name: str = ""  # keras.applications' model name (ConvNeXt head names)
+
+
+def _families() -> dict[str, Family]:
+    out = {}
+
+    def add(fam: Family):
+        out[re.sub(r"[-_ ]", "", fam.name)] = fam
+
+    for depth in (50, 101, 152):
+        add(Family(f"resnet{depth}", f"ResNet{depth}", 224, "caffe"))
+        add(Family(f"resnet{depth}v2", f"ResNet{depth}V2", 224, "tf"))
+    for depth in (121, 169, 201):
+        add(Family(f"densenet{depth}", f"DenseNet{depth}", 224, "torch"))
+    add(Family("xception", "Xception", 299, "tf", min_size=71))
+    v2 = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "s": 384, "m": 480, "l": 480}
+    for tag, size in v2.items():
+        add(
+            Family(
+                f"efficientnetv2-{tag}",
+                f"EfficientNetV2{tag.upper()}",
+                size,
+                None,
+                builtin_preprocessing=True,
+            )
+        )
+    for tag in ("tiny", "small", "base"):
+        add(
+            Family(
+                f"convnext-{tag}",
+                f"ConvNeXt{tag.capitalize()}",
+                224,
+                None,
+                builtin_preprocessing=True,
+                keras_name=f"convnext_{tag}",
+            )
+        )
+    return out
+
+
+FAMILIES = _families()
+_EFFNET_B = re.compile(r"efficientnet[-_]?b(?P<n>[0-7])")
+_EFFNET_PHI = re.compile(r"efficientnet[-_]?phi(?P<v>[-+]?(\d+\.?\d*|\.\d+))")
+
+
+class InputSpec(NamedTuple):
+    """What a model wants as input: side in pixels and the value range."""
+
+    size: int
+    value_range: tuple[float, float]
+
+
+def available_models() -> list[str]:
+    """Every registry name (EfficientNet phi variants accept any value)."""
+    names = [f"efficientnet-b{n}" for n in range(8)] + ["efficientnet-phi<value>"]
+    return names + [f.name for f in FAMILIES.values()]
+
+
+def _resolve(name: str):
+    """-> ("efficientnet", variant) or ("family", Family); ValueError if unknown."""
+    text = str(name).strip().lower()
+    if m := _EFFNET_B.fullmatch(text):
+        return "efficientnet", int(m["n"])
+    if m := _EFFNET_PHI.fullmatch(text):
+        return "efficientnet", float(m["v"])
+    key = re.sub(r"[-_ ]", "", text)
+    if key in FAMILIES:
+        return "family", FAMILIES[key]
+    raise ValueError(
+        f"unknown backbone {name!r}; known: {', '.join(available_models())}"
+    )
+
+
+def input_spec(name_or_model) -> InputSpec:
+    """Input side and value range for a registry name or a built model.
+
+    Every model here takes 0..255 pixels; the size is the native resolution for a
+    name and the built input side for a model.
+    """
+    if isinstance(name_or_model, str):
+        kind, what = _resolve(name_or_model)
+        size = scaling(what).resolution if kind == "efficientnet" else what.size
+        return InputSpec(int(size), common.VALUE_RANGE)
+    shape = name_or_model.input_shape
+    if isinstance(shape, list):
+        shape = shape[0]
+    if shape[1] is None:
+        raise ValueError(f"model {name_or_model.name!r} has no fixed input size")
+    return InputSpec(int(shape[1]), common.VALUE_RANGE)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    weights: str | None = None,
+    input_size: int | None = None,
+    dropout: float = 0.0,
+    drop_connect_rate: float = 0.2,
+    activation: str = "swish",
+    batchnorm_momentum: float = 0.99,
+    include_top: bool = True,
+) -> keras.Model:
+    """Builds a registry backbone with our head (see the module docstring).
+
+    Args:
+        name: Registry name, e.g. ``efficientnet-b3``, ``efficientnet-phi-2.5``,
+            ``resnet50v2``, ``convnext-tiny``.
+        num_classes: Classifier outputs.
+        weights: ``None``, ``"imagenet"`` or a path to a ``.h5`` / ``.weights.h5``.
+        input_size: Square input side; ``None`` uses the native one.
+        dropout: Dropout before the classifier.
+        drop_connect_rate: EfficientNet stochastic depth; keras.applications
+            families only accept the default 0.2 (their own setting is used).
+        activation: EfficientNet activation; other families only accept the default
+            ``swish`` (their own activation is used).
+        batchnorm_momentum: Set on every BatchNormalization layer.
+        include_top: ``False`` returns the pooled features.
+
+    Raises:
+        ValueError: unknown name, or an option the family cannot honour.
+    """
+    kind, what = _resolve(name)
+    if kind == "efficientnet":
+        return efficientnet(
+            what,
+            num_classes,
+            weights=weights,
+            input_size=input_size,
+            activation=activation,
+            drop_connect_rate=drop_connect_rate,
+            dropout=dropout,
+            include_top=include_top,
+            batchnorm_momentum=batchnorm_momentum,
+        )
+    fam: Family = what
+    if activation != "swish":
+        raise ValueError(
+            f"{fam.name}: activation={activation!r} cannot be changed for this "
+            "keras.applications family; leave it at the default 'swish'"
+        )
+    if drop_connect_rate != 0.2:
+        raise ValueError(
+            f"{fam.name}: drop_connect_rate={drop_connect_rate} cannot be set for this "
+            "keras.applications family; leave it at the default 0.2"
+        )
+    size = int(input_size or fam.size)
+    if size < fam.min_size:
+        raise ValueError(f"{fam.name}: input_size {size} < minimum {fam.min_size}")
+    model = _build_family(fam, num_classes, size, weights, dropout, include_top)
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = batchnorm_momentum
+    return model
+
+
+def _build_family(fam, num_classes, size, weights, dropout, include_top):
+    from shopee_tpu.models import weights as wmod
+
+    inputs = keras.Input((size, size, 3), name="input_layer")
+    x = inputs
+    if fam.mode:
+        x = common.ImageNetPreprocess(fam.mode, name="preprocess")(x)
+    kw = dict(include_top=False, input_tensor=x, weights=None)
+    if fam.builtin_preprocessing:
+        kw["include_preprocessing"] = True
+    convnext = fam.name.startswith("convnext")
+    kw["pooling"] = None if convnext else "avg"
+    if weights == "imagenet":
+        kw["weights"] = "imagenet"
+        try:
+            with wmod.socket_timeout(wmod.DOWNLOAD_TIMEOUT):
+                backbone = getattr(keras.applications, fam.constructor)(**kw)
+        except Exception as e:
+            if "URL fetch failure" not in str(e) and not isinstance(e, OSError):
+                raise
+            url = re.search(r"URL fetch failure on (\S+?):? ", str(e))
+            url = url[1] if url else "keras.applications"
+            raise wmod.WeightsUnavailableError(
+                wmod.offline_hint(
+                    f"ImageNet weights for {fam.name}", url.rsplit("/", 1)[-1], url
+                )
+                + f" Cause: {e}"
+            ) from e
+    else:
+        backbone = getattr(keras.applications, fam.constructor)(**kw)
+    x = backbone.output
+    if convnext:
+        # keras' notop ConvNeXt ends in an unnamed LayerNorm over the feature map;
+        # its top model instead pools, then applies "<name>_head_layernorm". Rebuild
+        # the latter (same weights) so top and notop files both load.
+        final_norm = backbone.layers[-1]
+        if not isinstance(final_norm, keras.layers.LayerNormalization):
+            raise RuntimeError(f"{fam.name}: unexpected keras.applications layout")
+        x = keras.layers.GlobalAveragePooling2D(name=common.POOL_NAME)(final_norm.input)
+        x = keras.layers.LayerNormalization(
+            epsilon=1e-6, name=f"{fam.keras_name}_head_layernorm"
+        )(x)
+    if include_top:
+        outputs = common.classifier_head(x, num_classes, dropout=dropout, pool=False)
+    else:
+        outputs = x
+    model = keras.Model(inputs, outputs, name=fam.name)
+    if weights not in (None, "imagenet"):
+        wmod.load_weights(model, weights)
+    return model
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+def build_from_config(
+    model_cfg: ModelConfig, num_classes: int, image_size: int | None = None
+) -> keras.Model:
+    """``build_model`` with the settings of a run config's ``model`` section."""
+    return build_model(
+        model_cfg.backbone,
+        num_classes,
+        weights=model_cfg.weights,
+        input_size=image_size,
+        dropout=model_cfg.dropout,
+        drop_connect_rate=model_cfg.drop_connect_rate,
+        activation=model_cfg.activation,
+        batchnorm_momentum=model_cfg.batchnorm_momentum,
+    )
