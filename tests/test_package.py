@@ -1,0 +1,73 @@
+"""The installable package: lazy imports, and one clear message without TensorFlow."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+
+from conftest import REPO, run_python
+
+import shopee_tpu
+
+
+def test_version_matches_setup_cfg():
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    assert shopee_tpu.__version__ == cfg["metadata"]["version"]
+
+
+def test_import_needs_neither_tensorflow_nor_keras():
+    out = run_python(
+        "import sys, shopee_tpu\n"
+        "cfg = shopee_tpu.RunConfig.preset('demo')\n"
+        "print(sorted(m for m in ('tensorflow', 'keras', 'jax') if m in sys.modules))"
+    )
+    assert out.strip() == "[]"
+
+
+def test_without_tensorflow_the_package_works_and_says_how_to_install_it(tmp_path):
+    # A directory first on PYTHONPATH whose `tensorflow` fails to import, exactly
+    # like a machine without TensorFlow; Keras itself runs on JAX there.
+    fake = tmp_path / "no_tf" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'tensorflow'\")\n"
+    )
+    code = r"""
+import json, sys
+import shopee_tpu
+from shopee_tpu.cli import main
+from shopee_tpu.utils import require_tensorflow
+
+result = {"version": shopee_tpu.__version__}
+result["cli_status"] = main(["config", "--preset", "demo", "--set", "epochs=2"])
+for name, call in [
+    ("require", require_tensorflow),
+    ("connect_tf", lambda: shopee_tpu.connect(backend="tensorflow")),
+]:
+    try:
+        call()
+        result[name] = None
+    except ImportError as e:
+        result[name] = str(e)
+acc = shopee_tpu.connect(verbose=False)  # KERAS_BACKEND=jax needs no TensorFlow
+result.update(backend=acc.backend, replicas=acc.replicas,
+              tensorflow_loaded="tensorflow" in sys.modules)
+print("RESULT " + json.dumps(result))
+"""
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(fake.parent), REPO]),
+        "KERAS_BACKEND": "jax",
+        "SHOPEE_TPU_DEVICE": "auto",
+    }
+    out = run_python(code, env=env, timeout=180)
+
+    result = json.loads(out.split("RESULT ", 1)[1])
+    printed_config = json.loads(out.split("RESULT ", 1)[0])
+    assert result["cli_status"] == 0 and printed_config["epochs"] == 2
+    for name in ("require", "connect_tf"):
+        assert result[name] is not None, f"{name} did not raise ImportError"
+        assert "pip install shopee_tpu[cpu]" in result[name]
+    assert (result["backend"], result["replicas"]) == ("jax", 1)
+    assert not result["tensorflow_loaded"]
