@@ -155,3 +155,33 @@ def plot_predictions(images, y_true, probs, class_names, path=None, *, n: int = 
             fontsize=8,
         )
     return _finish(fig, path)
+
+
+def plot_tta_report(report, path=None):
+    """Bars of validation accuracy per TTA view, reducer and growing view set.
+
+    Args:
+        report: The DataFrame of ``shopee_tpu.inference.report.tta_report`` (columns
+            ``kind``, ``name``, ``accuracy``; the first row is the baseline).
+        path: Optional PNG path.
+    """
+    import pandas as pd
+
+    plt = _plt()
+    df = pd.DataFrame(report).reset_index(drop=True)
+    colours = {"view": "tab:blue", "reducer": "tab:orange", "cumulative": "tab:green"}
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(df) + 1.2))
+    y = np.arange(len(df))[::-1]
+    ax.barh(y, df["accuracy"], color=[colours.get(k, "grey") for k in df["kind"]])
+    ax.set_yticks(y, [f"{k}: {n}" for k, n in zip(df["kind"], df["name"], strict=True)])
+    base = float(df["accuracy"].iloc[0])
+    ax.axvline(base, color="black", linewidth=0.8, linestyle="--")
+    lo, hi = float(df["accuracy"].min()), float(df["accuracy"].max())
+    pad = max(0.01, (hi - lo) * 0.5)
+    # Room on the right for the labels (the axis may pass 1.0; bars never do).
+    ax.set_xlim(max(0.0, lo - pad), hi + 3 * pad)
+    for yi, acc in zip(y, df["accuracy"], strict=True):
+        ax.text(acc, yi, f" {acc:.4f} ({acc - base:+.4f})", va="center", fontsize=7)
+    ax.set_xlabel("validation accuracy (dashed line: first view alone)")
+    ax.set_title("test-time augmentation")
+    return _finish(fig, path)

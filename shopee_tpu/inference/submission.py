@@ -1,0 +1,246 @@
+"""Submission writers and validators for Shopee and Cdiscount.
+
+A submission that Kaggle rejects (or scores 0) wastes a day's quota, so the writers
+validate before writing, write atomically, and the validators name every problem:
+missing, extra or duplicate ids (with the ids), bad header or format, and categories
+the label map does not know.
+
+- Shopee Product Detection: ``filename,category``; category as two digits (``03``);
+  every ``test.csv`` filename exactly once.
+- Cdiscount: ``_id,category_id``; one row per product; ``category_id`` is the original
+  Cdiscount id (e.g. ``1000010653``) mapped back from our class id by the label map.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "SubmissionError",
+    "shopee_frame",
+    "cdiscount_frame",
+    "write_shopee_submission",
+    "write_cdiscount_submission",
+    "validate_shopee_submission",
+    "validate_cdiscount_submission",
+    "class_ids",
+]
+
+_SHOW = 10  # ids named per problem in a message
+
+
+class SubmissionError(ValueError):
+    """A submission is malformed; ``problems`` lists each issue, ids named."""
+
+    def __init__(self, where: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{where}: {len(problems)} problem(s): " + "; ".join(problems))
+
+
+def class_ids(predictions) -> np.ndarray:
+    """Class ids from probabilities ``[n, classes]`` (argmax) or ids ``[n]``."""
+    p = np.asarray(predictions)
+    if p.ndim == 2:
+        return p.argmax(axis=1)
+    if p.ndim == 1 and (p.dtype.kind in "iu" or np.all(np.mod(p, 1) == 0)):
+        return p.astype(np.int64)
+    raise ValueError(
+        f"predictions must be probs [n, classes] or class ids [n], got {p.shape}"
+    )
+
+
+def _categories(label_map: Mapping, ids: np.ndarray) -> list[str]:
+    inverse = {int(v): str(k) for k, v in label_map.items()}
+    bad = sorted({int(i) for i in ids if int(i) not in inverse})
+    if bad:
+        raise ValueError(
+            f"class ids {bad[:_SHOW]} are not in the label map ({len(inverse)} classes)"
+        )
+    return [inverse[int(i)] for i in ids]
+
+
+def _two_digits(category: str) -> str:
+    try:
+        value = int(category)
+    except ValueError:
+        raise ValueError(f"Shopee category {category!r} is not a number") from None
+    if not 0 <= value <= 99:
+        raise ValueError(f"Shopee category {category!r} does not fit two digits")
+    return f"{value:02d}"
+
+
+def shopee_frame(ids: Sequence[str], predictions, label_map: Mapping) -> pd.DataFrame:
+    """The ``filename,category`` frame; categories come from the label map."""
+    cats = _categories(label_map, class_ids(predictions))
+    if len(cats) != len(ids):
+        raise ValueError(f"{len(ids)} ids for {len(cats)} predictions")
+    return pd.DataFrame(
+        {"filename": [str(i) for i in ids], "category": [_two_digits(c) for c in cats]}
+    )
+
+
+def cdiscount_frame(
+    product_ids: Sequence, predictions, label_map: Mapping
+) -> pd.DataFrame:
+    """The ``_id,category_id`` frame with original Cdiscount category ids."""
+    cats = _categories(label_map, class_ids(predictions))
+    if len(cats) != len(product_ids):
+        raise ValueError(f"{len(product_ids)} ids for {len(cats)} predictions")
+    return pd.DataFrame({"_id": [str(i) for i in product_ids], "category_id": cats})
+
+
+def _expected(expected, column: str) -> list[str] | None:
+    """Expected ids from a CSV path (its ``column`` or first column), a frame or a
+    list."""
+    if expected is None:
+        return None
+    if isinstance(expected, str | os.PathLike):
+        expected = pd.read_csv(expected, dtype=str, keep_default_na=False)
+    if isinstance(expected, pd.DataFrame):
+        col = column if column in expected.columns else expected.columns[0]
+        return expected[col].astype(str).tolist()
+    return [str(i) for i in expected]
+
+
+def _name(items) -> str:
+    items = list(items)
+    more = f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
+    return ", ".join(repr(i) for i in items[:_SHOW]) + more
+
+
+def _validate(
+    submission,
+    *,
+    columns: tuple[str, str],
+    pattern: str,
+    expected,
+    allowed: set[str] | None,
+) -> pd.DataFrame:
+    where = (
+        str(submission) if isinstance(submission, str | os.PathLike) else "submission"
+    )
+    if isinstance(submission, str | os.PathLike):
+        df = pd.read_csv(submission, dtype=str, keep_default_na=False)
+    else:
+        df = submission.astype(str)
+    id_col, cat_col = columns
+    if list(df.columns) != list(columns):
+        raise SubmissionError(
+            where, [f"header must be {','.join(columns)}, got {','.join(df.columns)}"]
+        )
+    problems = []
+    ids = df[id_col].tolist()
+    empty = [i + 2 for i, v in enumerate(ids) if not v.strip()]
+    if empty:
+        problems.append(f"empty {id_col} on line(s) {_name(empty)}")
+    counts = df[id_col].value_counts()
+    dup = counts[counts > 1]
+    if len(dup):
+        problems.append(
+            f"duplicate ids ({len(dup)}): " + _name(f"{k} x{v}" for k, v in dup.items())
+        )
+    bad = df[~df[cat_col].str.fullmatch(pattern)]
+    if len(bad):
+        problems.append(
+            f"bad {cat_col} format ({len(bad)}, expected /{pattern}/): "
+            + _name(f"{i}={c}" for i, c in zip(bad[id_col], bad[cat_col], strict=True))
+        )
+    if allowed is not None:
+        unknown = df[df[cat_col].str.fullmatch(pattern) & ~df[cat_col].isin(allowed)]
+        if len(unknown):
+            problems.append(
+                f"{cat_col} not in the label map ({len(unknown)}): "
+                + _name(
+                    f"{i}={c}"
+                    for i, c in zip(unknown[id_col], unknown[cat_col], strict=True)
+                )
+            )
+    want = _expected(expected, id_col)
+    if want is not None:
+        have, wanted = set(ids), set(want)
+        missing = [i for i in want if i not in have]
+        extra = [i for i in dict.fromkeys(ids) if i not in wanted]
+        if missing:
+            problems.append(f"missing ids ({len(missing)}): {_name(missing)}")
+        if extra:
+            problems.append(f"extra ids ({len(extra)}): {_name(extra)}")
+    if problems:
+        raise SubmissionError(where, problems)
+    return df
+
+
+def validate_shopee_submission(
+    submission, expected=None, label_map=None
+) -> pd.DataFrame:
+    """Checks a Shopee submission (path or frame); returns it or raises
+    ``SubmissionError`` naming the problems.
+
+    Args:
+        submission: CSV path or DataFrame.
+        expected: The test ids: ``test.csv`` path (its ``filename`` column), a frame
+            or a list. Every one must appear exactly once, and no others.
+        label_map: ``{category: class_id}``; categories outside it are rejected.
+    """
+    allowed = None if label_map is None else {_two_digits(k) for k in label_map}
+    return _validate(
+        submission,
+        columns=("filename", "category"),
+        pattern=r"\d{2}",
+        expected=expected,
+        allowed=allowed,
+    )
+
+
+def validate_cdiscount_submission(
+    submission, expected=None, label_map=None
+) -> pd.DataFrame:
+    """Checks a Cdiscount submission; see ``validate_shopee_submission``.
+
+    ``expected`` is the product ids (e.g. ``sample_submission.csv``, ``_id`` column).
+    """
+    allowed = None if label_map is None else {str(k) for k in label_map}
+    return _validate(
+        submission,
+        columns=("_id", "category_id"),
+        pattern=r"\d+",
+        expected=expected,
+        allowed=allowed,
+    )
+
+
+def _write(path, df: pd.DataFrame) -> None:
+    from shopee_tpu.utils import atomic_write_text
+
+    atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
+
+
+def write_shopee_submission(
+    path, ids: Sequence[str], predictions, label_map: Mapping, *, expected=None
+) -> pd.DataFrame:
+    """Validates and atomically writes ``filename,category``.
+
+    Args:
+        path: Output CSV.
+        ids: Test filenames, one per prediction row.
+        predictions: Probabilities ``[n, classes]`` or class ids ``[n]``.
+        label_map: ``{category: class_id}`` of the training records.
+        expected: Optional test ids (``test.csv``) that must each appear once.
+    """
+    df = shopee_frame(ids, predictions, label_map)
+    validate_shopee_submission(df, expected, label_map)
+    _write(path, df)
+    return df
+
+
+def write_cdiscount_submission(
+    path, product_ids: Sequence, predictions, label_map: Mapping, *, expected=None
+) -> pd.DataFrame:
+    """Validates and atomically writes ``_id,category_id`` (one row per product)."""
+    df = cdiscount_frame(product_ids, predictions, label_map)
+    validate_cdiscount_submission(df, expected, label_map)
+    _write(path, df)
+    return df
