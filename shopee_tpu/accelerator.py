@@ -248,19 +248,20 @@ def _connect_tf(device: str, strategy: str | None) -> Accelerator:
     if device == "tpu" and strategy is not None:
         raise ValueError(f"device='tpu' runs TPUStrategy; got strategy={strategy!r}")
     notes = []
-    if device == "tpu" or (device == "auto" and strategy is None and _tpu_vm_hints()):
+    tpu_hint = _tpu_vm_hints() or os.environ.get("TPU_NAME")  # TPU VM or named TPU
+    if device == "tpu" or (device == "auto" and strategy is None and tpu_hint):
         tpu_strategy, problem = _tf_tpu_strategy(tf)
         if tpu_strategy is not None:
             return _tf_accelerator(tf, "tpu", tpu_strategy)
         if device == "tpu":
             raise AcceleratorNotFound(
                 "connect(device='tpu'): no TPU found on the TensorFlow backend. "
-                f"Looked for TPUClusterResolver(tpu={_tpu_name()!r}) ('local' = this "
-                f"TPU VM; set TPU_NAME for a named TPU): {problem}. On Kaggle's TPU image "
-                "TensorFlow is CPU-only: set os.environ['KERAS_BACKEND'] = 'jax' "
-                "before importing keras or tensorflow."
+                f"Looked for TPUClusterResolver(tpu={_tpu_name()!r}) ('local' = "
+                f"this TPU VM; set TPU_NAME for a named TPU): {problem}. On Kaggle's "
+                "TPU image TensorFlow is CPU-only: set os.environ['KERAS_BACKEND'] "
+                "= 'jax' before importing keras or tensorflow."
             )
-        notes.append(f"TPU VM, but TensorFlow sees no TPU: {problem}; use JAX")
+        notes.append(f"TensorFlow cannot use the TPU here: {problem}; try JAX")
     if device == "auto" and kind == "cpu":
         notes.append("auto: no TPU or GPU found, fell back to CPU")
 
@@ -269,6 +270,8 @@ def _connect_tf(device: str, strategy: str | None) -> Accelerator:
         strat = tf.distribute.MirroredStrategy([d.name for d in local])
     elif strategy is None and kind == "gpu" and len(gpus) > 1:
         strat = tf.distribute.MirroredStrategy()
+    elif kind == "cpu" and gpus:  # forced CPU: keep variables and ops off the GPUs
+        strat = tf.distribute.OneDeviceStrategy("/cpu:0")
     else:
         strat = tf.distribute.get_strategy()
     return _tf_accelerator(tf, kind, strat, note="; ".join(notes))
@@ -337,6 +340,7 @@ def _connect_jax(device: str, strategy: str | None) -> Accelerator:
     note = ""
     if device == "cpu" and kind != "cpu":
         devices, kind = jax.devices("cpu"), "cpu"
+        jax.config.update("jax_default_device", devices[0])
     elif device not in ("auto", kind):
         install = {"tpu": "jax[tpu]", "gpu": "jax[cuda12]"}[device]
         raise AcceleratorNotFound(

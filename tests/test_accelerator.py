@@ -70,6 +70,16 @@ def test_forced_tpu_without_a_tpu_is_a_clear_error():
     assert "ConfigureDistributedTPU" not in message  # not a raw kernel dump
 
 
+def test_auto_mode_with_a_tpu_hint_but_no_tpu_falls_back_quietly(monkeypatch):
+    monkeypatch.setenv("TPU_NAME", "local")  # TPU_NAME makes auto mode try a TPU
+
+    acc = connect(backend="tensorflow", verbose=False)
+
+    assert (acc.kind, acc.replicas) == ("cpu", 1)
+    assert "TensorFlow cannot use the TPU here" in acc.summary
+    assert "fell back to CPU" in acc.summary
+
+
 def test_device_env_var_is_honoured(monkeypatch):
     monkeypatch.setenv(DEVICE_ENV, "tpu")
     with pytest.raises(AcceleratorNotFound, match="device='tpu'"):
