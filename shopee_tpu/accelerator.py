@@ -3,15 +3,15 @@
 The only module that knows about TPUs, ``tf.distribute`` and ``keras.distribution``;
 everything else uses an ``Accelerator``'s ``scope()``, ``replicas`` and ``batch_size()``.
 
-============  ============================================  ==========================
-Situation     TensorFlow backend                            JAX backend
-============  ============================================  ==========================
-TPU           TPUClusterResolver(tpu="local") on a TPU VM,  keras.distribution.
-              or TPU_NAME; connect, initialize, TPUStrategy DataParallel over all
-Several GPUs  MirroredStrategy                              jax.devices()
-TF_CONFIG     MultiWorkerMirroredStrategy                   --
-Otherwise     default strategy                              default
-============  ============================================  ==========================
+============  ================================================  ==================
+Situation     TensorFlow backend                                JAX backend
+============  ================================================  ==================
+TPU           TPUClusterResolver(tpu="local") on a TPU VM, or   DataParallel over
+              TPU_NAME; connect, initialize, TPUStrategy        all jax.devices()
+Several GPUs  MirroredStrategy                                  DataParallel
+TF_CONFIG     MultiWorkerMirroredStrategy                       --
+Otherwise     default strategy                                  default
+============  ================================================  ==================
 
 Kaggle's TPU v5e-8 image ships ``tensorflow-cpu``, so TensorFlow sees no TPU there
 while JAX does. When Keras has not been imported yet (note: ``import tensorflow``
