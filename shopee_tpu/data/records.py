@@ -1,0 +1,465 @@
+"""Writing TFRecord shards and their ``manifest.json``, in parallel and resumably.
+
+Shards are stratified by class and each group (product) stays in one shard, so
+holding out whole shards is a seeded, stratified split by group. Every shard is
+written by one process to a temporary name and renamed when complete; the manifest
+is rewritten atomically after each shard, so a rerun of the same command skips the
+finished shards. A rerun with other settings or other data is refused unless
+``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from shopee_tpu.data import sources
+from shopee_tpu.data.images import RESIZE_MODES
+from shopee_tpu.data.procs import WorkerPool
+from shopee_tpu.data.shard_writer import ShardParams, ShardWriter, write_shard
+from shopee_tpu.data.splits import stratified_group_kfold
+from shopee_tpu.utils import atomic_write_text, is_remote
+
+__all__ = ["MANIFEST", "write_records", "write_records_from_csv", "read_manifest"]
+
+MANIFEST = "manifest.json"
+FORMAT = "shopee_tpu.records/1"
+FEATURES = {
+    "image": "bytes: JPEG",
+    "label": "int64: class id, -1 when unlabeled",
+    "id": "bytes: image id (file name)",
+    "group": "bytes: product id, empty when none",
+    "md5": "bytes: hex MD5 of the original image file",
+}
+_PARAM_KEYS = (
+    "prefix",
+    "test",
+    "image_size",
+    "resize",
+    "quality",
+    "seed",
+    "num_shards",
+)
+
+
+def read_manifest(dir_or_file: str | os.PathLike) -> dict:
+    """Reads ``manifest.json`` from a records folder (local or gs://) or its path."""
+    path = os.fspath(dir_or_file)
+    if not path.endswith(".json"):
+        path = path.rstrip("/") + "/" + MANIFEST
+    if is_remote(path):
+        from shopee_tpu.utils import require_tensorflow
+
+        gfile = require_tensorflow().io.gfile
+        if not gfile.exists(path):
+            raise FileNotFoundError(f"no {MANIFEST} at {path}")
+        with gfile.GFile(path) as f:
+            return json.load(f)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {MANIFEST} at {path}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_records_from_csv(
+    csv: str | os.PathLike,
+    images: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    *,
+    test: bool = False,
+    shards: int = 16,
+    image_size: int | None = None,
+    resize: str = "square",
+    quality: int = 95,
+    workers: int | None = None,
+    label_map: Mapping | str | os.PathLike | None = None,
+    overwrite: bool = False,
+    seed: int = 42,
+    prefix: str | None = None,
+) -> dict:
+    """Writes records from a CSV: the Shopee layout or any ``path,label[,group]`` table.
+
+    Images are looked up relative to ``images`` and, failing that, by file name
+    anywhere below it (Shopee's ``train/train/train/NN/<md5>.jpg``). A labeled row
+    with an empty category takes its folder's name. With ``test=True`` the CSV's
+    category column (a placeholder in Shopee's test.csv) is ignored. See
+    :func:`write_records` for the other arguments and the manifest returned.
+    """
+    csv = os.fspath(csv)
+    table = sources.normalise_table(sources.read_table(csv), test=test, where=csv)
+    table = sources.resolve_paths(table, images)
+    if not test:
+        table = sources.fill_labels_from_folders(table)
+    return write_records(
+        table,
+        out_dir,
+        shards=shards,
+        image_size=image_size,
+        resize=resize,
+        quality=quality,
+        workers=workers,
+        test=test,
+        label_map=label_map,
+        overwrite=overwrite,
+        seed=seed,
+        prefix=prefix,
+        _where=csv,
+    )
+
+
+def write_records(
+    source,
+    out_dir: str | os.PathLike,
+    *,
+    shards: int = 16,
+    image_size: int | None = None,
+    resize: str = "square",
+    quality: int = 95,
+    workers: int | None = None,
+    test: bool = False,
+    label_map: Mapping | str | os.PathLike | None = None,
+    overwrite: bool = False,
+    seed: int = 42,
+    prefix: str | None = None,
+    _where: str = "DataFrame",
+) -> dict:
+    """Writes images into stratified TFRecord shards plus ``manifest.json``.
+
+    Args:
+        source: A DataFrame with ``path`` and ``label`` columns (``label`` may be
+            absent when ``test``), optionally ``id`` and ``group``; or an iterable
+            of ``(jpeg_bytes, label, id, group)`` tuples, streamed (shards are then
+            balanced per class greedily as items arrive; groups should arrive
+            together, as a BSON product's images do).
+        out_dir: Local folder for ``<prefix>-NN-<count>.tfrec`` and the manifest.
+        shards: Number of shards (fewer when there are fewer groups).
+        image_size: Resize on write (training size keeps the reader fast);
+            ``None`` keeps the original images.
+        resize: ``"square"`` or ``"longest"`` (see ``images.prepare_image``).
+        quality: JPEG quality of re-encoded images.
+        workers: Writer processes; default: the CPU count. 1 writes in-process.
+        test: Unlabeled records (label -1); ids keep each image's name.
+        label_map: ``{category: class_id}``, a JSON file or a manifest to reuse
+            (e.g. the training set's for a validation set). Default: sorted labels.
+        overwrite: Replace records of a different dataset or settings in ``out_dir``.
+        seed: Seed of the shard assignment.
+        prefix: File name prefix; default ``train`` or ``test``.
+
+    Returns:
+        The manifest (see :func:`read_manifest`).
+
+    Raises:
+        ValueError: No usable image, labels outside ``label_map``, or ``out_dir``
+            holding another dataset while ``overwrite`` is false.
+    """
+    out_dir = os.fspath(out_dir)
+    if is_remote(out_dir):
+        raise ValueError(f"write records locally, then upload them: {out_dir}")
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    prefix = prefix or ("test" if test else "train")
+    params = {
+        "prefix": prefix,
+        "test": bool(test),
+        "image_size": image_size,
+        "resize": resize,
+        "quality": int(quality),
+        "seed": int(seed),
+        "num_shards": int(shards),
+    }
+    workers = max(1, workers or _cpu_count())
+    label_map = sources.load_label_map(label_map)
+    import pandas as pd
+
+    if isinstance(source, str | os.PathLike):
+        source = sources.read_table(source)
+        _where = _where if _where != "DataFrame" else "CSV"
+    if isinstance(source, pd.DataFrame):
+        return _write_table(
+            source, out_dir, params, label_map, workers, overwrite, _where
+        )
+    return _write_stream(iter(source), out_dir, params, label_map, workers, overwrite)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------
+# Table sources: the plan is known up front, each process writes whole shards.
+
+
+def _write_table(table, out_dir, params, label_map, workers, overwrite, where) -> dict:
+    test = params["test"]
+    table = sources.normalise_table(table, test=test, where=where)
+    table = sources.resolve_paths(table, None)  # relative paths: from the cwd
+    if len(table) == 0:
+        raise ValueError(f"{where}: no rows, so no usable images")
+    if test:
+        label_map = label_map or {}
+        ids = [-1] * len(table)
+    else:
+        if label_map is None:
+            label_map = sources.build_label_map(table["label"])
+        sources.check_labels(table["label"], label_map, where)
+        ids = [label_map[v] for v in table["label"]]
+    groups = [g or f"\0row{i}" for i, g in enumerate(table["group"])]
+    n_shards = min(params["num_shards"], len(set(groups)))
+    strata = ids if not test else [0] * len(ids)
+    fold = stratified_group_kfold(strata, groups, n_shards, params["seed"])
+    rows = list(zip(table["path"], ids, table["id"], table["group"], strict=True))
+    fingerprint = _fingerprint(
+        params, label_map, [(r[1], r[2], r[3], int(f)) for r, f in zip(rows, fold)]
+    )
+    manifest = _start(out_dir, params, label_map, fingerprint, n_shards, overwrite)
+    sp = _shard_params(out_dir, params, n_shards)
+    tasks = [
+        (sp, s, [r for r, f in zip(rows, fold) if f == s])
+        for s in range(n_shards)
+        if str(s) not in manifest["done"]
+    ]
+    if workers == 1 or len(tasks) <= 1:
+        results = map(write_shard, tasks)
+        for result in results:
+            _record(out_dir, manifest, result)
+    else:
+        with WorkerPool(min(workers, len(tasks)), sp) as pool:
+            for result in pool.map_unordered(tasks):
+                _record(out_dir, manifest, result)
+    return _finish(out_dir, manifest)
+
+
+# ---------------------------------------------------------------------------
+# Iterable sources: streamed; shard owners are processes fed through queues.
+
+
+def _write_stream(items: Iterable, out_dir, params, label_map, workers, overwrite):
+    test = params["test"]
+    n_shards = params["num_shards"]
+    fingerprint = _fingerprint(params, label_map, None)
+    manifest = _start(
+        out_dir, params, label_map or {}, fingerprint, n_shards, overwrite
+    )
+    done = {int(k) for k in manifest["done"]}
+    sp = _shard_params(out_dir, params, n_shards)
+    assign = _OnlineAssigner(n_shards, params["seed"])
+    labels_seen: dict[str, int] = dict(label_map or {})
+    local: dict[int, ShardWriter] = {}
+    with WorkerPool(workers if workers > 1 else 0, sp) as pool:
+        for data, label, id_, group in items:
+            class_id = -1 if test else _class_id(label, label_map, labels_seen)
+            shard = assign(str(group) or f"\0{id_}", class_id)
+            if shard in done:
+                continue
+            item = (shard, data, class_id, str(id_), str(group))
+            if workers > 1:
+                pool.put(shard % workers, item)
+            else:
+                if shard not in local:
+                    local[shard] = ShardWriter(sp, shard)
+                local[shard].add(*item[1:], item[3])
+        if label_map is None and not test:
+            manifest["label_map"] = labels_seen
+            manifest["num_classes"] = len(labels_seen)
+        results = pool.finish() + [local[s].finish() for s in sorted(local)]
+    for result in results:
+        _record(out_dir, manifest, result)
+    for s in range(n_shards):
+        manifest["done"].setdefault(str(s), _empty_result(s))
+    return _finish(out_dir, manifest)
+
+
+def _class_id(label, label_map, seen: dict[str, int]) -> int:
+    key = str(label)
+    if label_map is not None:
+        if key not in label_map:
+            raise ValueError(f"label {key!r} is not in the label map")
+        return label_map[key]
+    if isinstance(label, int) or key.lstrip("-").isdigit():
+        seen.setdefault(key, int(key))
+        return int(key)
+    raise ValueError(
+        f"label {key!r} is a string: a streamed source needs label_map "
+        "(class ids must be fixed before the first record is written)"
+    )
+
+
+class _OnlineAssigner:
+    """Puts each new group in the shard with the fewest images of its class."""
+
+    def __init__(self, n_shards: int, seed: int):
+        import numpy as np
+
+        self.rng = np.random.default_rng(seed)
+        self.n = n_shards
+        self.group_shard: dict[str, int] = {}
+        self.by_class: dict[int, list[int]] = {}
+        self.total = [0] * n_shards
+
+    def __call__(self, group: str, class_id: int) -> int:
+        shard = self.group_shard.get(group)
+        counts = self.by_class.setdefault(class_id, [0] * self.n)
+        if shard is None:
+            jitter = self.rng.random(self.n)
+            shard = min(
+                range(self.n), key=lambda s: (counts[s], self.total[s], jitter[s])
+            )
+            self.group_shard[group] = shard
+        counts[shard] += 1
+        self.total[shard] += 1
+        return shard
+
+
+# ---------------------------------------------------------------------------
+# Manifest bookkeeping shared by both paths.
+
+
+def _shard_params(out_dir: str, params: dict, n_shards: int) -> ShardParams:
+    return ShardParams(
+        out_dir=out_dir,
+        prefix=params["prefix"],
+        width=max(2, len(str(n_shards - 1))),
+        image_size=params["image_size"],
+        resize=params["resize"],
+        quality=params["quality"],
+    )
+
+
+def _fingerprint(params: dict, label_map, plan) -> str:
+    text = json.dumps([params, label_map, plan], sort_keys=True, default=str)
+    return hashlib.md5(text.encode("utf-8")).hexdigest()
+
+
+def _start(out_dir, params, label_map, fingerprint, n_shards, overwrite) -> dict:
+    """Checks ``out_dir`` and returns the manifest to continue (or a fresh one)."""
+    os.makedirs(out_dir, exist_ok=True)
+    old = None
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        old = read_manifest(out_dir)
+    ours = glob.glob(os.path.join(out_dir, "*.tfrec"))
+    if old is not None and old.get("fingerprint") == fingerprint:
+        done = {
+            k: r
+            for k, r in old.get("done", {}).items()
+            if r["file"] is None or os.path.exists(os.path.join(out_dir, r["file"]))
+        }
+        old["done"] = done
+        _clean(out_dir, keep={r["file"] for r in done.values()}, params=params)
+        return old
+    if (old is not None or ours) and not overwrite:
+        raise ValueError(
+            f"{out_dir} {_difference(old, params, ours)}; pass "
+            "overwrite=True (--overwrite) to replace it"
+        )
+    if old is not None or ours:
+        _clean(out_dir, keep=set(), params=params, everything=True)
+    manifest = {
+        "format": FORMAT,
+        "schema": "shopee_tpu",
+        "features": FEATURES,
+        **params,
+        "label_map": label_map,
+        "num_classes": len(set(label_map.values())) if label_map else 0,
+        "fingerprint": fingerprint,
+        "complete": False,
+        "done": {},
+    }
+    _save(out_dir, manifest)
+    return manifest
+
+
+def _difference(old, params, files) -> str:
+    if old is None:
+        return f"already holds {len(files)} .tfrec files without a {MANIFEST}"
+    changed = [
+        f"{k}: {old.get(k)!r} -> {params[k]!r}"
+        for k in _PARAM_KEYS
+        if old.get(k) != params[k]
+    ]
+    if changed:
+        return (
+            "already holds records written with other settings ("
+            + ", ".join(changed)
+            + ")"
+        )
+    return "already holds a different dataset (other images, labels or label map)"
+
+
+def _clean(out_dir, keep: set, params: dict, everything: bool = False) -> None:
+    """Removes temp files and shard files other than the finished ones to keep.
+
+    ``everything`` (overwrite) removes every ``.tfrec`` file in ``out_dir``, so no
+    record of the replaced dataset can be read along with the new one.
+    """
+    patterns = [
+        ".*.tfrec.tmp-*",
+        "*.tfrec" if everything else f"{params['prefix']}-*.tfrec",
+    ]
+    for pattern in patterns:
+        for path in glob.glob(os.path.join(out_dir, pattern)):
+            if os.path.basename(path) not in keep:
+                os.remove(path)
+
+
+def _empty_result(index: int) -> dict:
+    return {"index": index, "file": None, "count": 0, "class_counts": {}, "skipped": []}
+
+
+def _record(out_dir: str, manifest: dict, result: dict) -> None:
+    manifest["done"][str(result["index"])] = result
+    _save(out_dir, _summarise(manifest))
+
+
+def _summarise(manifest: dict) -> dict:
+    names = {v: k for k, v in manifest["label_map"].items()}
+    results = sorted(manifest["done"].values(), key=lambda r: r["index"])
+    shards, per_shard, classes, skipped = {}, {}, {}, []
+    for r in results:
+        skipped.extend(r["skipped"])
+        if r["file"] is None:
+            continue
+        shards[r["file"]] = r["count"]
+        per_shard[r["file"]] = {
+            names.get(int(c), c): n for c, n in r["class_counts"].items()
+        }
+        for c, n in r["class_counts"].items():
+            name = names.get(int(c), "unlabeled" if int(c) < 0 else c)
+            classes[name] = classes.get(name, 0) + n
+    manifest.update(
+        shards=shards,
+        shard_class_counts=per_shard,
+        class_counts=classes,
+        total=sum(shards.values()),
+        skipped=sorted(skipped, key=lambda s: s["path"]),
+        num_skipped=len(skipped),
+    )
+    return manifest
+
+
+def _finish(out_dir: str, manifest: dict) -> dict:
+    manifest = _summarise(manifest)
+    manifest["complete"] = True
+    _save(out_dir, manifest)
+    if manifest["total"] == 0:
+        reasons = "; ".join(
+            f"{s['path']}: {s['reason']}" for s in manifest["skipped"][:3]
+        )
+        raise ValueError(
+            f"no usable images: all {manifest['num_skipped']} were skipped ({reasons})"
+        )
+    return manifest
+
+
+def _save(out_dir: str, manifest: dict[str, Any]) -> None:
+    atomic_write_text(
+        os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n"
+    )

@@ -1,0 +1,112 @@
+"""Writing one shard: the work a writer process does (no TensorFlow, no pandas).
+
+A shard is written to a hidden temporary name and renamed to
+``<prefix>-NN-<count>.tfrec`` only once complete, so a killed run never leaves a
+file that looks like a finished shard. Unusable images are skipped and returned
+with the reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from shopee_tpu.data.images import BadImage, prepare_image
+from shopee_tpu.data.tfrecord import RecordWriter, encode_example
+
+__all__ = ["ShardParams", "ShardWriter", "write_shard", "shard_name"]
+
+
+@dataclass(frozen=True)
+class ShardParams:
+    """Settings shared by every shard of one run."""
+
+    out_dir: str
+    prefix: str
+    width: int  # digits of the shard number
+    image_size: int | None
+    resize: str
+    quality: int
+
+
+def shard_name(params: ShardParams, index: int, count: int) -> str:
+    """The Kaggle-style file name, with the record count: ``train-03-5269.tfrec``."""
+    return f"{params.prefix}-{index:0{params.width}d}-{count}.tfrec"
+
+
+def temp_name(params: ShardParams, index: int) -> str:
+    """The hidden name a shard has while being written."""
+    return f".{params.prefix}-{index:0{params.width}d}.tfrec.tmp-{os.getpid()}"
+
+
+class ShardWriter:
+    """Writes one shard: checks and encodes images, counts classes and skips."""
+
+    def __init__(self, params: ShardParams, index: int):
+        self.params, self.index = params, index
+        self.tmp = os.path.join(params.out_dir, temp_name(params, index))
+        self.writer = RecordWriter(self.tmp)
+        self.count = 0
+        self.class_counts: dict[int, int] = {}
+        self.skipped: list[dict] = []
+
+    def add(self, data: bytes, label: int, id_: str, group: str, where: str) -> None:
+        """Adds one image (its original bytes); records a skip with the reason."""
+        p = self.params
+        try:
+            image, _ = prepare_image(
+                data, image_size=p.image_size, resize=p.resize, quality=p.quality
+            )
+        except BadImage as e:
+            self.skipped.append({"path": where, "reason": str(e)})
+            return
+        example = {
+            "image": image,
+            "label": int(label),
+            "id": id_,
+            "group": group,
+            "md5": hashlib.md5(data).hexdigest(),
+        }
+        self.writer.write(encode_example(example))
+        self.count += 1
+        self.class_counts[int(label)] = self.class_counts.get(int(label), 0) + 1
+
+    def skip(self, where: str, reason: str) -> None:
+        """Records an image that could not even be read."""
+        self.skipped.append({"path": where, "reason": reason})
+
+    def finish(self) -> dict:
+        """Renames the complete file to its final name; returns the shard's result."""
+        self.writer.close()
+        name = None
+        if self.count:
+            name = shard_name(self.params, self.index, self.count)
+            os.replace(self.tmp, os.path.join(self.params.out_dir, name))
+        else:  # every image was skipped: no empty shard file
+            os.remove(self.tmp)
+        return {
+            "index": self.index,
+            "file": name,
+            "count": self.count,
+            "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
+            "skipped": self.skipped,
+        }
+
+
+def write_shard(task: tuple[ShardParams, int, list[tuple]]) -> dict:
+    """Writes a shard from files: ``task = (params, index, [(path, label, id, group)])``."""
+    params, index, rows = task
+    shard = ShardWriter(params, index)
+    for path, label, id_, group in rows:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            shard.skip(path, "missing file")
+            continue
+        except OSError as e:
+            shard.skip(path, f"unreadable file ({type(e).__name__}: {e})")
+            continue
+        shard.add(data, label, id_, group, path)
+    return shard.finish()
