@@ -271,6 +271,7 @@ def efficientnet(
     # Unadapted, Normalization would be the identity (keras.applications' weights=None
     # case); ImageNet statistics centre the input for from-scratch training too.
     norm.set_weights(_imagenet_normalization_weights())
+    norm.finalize_state()  # Normalization caches mean/variance; refresh them
 
     if weights is not None:
         from shopee_tpu.models import weights as wmod

@@ -175,6 +175,7 @@ def fix_imagenet_normalization(model) -> bool:
     if np.allclose(values[1], common.IMAGENET_STDDEV_RGB, atol=1e-6):
         values[1] = np.square(values[1])
         layer.set_weights(values)
+        layer.finalize_state()  # Normalization caches mean/variance tensors
         return True
     return False
 

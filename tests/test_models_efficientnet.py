@@ -1,0 +1,287 @@
+"""Our EfficientNet builder against keras.applications: sizes, weights, options."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from shopee_tpu.models import (
+    WeightsUnavailableError,
+    describe,
+    drop_connect_rates,
+    efficientnet,
+    freeze_backbone,
+    scaling,
+    unfreeze_backbone,
+)
+from shopee_tpu.models.efficientnet_builder import block_count, round_filters
+from shopee_tpu.models.weights import fetch_efficientnet_imagenet
+
+# keras.applications.EfficientNetB{n}(weights=None) with 1000 classes (measured in
+# the research note, equal to the keras-io table) and its MBConv block counts.
+GOLDEN_PARAMS = [
+    5_330_571,
+    7_856_239,
+    9_177_569,
+    12_320_535,
+    19_466_823,
+    30_562_527,
+    43_265_143,
+    66_658_687,
+]
+GOLDEN_BLOCKS = [16, 23, 23, 26, 32, 39, 45, 55]
+
+
+def _block_prefixes(model) -> list[str]:
+    seen = []
+    for layer in model.layers:
+        m = re.match(r"^(block\d+[a-z]+)_", layer.name)
+        if m and m[1] not in seen:
+            seen.append(m[1])
+    return seen
+
+
+def test_golden_param_counts_and_drop_connect_b0_to_b7():
+    for n in range(8):
+        model = efficientnet(n, 1000)
+        assert model.count_params() == GOLDEN_PARAMS[n], f"B{n}"
+        assert model.input_shape == (None, *(scaling(n).resolution,) * 2, 3)
+        blocks = _block_prefixes(model)
+        assert len(blocks) == GOLDEN_BLOCKS[n] == block_count(n)
+        # Every drop-connect layer has rate 0.2 * b / (scaled block count).
+        drops = {
+            layer.name[: -len("_drop")]: layer.rate
+            for layer in model.layers
+            if layer.name.endswith("_drop")
+        }
+        assert drops, f"B{n} has no drop-connect layers"
+        for name, rate in drops.items():
+            b = blocks.index(name)
+            assert rate == pytest.approx(0.2 * b / len(blocks)), name
+        if n == 7:
+            last = blocks[-1]  # block7d: a residual block, so it has the layer
+            assert drops[last] == pytest.approx(0.2 * 54 / 55)  # not 0.675
+        keras.backend.clear_session()
+
+
+def test_same_as_keras_applications_b0():
+    ours = efficientnet(0, 1000)
+    ref = keras.applications.EfficientNetB0(weights=None)
+    assert ours.count_params() == ref.count_params() == GOLDEN_PARAMS[0]
+    weighted = [
+        (layer.name, [tuple(w.shape) for w in layer.weights])
+        for layer in ours.layers
+        if layer.weights
+    ]
+    ref_weighted = [
+        (layer.name, [tuple(w.shape) for w in layer.weights])
+        for layer in ref.layers
+        if layer.weights
+    ]
+    assert weighted == ref_weighted  # same names, order and shapes
+
+
+def test_drop_connect_rates_use_scaled_block_count():
+    for variant in (0, 4, 7, -3.0, 0.5):
+        rates = drop_connect_rates(variant, 0.2)
+        n = block_count(variant)
+        assert len(rates) == n
+        assert rates[0] == 0.0
+        assert rates[-1] == pytest.approx(0.2 * (n - 1) / n)
+
+
+def test_rounding_rules():
+    assert round_filters(32, 1.0) == 32
+    assert round_filters(32, 1.1) == 32  # 35.2 -> 32 (within 10 %)
+    assert round_filters(16, 0.5) == 8
+    assert round_filters(1280, 2.0) == 2560
+    assert round_filters(320, 1.4) == 448
+    assert round_filters(8, 0.1) == 8  # never below the divisor
+
+
+def test_phi_variants_build_and_grow_with_phi():
+    sizes, params = [], []
+    for phi in (-3.0, 0.0, 0.5):
+        sc = scaling(phi)
+        assert sc.resolution % 8 == 0
+        sizes.append(sc.resolution)
+        model = efficientnet(phi, 10, input_size=32)
+        assert model.output.shape == (None, 10)
+        params.append(model.count_params())
+        keras.backend.clear_session()
+    assert sizes == [144, 224, 240]
+    assert params[0] < params[1] < params[2]
+    # phi = 0 is B0 exactly, and names parse both ways.
+    assert scaling(0.0).width == 1.0 and scaling(0.0).depth == 1.0
+    assert scaling("phi-3") == scaling(-3.0)
+    assert scaling("b3") == scaling(3)
+    with pytest.raises(ValueError, match="0..7"):
+        scaling(8)
+
+
+def _run(model, x):
+    return np.asarray(model(x, training=False))
+
+
+def test_weight_transplant_from_keras_applications(tmp_path):
+    keras.utils.set_random_seed(3)
+    ref = keras.applications.EfficientNetB0(weights=None, input_shape=(64, 64, 3))
+    rng = np.random.default_rng(0)
+    for layer in ref.layers:  # non-trivial BN statistics, so they must load too
+        if isinstance(layer, keras.layers.BatchNormalization):
+            g, b, mean, var = layer.get_weights()
+            layer.set_weights(
+                [g, b, rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 1.5, var.shape)]
+            )
+    new_h5 = str(tmp_path / "b0.weights.h5")
+    legacy_h5 = str(tmp_path / "b0_full.h5")
+    ref.save_weights(new_h5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy-format notice
+        ref.save(legacy_h5)
+    x = rng.uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    # Eager calls: tracing predict() for each model would cost more than the test.
+    expected = _run(ref, x)
+    features = _run(keras.Model(ref.input, ref.get_layer("avg_pool").output), x)
+    for path in (new_h5, legacy_h5):
+        ours = efficientnet(0, 1000, input_size=64, weights=path)
+        np.testing.assert_allclose(_run(ours, x), expected, atol=1e-5)
+        # Other class count: backbone loads, classifier stays fresh (and says so).
+        with pytest.warns(UserWarning, match="predictions"):
+            ten = efficientnet(0, 10, input_size=64, weights=path)
+        assert ten.output.shape == (None, 10)
+        backbone = efficientnet(0, 10, input_size=64, weights=path, include_top=False)
+        np.testing.assert_allclose(_run(backbone, x), features, atol=1e-5)
+    with pytest.raises(ValueError, match="block1b_"):
+        efficientnet(1, 10, input_size=64, weights=legacy_h5)  # B0 file into B1
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        efficientnet(0, 10, input_size=64, weights=str(tmp_path / "nope.h5"))
+
+
+def test_imagenet_normalization_quirk_is_fixed_on_load(tmp_path):
+    # keras.applications' ImageNet files store the std as the variance.
+    src = efficientnet(-3.0, 5, input_size=32)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    src.get_layer("normalization").set_weights(
+        [np.array(mean), np.array(std), np.array(0)]
+    )
+    path = str(tmp_path / "quirk.h5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src.save(path)
+    model = efficientnet(-3.0, 5, input_size=32, weights=path)
+    probe = keras.Model(model.input, model.get_layer("normalization").output)
+    x = np.full((1, 32, 32, 3), 200.0, "float32")
+    np.testing.assert_allclose(
+        _run(probe, x)[0, 0, 0],
+        (200 / 255 - np.array(mean)) / np.array(std),
+        rtol=1e-5,
+    )
+
+
+def _cached(file_name: str) -> bool:
+    home = os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras"))
+    return os.path.exists(os.path.join(home, "models", file_name))
+
+
+def test_imagenet_offline_error_says_how_to_attach_the_file(tmp_path):
+    try:
+        fetch_efficientnet_imagenet(
+            0, include_top=False, cache_dir=str(tmp_path), timeout=5
+        )
+    except WeightsUnavailableError as e:
+        message = str(e)
+    else:
+        pytest.skip("network available: the download worked")
+    assert "efficientnetb0_notop.h5" in message
+    assert "Kaggle dataset" in message and "weights=" in message
+    if _cached("efficientnetb0_notop.h5"):
+        pytest.skip("a cached copy exists")
+    with pytest.raises(WeightsUnavailableError, match="Kaggle dataset"):
+        efficientnet(0, 10, input_size=32, weights="imagenet")
+    with pytest.raises(ValueError, match="B0..B7"):
+        efficientnet(-1.0, 10, weights="imagenet")
+
+
+def test_softmax_is_float32_under_mixed_bfloat16():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = efficientnet(-3.0, 4, input_size=32)
+        assert model.get_layer("stem_conv").compute_dtype == "bfloat16"
+        y = model(np.random.uniform(0, 255, (2, 32, 32, 3)).astype("float32"))
+        assert keras.backend.standardize_dtype(y.dtype) == "float32"
+        np.testing.assert_allclose(np.asarray(y).sum(axis=1), 1.0, atol=1e-5)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_options_activation_momentum_dropout_head():
+    model = efficientnet(
+        -3.0, 7, input_size=32, activation="relu", batchnorm_momentum=0.9, dropout=0.3
+    )
+    assert model.get_layer("stem_activation").activation.__name__ == "relu"
+    assert model.get_layer("top_bn").momentum == 0.9
+    assert model.get_layer("top_dropout").rate == 0.3
+    head = model.get_layer("predictions")
+    assert head.dtype_policy.compute_dtype == "float32" and head.units == 7
+    plain = efficientnet(-3.0, 7, input_size=32)
+    names = {layer.name for layer in plain.layers}
+    assert "top_dropout" not in names  # dropout defaults to none
+    assert (
+        efficientnet(2, 3, input_size=32, dropout="official")
+        .get_layer("top_dropout")
+        .rate
+        == 0.3
+    )
+    # From scratch, the input is standardised with ImageNet statistics.
+    probe = keras.Model(plain.input, plain.get_layer("normalization").output)
+    x = np.full((1, 32, 32, 3), 100.0, "float32")
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(
+        _run(probe, x)[0, 0, 0], (100 / 255 - mean) / std, rtol=1e-5
+    )
+    features = efficientnet(-3.0, 7, input_size=32, include_top=False)
+    assert features.output.shape == (None, round_filters(1280, scaling(-3.0).width))
+
+
+def test_describe_b0_macs_and_params():
+    table = describe(efficientnet(0, 1000))
+    assert table.attrs["input_size"] == 224
+    assert table.attrs["params"] == GOLDEN_PARAMS[0]
+    # The paper's 0.39 B "FLOPs" for B0 are multiply-accumulates.
+    assert 0.38 < table.attrs["gmacs"] < 0.40
+    assert table.loc["total", "macs"] == table.drop(index="total")["macs"].sum()
+    assert list(table.index[:3]) == ["input", "stem", "block1"]
+    assert table.loc["head", "params"] == 1280 * 1000 + 1000
+
+
+def test_freeze_and_unfreeze_keep_batchnorm_frozen():
+    model = efficientnet(-3.0, 5, input_size=32)
+    assert freeze_backbone(model) == 2  # the classifier's kernel and bias
+    unfreeze_backbone(model)
+    bns = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert bns and not any(layer.trainable for layer in bns)
+    assert model.get_layer("stem_conv").trainable
+    unfreeze_backbone(model, from_block=6)
+    assert not model.get_layer("block5a_expand_conv").trainable
+    assert model.get_layer("block6a_expand_conv").trainable
+    assert (
+        model.get_layer("top_conv").trainable
+        and model.get_layer("predictions").trainable
+    )
+    unfreeze_backbone(model, from_block="block7a_")
+    assert not model.get_layer("block6a_expand_conv").trainable
+    n_all = unfreeze_backbone(model, from_block=1.0)
+    n_quarter = unfreeze_backbone(model, from_block=0.25)
+    assert 2 < n_quarter < n_all
+    with pytest.raises(ValueError, match="matches no"):
+        unfreeze_backbone(model, from_block="nothing_")
