@@ -216,3 +216,19 @@ def test_multi_replica_ragged_batches(backend):
     assert out["replicas"] == out["runner"] == 2
     assert out["ids"] == [f"img{i:03d}.jpg" for i in range(7)]
     assert out["err_ref"] < 1e-5 and out["err_hand"] < 1e-5
+
+
+def test_repeated_calls_reuse_one_compiled_step_outside_the_model():
+    """A second predict with the same views reuses the traced step, and the cache
+    never becomes part of the model's layers or weights."""
+    from shopee_tpu import predict
+
+    model, x = _model(), _images(3)
+    layers, weights = len(model.layers), len(model.weights)
+    predict(model, [x], tta=("identity", "flip_lr"))
+    runner = model._shopee_tta_runners[(("identity", "flip_lr"), None)]
+    predict(model, [x], tta=("identity", "flip_lr"))
+    predict(model, [x], tta=("identity",))
+    assert model._shopee_tta_runners[(("identity", "flip_lr"), None)] is runner
+    assert len(model._shopee_tta_runners) == 2
+    assert (len(model.layers), len(model.weights)) == (layers, weights)

@@ -318,6 +318,21 @@ class _Runner:
         return out[:b]
 
 
+def _cached_runner(model, plan: ViewPlan, views_per_call: int | None) -> _Runner:
+    """One runner (and so one traced function) per model, views and chunking:
+    calling ``predict`` again does not retrace. The cache hangs off the model with
+    ``object.__setattr__``, out of Keras' layer tracking (it never becomes part of
+    the model's layers or weights), and dies with the model."""
+    cache = model.__dict__.get("_shopee_tta_runners")
+    if cache is None:
+        cache = {}
+        object.__setattr__(model, "_shopee_tta_runners", cache)
+    key = (plan.members, views_per_call)
+    if key not in cache:
+        cache[key] = _Runner(model, plan, views_per_call)
+    return cache[key]
+
+
 def _to_numpy(t) -> np.ndarray:
     return t.numpy() if hasattr(t, "numpy") else np.asarray(t)
 
@@ -356,7 +371,7 @@ def iter_view_probs(
     The second element of ``(images, ids)`` batches is passed through as numpy (ids
     decoded to ``str``), so validation batches ``(images, labels)`` work as well.
     """
-    runner = _Runner(model, plan, views_per_call)
+    runner = _cached_runner(model, plan, views_per_call)
     largest = 0
     for batch in dataset:
         images, extra = _split_batch(batch)
