@@ -97,6 +97,11 @@ def _cmd_predict(args) -> int:
         tta=tuple(v for v in args.tta.split(",") if v) if args.tta else None,
         reduce=args.reduce,
         batch_size=args.batch_size,
+        format=args.format,
+        md5_dict=args.md5_dict,
+        expected=args.expected,
+        weights=args.weights,
+        device=args.device,
     )
     return 0
 
@@ -177,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce", default=None, help="mean, geometric or beta")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--out", default="submission.csv")
+    p.add_argument(
+        "--format",
+        choices=("shopee", "cdiscount"),
+        default="shopee",
+        help="shopee: filename,category; cdiscount: _id,category_id per product",
+    )
+    p.add_argument(
+        "--md5-dict", default=None, help="MD5 duplicate dictionary (.npz) to apply"
+    )
+    p.add_argument(
+        "--expected",
+        default=None,
+        help="test.csv / sample_submission.csv whose ids must each appear once",
+    )
+    p.add_argument("--weights", choices=("best", "last"), default="best")
+    p.add_argument("--device", default=None, help="auto, tpu, gpu or cpu")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="the main job end to end on bundled real data")

@@ -29,6 +29,7 @@ import numpy as np
 __all__ = [
     "Md5Dictionary",
     "build_md5_dictionary",
+    "build_from_records",
     "product_digest",
     "apply_image_overrides",
     "apply_product_overrides",
@@ -323,3 +324,21 @@ def apply_product_overrides(
         "changed": int(np.sum(changed)),
     }
     return out, stats
+
+
+def build_from_records(files, *, schema: str = "shopee_tpu") -> Md5Dictionary:
+    """The dictionary of a set of training TFRecords (one scan, no image decode),
+    with the label map of their manifest when there is one."""
+    from shopee_tpu.data import pipeline
+
+    files = pipeline.list_files(files)
+    label_map = None
+    try:
+        from shopee_tpu.data.records import read_manifest
+
+        label_map = read_manifest(os.path.dirname(files[0]) or ".").get("label_map")
+    except (FileNotFoundError, IndexError):
+        pass
+    return build_md5_dictionary(
+        pipeline.read_ids_labels(files, schema=schema), label_map=label_map
+    )
