@@ -1,0 +1,130 @@
+"""Finding, counting and holding out TFRecord shards, without reading them.
+
+Counts come from the Kaggle file-name convention (``flowers00-230.tfrec``,
+``train-03-5269.tfrec``: the number before the extension) or from the
+``manifest.json`` beside the files. A full scan of a 100k-image dataset on a TPU VM
+takes minutes, so it is never done implicitly.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from shopee_tpu.utils import is_remote
+
+__all__ = ["list_files", "count_records", "holdout_files"]
+
+_COUNT = re.compile(r"-(\d+)\.tfrec(?:ord)?$")
+_SUFFIXES = ("*.tfrec", "*.tfrecord", "*.tfrecords")
+
+
+def _glob(pattern: str) -> list[str]:
+    if is_remote(pattern):
+        from shopee_tpu.utils import require_tensorflow
+
+        return list(require_tensorflow().io.gfile.glob(pattern))
+    return glob.glob(pattern)
+
+
+def _isdir(path: str) -> bool:
+    if is_remote(path):
+        from shopee_tpu.utils import require_tensorflow
+
+        return require_tensorflow().io.gfile.isdir(path)
+    return os.path.isdir(path)
+
+
+def list_files(files_or_pattern: str | os.PathLike | Sequence) -> list[str]:
+    """Expands a folder, glob, file or list of them (local or gs://) to sorted files.
+
+    A folder means every ``*.tfrec``/``*.tfrecord`` file directly inside it.
+
+    Raises:
+        FileNotFoundError: Nothing matches (the message shows what was asked).
+    """
+    if isinstance(files_or_pattern, str | os.PathLike):
+        items = [os.fspath(files_or_pattern)]
+    else:
+        items = [os.fspath(f) for f in files_or_pattern]
+    out: list[str] = []
+    for item in items:
+        if any(c in item for c in "*?["):
+            out.extend(_glob(item))
+        elif _isdir(item):
+            for suffix in _SUFFIXES:
+                out.extend(_glob(item.rstrip("/") + "/" + suffix))
+        elif is_remote(item) or os.path.exists(item):
+            out.append(item)
+    files = sorted(set(out))
+    if not files:
+        raise FileNotFoundError(f"no TFRecord files found for {files_or_pattern!r}")
+    return files
+
+
+def _manifest_counts(folder: str, cache: dict) -> dict[str, int]:
+    if folder not in cache:
+        from shopee_tpu.data.records import read_manifest
+
+        try:
+            cache[folder] = dict(read_manifest(folder or ".").get("shards", {}))
+        except FileNotFoundError:
+            cache[folder] = {}
+    return cache[folder]
+
+
+def count_records(files: str | os.PathLike | Sequence) -> int:
+    """Total records, from the file names or the manifest (never a scan).
+
+    Raises:
+        ValueError: A file has no count in its name and no manifest lists it.
+    """
+    total = 0
+    manifests: dict[str, dict[str, int]] = {}
+    for path in list_files(files):
+        folder, name = path.rsplit("/", 1) if "/" in path else ("", path)
+        counts = _manifest_counts(folder, manifests)
+        if name in counts:
+            total += int(counts[name])
+            continue
+        match = _COUNT.search(name)
+        if not match:
+            raise ValueError(
+                f"cannot count {path} without reading it: its name has no record "
+                "count (…-<count>.tfrec) and no manifest.json beside it lists it"
+            )
+        total += int(match.group(1))
+    return total
+
+
+def holdout_files(
+    files: str | os.PathLike | Sequence, fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """A seeded choice of whole shards for validation.
+
+    With our writer each shard is a stratified fold that keeps products together, so
+    this is a stratified split by group.
+
+    Returns:
+        ``(train_files, valid_files)``, each sorted; at least one of each when
+        ``0 < fraction < 1``.
+    """
+    files = list_files(files)
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return files, []
+    if len(files) < 2:
+        raise ValueError(
+            f"holding out {fraction:.0%} of the shards needs at least 2 files, got "
+            f"{len(files)}; write more shards (--shards) or pass validation records"
+        )
+    n_valid = min(len(files) - 1, max(1, round(fraction * len(files))))
+    chosen = set(np.random.default_rng(seed).choice(len(files), n_valid, replace=False))
+    train = [f for i, f in enumerate(files) if i not in chosen]
+    valid = [f for i, f in enumerate(files) if i in chosen]
+    return train, valid

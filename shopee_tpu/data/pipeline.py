@@ -1,0 +1,296 @@
+"""``load_dataset``: TFRecords to batches for training, evaluation and prediction.
+
+Training reads shards interleaved and in parallel with ``deterministic=False``,
+shuffles and repeats, decodes (at 1/2, 1/4 or 1/8 scale straight from the JPEG
+DCT when the stored image is at least that much larger than needed), resizes only
+when the size differs, augments, and batches with ``drop_remainder=True`` so every
+shape is static for TPUs. Evaluation reads the files in order, once, keeps the last
+partial batch and keeps ids aligned with images.
+"""
+
+from __future__ import annotations
+
+import os
+
+from shopee_tpu.data.files import count_records, holdout_files, list_files
+from shopee_tpu.data.schemas import Schema, check_features, get_schema, probe_features
+from shopee_tpu.utils import require_tensorflow
+
+__all__ = [
+    "load_dataset",
+    "read_ids_labels",
+    "list_files",
+    "count_records",
+    "holdout_files",
+    "decode_image",
+]
+
+_READ_BUFFER = 8 << 20  # bytes read ahead per file (GCS likes large reads)
+
+
+def decode_image(jpeg, image_size: int):
+    """JPEG bytes -> float32 ``[image_size, image_size, 3]`` pixels 0..255.
+
+    Decodes at the coarsest DCT scale (1, 1/2, 1/4, 1/8) that keeps the short side
+    >= ``image_size``, then resizes (bilinear) unless the size already matches.
+    """
+    tf = require_tensorflow()
+    shape = tf.io.extract_jpeg_shape(jpeg)
+    short = tf.minimum(shape[0], shape[1])
+    index = tf.reduce_sum(
+        tf.cast(short >= image_size * tf.constant([2, 4, 8]), tf.int32)
+    )
+    branches = [
+        (lambda r=r: tf.io.decode_jpeg(jpeg, channels=3, ratio=r)) for r in (1, 2, 4, 8)
+    ]
+    image = tf.switch_case(index, branches)
+    same = tf.logical_and(
+        tf.shape(image)[0] == image_size, tf.shape(image)[1] == image_size
+    )
+    image = tf.cond(
+        same,
+        lambda: tf.cast(image, tf.float32),
+        lambda: tf.image.resize(image, [image_size, image_size]),
+    )
+    return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def _plain(fn):
+    """Skips autograph: these functions use tf.cond/switch_case explicitly."""
+    return require_tensorflow().autograph.experimental.do_not_convert(fn)
+
+
+def _manifest_classes(files: list[str]) -> int | None:
+    from shopee_tpu.data.records import read_manifest
+
+    folder = os.path.dirname(files[0]) or "."
+    try:
+        return int(read_manifest(folder).get("num_classes") or 0) or None
+    except FileNotFoundError:
+        return None
+
+
+def _parser(schema: Schema, found: dict[str, str], need_label: bool):
+    """A function serialized record -> dict(image, label?, id?, group?, md5?)."""
+    tf = require_tensorflow()
+    kinds = {"bytes": tf.string, "int64": tf.int64, "float": tf.float32}
+    spec = {"image": (schema.image, tf.string)}
+    if need_label or (schema.label and schema.label in found):
+        if schema.label in found:
+            spec["label"] = (schema.label, kinds[found[schema.label]])
+    for role in ("id", "group", "md5"):
+        name = getattr(schema, role)
+        if name and name in found:
+            spec[role] = (name, tf.string)
+    features = {name: tf.io.FixedLenFeature([], dtype) for name, dtype in spec.values()}
+
+    def parse(record):
+        parsed = tf.io.parse_single_example(record, features)
+        out = {role: parsed[name] for role, (name, _) in spec.items()}
+        if "label" in out:
+            out["label"] = tf.cast(out["label"], tf.int32)
+        return out
+
+    return parse
+
+
+def _scale(images, value_range):
+    lo, hi = value_range
+    if (lo, hi) == (0, 255):
+        return images
+    return images * ((hi - lo) / 255.0) + lo
+
+
+def load_dataset(
+    files_or_pattern,
+    *,
+    schema: str | Schema = "shopee_tpu",
+    image_size: int,
+    batch_size: int,
+    training: bool,
+    labels: bool | None = None,
+    num_classes: int | None = None,
+    augment=None,
+    seed: int | None = None,
+    shuffle_buffer: int = 2048,
+    cache: bool = False,
+    num_workers: int = 1,
+    worker_index: int = 0,
+    value_range: tuple[float, float] = (0, 255),
+):
+    """Builds the ``tf.data`` pipeline over TFRecord shards.
+
+    Args:
+        files_or_pattern: Folder, glob, file or list (local or gs://).
+        schema: ``shopee_tpu``, ``flowers``, ``melanoma``, ``shopee-community`` or a
+            :class:`~shopee_tpu.data.schemas.Schema` with your feature names.
+        image_size: Side of the square output images.
+        batch_size: Global batch size.
+        training: ``True``: shuffled, repeated, augmented ``(images, one-hot
+            labels)`` with ``drop_remainder=True``. ``False``: every record exactly
+            once in file order, last partial batch kept.
+        labels: Evaluation only: ``True`` yields ``(images, one-hot labels)``,
+            otherwise ``(images, ids)``. Records without an id feature get ids
+            ``"<file name>:<index>"``.
+        num_classes: One-hot width; default: the manifest's ``num_classes``.
+        augment: An ``AugmentConfig`` for training (``None``: no augmentation).
+        seed: Seed for file order, shuffling and augmentation.
+        shuffle_buffer: Records in the shuffle buffer.
+        cache: Training: keep the raw records in memory after the first pass.
+            Evaluation: keep the decoded batches.
+        num_workers: Input pipelines (hosts) sharing the data; each reads its part:
+            whole files when there are at least as many files, else every
+            ``num_workers``-th record.
+        worker_index: This pipeline's index, ``0 <= worker_index < num_workers``.
+        value_range: Output pixel range; ``(0, 255)`` is the model input contract.
+
+    Returns:
+        A ``tf.data.Dataset``.
+
+    Raises:
+        ValueError: The records lack a feature the schema needs (named in the
+            message with the schema), or ``num_classes`` is unknown.
+    """
+    tf = require_tensorflow()
+    from shopee_tpu.data.augment import augment_image, mix_batch, needs_mixing
+
+    schema = get_schema(schema)
+    files = list_files(files_or_pattern)
+    need_label = training or bool(labels)
+    found = probe_features(files[0])
+    check_features(schema, found, files[0], need_label=need_label)
+    if need_label:
+        num_classes = num_classes or _manifest_classes(files)
+        if not num_classes:
+            raise ValueError(
+                "num_classes is needed for one-hot labels and no manifest.json "
+                f"beside {files[0]} gives it; pass num_classes="
+            )
+    if not 0 <= worker_index < num_workers:
+        raise ValueError(f"worker_index {worker_index} not in [0, {num_workers})")
+    by_file = num_workers > 1 and len(files) >= num_workers
+    if by_file:
+        files = files[worker_index::num_workers]
+    parse = _parser(schema, found, need_label)
+    make_ids = not (schema.id and schema.id in found)
+
+    opts = tf.data.Options()
+    # We shard ourselves (by file or by record), so a strategy must not shard again.
+    policy = tf.data.experimental.AutoShardPolicy
+    opts.experimental_distribute.auto_shard_policy = (
+        policy.OFF if num_workers > 1 else policy.DATA
+    )
+    opts.deterministic = not training
+
+    if not training:
+        names = tf.data.Dataset.from_tensor_slices(files)
+        records = names.flat_map(
+            lambda f: (
+                tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER)
+                .enumerate()
+                .map(lambda i, r: (f, i, r))
+            )
+        )
+        if num_workers > 1 and not by_file:
+            records = records.shard(num_workers, worker_index)
+
+        def decode_eval(f, i, record):
+            ex = parse(record)
+            image = _scale(decode_image(ex["image"], image_size), value_range)
+            if labels:
+                return image, tf.one_hot(ex["label"], num_classes)
+            if make_ids:
+                base = tf.strings.split(f, "/")[-1]
+                return image, tf.strings.join([base, tf.strings.as_string(i)], ":")
+            return image, ex["id"]
+
+        ds = records.map(_plain(decode_eval), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=False)
+        if cache:
+            ds = ds.cache()
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
+
+    names = tf.data.Dataset.from_tensor_slices(files)
+    read = dict(
+        cycle_length=min(len(files), 16),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=False,
+    )
+
+    def reader(f):
+        return tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER)
+
+    if cache:
+        records = names.interleave(reader, **read)
+        if num_workers > 1 and not by_file:
+            records = records.shard(num_workers, worker_index)
+        records = records.cache().repeat()
+    else:
+        names = names.shuffle(len(files), seed=seed).repeat()
+        records = names.interleave(reader, **read)
+        if num_workers > 1 and not by_file:
+            records = records.shard(num_workers, worker_index)
+    records = records.shuffle(shuffle_buffer, seed=seed)
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+
+    def decode_train(record, element_seed):
+        ex = parse(record)
+        image = decode_image(ex["image"], image_size)
+        if augment is not None:
+            image = augment_image(image, augment, seed=element_seed)
+        return _scale(image, value_range), tf.one_hot(ex["label"], num_classes)
+
+    ds = tf.data.Dataset.zip(records, seeds)
+    ds = ds.map(
+        _plain(decode_train), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+    )
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if needs_mixing(augment):
+        batch_seeds = tf.data.Dataset.random(seed=None if seed is None else seed + 1)
+        ds = tf.data.Dataset.zip(ds, batch_seeds.batch(2)).map(
+            _plain(lambda xy, s: mix_batch(xy[0], xy[1], augment, seed=s)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
+
+
+def read_ids_labels(files_or_pattern, schema: str | Schema = "shopee_tpu"):
+    """Ids, labels, groups and MD5s of every record, without decoding images.
+
+    The order equals the evaluation order of :func:`load_dataset` on the same files.
+    Missing features give ``""`` (text) or ``-1`` (label); missing ids are made as in
+    :func:`load_dataset`.
+
+    Returns:
+        A pandas DataFrame with columns ``id, label, group, md5``.
+    """
+    import pandas as pd
+
+    tf = require_tensorflow()
+    schema = get_schema(schema)
+    files = list_files(files_or_pattern)
+    found = probe_features(files[0])
+    check_features(schema, found, files[0], need_label=False)
+    parse = _parser(schema, found, need_label=False)
+    cols: dict[str, list] = {"id": [], "label": [], "group": [], "md5": []}
+    for path in files:
+        base = path.rsplit("/", 1)[-1]
+        ds = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).map(
+            lambda r: (
+                {k: v for k, v in parse(r).items() if k != "image"}
+                | {"_n": tf.constant(0)}
+            )
+        )
+        start = 0
+        for ex in ds.batch(4096).as_numpy_iterator():
+            n = len(ex["_n"])
+            for role in ("id", "group", "md5"):
+                if role in ex:
+                    cols[role].extend(v.decode("utf-8") for v in ex[role])
+                elif role == "id":
+                    cols["id"].extend(f"{base}:{start + j}" for j in range(n))
+                else:
+                    cols[role].extend([""] * n)
+            cols["label"].extend(ex["label"].tolist() if "label" in ex else [-1] * n)
+            start += n
+    return pd.DataFrame(cols)
