@@ -166,7 +166,8 @@ def predict_run(
         verbose: Print a summary.
 
     Returns:
-        The submission as a DataFrame.
+        The submission as a DataFrame; ``df.attrs["summary"]`` counts images,
+        products and MD5 hits.
     """
     from shopee_tpu.accelerator import connect
     from shopee_tpu.data import pipeline
@@ -258,6 +259,7 @@ def predict_run(
         df = write_cdiscount_submission(
             out, keys, product_probs, label_map, expected=expected
         )
+    df.attrs["summary"] = summary
     if verbose:
         print(
             f"{out}: {len(df)} rows ({json.dumps(summary)}); probabilities in "
