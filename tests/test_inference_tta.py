@@ -111,14 +111,14 @@ def test_shift_family_is_mean_of_four_directions():
 
 
 def test_zoom_crops_the_centre():
-    from shopee_tpu.inference.tta import _view_fn
+    from shopee_tpu.inference.views import view_function
 
     x = np.zeros((1, 20, 20, 3), np.float32)
     x[:, 5:15, 5:15] = 100.0  # the central half is flat
-    out = np.asarray(_view_fn("zoom_50")(x))
+    out = np.asarray(view_function("zoom_50")(x))
     assert out.shape == x.shape
     np.testing.assert_allclose(out, 100.0, atol=1e-4)
-    assert np.asarray(_view_fn("zoom_90")(x))[0, 0, 0, 0] == 0.0
+    assert np.asarray(view_function("zoom_90")(x))[0, 0, 0, 0] == 0.0
 
 
 def test_geometric_and_beta_reducers():

@@ -19,8 +19,8 @@ import importlib
 
 _EXPORTS = {
     "predict": "tta",
-    "reduce_views": "tta",
-    "ViewPlan": "tta",
+    "reduce_views": "views",
+    "ViewPlan": "views",
     "aggregate_products": "ensemble",
     "combine_models": "ensemble",
     "save_probs": "ensemble",

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from shopee_tpu.inference.tta import REDUCERS, ViewPlan, iter_view_probs, reduce_views
+from shopee_tpu.inference.tta import iter_view_probs
+from shopee_tpu.inference.views import REDUCERS, ViewPlan, reduce_views
 
 __all__ = ["tta_report", "DEFAULT_REPORT_VIEWS"]
 
