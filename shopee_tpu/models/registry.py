@@ -99,8 +99,12 @@ def available_models() -> list[str]:
     return names + [f.name for f in FAMILIES.values()]
 
 
-def _resolve(name: str):
-    """-> ("efficientnet", variant) or ("family", Family); ValueError if unknown."""
+def resolve(name: str):
+    """Parses a registry name: ``("efficientnet", variant)`` or ``("family", Family)``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
     text = str(name).strip().lower()
     if m := _EFFNET_B.fullmatch(text):
         return "efficientnet", int(m["n"])
@@ -121,7 +125,7 @@ def input_spec(name_or_model) -> InputSpec:
     name and the built input side for a model.
     """
     if isinstance(name_or_model, str):
-        kind, what = _resolve(name_or_model)
+        kind, what = resolve(name_or_model)
         size = scaling(what).resolution if kind == "efficientnet" else what.size
         return InputSpec(int(size), common.VALUE_RANGE)
     shape = name_or_model.input_shape
@@ -163,7 +167,7 @@ def build_model(
     Raises:
         ValueError: unknown name, or an option the family cannot honour.
     """
-    kind, what = _resolve(name)
+    kind, what = resolve(name)
     if kind == "efficientnet":
         return efficientnet(
             what,
@@ -208,7 +212,7 @@ def _build_family(fam, num_classes, size, weights, dropout, include_top):
     if fam.builtin_preprocessing:
         kw["include_preprocessing"] = True
     convnext = fam.name.startswith("convnext")
-    kw["pooling"] = None if convnext else "avg"
+    kw["pooling"] = None  # our head pools, under one name ("avg_pool")
     if weights == "imagenet":
         kw["weights"] = "imagenet"
         try:
@@ -239,6 +243,8 @@ def _build_family(fam, num_classes, size, weights, dropout, include_top):
         x = keras.layers.LayerNormalization(
             epsilon=1e-6, name=f"{fam.keras_name}_head_layernorm"
         )(x)
+    else:
+        x = keras.layers.GlobalAveragePooling2D(name=common.POOL_NAME)(x)
     if include_top:
         outputs = common.classifier_head(x, num_classes, dropout=dropout, pool=False)
     else:

@@ -1,0 +1,163 @@
+"""The backbone registry: every name builds with the same head and input contract."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from shopee_tpu.config import ModelConfig, RunConfig
+from shopee_tpu.models import (
+    available_models,
+    build_from_config,
+    build_model,
+    describe,
+    input_spec,
+)
+from shopee_tpu.models.layers import ImageNetPreprocess
+from shopee_tpu.models.registry import resolve
+
+FAMILY_NAMES = [n for n in available_models() if not n.startswith("efficientnet-")]
+
+
+def _run(model, x):
+    return np.asarray(model(x, training=False))
+
+
+# One of each family is built (all 20 take ~25 s alone, minutes on a shared CPU);
+# the others differ only in the keras.applications constructor, checked by name.
+BUILT = [
+    "resnet50",
+    "resnet50v2",
+    "densenet121",
+    "xception",
+    "efficientnetv2-b0",
+    "convnext-tiny",
+]
+
+
+def test_every_name_resolves_to_a_keras_constructor():
+    assert len(FAMILY_NAMES) == 20
+    for name in FAMILY_NAMES:
+        kind, family = resolve(name)
+        assert kind == "family" and family.name == name
+        assert callable(getattr(keras.applications, family.constructor)), name
+        assert input_spec(name).size == family.size
+
+
+def test_one_of_each_family_builds_with_our_head():
+    for name in BUILT:
+        size = 72 if name == "xception" else 32
+        model = build_model(name, 5, input_size=size)
+        assert model.name == name
+        assert model.input_shape == (None, size, size, 3), name
+        assert model.output.shape == (None, 5), name
+        head = model.layers[-1]
+        assert head.name == "predictions", name
+        assert head.dtype_policy.compute_dtype == "float32", name
+        assert head.activation is keras.activations.softmax, name
+        assert isinstance(
+            model.get_layer("avg_pool"), keras.layers.GlobalAveragePooling2D
+        )
+        assert input_spec(model) == (size, (0.0, 255.0))
+        keras.backend.clear_session()
+
+
+@pytest.mark.parametrize(
+    "mode, module",
+    [
+        ("caffe", keras.applications.resnet),
+        ("tf", keras.applications.resnet_v2),
+        ("tf", keras.applications.xception),
+        ("torch", keras.applications.densenet),
+    ],
+)
+def test_preprocess_layer_equals_keras_preprocess_input(mode, module):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    expected = module.preprocess_input(x.copy())
+    np.testing.assert_allclose(
+        _run(ImageNetPreprocess(mode), x), expected, rtol=1e-5, atol=1e-4
+    )
+    # Inside tf.data too (the data pipeline may run it there).
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensors(x).map(ImageNetPreprocess(mode))
+    np.testing.assert_allclose(next(iter(ds)).numpy(), expected, rtol=1e-5, atol=1e-4)
+
+
+def _legacy_h5(model, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(path)
+    return path
+
+
+def test_resnet_takes_0_255_and_loads_keras_weights(tmp_path):
+    # keras' ResNet50 wants caffe-preprocessed input; ours takes raw pixels.
+    ref = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3))
+    path = _legacy_h5(ref, str(tmp_path / "resnet50.h5"))
+    x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    expected = _run(ref, keras.applications.resnet.preprocess_input(x.copy()))
+    ours = build_model("resnet50", 1000, input_size=32, weights=path)
+    np.testing.assert_allclose(_run(ours, x), expected, atol=1e-5)
+    with pytest.warns(UserWarning, match="predictions"):  # classifier skipped
+        ten = build_model("ResNet-50", 10, input_size=32, weights=path)
+    assert ten.output.shape == (None, 10)
+
+
+def test_convnext_head_matches_keras_top_model(tmp_path):
+    ref = keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3))
+    path = str(tmp_path / "convnext.weights.h5")
+    ref.save_weights(path)
+    ours = build_model("convnext-tiny", 1000, input_size=32, weights=path)
+    assert ours.count_params() == ref.count_params()
+    x = np.random.default_rng(2).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(_run(ours, x), _run(ref, x), atol=1e-5)
+    notop = keras.applications.ConvNeXtTiny(
+        weights=None, include_top=False, input_shape=(32, 32, 3)
+    )
+    path = _legacy_h5(notop, str(tmp_path / "notop.h5"))
+    with pytest.warns(UserWarning, match="predictions"):
+        model = build_model("convnext-tiny", 4, input_size=32, weights=path)
+    gamma = model.get_layer("convnext_tiny_head_layernorm").get_weights()[0]
+    np.testing.assert_array_equal(gamma, notop.layers[-1].get_weights()[0])
+
+
+def test_names_specs_and_errors():
+    assert input_spec("efficientnet-b3") == (300, (0.0, 255.0))
+    assert input_spec("efficientnet-phi-3").size == 144
+    assert input_spec("efficientnet-phi0.5").size == 240
+    assert input_spec("xception").size == 299
+    assert input_spec("EfficientNetV2-S").size == 384
+    assert input_spec("convnext_tiny").size == 224
+    with pytest.raises(ValueError, match="unknown backbone 'resnet18'"):
+        input_spec("resnet18")
+    with pytest.raises(ValueError, match="activation"):
+        build_model("resnet50", 3, input_size=32, activation="relu")
+    with pytest.raises(ValueError, match="drop_connect_rate"):
+        build_model("densenet121", 3, input_size=32, drop_connect_rate=0.3)
+    with pytest.raises(ValueError, match="minimum 71"):
+        build_model("xception", 3, input_size=64)
+
+
+def test_batchnorm_momentum_reaches_keras_families():
+    model = build_model("efficientnetv2-b0", 3, input_size=32, batchnorm_momentum=0.9)
+    bns = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
+    assert bns and all(la.momentum == 0.9 for la in bns)
+
+
+def test_build_from_config_uses_the_model_section():
+    cfg = RunConfig.preset("demo")
+    model = build_from_config(cfg.model, 10, image_size=64)
+    assert model.name == "efficientnet-phi-3"
+    assert model.input_shape == (None, 64, 64, 3)
+    assert model.get_layer("top_bn").momentum == cfg.model.batchnorm_momentum
+    # The last drop-connect layer carries the config's rate scaled by its block.
+    drops = [la.rate for la in model.layers if la.name.endswith("_drop")]
+    assert 0 < max(drops) < cfg.model.drop_connect_rate
+    other = build_from_config(ModelConfig(backbone="densenet121", dropout=0.2), 4, 32)
+    assert other.get_layer("top_dropout").rate == 0.2
+    assert describe(other).attrs["input_size"] == 32
