@@ -231,7 +231,7 @@ def predict(
         model: A Keras model mapping images to class probabilities.
         dataset: ``load_dataset(..., training=False)`` (``(images, ids)`` batches)
             or any iterable of image batches or ``(images, ids)`` pairs.
-        tta: View names (see the module docstring), a list or "a,b,c".
+        tta: View names (see ``shopee_tpu.inference.views``), a list or "a,b,c".
         reduce: ``mean``, ``geometric`` or ``beta``.
         beta: Weight of ``identity`` when ``reduce="beta"``.
         views_per_call: At most this many single views per model call, to bound
