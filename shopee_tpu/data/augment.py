@@ -20,20 +20,9 @@ from __future__ import annotations
 import math
 
 from shopee_tpu.config import AugmentConfig
+from shopee_tpu.data._tf import tf as require_tensorflow
 
 __all__ = ["augment_image", "mix_batch", "needs_mixing", "affine_ops"]
-
-
-def require_tensorflow():
-    """TensorFlow, imported by a plain statement: autograph, converting the functions
-    that call this inside ``tf.data``, cannot convert ``importlib`` and warns."""
-    try:
-        import tensorflow as tf
-    except ImportError:
-        from shopee_tpu.utils import require_tensorflow as require
-
-        return require()
-    return tf
 
 
 def affine_ops():

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 
+from shopee_tpu.data._tf import tf as _tf
 from shopee_tpu.data.files import count_records, holdout_files, list_files
 from shopee_tpu.data.schemas import Schema, check_features, get_schema, probe_features
-from shopee_tpu.utils import require_tensorflow
 
 __all__ = [
     "load_dataset",
@@ -28,13 +28,24 @@ __all__ = [
 _READ_BUFFER = 8 << 20  # bytes read ahead per file (GCS likes large reads)
 
 
-def decode_image(jpeg, image_size: int):
-    """JPEG bytes -> float32 ``[image_size, image_size, 3]`` pixels 0..255.
+def decode_image(jpeg, image_size: int, *, exact: bool = False):
+    """JPEG bytes -> uint8 ``[image_size, image_size, 3]``.
 
     Decodes at the coarsest DCT scale (1, 1/2, 1/4, 1/8) that keeps the short side
     >= ``image_size``, then resizes (bilinear) unless the size already matches.
+    Pixels stay uint8 per image (a quarter of the memory traffic of float32); the
+    pipeline converts whole batches.
+
+    Args:
+        jpeg: Scalar string tensor.
+        image_size: Output side.
+        exact: The images are known to be ``image_size`` squares (our manifest
+            says so): decode only.
     """
-    tf = require_tensorflow()
+    tf = _tf()
+    if exact:
+        image = tf.io.decode_jpeg(jpeg, channels=3)
+        return tf.ensure_shape(image, [image_size, image_size, 3])
     shape = tf.io.extract_jpeg_shape(jpeg)
     short = tf.minimum(shape[0], shape[1])
     index = tf.reduce_sum(
@@ -49,15 +60,32 @@ def decode_image(jpeg, image_size: int):
     )
     image = tf.cond(
         same,
-        lambda: tf.cast(image, tf.float32),
-        lambda: tf.image.resize(image, [image_size, image_size]),
+        lambda: image,
+        lambda: tf.saturate_cast(
+            tf.round(tf.image.resize(image, [image_size, image_size])), tf.uint8
+        ),
     )
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
+def _stored_exactly(files: list[str], image_size: int) -> bool:
+    """True when our manifest says every image is an ``image_size`` square."""
+    from shopee_tpu.data.records import read_manifest
+
+    folders = {os.path.dirname(f) or "." for f in files}
+    try:
+        manifests = [read_manifest(d) for d in folders]
+    except FileNotFoundError:
+        return False
+    return all(
+        m.get("image_size") == image_size and m.get("resize") == "square"
+        for m in manifests
+    )
+
+
 def _plain(fn):
     """Skips autograph: these functions use tf.cond/switch_case explicitly."""
-    return require_tensorflow().autograph.experimental.do_not_convert(fn)
+    return _tf().autograph.experimental.do_not_convert(fn)
 
 
 def _manifest_classes(files: list[str]) -> int | None:
@@ -72,7 +100,7 @@ def _manifest_classes(files: list[str]) -> int | None:
 
 def _parser(schema: Schema, found: dict[str, str], need_label: bool):
     """A function serialized record -> dict(image, label?, id?, group?, md5?)."""
-    tf = require_tensorflow()
+    tf = _tf()
     kinds = {"bytes": tf.string, "int64": tf.int64, "float": tf.float32}
     spec = {"image": (schema.image, tf.string)}
     if need_label or (schema.label and schema.label in found):
@@ -94,7 +122,9 @@ def _parser(schema: Schema, found: dict[str, str], need_label: bool):
     return parse
 
 
-def _scale(images, value_range):
+def _to_float(images, value_range):
+    """uint8 batch -> float32 in ``value_range``."""
+    images = _tf().cast(images, "float32")
     lo, hi = value_range
     if (lo, hi) == (0, 255):
         return images
@@ -151,7 +181,7 @@ def load_dataset(
         ValueError: The records lack a feature the schema needs (named in the
             message with the schema), or ``num_classes`` is unknown.
     """
-    tf = require_tensorflow()
+    tf = _tf()
     from shopee_tpu.data.augment import augment_image, mix_batch, needs_mixing
 
     schema = get_schema(schema)
@@ -173,6 +203,7 @@ def load_dataset(
         files = files[worker_index::num_workers]
     parse = _parser(schema, found, need_label)
     make_ids = not (schema.id and schema.id in found)
+    exact = _stored_exactly(files, image_size)
 
     opts = tf.data.Options()
     # We shard ourselves (by file or by record), so a strategy must not shard again.
@@ -196,7 +227,7 @@ def load_dataset(
 
         def decode_eval(f, i, record):
             ex = parse(record)
-            image = _scale(decode_image(ex["image"], image_size), value_range)
+            image = decode_image(ex["image"], image_size, exact=exact)
             if labels:
                 return image, tf.one_hot(ex["label"], num_classes)
             if make_ids:
@@ -206,6 +237,7 @@ def load_dataset(
 
         ds = records.map(_plain(decode_eval), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=False)
+        ds = ds.map(_plain(lambda x, y: (_to_float(x, value_range), y)))
         if cache:
             ds = ds.cache()
         return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
@@ -235,10 +267,10 @@ def load_dataset(
 
     def decode_train(record, element_seed):
         ex = parse(record)
-        image = decode_image(ex["image"], image_size)
+        image = decode_image(ex["image"], image_size, exact=exact)
         if augment is not None:
             image = augment_image(image, augment, seed=element_seed)
-        return _scale(image, value_range), tf.one_hot(ex["label"], num_classes)
+        return image, tf.one_hot(ex["label"], num_classes)
 
     ds = tf.data.Dataset.zip(records, seeds)
     ds = ds.map(
@@ -247,8 +279,18 @@ def load_dataset(
     ds = ds.batch(batch_size, drop_remainder=True)
     if needs_mixing(augment):
         batch_seeds = tf.data.Dataset.random(seed=None if seed is None else seed + 1)
+
+        def mix(xy, s):
+            # Mixing is done on 0..255 pixels, then the range is applied.
+            x, y = mix_batch(_to_float(xy[0], (0, 255)), xy[1], augment, seed=s)
+            return _to_float(x, value_range), y
+
         ds = tf.data.Dataset.zip(ds, batch_seeds.batch(2)).map(
-            _plain(lambda xy, s: mix_batch(xy[0], xy[1], augment, seed=s)),
+            _plain(mix), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    else:
+        ds = ds.map(
+            _plain(lambda x, y: (_to_float(x, value_range), y)),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
@@ -266,7 +308,7 @@ def read_ids_labels(files_or_pattern, schema: str | Schema = "shopee_tpu"):
     """
     import pandas as pd
 
-    tf = require_tensorflow()
+    tf = _tf()
     schema = get_schema(schema)
     files = list_files(files_or_pattern)
     found = probe_features(files[0])
