@@ -157,6 +157,50 @@ def plot_predictions(images, y_true, probs, class_names, path=None, *, n: int = 
     return _finish(fig, path)
 
 
+def show_batch(dataset, label_map=None, n: int = 16, path=None):
+    """A grid of the first ``n`` images of one batch, titled with their labels.
+
+    Args:
+        dataset: A batched dataset of ``(images, labels)`` from
+            ``shopee_tpu.data.load_dataset`` (or any iterable of such pairs). Labels
+            may be one-hot/soft (titled with the top class, and its weight when
+            mixed), integer classes, or id strings (prediction mode).
+        label_map: ``{category: class_id}`` (e.g. ``manifest["label_map"]``) to show
+            category names instead of class ids.
+        n: How many images.
+        path: Optional PNG path.
+    """
+    plt = _plt()
+    images, labels = next(iter(dataset))
+    images = np.asarray(images)[:n].astype(np.float32)
+    labels = np.asarray(labels)[:n]
+    names = {int(v): str(k) for k, v in (label_map or {}).items()}
+    # Any value range (0..255, 0..1, -1..1) is shown as 0..1.
+    lo, hi = float(images.min()), float(images.max())
+    if lo >= 0 and hi > 1:
+        lo, hi = 0.0, 255.0
+    shown = np.clip((images - lo) / max(hi - lo, 1e-6), 0, 1)
+    cols = int(np.ceil(np.sqrt(len(shown))))
+    rows = int(np.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, img, lab in zip(axes.ravel(), shown, labels, strict=False):
+        ax.imshow(img)
+        if labels.dtype.kind in "SUO":  # ids
+            text = lab.decode() if isinstance(lab, bytes) else str(lab)
+            text = text if len(text) <= 14 else text[:11] + "..."
+        elif labels.ndim == 2:
+            top = int(np.argmax(lab))
+            text = names.get(top, str(top))
+            if lab[top] < 0.999:
+                text += f" ({lab[top]:.2f})"
+        else:
+            text = names.get(int(lab), str(int(lab)))
+        ax.set_title(text, fontsize=8)
+    return _finish(fig, path)
+
+
 def plot_tta_report(report, path=None):
     """Bars of validation accuracy per TTA view, reducer and growing view set.
 

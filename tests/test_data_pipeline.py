@@ -261,3 +261,19 @@ def test_wrong_schema_and_custom_names(records, tmp_path):
             batch_size=1,
             training=True,
         )
+
+
+def test_show_batch_titles_with_category_names_and_ids(records, tmp_path):
+    from shopee_tpu.plots import show_batch
+
+    out, manifest = records
+    ds = load_dataset(out, image_size=32, batch_size=12, training=False, labels=True)
+    fig = show_batch(ds, manifest["label_map"], n=9, path=tmp_path / "batch.png")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    first = next(iter(ds))[1].numpy().argmax(1)[:9]
+    names = {v: k for k, v in manifest["label_map"].items()}
+    assert titles == [names[int(c)] for c in first]
+    assert (tmp_path / "batch.png").stat().st_size > 1000
+    ds = load_dataset(out, image_size=32, batch_size=4, training=False)
+    titles = [ax.get_title() for ax in show_batch(ds).axes if ax.get_title()]
+    assert len(titles) == 4 and all(t.endswith("...") for t in titles)
