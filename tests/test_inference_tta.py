@@ -232,3 +232,24 @@ def test_repeated_calls_reuse_one_compiled_step_outside_the_model():
     assert model._shopee_tta_runners[(("identity", "flip_lr"), None)] is runner
     assert len(model._shopee_tta_runners) == 2
     assert (len(model.layers), len(model.weights)) == (layers, weights)
+
+
+def test_tta_step_returns_every_member_view():
+    from shopee_tpu.inference.tta import tta_step
+    from shopee_tpu.inference.views import ViewPlan
+
+    model, x = _model(), _images(3)
+    plan = ViewPlan.parse(("identity", "shift_1"))
+    assert plan.members == (
+        "identity",
+        "shift_right_1",
+        "shift_left_1",
+        "shift_down_1",
+        "shift_up_1",
+    )
+    out = tta_step(model, ("identity", "shift_1"))(x)
+    assert out.shape == (3, 5, CLASSES)
+    np.testing.assert_allclose(out[:, 0], _direct(model, x), atol=1e-6)
+    np.testing.assert_allclose(
+        out[:, 4], _direct(model, _shift_np(x, "up", 1)), atol=1e-6
+    )

@@ -26,7 +26,14 @@ from shopee_tpu.inference.views import (
     view_function,
 )
 
-__all__ = ["predict", "iter_view_probs", "reduce_views", "ViewPlan", "REDUCERS"]
+__all__ = [
+    "predict",
+    "tta_step",
+    "iter_view_probs",
+    "reduce_views",
+    "ViewPlan",
+    "REDUCERS",
+]
 
 # ---------------------------------------------------------------------------
 # The batched, compiled model call.
@@ -151,6 +158,25 @@ def _cached_runner(model, plan: ViewPlan, views_per_call: int | None) -> _Runner
     if key not in cache:
         cache[key] = _Runner(model, plan, views_per_call)
     return cache[key]
+
+
+def tta_step(model, tta: str | Sequence[str], *, views_per_call: int | None = None):
+    """The compiled call behind ``predict``, for custom loops and benchmarks.
+
+    Returns:
+        A function mapping one numpy image batch ``[b, h, w, c]`` to the member
+        views' probabilities ``[b, members, classes]`` (``ViewPlan.parse(tta)``
+        gives the member order), padding for replicas internally.
+    """
+    plan = ViewPlan.parse(tta)
+    runner = _cached_runner(model, plan, views_per_call)
+
+    def step(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, np.float32)
+        r = runner.replicas
+        return runner(images, -(-len(images) // r) * r)
+
+    return step
 
 
 def _to_numpy(t) -> np.ndarray:
