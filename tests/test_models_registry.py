@@ -161,3 +161,15 @@ def test_build_from_config_uses_the_model_section():
     other = build_from_config(ModelConfig(backbone="densenet121", dropout=0.2), 4, 32)
     assert other.get_layer("top_dropout").rate == 0.2
     assert describe(other).attrs["input_size"] == 32
+
+
+def test_describe_counts_macs_of_other_families():
+    # Published multiply-accumulates at 224 px: ConvNeXt-T 4.5 G (paper), Keras'
+    # ResNet50 (stride in the first 1x1 conv) 3.86 G.
+    convnext = describe(build_model("convnext-tiny", 1000))
+    assert 4.4 < convnext.attrs["gmacs"] < 4.6
+    assert convnext.attrs["params"] == 28_589_128  # keras.applications' top model
+    assert "stage3" in convnext.index and "stem" in convnext.index
+    resnet = describe(build_model("resnet50", 1000))
+    assert 3.8 < resnet.attrs["gmacs"] < 4.2
+    assert resnet.attrs["params"] == 25_636_712
