@@ -19,7 +19,7 @@ from shopee_tpu.models import (
     scaling,
     unfreeze_backbone,
 )
-from shopee_tpu.models.efficientnet_builder import block_count, round_filters
+from shopee_tpu.models.efficientnet_scaling import block_count, round_filters
 from shopee_tpu.models.weights import fetch_efficientnet_imagenet
 
 # keras.applications.EfficientNetB{n}(weights=None) with 1000 classes (measured in

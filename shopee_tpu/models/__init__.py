@@ -18,8 +18,8 @@ import importlib
 
 _EXPORTS = {
     "efficientnet": "shopee_tpu.models.efficientnet_builder",
-    "scaling": "shopee_tpu.models.efficientnet_builder",
-    "drop_connect_rates": "shopee_tpu.models.efficientnet_builder",
+    "scaling": "shopee_tpu.models.efficientnet_scaling",
+    "drop_connect_rates": "shopee_tpu.models.efficientnet_scaling",
     "build_model": "shopee_tpu.models.registry",
     "build_from_config": "shopee_tpu.models.registry",
     "input_spec": "shopee_tpu.models.registry",

@@ -28,7 +28,8 @@ import keras
 
 from shopee_tpu.config import ModelConfig
 from shopee_tpu.models import layers as common
-from shopee_tpu.models.efficientnet_builder import efficientnet, scaling
+from shopee_tpu.models.efficientnet_builder import efficientnet
+from shopee_tpu.models.efficientnet_scaling import scaling
 
 
 @dataclass(frozen=True)
