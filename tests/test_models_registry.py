@@ -173,3 +173,15 @@ def test_describe_counts_macs_of_other_families():
     resnet = describe(build_model("resnet50", 1000))
     assert 3.8 < resnet.attrs["gmacs"] < 4.2
     assert resnet.attrs["params"] == 25_636_712
+
+
+def test_models_round_trip_through_keras_files(tmp_path):
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    tiny = build_model("efficientnet-phi-8", 3, input_size=32)
+    inputs = keras.Input((32, 32, 3))
+    pre = keras.Model(inputs, ImageNetPreprocess("caffe")(inputs))
+    for model in (tiny, pre):
+        path = str(tmp_path / f"{model.name}.keras")
+        model.save(path)
+        again = keras.models.load_model(path)
+        np.testing.assert_allclose(_run(again, x), _run(model, x), atol=1e-6)
