@@ -43,3 +43,35 @@ def run_python(code: str, *, env: dict | None = None, timeout: float = 600) -> s
             f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
     return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def digits_records(digits_dir, tmp_path_factory):
+    """The digits fixture written as train (4 shards) and test (1 shard) records."""
+    from shopee_tpu.data.records import write_records_from_csv
+
+    out = tmp_path_factory.mktemp("digits_records")
+    common = dict(
+        image_size=None, resize="square", quality=95, workers=1, overwrite=False
+    )
+    write_records_from_csv(
+        digits_dir["train_csv"],
+        digits_dir["train_images"],
+        out / "train",
+        test=False,
+        shards=4,
+        label_map=None,
+        seed=0,
+        **common,
+    )
+    write_records_from_csv(
+        digits_dir["test_csv"],
+        digits_dir["test_images"],
+        out / "test",
+        test=True,
+        shards=1,
+        label_map=str(out / "train" / "manifest.json"),
+        seed=0,
+        **common,
+    )
+    return {**digits_dir, "train": str(out / "train"), "test": str(out / "test")}

@@ -10,7 +10,7 @@ def test_digits_layout(digits_dir):
     test = pd.read_csv(digits_dir["test_csv"], dtype=str)
     truth = pd.read_csv(digits_dir["test_labels_csv"], dtype=str)
     assert list(train.columns) == ["filename", "category", "group"]
-    assert list(test.columns) == ["filename", "category"]
+    assert list(test.columns) == ["filename", "category", "group"]
     assert (test.category == TEST_PLACEHOLDER).all()
     assert train.category.str.fullmatch(r"\d\d").all()
     assert len(train) + len(truth) >= 300

@@ -6,7 +6,7 @@ pipeline (CSV, nested image folders, TFRecords, training, TTA, products, MD5
 duplicates, submission) runs end to end with no download:
 
     out/train.csv                     filename,category,group
-    out/test.csv                      filename,category   (category holds a placeholder)
+    out/test.csv                      filename,category,group   (category: a placeholder)
     out/test_labels.csv               filename,category,group   (the held-out truth)
     out/train/train/train/NN/<md5>.jpg
     out/test/test/test/<md5>.jpg
@@ -134,7 +134,9 @@ def make_digits_dataset(
     cols = ["filename", "category", "group"]
     train = pd.DataFrame(train_rows, columns=cols)
     truth = pd.DataFrame(test_rows, columns=cols)
-    test = truth[["filename"]].assign(category=TEST_PLACEHOLDER)
+    # The real Shopee test.csv has no product column; ours keeps it so product-level
+    # averaging can be shown. Readers ignore the placeholder category.
+    test = truth[["filename", "group"]].assign(category=TEST_PLACEHOLDER)[cols]
     train.to_csv(os.path.join(out_dir, "train.csv"), index=False)
     test.to_csv(os.path.join(out_dir, "test.csv"), index=False)
     truth.to_csv(os.path.join(out_dir, "test_labels.csv"), index=False)

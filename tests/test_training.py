@@ -1,0 +1,123 @@
+"""Training that survives interruption: resume after SIGKILL, time budget, refusal of a
+changed config, and the run folder's outputs. Small real data (digits), tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shopee_tpu.checkpoints import ConfigMismatch
+from shopee_tpu.config import RunConfig
+
+from conftest import REPO
+
+# A tiny EfficientNet at the records' 32 px: a few seconds per epoch on 2 cores.
+SETS = (
+    "model.backbone=efficientnet-phi-6",
+    "data.image_size=32",
+    "batch_size=16",
+    "optim.warmup_epochs=0.5",
+)
+
+
+def _config(records, out, *extra):
+    return RunConfig.preset("demo").override(
+        f"data.train={records['train']}", f"out_dir={out}", *SETS, *extra
+    )
+
+
+def test_killed_run_resumes_with_exact_history_and_optimizer_count(
+    digits_records, tmp_path
+):
+    out = tmp_path / "run"
+    steps = 12
+    cfg = _config(digits_records, out, "epochs=3", f"steps_per_epoch={steps}")
+    cfg_path = tmp_path / "cfg.json"
+    cfg.save(cfg_path)
+    cmd = [sys.executable, "-m", "shopee_tpu.cli", "train", "--config", str(cfg_path)]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        state_path = out / "state.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state_path.exists() and json.loads(state_path.read_text())["epoch"] == 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.3)  # into epoch 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Killed during epoch 2: exactly one epoch is committed.
+    state = json.loads((out / "state.json").read_text())
+    assert state["epoch"] == 1 and not state["finished"]
+
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming after epoch 1 of 3" in result.stdout
+    history = pd.read_csv(out / "history.csv")
+    assert history.epoch.tolist() == [1, 2, 3]
+    # The optimizer's step count continued (12, 24, 36) instead of restarting.
+    assert history.iterations.tolist() == [steps, 2 * steps, 3 * steps]
+    assert json.loads((out / "state.json").read_text())["finished"]
+
+
+def test_time_budget_stops_with_a_loadable_checkpoint_and_config_is_locked(
+    digits_records, tmp_path
+):
+    from shopee_tpu.models import build_from_config
+    from shopee_tpu.training import train
+
+    out = tmp_path / "run"
+    cfg = _config(digits_records, out, "epochs=2", "steps_per_epoch=4")
+    result = train(cfg, time_limit=0.001, verbose=0)
+    assert result.metrics["epochs_completed"] == 1
+    assert result.metrics["finished"] is False
+    assert "time limit" in result.metrics["stop_reason"]
+    # The checkpoint loads into a fresh model and predicts like the returned model.
+    fresh = build_from_config(cfg.model, 10, image_size=32)
+    fresh.load_weights(out / "best.weights.h5")
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        fresh.predict_on_batch(x), result.model.predict_on_batch(x), atol=1e-5
+    )
+    with pytest.raises(ConfigMismatch, match="optim.learning_rate"):
+        train(cfg.override("optim.learning_rate=0.5"), verbose=0)
+    # The same config resumes and finishes; a finished run is then not retrained.
+    done = train(cfg, verbose=0)
+    assert done.metrics["epochs_completed"] == 2 and done.metrics["finished"]
+    mtime = os.path.getmtime(out / "last.weights.h5")
+    again = train(cfg, verbose=0)
+    assert again.metrics["epochs_completed"] == 2
+    assert os.path.getmtime(out / "last.weights.h5") == mtime
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("best_val_accuracy", "final_val_accuracy", "val_accuracy_best_weights"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["images_per_sec"] > 0 and metrics["wall_time_sec"] > 0
+    assert (
+        metrics["valid_images"] > 0
+        and metrics["train_images"] > metrics["valid_images"]
+    )
+    for png in (
+        "history.png",
+        "lr_schedule.png",
+        "confusion_matrix.png",
+        "sample_predictions.png",
+    ):
+        data = (out / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, png
+    assert json.loads((out / "label_map.json").read_text()) == {
+        f"{d:02d}": d for d in range(10)
+    }
