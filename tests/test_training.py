@@ -11,11 +11,10 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 
 from shopee_tpu.checkpoints import ConfigMismatch
 from shopee_tpu.config import RunConfig
-
-from conftest import REPO
 
 # A tiny EfficientNet at the records' 32 px: a few seconds per epoch on 2 cores.
 SETS = (
