@@ -129,6 +129,32 @@ ds = ds.map(lambda im, s: augment_image(im, cfg, seed=s)).batch(4)
 ds = ds.map(lambda im: mix_batch(im, tf.one_hot([0, 1, 2, 3], 4), cfg))
 for im, y in ds:
     print(im.shape, y.shape, bool(np.abs(im.numpy() - x).max() > 1))
+# Keras's own preprocessing layers also switch to TF ops inside tf.data on JAX.
+layer = keras.layers.RandomRotation(0.2, seed=1)
+rot = tf.data.Dataset.from_tensors(x).repeat(2).batch(2).map(lambda im: layer(im))
+for im in rot:
+    print(type(im).__module__.split(".")[0], im.shape)
 """
     out = run_python(code, env={"KERAS_BACKEND": "jax"}, timeout=300)
-    assert out.strip().splitlines()[-1] == "(4, 16, 16, 3) (4, 4) True"
+    lines = out.strip().splitlines()
+    assert lines[-2] == "(4, 16, 16, 3) (4, 4) True"
+    assert lines[-1] == "tensorflow (2, 16, 16, 3)"
+
+
+def test_augment_batch_draws_per_image(photo):
+    import tensorflow as tf
+
+    from shopee_tpu.data.augment import augment_batch
+
+    batch = np.stack([photo] * 16).astype(np.uint8)
+    out = augment_batch(batch, SINGLE["flip_lr"], seed=[0, 1]).numpy()
+    assert out.dtype == np.uint8 and out.shape == batch.shape
+    flipped = [np.array_equal(o, batch[0][:, ::-1]) for o in out]
+    same = [np.array_equal(o, batch[0]) for o in out]
+    assert all(f or s for f, s in zip(flipped, same)) and 0 < sum(flipped) < 16
+    ds = tf.data.Dataset.from_tensors(batch).repeat(2)
+    ds = ds.map(lambda x: augment_batch(x, ALL, dtype=tf.float32))
+    assert ds.element_spec.shape.as_list() == [16, 48, 48, 3]
+    for x in ds:
+        assert x.dtype == tf.float32
+        assert len({img.tobytes() for img in x.numpy()}) == 16

@@ -114,13 +114,16 @@ def _single_thread(tf, files_ds, fn) -> float:
     opts.threading.private_threadpool_size = 1
     opts.threading.max_intra_op_parallelism = 1
     opts.autotune.enabled = False
-    ds = files_ds.map(fn).batch(BATCH).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    plain = tf.autograph.experimental.do_not_convert
+    ds = files_ds.map(plain(fn)).batch(BATCH)
+    ds = ds.map(plain(lambda x, y: (tf.cast(x, tf.float32), y)))
     ds = ds.with_options(opts)
     return _rate(ds, warmup=1)
 
 
 def run(args) -> dict:
     """Runs the input benchmark; returns the figures as a dict."""
+    import keras
     import tensorflow as tf
 
     from shopee_tpu.config import AugmentConfig
@@ -179,7 +182,7 @@ def run(args) -> dict:
             return _rate(ds, limit=2 * n_images)
 
         def directory() -> float:
-            ds = tf.keras.utils.image_dataset_from_directory(
+            ds = keras.utils.image_dataset_from_directory(
                 os.path.join(tmp, "by_class"),
                 image_size=(IMAGE_SIZE, IMAGE_SIZE),
                 batch_size=BATCH,

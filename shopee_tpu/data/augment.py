@@ -1,18 +1,21 @@
 """Training augmentations that run in graph mode inside ``tf.data`` on any backend.
 
-Per image (:func:`augment_image`): flips, one affine warp combining rotation,
+Per image, applied to whole batches at once (:func:`augment_batch`, or
+:func:`augment_image` for one image): flips, one affine warp combining rotation,
 shear, zoom and shift (``keras.ops.image.affine_transform``, a single resampling),
-random crop, colour jitter and cutout. Per batch (:func:`mix_batch`): MixUp and
-CutMix with soft labels. Each is switched on and tuned by
-``shopee_tpu.config.AugmentConfig``; the default is a horizontal flip only.
+random crop, colour jitter and cutout, each drawn independently for every image.
+Per batch (:func:`mix_batch`): MixUp and CutMix with soft labels. Each is switched
+on and tuned by ``shopee_tpu.config.AugmentConfig``; the default is a horizontal
+flip only.
 
-``tf.data`` runs TensorFlow graphs whatever the Keras backend is, so with the JAX
-backend the affine warp uses Keras's TensorFlow implementation of the same op (what
-Keras's own preprocessing layers switch to inside ``tf.data``). Randomness is
-stateless and seeded per image, so a given seed gives the same augmentation however
-many threads run the map.
+Working on batches matters for speed: ``tf.data`` pays a fixed cost per op and per
+element, so one vectorised op over 64 images beats 64 small ones. ``tf.data`` runs
+TensorFlow graphs whatever the Keras backend is, so with the JAX backend the affine
+warp uses Keras's TensorFlow implementation of the same op (what Keras's own
+preprocessing layers switch to inside ``tf.data``). Randomness is stateless and
+seeded, so a given seed gives the same augmentation however many threads run.
 
-Images are float pixels in 0..255 (the model input contract).
+Images are pixels in 0..255 (the model input contract), float or uint8.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ import math
 from shopee_tpu.config import AugmentConfig
 from shopee_tpu.data._tf import tf as require_tensorflow
 
-__all__ = ["augment_image", "mix_batch", "needs_mixing", "affine_ops"]
+__all__ = [
+    "augment_batch",
+    "augment_image",
+    "mix_batch",
+    "needs_mixing",
+    "affine_ops",
+]
 
 
 def affine_ops():
@@ -40,27 +49,35 @@ def affine_ops():
     return tf_image
 
 
-def _uniform(seed, low, high, shape=()):
+def _uniform(seed, low, high, n):
+    """``n`` uniform floats in [low, high)."""
     tf = require_tensorflow()
-    return tf.random.stateless_uniform(shape, seed, low, high, dtype=tf.float32)
+    return tf.random.stateless_uniform([n], seed, low, high, dtype=tf.float32)
+
+
+def _col(v):
+    """[b] -> [b, 1, 1, 1] for broadcasting over images."""
+    return v[:, None, None, None]
 
 
 def _affine(x, cfg: AugmentConfig, seed):
-    """One warp: output pixel -> source pixel = A (p - c) + c - t, A = R S / zoom."""
+    """One warp per image: output p -> source A (p - c) + c - t, A = R S / zoom."""
     tf = require_tensorflow()
     s = tf.random.experimental.stateless_split(seed, 5)
-    rot = _uniform(s[0], -cfg.rotate, cfg.rotate) * (math.pi / 180)
-    shear = _uniform(s[1], -cfg.shear, cfg.shear) * (math.pi / 180)
-    zoom = _uniform(s[2], 1 - cfg.zoom, 1 + cfg.zoom)
-    h = tf.cast(tf.shape(x)[0], tf.float32)
-    w = tf.cast(tf.shape(x)[1], tf.float32)
-    tx = _uniform(s[3], -cfg.shift, cfg.shift) * w
-    ty = _uniform(s[4], -cfg.shift, cfg.shift) * h
+    b = tf.shape(x)[0]
+    rot = _uniform(s[0], -cfg.rotate, cfg.rotate, b) * (math.pi / 180)
+    shear = _uniform(s[1], -cfg.shear, cfg.shear, b) * (math.pi / 180)
+    zoom = _uniform(s[2], 1 - cfg.zoom, 1 + cfg.zoom, b)
+    h = tf.cast(tf.shape(x)[1], tf.float32)
+    w = tf.cast(tf.shape(x)[2], tf.float32)
+    tx = _uniform(s[3], -cfg.shift, cfg.shift, b) * w
+    ty = _uniform(s[4], -cfg.shift, cfg.shift, b) * h
     cos, sin, tan = tf.cos(rot), tf.sin(rot), tf.tan(shear)
     a00, a01 = cos / zoom, (cos * tan - sin) / zoom
     a10, a11 = sin / zoom, (sin * tan + cos) / zoom
     cx, cy = (w - 1) / 2, (h - 1) / 2
-    transform = tf.stack(
+    zeros = tf.zeros_like(a00)
+    transforms = tf.stack(
         [
             a00,
             a01,
@@ -68,105 +85,150 @@ def _affine(x, cfg: AugmentConfig, seed):
             a10,
             a11,
             cy - a10 * cx - a11 * cy - ty,
-            0.0,
-            0.0,
-        ]
+            zeros,
+            zeros,
+        ],
+        axis=1,
     )
     return affine_ops().affine_transform(
-        x, transform, interpolation="bilinear", fill_mode="nearest"
+        x, transforms, interpolation="bilinear", fill_mode="nearest"
     )
 
 
 def _random_crop(x, amount: float, seed):
-    """Crops a random square-ratio box (side 1 - U(0, amount)) and resizes it back."""
+    """Crops a random box (side 1 - U(0, amount)) per image and resizes it back."""
     tf = require_tensorflow()
     s = tf.random.experimental.stateless_split(seed, 3)
-    side = 1 - _uniform(s[0], 0.0, amount)
-    y0 = _uniform(s[1], 0.0, 1.0) * (1 - side)
-    x0 = _uniform(s[2], 0.0, 1.0) * (1 - side)
-    box = tf.stack([y0, x0, y0 + side, x0 + side])[None]
-    size = tf.shape(x)[:2]
-    out = tf.image.crop_and_resize(x[None], box, [0], size)[0]
-    return tf.ensure_shape(out, x.shape)
+    b = tf.shape(x)[0]
+    side = 1 - _uniform(s[0], 0.0, amount, b)
+    y0 = _uniform(s[1], 0.0, 1.0, b) * (1 - side)
+    x0 = _uniform(s[2], 0.0, 1.0, b) * (1 - side)
+    boxes = tf.stack([y0, x0, y0 + side, x0 + side], axis=1)
+    return tf.image.crop_and_resize(x, boxes, tf.range(b), tf.shape(x)[1:3])
 
 
 def _colour(x, cfg: AugmentConfig, seed):
     tf = require_tensorflow()
     s = tf.random.experimental.stateless_split(seed, 4)
+    b = tf.shape(x)[0]
     if cfg.brightness:
-        x = x + _uniform(s[0], -cfg.brightness, cfg.brightness) * 255.0
+        x = x + _col(_uniform(s[0], -cfg.brightness, cfg.brightness, b)) * 255.0
     if cfg.contrast:
-        x = tf.image.stateless_random_contrast(
-            x, 1 - cfg.contrast, 1 + cfg.contrast, s[1]
-        )
+        factor = _col(_uniform(s[1], 1 - cfg.contrast, 1 + cfg.contrast, b))
+        mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+        x = (x - mean) * factor + mean
     if cfg.saturation or cfg.hue:
         # HSV conversions expect 0..1.
-        y = tf.clip_by_value(x / 255.0, 0.0, 1.0)
-        if cfg.saturation:
-            y = tf.image.stateless_random_saturation(
-                y, max(0.0, 1 - cfg.saturation), 1 + cfg.saturation, s[2]
-            )
+        hsv = tf.image.rgb_to_hsv(tf.clip_by_value(x / 255.0, 0.0, 1.0))
+        hue, sat, val = tf.unstack(hsv, axis=-1)
         if cfg.hue:
-            y = tf.image.stateless_random_hue(y, min(cfg.hue, 0.5), s[3])
-        x = y * 255.0
+            delta = _uniform(s[2], -min(cfg.hue, 0.5), min(cfg.hue, 0.5), b)
+            hue = tf.math.floormod(hue + delta[:, None, None], 1.0)
+        if cfg.saturation:
+            lo = max(0.0, 1 - cfg.saturation)
+            factor = _uniform(s[3], lo, 1 + cfg.saturation, b)
+            sat = tf.clip_by_value(sat * factor[:, None, None], 0.0, 1.0)
+        x = tf.image.hsv_to_rgb(tf.stack([hue, sat, val], axis=-1)) * 255.0
     return tf.clip_by_value(x, 0.0, 255.0)
 
 
-def _box_mask(h, w, cy, cx, bh, bw):
-    """Float mask [h, w, 1], 1 inside the box centred at (cy, cx) of size (bh, bw)."""
+def _box_masks(h, w, cy, cx, bh, bw):
+    """Float masks [b, h, w, 1], 1 inside each box of centre (cy, cx), size (bh, bw)."""
     tf = require_tensorflow()
-    ys = tf.range(tf.cast(h, tf.float32))[:, None]
-    xs = tf.range(tf.cast(w, tf.float32))[None, :]
-    inside = (tf.abs(ys - cy) * 2 < bh) & (tf.abs(xs - cx) * 2 < bw)
-    return tf.cast(inside, tf.float32)[..., None]
+    ys = tf.range(tf.cast(h, tf.float32))[None, :, None]
+    xs = tf.range(tf.cast(w, tf.float32))[None, None, :]
+    inside_y = tf.abs(ys - cy[:, None, None]) * 2 < bh[:, None, None]
+    inside_x = tf.abs(xs - cx[:, None, None]) * 2 < bw[:, None, None]
+    return tf.cast(inside_y & inside_x, tf.float32)[..., None]
 
 
 def _cutout(x, size: float, seed):
-    """Zeroes a square of side ``size`` x image side at a random centre."""
+    """Zeroes a square of side ``size`` x image side at a random centre per image."""
     tf = require_tensorflow()
     s = tf.random.experimental.stateless_split(seed, 2)
-    h = tf.cast(tf.shape(x)[0], tf.float32)
-    w = tf.cast(tf.shape(x)[1], tf.float32)
-    side = size * tf.minimum(h, w)
-    mask = _box_mask(h, w, _uniform(s[0], 0.0, h), _uniform(s[1], 0.0, w), side, side)
-    return x * (1 - mask)
+    b = tf.shape(x)[0]
+    h = tf.cast(tf.shape(x)[1], tf.float32)
+    w = tf.cast(tf.shape(x)[2], tf.float32)
+    side = tf.fill([b], size * tf.minimum(h, w))
+    cy, cx = _uniform(s[0], 0.0, 1.0, b) * h, _uniform(s[1], 0.0, 1.0, b) * w
+    return x * (1 - _box_masks(h, w, cy, cx, side, side))
 
 
-def augment_image(image, cfg: AugmentConfig, seed=None):
-    """Augments one image ``[h, w, 3]`` as ``cfg`` says; shape and dtype are kept.
+def _flip(x, axis: int, seed):
+    """Flips a random half of the batch along ``axis`` (2: left-right, 1: up-down).
 
-    Args:
-        image: Pixels 0..255 (float or uint8), a tensor or array.
-        cfg: Which augmentations, and how strong.
-        seed: Shape ``[2]`` integer seed (e.g. one per element from
-            ``tf.data.Dataset.random``); ``None`` draws one.
-
-    Returns:
-        The augmented image, same shape and dtype.
+    Measured on 64 x 224^2 uint8 images: ``tf.where`` over a broadcast mask takes
+    ~30 ms and a 4-D ``tf.reverse`` ~14 ms; partitioning the batch and reversing a
+    3-D view takes ~4 ms, so the pipeline keeps up with JPEG decoding.
     """
     tf = require_tensorflow()
-    image = tf.convert_to_tensor(image)
-    dtype = image.dtype
-    x = tf.cast(image, tf.float32)
+    b = tf.shape(x)[0]
+    flip = tf.cast(_uniform(seed, 0.0, 1.0, b) < 0.5, tf.int32)
+    keep, turn = tf.dynamic_partition(x, flip, 2)
+    index = tf.dynamic_partition(tf.range(b), flip, 2)
+    shape = tf.shape(turn)
+    if axis == 2:
+        view = tf.reshape(turn, [-1, shape[2], shape[3]])
+    else:
+        view = tf.reshape(turn, [shape[0], shape[1], -1])
+    turned = tf.reshape(tf.reverse(view, [1]), shape)
+    return tf.ensure_shape(tf.dynamic_stitch(index, [keep, turned]), x.shape)
+
+
+def _seed(seed):
+    tf = require_tensorflow()
     if seed is None:
-        seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 6)
+        return tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
+    return tf.cast(seed, tf.int64)
+
+
+def augment_batch(images, cfg: AugmentConfig, seed=None, *, dtype=None):
+    """Augments a batch ``[b, h, w, 3]`` as ``cfg`` says, each image its own draw.
+
+    Args:
+        images: Pixels 0..255 (float or uint8), a tensor or array.
+        cfg: Which augmentations, and how strong.
+        seed: Shape ``[2]`` integer seed (e.g. one per batch from
+            ``tf.data.Dataset.random``); ``None`` draws one.
+        dtype: Result dtype; default: the input's. Flips run on the input (cheap
+            on uint8), the other ops in float32.
+
+    Returns:
+        The augmented batch, same shape; ``dtype`` or the input's dtype.
+    """
+    tf = require_tensorflow()
+    images = tf.convert_to_tensor(images)
+    seeds = tf.random.experimental.stateless_split(_seed(seed), 6)
+    x = images
     if cfg.flip_lr:
-        x = tf.image.stateless_random_flip_left_right(x, seeds[0])
+        x = _flip(x, 2, seeds[0])
     if cfg.flip_ud:
-        x = tf.image.stateless_random_flip_up_down(x, seeds[1])
-    if cfg.rotate or cfg.shear or cfg.zoom or cfg.shift:
+        x = _flip(x, 1, seeds[1])
+    affine = cfg.rotate or cfg.shear or cfg.zoom or cfg.shift
+    colour = cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue
+    out = tf.as_dtype(dtype or images.dtype)
+    if not (affine or cfg.random_crop or colour or cfg.cutout):
+        return tf.cast(x, out)  # flips only: exact
+    x = tf.cast(x, tf.float32)
+    if affine:
         x = _affine(x, cfg, seeds[2])
     if cfg.random_crop:
         x = _random_crop(x, cfg.random_crop, seeds[3])
-    if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
+    if colour:
         x = _colour(x, cfg, seeds[4])
     if cfg.cutout:
         x = _cutout(x, cfg.cutout, seeds[5])
-    x = tf.ensure_shape(x, image.shape)
-    if dtype.is_integer:
-        return tf.cast(tf.clip_by_value(tf.round(x), dtype.min, dtype.max), dtype)
-    return tf.cast(x, dtype)
+    x = tf.ensure_shape(x, images.shape)
+    if out.is_integer:
+        return tf.cast(tf.clip_by_value(tf.round(x), out.min, out.max), out)
+    return tf.cast(x, out)
+
+
+def augment_image(image, cfg: AugmentConfig, seed=None):
+    """Augments one image ``[h, w, 3]`` (see :func:`augment_batch`)."""
+    tf = require_tensorflow()
+    image = tf.convert_to_tensor(image)
+    return augment_batch(image[None], cfg, seed)[0]
 
 
 def needs_mixing(cfg: AugmentConfig | None) -> bool:
@@ -203,9 +265,7 @@ def mix_batch(images, labels, cfg: AugmentConfig, seed=None):
     labels = tf.cast(labels, tf.float32)
     if not needs_mixing(cfg):
         return images, labels
-    if seed is None:
-        seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
-    s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 6)
+    s = tf.random.experimental.stateless_split(_seed(seed), 6)
     b = tf.shape(images)[0]
     perm = tf.random.experimental.stateless_shuffle(tf.range(b), s[0])
     other_x, other_y = tf.gather(images, perm), tf.gather(labels, perm)
@@ -224,10 +284,7 @@ def mix_batch(images, labels, cfg: AugmentConfig, seed=None):
         cut = tf.sqrt(1 - lam)
         cy = tf.random.stateless_uniform([b], s[3], 0.0, 1.0) * h
         cx = tf.random.stateless_uniform([b], s[4], 0.0, 1.0) * w
-        masks = tf.map_fn(
-            lambda a: _box_mask(h, w, a[0], a[1], a[2] * h, a[2] * w),
-            tf.stack([cy, cx, cut], axis=1),
-        )
+        masks = _box_masks(h, w, cy, cx, cut * h, cut * w)
         mx = x * (1 - masks) + ox * masks
         # Labels follow the area actually pasted (the box may leave the image).
         lam = 1 - tf.reduce_mean(masks, axis=[1, 2, 3])
@@ -240,6 +297,6 @@ def mix_batch(images, labels, cfg: AugmentConfig, seed=None):
         mixed, lam = mixup() if cfg.mixup > 0 else cutmix()
     soft = lam[:, None] * labels + (1 - lam[:, None]) * tf.cast(other_y, tf.float32)
     apply = tf.random.stateless_uniform([], s[5] + 1, 0.0, 1.0) < cfg.mix_prob
-    out_x = tf.where(apply, mixed, x)
-    out_y = tf.where(apply, soft, labels)
+    # tf.cond, not tf.where: a broadcast select over the batch is slow on CPU.
+    out_x, out_y = tf.cond(apply, lambda: (mixed, soft), lambda: (x, labels))
     return tf.cast(tf.ensure_shape(out_x, images.shape), images.dtype), out_y

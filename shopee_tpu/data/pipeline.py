@@ -182,7 +182,7 @@ def load_dataset(
             message with the schema), or ``num_classes`` is unknown.
     """
     tf = _tf()
-    from shopee_tpu.data.augment import augment_image, mix_batch, needs_mixing
+    from shopee_tpu.data.augment import augment_batch, mix_batch, needs_mixing
 
     schema = get_schema(schema)
     files = list_files(files_or_pattern)
@@ -206,7 +206,10 @@ def load_dataset(
     exact = _stored_exactly(files, image_size)
 
     opts = tf.data.Options()
-    # We shard ourselves (by file or by record), so a strategy must not shard again.
+    # With num_workers > 1 we shard ourselves (by file when every worker gets one,
+    # else by record), so a TF strategy must not shard again (OFF). With one
+    # pipeline, a multi-worker strategy may still shard: DATA works for any file
+    # count, where FILE fails when there are fewer files than workers.
     policy = tf.data.experimental.AutoShardPolicy
     opts.experimental_distribute.auto_shard_policy = (
         policy.OFF if num_workers > 1 else policy.DATA
@@ -263,36 +266,32 @@ def load_dataset(
         if num_workers > 1 and not by_file:
             records = records.shard(num_workers, worker_index)
     records = records.shuffle(shuffle_buffer, seed=seed)
-    seeds = tf.data.Dataset.random(seed=seed).batch(2)
 
-    def decode_train(record, element_seed):
+    def decode_train(record):
         ex = parse(record)
-        image = decode_image(ex["image"], image_size, exact=exact)
-        if augment is not None:
-            image = augment_image(image, augment, seed=element_seed)
-        return image, tf.one_hot(ex["label"], num_classes)
+        return decode_image(ex["image"], image_size, exact=exact), ex["label"]
 
-    ds = tf.data.Dataset.zip(records, seeds)
-    ds = ds.map(
+    def finish(batch, batch_seed):
+        # Augmentation runs on whole batches: one vectorised op per batch costs
+        # far less in tf.data than one small op per image.
+        images, onehot = batch[0], tf.one_hot(batch[1], num_classes)
+        if augment is None:
+            images = tf.cast(images, tf.float32)
+        else:
+            s = tf.random.experimental.stateless_split(batch_seed, 2)
+            images = augment_batch(images, augment, seed=s[0], dtype=tf.float32)
+            if needs_mixing(augment):
+                images, onehot = mix_batch(images, onehot, augment, seed=s[1])
+        return _to_float(images, value_range), onehot
+
+    ds = records.map(
         _plain(decode_train), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
     )
     ds = ds.batch(batch_size, drop_remainder=True)
-    if needs_mixing(augment):
-        batch_seeds = tf.data.Dataset.random(seed=None if seed is None else seed + 1)
-
-        def mix(xy, s):
-            # Mixing is done on 0..255 pixels, then the range is applied.
-            x, y = mix_batch(_to_float(xy[0], (0, 255)), xy[1], augment, seed=s)
-            return _to_float(x, value_range), y
-
-        ds = tf.data.Dataset.zip(ds, batch_seeds.batch(2)).map(
-            _plain(mix), num_parallel_calls=tf.data.AUTOTUNE
-        )
-    else:
-        ds = ds.map(
-            _plain(lambda x, y: (_to_float(x, value_range), y)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    ds = tf.data.Dataset.zip(ds, seeds).map(
+        _plain(finish), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+    )
     return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
 
 
