@@ -254,3 +254,18 @@ print(m["total"])
     total = int(run_python(code).strip().splitlines()[-1])
     m = json.loads((out / "manifest.json").read_text())
     assert total == m["total"] == sum(m["shards"].values()) > 0
+
+
+def test_csv_label_falls_back_to_folder_and_product_id_column(digits_dir, tmp_path):
+    csv = pd.read_csv(digits_dir["train_csv"], dtype=str).head(40)
+    csv = csv.rename(columns={"group": "product_id"})
+    csv.loc[::3, "category"] = ""  # folder NN/ gives the category
+    path = tmp_path / "partial.csv"
+    csv.to_csv(path, index=False)
+    m = write_records_from_csv(path, digits_dir["root"], tmp_path / "o", shards=2)
+    truth = pd.read_csv(digits_dir["train_csv"], dtype=str).head(40)
+    recs = {r["id"][0].decode(): r for r in _all_records(tmp_path / "o")}
+    assert m["total"] == 40
+    for row in truth.itertuples():
+        assert recs[row.filename]["label"][0] == m["label_map"][row.category]
+        assert recs[row.filename]["group"][0].decode() == row.group

@@ -95,6 +95,33 @@ def _drain(ds, limit: int | None = None) -> int:
     return n
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # finished writer processes
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _metered(contenders: dict, cores_used: dict) -> dict:
+    """Wraps each contender to also record the CPU cores it got (CPU s / wall s).
+
+    Other jobs on a shared machine take cores from us; this shows how many we had.
+    """
+
+    def wrap(name, fn):
+        def go() -> float:
+            start, cpu = time.perf_counter(), _cpu_seconds()
+            rate = fn()
+            used = (_cpu_seconds() - cpu) / (time.perf_counter() - start)
+            cores_used.setdefault(name, []).append(used)
+            return rate
+
+        return go
+
+    return {name: wrap(name, fn) for name, fn in contenders.items()}
+
+
 def _rate(ds, limit: int | None = None, warmup: int = 2) -> float:
     it = iter(ds)
     for _ in range(warmup):
@@ -134,6 +161,7 @@ def run(args) -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     rounds = max(1, int(getattr(args, "rounds", 5) or 5))
     load_before = os.getloadavg()[0]
+    cores_used: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-input-") as tmp:
         images = getattr(args, "images", None) or make_images(os.path.join(tmp, "img"))
         table = _class_layout(images, os.path.join(tmp, "by_class"))
@@ -161,7 +189,8 @@ def run(args) -> dict:
             return go
 
         write_rates = alternate(
-            {"writer_1": writer(1), "writer_n": writer(cores)}, rounds
+            _metered({"writer_1": writer(1), "writer_n": writer(cores)}, cores_used),
+            rounds,
         )
         records = os.path.join(tmp, "records")
         manifest = write_records(
@@ -212,12 +241,15 @@ def run(args) -> dict:
             return _single_thread(tf, paths, decode_original)
 
         read_rates = alternate(
-            {
-                "single_thread_records": single_records,
-                "ours": ours,
-                "single_thread_originals": single_originals,
-                "directory": directory,
-            },
+            _metered(
+                {
+                    "single_thread_records": single_records,
+                    "ours": ours,
+                    "single_thread_originals": single_originals,
+                    "directory": directory,
+                },
+                cores_used,
+            ),
             rounds,
         )
     med = {k: statistics.median(v) for k, v in {**read_rates, **write_rates}.items()}
@@ -256,6 +288,10 @@ def run(args) -> dict:
         "per_round": {
             k: [round(x, 1) for x in v]
             for k, v in {**read_rates, **write_rates}.items()
+        },
+        # Below `cores` for a parallel contender = other jobs took CPU: noisy figures.
+        "median_cores_used": {
+            k: round(statistics.median(v), 2) for k, v in cores_used.items()
         },
         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
     }

@@ -5,7 +5,7 @@
 ``records``         ``write_records``, ``write_records_from_csv``, ``read_manifest``
 ``pipeline``        ``load_dataset``, ``read_ids_labels`` (and the ``files`` helpers)
 ``schemas``         feature layouts: ours and the well-known Kaggle ones
-``augment``         ``augment_image``, ``mix_batch`` (graph mode, any backend)
+``augment``         ``augment_batch``, ``augment_image``, ``mix_batch`` (any backend)
 ``splits``          ``group_split``, ``stratified_group_kfold``
 ``digits``          a real offline dataset in the Shopee layout
 =================== =========================================================
@@ -33,6 +33,7 @@ _EXPORTS = {
     "SCHEMAS": "shopee_tpu.data.schemas",
     "get_schema": "shopee_tpu.data.schemas",
     "augment_image": "shopee_tpu.data.augment",
+    "augment_batch": "shopee_tpu.data.augment",
     "mix_batch": "shopee_tpu.data.augment",
     "group_split": "shopee_tpu.data.splits",
     "stratified_group_kfold": "shopee_tpu.data.splits",
