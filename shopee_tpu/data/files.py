@@ -68,7 +68,7 @@ def list_files(files_or_pattern: str | os.PathLike | Sequence) -> list[str]:
 
 def _manifest_counts(folder: str, cache: dict) -> dict[str, int]:
     if folder not in cache:
-        from shopee_tpu.data.records import read_manifest
+        from shopee_tpu.data.manifests import read_manifest
 
         try:
             cache[folder] = dict(read_manifest(folder or ".").get("shards", {}))

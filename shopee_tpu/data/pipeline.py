@@ -70,7 +70,7 @@ def decode_image(jpeg, image_size: int, *, exact: bool = False):
 
 def _stored_exactly(files: list[str], image_size: int) -> bool:
     """True when our manifest says every image is an ``image_size`` square."""
-    from shopee_tpu.data.records import read_manifest
+    from shopee_tpu.data.manifests import read_manifest
 
     folders = {os.path.dirname(f) or "." for f in files}
     try:
@@ -89,7 +89,7 @@ def _plain(fn):
 
 
 def _manifest_classes(files: list[str]) -> int | None:
-    from shopee_tpu.data.records import read_manifest
+    from shopee_tpu.data.manifests import read_manifest
 
     folder = os.path.dirname(files[0]) or "."
     try:

@@ -10,59 +10,18 @@ finished shards. A rerun with other settings or other data is refused unless
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
 
-from shopee_tpu.data import sources
+from shopee_tpu.data import manifests, sources
 from shopee_tpu.data.images import RESIZE_MODES
+from shopee_tpu.data.manifests import MANIFEST, read_manifest
 from shopee_tpu.data.procs import WorkerPool
 from shopee_tpu.data.shard_writer import ShardParams, ShardWriter, write_shard
 from shopee_tpu.data.splits import stratified_group_kfold
-from shopee_tpu.utils import atomic_write_text, is_remote
+from shopee_tpu.utils import is_remote
 
 __all__ = ["MANIFEST", "write_records", "write_records_from_csv", "read_manifest"]
-
-MANIFEST = "manifest.json"
-FORMAT = "shopee_tpu.records/1"
-FEATURES = {
-    "image": "bytes: JPEG",
-    "label": "int64: class id, -1 when unlabeled",
-    "id": "bytes: image id (file name)",
-    "group": "bytes: product id, empty when none",
-    "md5": "bytes: hex MD5 of the original image file",
-}
-_PARAM_KEYS = (
-    "prefix",
-    "test",
-    "image_size",
-    "resize",
-    "quality",
-    "seed",
-    "num_shards",
-)
-
-
-def read_manifest(dir_or_file: str | os.PathLike) -> dict:
-    """Reads ``manifest.json`` from a records folder (local or gs://) or its path."""
-    path = os.fspath(dir_or_file)
-    if not path.endswith(".json"):
-        path = path.rstrip("/") + "/" + MANIFEST
-    if is_remote(path):
-        from shopee_tpu.utils import require_tensorflow
-
-        gfile = require_tensorflow().io.gfile
-        if not gfile.exists(path):
-            raise FileNotFoundError(f"no {MANIFEST} at {path}")
-        with gfile.GFile(path) as f:
-            return json.load(f)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no {MANIFEST} at {path}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def write_records_from_csv(
@@ -217,10 +176,12 @@ def _write_table(table, out_dir, params, label_map, workers, overwrite, where) -
     strata = ids if not test else [0] * len(ids)
     fold = stratified_group_kfold(strata, groups, n_shards, params["seed"])
     rows = list(zip(table["path"], ids, table["id"], table["group"], strict=True))
-    fingerprint = _fingerprint(
+    fingerprint = manifests.fingerprint(
         params, label_map, [(r[1], r[2], r[3], int(f)) for r, f in zip(rows, fold)]
     )
-    manifest = _start(out_dir, params, label_map, fingerprint, n_shards, overwrite)
+    manifest = manifests.start(
+        out_dir, params, label_map, fingerprint, n_shards, overwrite
+    )
     sp = _shard_params(out_dir, params, n_shards)
     tasks = [
         (sp, s, [r for r, f in zip(rows, fold) if f == s])
@@ -230,12 +191,12 @@ def _write_table(table, out_dir, params, label_map, workers, overwrite, where) -
     if workers == 1 or len(tasks) <= 1:
         results = map(write_shard, tasks)
         for result in results:
-            _record(out_dir, manifest, result)
+            manifests.record(out_dir, manifest, result)
     else:
         with WorkerPool(min(workers, len(tasks)), sp) as pool:
             for result in pool.map_unordered(tasks):
-                _record(out_dir, manifest, result)
-    return _finish(out_dir, manifest)
+                manifests.record(out_dir, manifest, result)
+    return manifests.finish(out_dir, manifest)
 
 
 # ---------------------------------------------------------------------------
@@ -245,8 +206,8 @@ def _write_table(table, out_dir, params, label_map, workers, overwrite, where) -
 def _write_stream(items: Iterable, out_dir, params, label_map, workers, overwrite):
     test = params["test"]
     n_shards = params["num_shards"]
-    fingerprint = _fingerprint(params, label_map, None)
-    manifest = _start(
+    fingerprint = manifests.fingerprint(params, label_map, None)
+    manifest = manifests.start(
         out_dir, params, label_map or {}, fingerprint, n_shards, overwrite
     )
     done = {int(k) for k in manifest["done"]}
@@ -272,10 +233,10 @@ def _write_stream(items: Iterable, out_dir, params, label_map, workers, overwrit
             manifest["num_classes"] = len(labels_seen)
         results = pool.finish() + [local[s].finish() for s in sorted(local)]
     for result in results:
-        _record(out_dir, manifest, result)
+        manifests.record(out_dir, manifest, result)
     for s in range(n_shards):
-        manifest["done"].setdefault(str(s), _empty_result(s))
-    return _finish(out_dir, manifest)
+        manifest["done"].setdefault(str(s), manifests.empty_result(s))
+    return manifests.finish(out_dir, manifest)
 
 
 def _class_id(label, label_map, seen: dict[str, int]) -> int:
@@ -331,135 +292,4 @@ def _shard_params(out_dir: str, params: dict, n_shards: int) -> ShardParams:
         image_size=params["image_size"],
         resize=params["resize"],
         quality=params["quality"],
-    )
-
-
-def _fingerprint(params: dict, label_map, plan) -> str:
-    text = json.dumps([params, label_map, plan], sort_keys=True, default=str)
-    return hashlib.md5(text.encode("utf-8")).hexdigest()
-
-
-def _start(out_dir, params, label_map, fingerprint, n_shards, overwrite) -> dict:
-    """Checks ``out_dir`` and returns the manifest to continue (or a fresh one)."""
-    os.makedirs(out_dir, exist_ok=True)
-    old = None
-    if os.path.exists(os.path.join(out_dir, MANIFEST)):
-        old = read_manifest(out_dir)
-    ours = glob.glob(os.path.join(out_dir, "*.tfrec"))
-    if old is not None and old.get("fingerprint") == fingerprint:
-        done = {
-            k: r
-            for k, r in old.get("done", {}).items()
-            if r["file"] is None or os.path.exists(os.path.join(out_dir, r["file"]))
-        }
-        old["done"] = done
-        _clean(out_dir, keep={r["file"] for r in done.values()}, params=params)
-        return old
-    if (old is not None or ours) and not overwrite:
-        raise ValueError(
-            f"{out_dir} {_difference(old, params, ours)}; pass "
-            "overwrite=True (--overwrite) to replace it"
-        )
-    if old is not None or ours:
-        _clean(out_dir, keep=set(), params=params, everything=True)
-    manifest = {
-        "format": FORMAT,
-        "schema": "shopee_tpu",
-        "features": FEATURES,
-        **params,
-        "label_map": label_map,
-        "num_classes": len(set(label_map.values())) if label_map else 0,
-        "fingerprint": fingerprint,
-        "complete": False,
-        "done": {},
-    }
-    _save(out_dir, manifest)
-    return manifest
-
-
-def _difference(old, params, files) -> str:
-    if old is None:
-        return f"already holds {len(files)} .tfrec files without a {MANIFEST}"
-    changed = [
-        f"{k}: {old.get(k)!r} -> {params[k]!r}"
-        for k in _PARAM_KEYS
-        if old.get(k) != params[k]
-    ]
-    if changed:
-        return (
-            "already holds records written with other settings ("
-            + ", ".join(changed)
-            + ")"
-        )
-    return "already holds a different dataset (other images, labels or label map)"
-
-
-def _clean(out_dir, keep: set, params: dict, everything: bool = False) -> None:
-    """Removes temp files and shard files other than the finished ones to keep.
-
-    ``everything`` (overwrite) removes every ``.tfrec`` file in ``out_dir``, so no
-    record of the replaced dataset can be read along with the new one.
-    """
-    patterns = [
-        ".*.tfrec.tmp-*",
-        "*.tfrec" if everything else f"{params['prefix']}-*.tfrec",
-    ]
-    for pattern in patterns:
-        for path in glob.glob(os.path.join(out_dir, pattern)):
-            if os.path.basename(path) not in keep:
-                os.remove(path)
-
-
-def _empty_result(index: int) -> dict:
-    return {"index": index, "file": None, "count": 0, "class_counts": {}, "skipped": []}
-
-
-def _record(out_dir: str, manifest: dict, result: dict) -> None:
-    manifest["done"][str(result["index"])] = result
-    _save(out_dir, _summarise(manifest))
-
-
-def _summarise(manifest: dict) -> dict:
-    names = {v: k for k, v in manifest["label_map"].items()}
-    results = sorted(manifest["done"].values(), key=lambda r: r["index"])
-    shards, per_shard, classes, skipped = {}, {}, {}, []
-    for r in results:
-        skipped.extend(r["skipped"])
-        if r["file"] is None:
-            continue
-        shards[r["file"]] = r["count"]
-        per_shard[r["file"]] = {
-            names.get(int(c), c): n for c, n in r["class_counts"].items()
-        }
-        for c, n in r["class_counts"].items():
-            name = names.get(int(c), "unlabeled" if int(c) < 0 else c)
-            classes[name] = classes.get(name, 0) + n
-    manifest.update(
-        shards=shards,
-        shard_class_counts=per_shard,
-        class_counts=classes,
-        total=sum(shards.values()),
-        skipped=sorted(skipped, key=lambda s: s["path"]),
-        num_skipped=len(skipped),
-    )
-    return manifest
-
-
-def _finish(out_dir: str, manifest: dict) -> dict:
-    manifest = _summarise(manifest)
-    manifest["complete"] = True
-    _save(out_dir, manifest)
-    if manifest["total"] == 0:
-        reasons = "; ".join(
-            f"{s['path']}: {s['reason']}" for s in manifest["skipped"][:3]
-        )
-        raise ValueError(
-            f"no usable images: all {manifest['num_skipped']} were skipped ({reasons})"
-        )
-    return manifest
-
-
-def _save(out_dir: str, manifest: dict[str, Any]) -> None:
-    atomic_write_text(
-        os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n"
     )
