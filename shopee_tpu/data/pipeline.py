@@ -98,18 +98,19 @@ def _manifest_classes(files: list[str]) -> int | None:
         return None
 
 
-def _parser(schema: Schema, found: dict[str, str], need_label: bool):
-    """A function serialized record -> dict(image, label?, id?, group?, md5?)."""
+def _parser(schema: Schema, found: dict[str, str], roles: tuple[str, ...]):
+    """A function serialized record -> dict of the asked ``roles`` that exist.
+
+    Roles: ``image``, ``label``, ``id``, ``group``, ``md5``. Parsing only what a
+    mode needs saves a string copy per feature per image.
+    """
     tf = _tf()
     kinds = {"bytes": tf.string, "int64": tf.int64, "float": tf.float32}
-    spec = {"image": (schema.image, tf.string)}
-    if need_label or (schema.label and schema.label in found):
-        if schema.label in found:
-            spec["label"] = (schema.label, kinds[found[schema.label]])
-    for role in ("id", "group", "md5"):
+    spec = {}
+    for role in roles:
         name = getattr(schema, role)
         if name and name in found:
-            spec[role] = (name, tf.string)
+            spec[role] = (name, kinds[found[name]] if role == "label" else tf.string)
     features = {name: tf.io.FixedLenFeature([], dtype) for name, dtype in spec.values()}
 
     def parse(record):
@@ -201,7 +202,8 @@ def load_dataset(
     by_file = num_workers > 1 and len(files) >= num_workers
     if by_file:
         files = files[worker_index::num_workers]
-    parse = _parser(schema, found, need_label)
+    roles = ("image", "label") if need_label else ("image", "id")
+    parse = _parser(schema, found, roles)
     make_ids = not (schema.id and schema.id in found)
     exact = _stored_exactly(files, image_size)
 
@@ -312,15 +314,12 @@ def read_ids_labels(files_or_pattern, schema: str | Schema = "shopee_tpu"):
     files = list_files(files_or_pattern)
     found = probe_features(files[0])
     check_features(schema, found, files[0], need_label=False)
-    parse = _parser(schema, found, need_label=False)
+    parse = _parser(schema, found, ("label", "id", "group", "md5"))
     cols: dict[str, list] = {"id": [], "label": [], "group": [], "md5": []}
     for path in files:
         base = path.rsplit("/", 1)[-1]
         ds = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).map(
-            lambda r: (
-                {k: v for k, v in parse(r).items() if k != "image"}
-                | {"_n": tf.constant(0)}
-            )
+            lambda r: parse(r) | {"_n": tf.constant(0)}
         )
         start = 0
         for ex in ds.batch(4096).as_numpy_iterator():
