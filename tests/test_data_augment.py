@@ -114,8 +114,18 @@ def test_mixup_and_cutmix_soft_labels(photo):
         assert a.shape == (4, 48, 48, 3) and b.shape == (4, 4)
 
 
-def test_affine_ops_run_in_tf_data_on_the_jax_backend():
-    code = """
+def test_pipeline_and_affine_ops_run_in_tf_data_on_the_jax_backend(digits_dir, tmp_path):
+    code = (
+        f"""
+from shopee_tpu.data import load_dataset, write_records_from_csv
+write_records_from_csv({digits_dir["train_csv"]!r}, {digits_dir["root"]!r},
+                       {str(tmp_path)!r}, shards=2, workers=1)
+full = load_dataset({str(tmp_path)!r}, image_size=24, batch_size=8, training=True,
+                    augment=AugmentConfig(rotate=15, zoom=0.1, mixup=0.2), seed=0)
+for im, y in full.take(1):
+    print("pipeline", im.shape, y.shape)
+"""
+        + """
 import numpy as np, tensorflow as tf, keras
 from shopee_tpu.config import AugmentConfig
 from shopee_tpu.data.augment import augment_image, mix_batch
@@ -135,8 +145,12 @@ rot = tf.data.Dataset.from_tensors(x).repeat(2).batch(2).map(lambda im: layer(im
 for im in rot:
     print(type(im).__module__.split(".")[0], im.shape)
 """
-    out = run_python(code, env={"KERAS_BACKEND": "jax"}, timeout=300)
+    )
+    imports = "import numpy as np, tensorflow as tf, keras\n"
+    imports += "from shopee_tpu.config import AugmentConfig\n"
+    out = run_python(imports + code, env={"KERAS_BACKEND": "jax"}, timeout=300)
     lines = out.strip().splitlines()
+    assert "pipeline (8, 24, 24, 3) (8, 10)" in lines
     assert lines[-2] == "(4, 16, 16, 3) (4, 4) True"
     assert lines[-1] == "tensorflow (2, 16, 16, 3)"
 
