@@ -242,9 +242,9 @@ def load_dataset(
 
         ds = records.map(_plain(decode_eval), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=False)
-        ds = ds.map(_plain(lambda x, y: (_to_float(x, value_range), y)))
         if cache:
-            ds = ds.cache()
+            ds = ds.cache()  # uint8: a quarter of the memory of float batches
+        ds = ds.map(_plain(lambda x, y: (_to_float(x, value_range), y)))
         return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
 
     names = tf.data.Dataset.from_tensor_slices(files)
