@@ -277,3 +277,17 @@ def test_show_batch_titles_with_category_names_and_ids(records, tmp_path):
     ds = load_dataset(out, image_size=32, batch_size=4, training=False)
     titles = [ax.get_title() for ax in show_batch(ds).axes if ax.get_title()]
     assert len(titles) == 4 and all(t.endswith("...") for t in titles)
+
+
+def test_cache_options_keep_results(records):
+    out, manifest = records
+    ds = load_dataset(out, image_size=32, batch_size=100, training=False, cache=True)
+    first = [(x.numpy(), i.numpy()) for x, i in ds]
+    second = [(x.numpy(), i.numpy()) for x, i in ds]
+    assert sum(len(i) for _, i in first) == manifest["total"]
+    for (x1, i1), (x2, i2) in zip(first, second, strict=True):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(i1, i2)
+    ds = load_dataset(out, image_size=32, batch_size=64, training=True, cache=True)
+    for x, y in ds.take(6):  # more than one pass over the 245 records
+        assert x.shape == (64, 32, 32, 3) and y.shape == (64, 10)
