@@ -136,9 +136,9 @@ def write_records(
     label_map = sources.load_label_map(label_map)
     import pandas as pd
 
-    if isinstance(source, str | os.PathLike):
+    if isinstance(source, str | os.PathLike):  # a CSV path
+        _where = os.fspath(source)
         source = sources.read_table(source)
-        _where = _where if _where != "DataFrame" else "CSV"
     if isinstance(source, pd.DataFrame):
         return _write_table(
             source, out_dir, params, label_map, workers, overwrite, _where
