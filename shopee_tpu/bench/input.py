@@ -332,5 +332,8 @@ def run(args) -> dict:
         "median_cores_used": {
             k: round(statistics.median(v), 2) for k, v in cores_used.items()
         },
+        "per_round_cores_used": {
+            k: [round(x, 2) for x in v] for k, v in cores_used.items()
+        },
         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
     }
