@@ -136,11 +136,15 @@ class RunFolder:
         monitor: str,
         mode: str = "max",
         write: bool = True,
+        evaluated_weights=None,
     ) -> bool:
         """Commits a completed epoch (1-based); returns whether it is the new best.
 
         ``write=False`` (non-chief workers of a multi-worker run) updates nothing on
-        disk, so only one process writes the shared folder.
+        disk, so only one process writes the shared folder. ``evaluated_weights`` is
+        a context manager that swaps in the weights validation used (the EMA
+        weights), so ``best`` holds what was scored while ``last`` keeps the raw
+        training weights that the optimizer state belongs to.
         """
         value = row.get(monitor)
         best = self.state.get("best")
@@ -158,7 +162,12 @@ class RunFolder:
                     model.optimizer, os.path.join(tmp, "opt.npz"), epoch
                 ),
             }
-            if improved:
+            if improved and evaluated_weights is not None:
+                with evaluated_weights():
+                    staged[self.BEST] = _save_weights(
+                        model, os.path.join(tmp, self.BEST), epoch
+                    )
+            elif improved:
                 staged[self.BEST] = staged[self.LAST]
             for dst, local in staged.items():
                 src = f".pending-{epoch}-{dst}"

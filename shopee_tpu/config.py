@@ -414,31 +414,36 @@ _PRESETS["cdiscount"] = RunConfig(
 )
 
 # The demo: a small from-scratch EfficientNet on scikit-learn's digits, on 2 CPU
-# cores in a few minutes. BatchNorm momentum 0.9 lets the moving statistics keep up
-# with the few steps per epoch (at 0.99 validation accuracy swings wildly), and a
-# warmup + cosine schedule with Adam avoids the early-epoch blow-ups.
+# cores in a few minutes. From scratch with ~40 steps per epoch, validation accuracy
+# swung between 0.35 and 0.9 from epoch to epoch. What fixed it (measured, see the
+# README): BatchNorm momentum 0.9, so the moving statistics keep up with the weights;
+# an EMA of the weights (evaluated and checkpointed instead of the raw weights);
+# warmup + cosine; no stochastic depth for a model this small; and a light zoom/shift
+# augmentation (flips would change the digits' meaning).
 _PRESETS["demo"] = RunConfig(
     name="demo",
-    data=DataConfig(image_size=64, valid_fraction=0.1, cache=True),
+    data=DataConfig(image_size=32, valid_fraction=0.1, cache=True),
     model=ModelConfig(
         backbone="efficientnet-phi-3",
         weights=None,
-        drop_connect_rate=0.1,
+        drop_connect_rate=0.0,
         dropout=0.0,
         batchnorm_momentum=0.9,
     ),
     optim=OptimConfig(
         optimizer="adam",
-        learning_rate=3e-3,
+        learning_rate=1e-2,
         schedule="cosine",
         warmup_epochs=1,
         lr_start=1e-4,
         lr_min=1e-5,
         label_smoothing=0.1,
+        ema=True,
+        ema_momentum=0.99,
     ),
-    augment=AugmentConfig(flip_lr=False),
+    augment=AugmentConfig(flip_lr=False, zoom=0.1, shift=0.06),
     predict=PredictConfig(tta=("identity", "shift_2"), reduce="mean"),
-    epochs=8,
+    epochs=30,
     batch_size=32,
     seed=0,
     out_dir="runs/demo",

@@ -11,8 +11,10 @@ session limit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,12 +177,16 @@ def train(
         if verbose and done:
             print(f"{out_dir}: resuming after epoch {done} of {config.epochs}")
         budget = _TimeBudget(run, start, time_limit)
+        # EMA weights are swapped in for validation only; the commit saves the raw
+        # weights as `last` (they belong with the optimizer state) and the EMA
+        # weights, which were scored, as `best`.
+        swapper = keras.callbacks.SwapEMAWeights() if config.optim.ema else None
         callbacks = [
-            _EpochCommit(run, steps, global_batch, schedule, write=chief),
+            _EpochCommit(run, steps, global_batch, schedule, write=chief, ema=swapper),
             budget,
         ]
-        if config.optim.ema:
-            callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+        if swapper is not None:
+            callbacks.insert(0, swapper)
         if verbose:
             callbacks.append(_Progress(config.epochs, steps))
         model.fit(
@@ -293,11 +299,26 @@ class _EpochCommit(_import_callback_base()):
     """Commits each completed epoch to the run folder (weights, optimizer, history)."""
 
     def __init__(
-        self, run: RunFolder, steps: int, global_batch: int, schedule, *, write
+        self,
+        run: RunFolder,
+        steps: int,
+        global_batch: int,
+        schedule,
+        *,
+        write,
+        ema=None,
     ):
         super().__init__()
         self.run, self.steps, self.global_batch = run, steps, global_batch
-        self.schedule, self.write = schedule, write
+        self.schedule, self.write, self.ema = schedule, write, ema
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        self.ema._swap_variables()
+        try:
+            yield
+        finally:
+            self.ema._swap_variables()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.monotonic()
@@ -329,7 +350,12 @@ class _EpochCommit(_import_callback_base()):
             epoch_time_sec=round(now - self.t0, 2),
         )
         self.run.commit_epoch(
-            self.model, epoch + 1, row, monitor="val_accuracy", write=self.write
+            self.model,
+            epoch + 1,
+            row,
+            monitor="val_accuracy",
+            write=self.write,
+            evaluated_weights=self._ema_weights if self.ema is not None else None,
         )
 
 
@@ -379,8 +405,13 @@ class _Progress(_import_callback_base()):
     def on_epoch_begin(self, epoch, logs=None):
         from tqdm.auto import tqdm
 
+        # In logs (Kaggle's committed runs, CI) redraw rarely instead of per step.
+        interval = 0.1 if sys.stderr.isatty() or _in_notebook() else 30.0
         self.bar = tqdm(
-            total=self.steps, desc=f"epoch {epoch + 1}/{self.epochs}", leave=True
+            total=self.steps,
+            desc=f"epoch {epoch + 1}/{self.epochs}",
+            leave=True,
+            mininterval=interval,
         )
         self.last = 0
 
@@ -396,3 +427,7 @@ class _Progress(_import_callback_base()):
         if logs:
             self.bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items()})
         self.bar.close()
+
+
+def _in_notebook() -> bool:
+    return "ipykernel" in sys.modules
