@@ -94,7 +94,7 @@ def test_changed_config_is_refused_with_the_difference_named(tmp_path):
     RunFolder(tmp_path).check_config(
         cfg.override("out_dir=elsewhere", "predict.reduce=beta")
     )
-    with pytest.raises(ConfigMismatch, match=r"optim.learning_rate: 0.003 -> 0.1"):
+    with pytest.raises(ConfigMismatch, match=r"optim.learning_rate: 0.01 -> 0.1"):
         RunFolder(tmp_path).check_config(cfg.override("optim.learning_rate=0.1"))
 
 

@@ -158,7 +158,7 @@ def test_presets_exist_and_are_frozen():
     with pytest.raises(TypeError):
         PRESETS["demo"] = RunConfig()  # the registry itself is read-only
     changed = cfg.override("epochs=1")
-    assert RunConfig.preset("demo").epochs == 8 and changed.epochs == 1
+    assert RunConfig.preset("demo").epochs == 30 and changed.epochs == 1
     with pytest.raises(ConfigError, match="shopee-b0"):  # lists the known names
         RunConfig.preset("shopee-b9")
 
@@ -186,7 +186,7 @@ def test_a_file_naming_another_preset_than_the_command_line_is_an_error(tmp_path
 
 
 def test_config_diff_lists_changed_dotted_keys():
-    a = RunConfig.preset("demo")
+    a = RunConfig.preset("demo").override("epochs=8", "optim.learning_rate=0.003")
     b = a.override("epochs=2", "optim.learning_rate=0.01", "out_dir=/elsewhere")
 
     assert config_diff(a, a) == []
