@@ -88,6 +88,14 @@ def _plain(fn):
     return _tf().autograph.experimental.do_not_convert(fn)
 
 
+def _known_count(files) -> int | None:
+    """The record count from names or the manifest; None when only a scan could tell."""
+    try:
+        return count_records(files)
+    except ValueError:
+        return None
+
+
 def _manifest_classes(files: list[str]) -> int | None:
     from shopee_tpu.data.manifests import read_manifest
 
@@ -242,6 +250,11 @@ def load_dataset(
 
         ds = records.map(_plain(decode_eval), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=False)
+        n = _known_count(files) if num_workers == 1 else None
+        if n is not None:
+            # Telling tf.data the batch count lets Keras size validation epochs
+            # instead of running into the end of the data (and warning) each epoch.
+            ds = ds.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
         if cache:
             ds = ds.cache()  # uint8: a quarter of the memory of float batches
         ds = ds.map(_plain(lambda x, y: (_to_float(x, value_range), y)))
