@@ -114,7 +114,9 @@ def test_mixup_and_cutmix_soft_labels(photo):
         assert a.shape == (4, 48, 48, 3) and b.shape == (4, 4)
 
 
-def test_pipeline_and_affine_ops_run_in_tf_data_on_the_jax_backend(digits_dir, tmp_path):
+def test_pipeline_and_affine_ops_run_in_tf_data_on_the_jax_backend(
+    digits_dir, tmp_path
+):
     code = (
         f"""
 from shopee_tpu.data import load_dataset, write_records_from_csv

@@ -66,7 +66,9 @@ def _plain(size: int):
     model = keras.applications.EfficientNetB0(
         weights=None, input_shape=(size, size, 3), classes=CLASSES
     )
-    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"]
+    )
     return model
 
 
@@ -85,8 +87,12 @@ def measure_jax(size: int, batch: int, steps: int) -> float | None:
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     try:
         out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True,
-            timeout=1800, check=True,
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=True,
         ).stdout
         return json.loads(out.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError):
@@ -115,7 +121,8 @@ def run(args) -> dict:
     seconds = float(args.seconds or 20.0)
     steps = max(3, int(probe * seconds / batch))
     rates = alternate(
-        {name: (lambda m=m: _rate(m, ds, steps, batch)) for name, m in models.items()}, rounds
+        {name: (lambda m=m: _rate(m, ds, steps, batch)) for name, m in models.items()},
+        rounds,
     )
     result = {
         "benchmark": "train",
@@ -125,7 +132,9 @@ def run(args) -> dict:
         "steps_per_round": steps,
         "rounds": rounds,
         "ours_img_per_sec": round(float(np.median(rates["ours"])), 2),
-        "keras_applications_img_per_sec": round(float(np.median(rates["keras_applications"])), 2),
+        "keras_applications_img_per_sec": round(
+            float(np.median(rates["keras_applications"])), 2
+        ),
         "ratio_ours_vs_keras_applications": round(
             median_ratio(rates["ours"], rates["keras_applications"]), 3
         ),
