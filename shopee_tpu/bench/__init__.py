@@ -11,6 +11,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 _BENCHES = {
     "input": "shopee_tpu.bench.input",
     "train": "shopee_tpu.bench.train",
@@ -48,3 +50,22 @@ def timed_rate(fn: Callable[[], int]) -> float:
     start = time.perf_counter()
     n = fn()
     return n / (time.perf_counter() - start)
+
+
+def photo_crops(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``n`` real photo crops (scikit-learn's two sample photos) resized to ``size``,
+    as float32 pixels in 0..255: realistic inputs with no download."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photos = load_sample_images().images
+    out = np.empty((n, size, size, 3), np.float32)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(size, min(h, w)))
+        y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+        crop = Image.fromarray(photo[y : y + side, x : x + side])
+        out[i] = np.asarray(crop.resize((size, size), Image.BILINEAR), np.float32)
+    return out

@@ -16,31 +16,13 @@ import time
 
 import numpy as np
 
-from shopee_tpu.bench import alternate
+from shopee_tpu.bench import alternate, photo_crops
 
 VIEWS = ("identity", "flip_lr", "flip_ud", "rot180")
 IMAGE_SIZE = 96
 BATCH = 16
 CLASSES = 10
 BACKBONE = "efficientnet-b0"
-
-
-def _photos(n: int, size: int, seed: int = 0) -> np.ndarray:
-    """Real photo crops (scikit-learn's two sample photos), resized."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    rng = np.random.default_rng(seed)
-    photos = load_sample_images().images
-    out = np.empty((n, size, size, 3), np.float32)
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        side = int(rng.integers(size, min(h, w)))
-        y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
-        crop = Image.fromarray(photo[y : y + side, x : x + side])
-        out[i] = np.asarray(crop.resize((size, size), Image.BILINEAR), np.float32)
-    return out
 
 
 def _model(size: int):
@@ -96,14 +78,14 @@ def run(args) -> dict:
 
     # Warm up (trace both calls), then size a round so the one-view share of it
     # lasts about `seconds`.
-    probe = _photos(BATCH, IMAGE_SIZE)
+    probe = photo_crops(BATCH, IMAGE_SIZE)
     for _ in range(2):
         step_k(probe), step_1(probe)
     start = time.perf_counter()
     step_1(probe)
     per_batch = time.perf_counter() - start
     n_batches = max(2, round(seconds / max(per_batch, 1e-6)))
-    images = _photos(n_batches * BATCH, IMAGE_SIZE)
+    images = photo_crops(n_batches * BATCH, IMAGE_SIZE)
     batches = [images[i : i + BATCH] for i in range(0, len(images), BATCH)]
     calls = _interleaved(step_k, step_1, batches, k, rounds)
 

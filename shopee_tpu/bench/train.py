@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from shopee_tpu.bench import alternate, median_ratio
+from shopee_tpu.bench import alternate, median_ratio, photo_crops
 
 IMAGE_SIZE = 128
 BATCH = 16
@@ -26,22 +26,10 @@ CLASSES = 10
 
 
 def _images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Real photo crops (scikit-learn's two sample photos), resized, with labels."""
-    import tensorflow as tf
-    from sklearn.datasets import load_sample_images
-
-    rng = np.random.default_rng(seed)
-    photos = load_sample_images().images
-    out = np.empty((n, size, size, 3), np.float32)
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        side = int(rng.integers(size, min(h, w)))
-        y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
-        crop = photo[y : y + side, x : x + side]
-        out[i] = tf.image.resize(crop, (size, size)).numpy()
-    labels = np.eye(CLASSES, dtype=np.float32)[rng.integers(0, CLASSES, n)]
-    return out, labels
+    """Real photo crops with random one-hot labels."""
+    labels = np.eye(CLASSES, dtype=np.float32)
+    labels = labels[np.random.default_rng(seed).integers(0, CLASSES, n)]
+    return photo_crops(n, size, seed), labels
 
 
 def _dataset(images, labels, batch):
