@@ -14,7 +14,7 @@ without TensorFlow installed, and before the Keras backend is chosen.
 
 from __future__ import annotations
 
-import importlib
+from shopee_tpu.utils import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -32,14 +32,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'shopee_tpu' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -84,3 +84,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         else:
             with open(tmp, "wb") as f:
                 f.write(data)
+
+
+def lazy_exports(package: str, exports: dict[str, str]):
+    """Returns a package's ``__getattr__`` and ``__dir__`` (PEP 562) that import each
+    exported name from its module on first use.
+
+    Importing a package must not start TensorFlow or Keras: the backend is chosen
+    by ``shopee_tpu.connect()`` and TensorFlow may not be installed at all.
+
+    Args:
+        package: The package's ``__name__``, for the error message and the cache.
+        exports: ``{name: absolute module path}``.
+    """
+    import sys
+
+    def __getattr__(name: str):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def __dir__():
+        return sorted(exports)
+
+    return __getattr__, __dir__

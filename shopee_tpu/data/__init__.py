@@ -17,7 +17,7 @@ does.
 
 from __future__ import annotations
 
-import importlib
+from shopee_tpu.utils import lazy_exports
 
 _EXPORTS = {
     "write_records": "shopee_tpu.data.records",
@@ -43,14 +43,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'shopee_tpu.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -15,7 +15,7 @@ Submodules are imported on first use, so importing this package is cheap.
 
 from __future__ import annotations
 
-import importlib
+from shopee_tpu.utils import lazy_exports
 
 _EXPORTS = {
     "predict": "tta",
@@ -46,10 +46,6 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'shopee_tpu.inference' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"shopee_tpu.inference.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(
+    __name__, {k: f"{__name__}.{v}" for k, v in _EXPORTS.items()}
+)
