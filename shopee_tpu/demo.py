@@ -126,8 +126,9 @@ def score_submission(
         g = np.where(g == "", ids, g)  # an image without a product is its own product
         keys, product_probs = aggregate_products(g, probs.probs, "sum")
         pred_of = dict(zip(keys, product_probs.argmax(-1), strict=True))
-        with open(os.path.join(test_records, "manifest.json")) as f:
-            names = {v: k for k, v in json.load(f)["label_map"].items()}
+        from shopee_tpu.data.records import read_manifest
+
+        names = {v: k for k, v in read_manifest(test_records)["label_map"].items()}
         by_image = pd.Series([names[int(pred_of[k])] for k in g], index=ids)
         truth_cat = truth.set_index("filename").category.reindex(ids)
         scores["test_accuracy_product_sum"] = round(

@@ -48,8 +48,13 @@ class TrainResult:
 
     @property
     def class_names(self) -> list[str]:
-        inverse = {v: k for k, v in self.label_map.items()}
-        return [inverse.get(i, str(i)) for i in range(len(inverse))]
+        """Category names in class-id order."""
+        return class_names(self.label_map)
+
+
+def class_names(label_map: dict[str, int]) -> list[str]:
+    """Category names in class-id order, from a ``{category: class_id}`` map."""
+    return [k for k, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
 
 
 def train(
@@ -258,7 +263,7 @@ def _report(run, model, valid_ds, schedule, steps, config, label_map, metrics) -
     """Plots into the run folder and adds validation figures to ``metrics``."""
     from shopee_tpu import plots
 
-    names = [k for k, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
+    names = class_names(label_map)
     if run.history:
         plots.plot_history(run.history, run.file("history.png"))
     plots.plot_lr_schedule(
