@@ -1,17 +1,21 @@
 """``connect()``: find the hardware, set up distribution, return an ``Accelerator``.
 
-The only module that knows about TPUs, ``tf.distribute`` and ``keras.distribution``;
-everything else uses an ``Accelerator``'s ``scope()``, ``replicas`` and ``batch_size()``.
+With ``shopee_tpu.multihost`` (what several processes share), the only module that
+knows about TPUs, ``tf.distribute`` and ``keras.distribution``; everything else uses
+an ``Accelerator``'s ``scope()``, ``replicas``, ``batch_size()`` and ``sync()``.
 
-============  ================================================  ==================
+============  ================================================  ======================
 Situation     TensorFlow backend                                JAX backend
-============  ================================================  ==================
+============  ================================================  ======================
 TPU           TPUClusterResolver(tpu="local") on a TPU VM, or   DataParallel over
               TPU_NAME; connect, initialize, TPUStrategy        all jax.devices()
 Several GPUs  MirroredStrategy                                  DataParallel
-TF_CONFIG     MultiWorkerMirroredStrategy                       --
+Several       TF_CONFIG: MultiWorkerMirroredStrategy            keras.distribution
+hosts                                                           .initialize(), then
+                                                                DataParallel over
+                                                                every host's devices
 Otherwise     default strategy                                  default
-============  ================================================  ==================
+============  ================================================  ======================
 
 Kaggle's TPU v5e-8 image ships ``tensorflow-cpu``, so TensorFlow sees no TPU there
 while JAX does. When Keras has not been imported yet (note: ``import tensorflow``
@@ -29,6 +33,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
+
+from shopee_tpu import multihost
+from shopee_tpu.multihost import initialize_hosts
 
 __all__ = ["Accelerator", "AcceleratorNotFound", "connect"]
 
@@ -56,7 +63,8 @@ class Accelerator:
         worker_index: This process's index among them (0 is the chief).
         precision: The Keras dtype policy in force.
         note: Why the setup differs from what was asked (auto-mode fallbacks).
-        devices: Names of the local devices in use.
+        devices: Names of this host's devices in use.
+        local_replicas: Replicas on this host (``replicas`` over all hosts).
     """
 
     kind: str
@@ -69,6 +77,7 @@ class Accelerator:
     precision: str = "float32"
     note: str = ""
     devices: list[str] = field(default_factory=list)
+    local_replicas: int = 1
 
     def scope(self):
         """Context manager in which models, optimizers and metrics are created."""
@@ -79,6 +88,34 @@ class Accelerator:
     def batch_size(self, per_replica: int) -> int:
         """The global batch size for ``per_replica`` examples on each replica."""
         return int(per_replica) * self.replicas
+
+    def host_batch_size(self, per_replica: int) -> int:
+        """The batch this host's input pipeline yields for ``load_dataset``.
+
+        JAX assembles a global batch from every host's rows (each host feeds its
+        own devices); ``tf.distribute`` takes the global batch on each worker and
+        splits it itself.
+        """
+        if self.backend == "jax":
+            return int(per_replica) * self.local_replicas
+        return self.batch_size(per_replica)
+
+    @property
+    def chief(self) -> bool:
+        """Whether this process writes shared outputs (process 0)."""
+        return self.worker_index == 0
+
+    def sync(self, name: str) -> None:
+        """Waits until every process reaches the same ``sync(name)``."""
+        if self.num_workers > 1:
+            multihost.barrier(self, name)
+
+    def from_chief(self, value: float) -> float:
+        """The chief's ``value`` on every process (decisions all must share, such
+        as stopping at a time limit, measured by each process's own clock)."""
+        if self.num_workers == 1:
+            return value
+        return multihost.broadcast_from_chief(self, value)
 
     @property
     def summary(self) -> str:
@@ -93,7 +130,10 @@ class Accelerator:
             f"backend={self.backend}, {how}, precision={self.precision}"
         )
         if self.num_workers > 1:
-            line += f", worker {self.worker_index + 1}/{self.num_workers}"
+            line += (
+                f", hosts={self.num_workers}, "
+                f"worker {self.worker_index + 1}/{self.num_workers}"
+            )
         if self.note:
             line += f" ({self.note})"
         return line
@@ -283,7 +323,13 @@ def _tf_accelerator(tf, kind: str, strat, **extra) -> Accelerator:
     except RuntimeError:  # the default strategy: the first local device
         devices = [d.name for d in tf.config.list_logical_devices(kind.upper())[:1]]
     return Accelerator(
-        kind, strat.num_replicas_in_sync, "tensorflow", strat, devices=devices, **extra
+        kind,
+        strat.num_replicas_in_sync,
+        "tensorflow",
+        strat,
+        devices=devices,
+        local_replicas=len(devices),
+        **extra,
     )
 
 
@@ -332,6 +378,9 @@ def _connect_jax(device: str, strategy: str | None) -> Accelerator:
     import jax
     import keras
 
+    # Several hosts (a TPU pod slice, or processes named by Keras's variables)
+    # join one runtime first; jax.devices() then lists every host's devices.
+    hosts_note = initialize_hosts()
     devices = jax.devices()
     platform = devices[0].platform.lower()
     kind = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(
@@ -351,14 +400,23 @@ def _connect_jax(device: str, strategy: str | None) -> Accelerator:
     if device == "auto" and kind == "cpu":
         note = "auto: no TPU or GPU found, fell back to CPU"
 
-    # DataParallel: one replica per device, the global batch split along axis 0.
-    # Several hosts would need keras.distribution.initialize() before this call.
+    if hosts_note:
+        note = f"{note}; {hosts_note}" if note else hosts_note
+
+    # DataParallel: one replica per device of every host, the global batch split
+    # along axis 0; each host feeds the rows of its own devices.
     distribution = None
+    if jax.process_count() > 1 and strategy == "default":
+        raise ValueError(
+            f"strategy='default' on {jax.process_count()} JAX processes: every "
+            "process would train its own model; drop the strategy argument"
+        )
     if strategy != "default" and len(devices) > 1:
         distribution = keras.distribution.DataParallel(
             devices=[f"{d.platform}:{d.id}" for d in devices]
         )
     keras.distribution.set_distribution(distribution)
+    local = [d for d in devices if d.process_index == jax.process_index()]
     return Accelerator(
         kind=kind,
         replicas=len(devices) if distribution is not None else 1,
@@ -367,7 +425,8 @@ def _connect_jax(device: str, strategy: str | None) -> Accelerator:
         num_workers=jax.process_count(),
         worker_index=jax.process_index(),
         note=note,
-        devices=[str(d) for d in devices],
+        devices=[str(d) for d in local],
+        local_replicas=len(local) if distribution is not None else 1,
     )
 
 

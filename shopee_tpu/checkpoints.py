@@ -110,8 +110,11 @@ class RunFolder:
 
     # -- config -----------------------------------------------------------------
 
-    def check_config(self, config: RunConfig) -> None:
-        """Saves the config on a fresh run; refuses a resume whose config differs."""
+    def check_config(self, config: RunConfig, *, write: bool = True) -> None:
+        """Saves the config on a fresh run; refuses a resume whose config differs.
+
+        ``write=False`` (processes other than the chief) only checks.
+        """
         path = self.file("config.json")
         fs = self._fs()
         if self.epoch > 0 and fs.exists(path):
@@ -123,7 +126,8 @@ class RunFolder:
                     "two trainings. Use a new --out folder, or undo these changes:\n  "
                     + "\n  ".join(diff)
                 )
-        config.save(path)
+        if write:
+            config.save(path)
 
     # -- checkpoints ------------------------------------------------------------
 

@@ -108,8 +108,8 @@ def train(
         verbose=verbose > 0,
     )
     chief = acc.worker_index == 0
-    run = RunFolder(out_dir)
-    run.check_config(config)
+    run = _open_run(out_dir, config, acc)
+    verbose = verbose if chief else 0  # one progress bar per run, not per host
     keras.utils.set_random_seed(config.seed)
 
     files = pipeline.list_files(config.data.train)
@@ -138,11 +138,11 @@ def train(
     global_batch = acc.batch_size(config.batch_size)
     n_train = pipeline.count_records(train_files)
     n_valid = pipeline.count_records(valid_files)
-    steps = config.steps_per_epoch or max(1, n_train // global_batch)
+    steps, per_call = _epoch_steps(config, n_train, global_batch, verbose)
     common = dict(
         schema=config.data.schema,
         image_size=image_size,
-        batch_size=global_batch,
+        batch_size=acc.host_batch_size(config.batch_size),
         num_classes=num_classes,
         num_workers=acc.num_workers,
         worker_index=acc.worker_index,
@@ -155,15 +155,24 @@ def train(
         shuffle_buffer=config.data.shuffle_buffer,
         **common,
     )
+    # Full batches on any replica count; padding rows weigh 0 in the metrics.
     valid_ds = pipeline.load_dataset(
-        valid_files, training=False, labels=True, cache=config.data.cache, **common
+        valid_files,
+        training=False,
+        labels=True,
+        pad=True,
+        cache=config.data.cache,
+        **common,
+    )
+    valid_rows = global_batch * pipeline.eval_batches(
+        valid_files, common["batch_size"], acc.num_workers
     )
 
     with acc.scope():
         model = build_from_config(config.model, num_classes, image_size=image_size)
         compile_model(
             model,
-            config.optim,
+            config.optim.replace(steps_per_execution=per_call),
             steps_per_epoch=steps,
             epochs=config.epochs,
             replicas=acc.replicas,
@@ -181,12 +190,13 @@ def train(
     elif done < config.epochs:
         if verbose and done:
             print(f"{out_dir}: resuming after epoch {done} of {config.epochs}")
-        budget = _TimeBudget(run, start, time_limit)
+        budget = _TimeBudget(run, start, time_limit, agree=acc.from_chief)
         # EMA weights are swapped in for validation only; the commit saves the raw
         # weights as `last` (they belong with the optimizer state) and the EMA
         # weights, which were scored, as `best`.
         swapper = keras.callbacks.SwapEMAWeights() if config.optim.ema else None
         callbacks = [
+            _UnpaddedValidationLoss(valid_rows / max(1, n_valid)),
             _EpochCommit(run, steps, global_batch, schedule, write=chief, ema=swapper),
             budget,
         ]
@@ -207,12 +217,19 @@ def train(
     finished = run.epoch >= config.epochs
     if chief:
         run.mark_finished(finished, stop_reason=stop_reason)
+    if acc.num_workers > 1:  # the others read what the chief committed
+        acc.sync("shopee_tpu.train.end")
+        run = run if chief else RunFolder(out_dir)
 
     if run.exists(RunFolder.BEST):
         run.restore(model, optimizer=False, which=RunFolder.BEST)
     metrics = _final_metrics(run, config, acc, n_train, n_valid, start, stop_reason)
+    metrics.update(
+        steps_per_epoch=steps, steps_per_execution=per_call, hosts=acc.num_workers
+    )
+    if chief or acc.backend == "jax":  # JAX: every host takes part in predicting
+        _report(run, model, valid_ds, schedule, steps, config, label_map, metrics, acc)
     if chief:
-        _report(run, model, valid_ds, schedule, steps, config, label_map, metrics)
         atomic_write_text(
             run.file("metrics.json"), json.dumps(metrics, indent=1) + "\n"
         )
@@ -223,6 +240,53 @@ def train(
             f"{out_dir}: {how_far}{note}; best val accuracy {metrics['best_val_accuracy']}"
         )
     return TrainResult(model, metrics, run.history, out_dir, label_map)
+
+
+def _open_run(out_dir: str, config: RunConfig, acc) -> RunFolder:
+    """The run folder, opened by the chief first: it completes an interrupted
+    commit and saves the config; the other processes then only read."""
+    if acc.chief:
+        run = RunFolder(out_dir)
+        run.check_config(config)
+    acc.sync("shopee_tpu.train.open")
+    if not acc.chief:
+        run = RunFolder(out_dir)
+        run.check_config(config, write=False)
+    return run
+
+
+def _epoch_steps(
+    config: RunConfig, n_train: int, global_batch: int, verbose: int
+) -> tuple[int, int]:
+    """Steps per epoch, and steps per compiled call that divide them.
+
+    Keras runs ``steps_per_execution`` steps per call even past the end of an
+    epoch (the training data repeats), so a count that does not divide the epoch
+    would stretch it: 32 steps in an epoch of 31, optimizer iterations that are no
+    longer a multiple of the epoch, and a schedule that drifts. A derived epoch is
+    rounded down to a multiple of the calls (less than one call's worth of
+    batches); an explicit ``steps_per_epoch`` is kept and the call shrinks to its
+    largest divisor. An epoch shorter than one call is one call.
+    """
+    asked = max(1, int(config.optim.steps_per_execution))
+    if config.steps_per_epoch:
+        steps = int(config.steps_per_epoch)
+        per_call = max(d for d in range(1, min(asked, steps) + 1) if steps % d == 0)
+    else:
+        whole = max(1, n_train // global_batch)
+        steps = whole - whole % asked if whole >= asked else whole
+        per_call = min(asked, steps)
+        if verbose and steps != whole:
+            print(
+                f"shopee_tpu: {steps} steps per epoch instead of {whole}, a multiple "
+                f"of steps_per_execution={asked}"
+            )
+    if verbose and per_call != asked:
+        print(
+            f"shopee_tpu: steps_per_execution {per_call} instead of {asked}, so "
+            f"that it divides the {steps} steps of an epoch"
+        )
+    return steps, per_call
 
 
 def _manifest_near(files: list[str]) -> dict | None:
@@ -259,27 +323,44 @@ def _final_metrics(run, config, acc, n_train, n_valid, start, stop_reason) -> di
     }
 
 
-def _report(run, model, valid_ds, schedule, steps, config, label_map, metrics) -> None:
-    """Plots into the run folder and adds validation figures to ``metrics``."""
-    from shopee_tpu import plots
+def _report(
+    run, model, valid_ds, schedule, steps, config, label_map, metrics, acc
+) -> None:
+    """Plots into the run folder and adds validation figures to ``metrics``.
+
+    On several JAX hosts every host predicts its part of the validation records
+    together with the others; the chief gathers the parts and writes.
+    """
+    from shopee_tpu import multihost, plots
 
     names = class_names(label_map)
-    if run.history:
-        plots.plot_history(run.history, run.file("history.png"))
-    plots.plot_lr_schedule(
-        schedule,
-        steps * config.epochs,
-        run.file("lr_schedule.png"),
-        steps_per_epoch=steps,
+    if acc.chief:
+        if run.history:
+            plots.plot_history(run.history, run.file("history.png"))
+        plots.plot_lr_schedule(
+            schedule,
+            steps * config.epochs,
+            run.file("lr_schedule.png"),
+            steps_per_epoch=steps,
+        )
+    several = acc.backend == "jax" and acc.num_workers > 1
+    predict = (
+        multihost.predict_function(acc, model) if several else model.predict_on_batch
     )
     images, labels, probs = [], [], []
-    for x, y in valid_ds:
-        p = model.predict_on_batch(x)
-        probs.append(np.asarray(p, dtype=np.float32))
-        labels.append(np.argmax(np.asarray(y), axis=-1))
-        if sum(len(i) for i in images) < 16:
-            images.append(np.asarray(x))
-    if not probs:
+    for x, y, weight in valid_ds:
+        x, y = np.asarray(x), np.asarray(y)
+        real = np.asarray(weight) > 0  # padding rows complete the last batch only
+        p = np.asarray(predict(x), dtype=np.float32)
+        want_images = sum(len(i) for i in images) < 16
+        if several:
+            p, y, real = (multihost.gather(acc, a) for a in (p, y, real))
+            x = multihost.gather(acc, x) if want_images else x
+        probs.append(p[real])
+        labels.append(np.argmax(y[real], axis=-1))
+        if want_images:
+            images.append(x[real])
+    if not probs or not acc.chief:
         return
     probs_all, y_true = np.concatenate(probs), np.concatenate(labels)
     y_pred = probs_all.argmax(-1)
@@ -373,17 +454,21 @@ class _TimeBudget(_import_callback_base()):
     is kept; the first epoch always finishes, else nothing would be saved at all.
     """
 
-    def __init__(self, run: RunFolder, start: float, limit: float | None):
+    def __init__(self, run: RunFolder, start: float, limit: float | None, agree=None):
         super().__init__()
         self.run, self.start, self.limit, self.reason = run, start, limit, None
         self.longest = 0.0
+        # Several processes must stop at the same step: the chief's clock decides.
+        self.agree = agree or (lambda flag: flag)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
-        over = self.limit is not None and time.monotonic() - self.start > self.limit
-        if over and self.run.epoch > 0 and not self.model.stop_training:
+        if self.limit is None or self.model.stop_training:
+            return
+        over = time.monotonic() - self.start > self.limit and self.run.epoch > 0
+        if self.agree(float(over)):
             self.model.stop_training = True
             self.reason = f"time limit {self.limit:.0f}s reached mid-epoch; kept epoch {self.run.epoch}"
 
@@ -392,12 +477,30 @@ class _TimeBudget(_import_callback_base()):
         if self.limit is None or self.reason:
             return
         elapsed = time.monotonic() - self.start
-        if elapsed + 1.1 * self.longest > self.limit:
+        if self.agree(float(elapsed + 1.1 * self.longest > self.limit)):
             self.model.stop_training = True
             self.reason = (
                 f"time limit {self.limit:.0f}s: {elapsed:.0f}s used, the next epoch "
                 f"needs about {self.longest:.0f}s"
             )
+
+
+class _UnpaddedValidationLoss(_import_callback_base()):
+    """Rescales ``val_loss`` to a mean over the real validation records.
+
+    Validation batches are padded to full size with rows of sample weight 0.
+    Accuracy weighs by sample weight, so it is exact; Keras's loss tracker divides
+    each batch's weighted sum by the batch size, padding included, so its mean is
+    the real mean times ``real / padded``. ``padded_per_real`` undoes that.
+    """
+
+    def __init__(self, padded_per_real: float):
+        super().__init__()
+        self.factor = padded_per_real
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs and "val_loss" in logs:
+            logs["val_loss"] = float(logs["val_loss"]) * self.factor
 
 
 class _Progress(_import_callback_base()):

@@ -9,15 +9,17 @@ takes minutes, so it is never done implicitly.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
 from shopee_tpu.utils import is_remote
 
-__all__ = ["list_files", "count_records", "holdout_files"]
+__all__ = ["list_files", "count_records", "holdout_files", "HoldoutWarning"]
 
 _COUNT = re.compile(r"-(\d+)\.tfrec(?:ord)?$")
 _SUFFIXES = ("*.tfrec", "*.tfrecord", "*.tfrecords")
@@ -107,7 +109,11 @@ def holdout_files(
     """A seeded choice of whole shards for validation.
 
     With our writer each shard is a stratified fold that keeps products together, so
-    this is a stratified split by group.
+    this is a stratified split by group. It holds out ``round(fraction * shards)``
+    shards, which honours ``fraction`` to within half a shard's share; when that
+    rounds to no shard (or to all), one shard is held out (or kept) instead and a
+    ``HoldoutWarning`` says what fraction was used, why, and how many shards would
+    give the one asked.
 
     Returns:
         ``(train_files, valid_files)``, each sorted; at least one of each when
@@ -123,8 +129,35 @@ def holdout_files(
             f"holding out {fraction:.0%} of the shards needs at least 2 files, got "
             f"{len(files)}; write more shards (--shards) or pass validation records"
         )
-    n_valid = min(len(files) - 1, max(1, round(fraction * len(files))))
+    wanted = round(fraction * len(files))
+    n_valid = min(len(files) - 1, max(1, wanted))
     chosen = set(np.random.default_rng(seed).choice(len(files), n_valid, replace=False))
     train = [f for i, f in enumerate(files) if i not in chosen]
     valid = [f for i, f in enumerate(files) if i in chosen]
+    if n_valid != wanted:
+        warnings.warn(
+            _holdout_note(fraction, files, valid), HoldoutWarning, stacklevel=2
+        )
     return train, valid
+
+
+class HoldoutWarning(UserWarning):
+    """The validation hold-out differs from ``valid_fraction`` by more than half a
+    shard's share, because it takes whole shards."""
+
+
+def _holdout_note(fraction: float, files: list[str], valid: list[str]) -> str:
+    try:
+        used = count_records(valid) / count_records(files)
+        what = "of the records"
+    except ValueError:
+        used = len(valid) / len(files)
+        what = "of the shards"
+    shards = max(2, math.ceil(1 / min(fraction, 1 - fraction) - 1e-9))
+    return (
+        f"valid_fraction {fraction:g}: held out {len(valid)} of {len(files)} shards = "
+        f"{used:.1%} {what}. The hold-out takes whole shards (each keeps its "
+        f"products together), so {len(files)} shards split in steps of "
+        f"{1 / len(files):.0%}. Write {shards} or more shards (--shards {shards}) "
+        f"for {fraction:.0%}, or pass validation records (data.valid)."
+    )

@@ -4,8 +4,10 @@ Training reads shards interleaved and in parallel with ``deterministic=False``,
 shuffles and repeats, decodes (at 1/2, 1/4 or 1/8 scale straight from the JPEG
 DCT when the stored image is at least that much larger than needed), resizes only
 when the size differs, augments, and batches with ``drop_remainder=True`` so every
-shape is static for TPUs. Evaluation reads the files in order, once, keeps the last
-partial batch and keeps ids aligned with images.
+shape is static for TPUs. Evaluation reads the files in order, once, and keeps ids
+aligned with images; it keeps the last partial batch, or with ``pad=True`` fills it
+with blank rows of sample weight 0 (validation on N replicas: full batches, each
+record counted once).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from shopee_tpu.data.schemas import Schema, check_features, get_schema, probe_fe
 
 __all__ = [
     "load_dataset",
+    "eval_batches",
     "read_ids_labels",
     "list_files",
     "count_records",
@@ -140,6 +143,53 @@ def _to_float(images, value_range):
     return images * ((hi - lo) / 255.0) + lo
 
 
+def _worker_counts(files: list[str], num_workers: int) -> list[int]:
+    """Records each evaluation pipeline reads, split as ``load_dataset`` splits."""
+    if num_workers > 1 and len(files) >= num_workers:
+        return [count_records(files[w::num_workers]) for w in range(num_workers)]
+    n = count_records(files)
+    return [len(range(w, n, num_workers)) for w in range(num_workers)]
+
+
+def eval_batches(files_or_pattern, batch_size: int, num_workers: int = 1) -> int:
+    """Batches per worker of ``load_dataset(..., training=False, pad=True)``: enough
+    for the worker with the most records (all yield this many).
+
+    Raises:
+        ValueError: The record count is unknown (no count in the file names and no
+            manifest); it is never scanned implicitly.
+    """
+    counts = _worker_counts(list_files(files_or_pattern), num_workers)
+    return max(1, -(-max(counts) // batch_size))
+
+
+def _pad_to_batches(ds, files, batch_size: int, num_workers: int, worker_index: int):
+    """Adds a weight to each ``(image, y)`` and blank weight-0 rows after the last
+    record; returns ``(batched dataset, batch count or None)``."""
+    tf = _tf()
+    ds = ds.map(lambda x, y: (x, y, tf.constant(1.0, tf.float32)))
+    blank = tf.nest.map_structure(
+        lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec
+    )
+    try:
+        n = _worker_counts(files, num_workers)[worker_index]
+        batches = eval_batches(files, batch_size, num_workers)
+    except ValueError:
+        if num_workers > 1:
+            raise ValueError(
+                f"evaluation over {num_workers} workers needs the record counts of "
+                f"{files[0]} ...: every worker must yield the same number of "
+                "batches; write the records with `shopee-tpu tfrecords` (manifest) "
+                "or name them ...-<count>.tfrec"
+            ) from None
+        # One worker with an unknown count: batch_size - 1 blanks complete the
+        # last batch; a batch made only of blanks is dropped.
+        filler = tf.data.Dataset.from_tensors(blank).repeat(batch_size - 1)
+        return ds.concatenate(filler).batch(batch_size, drop_remainder=True), None
+    filler = tf.data.Dataset.from_tensors(blank).repeat(batches * batch_size - n)
+    return ds.concatenate(filler).batch(batch_size, drop_remainder=True), batches
+
+
 def load_dataset(
     files_or_pattern,
     *,
@@ -156,6 +206,7 @@ def load_dataset(
     num_workers: int = 1,
     worker_index: int = 0,
     value_range: tuple[float, float] = (0, 255),
+    pad: bool = False,
 ):
     """Builds the ``tf.data`` pipeline over TFRecord shards.
 
@@ -182,6 +233,12 @@ def load_dataset(
             ``num_workers``-th record.
         worker_index: This pipeline's index, ``0 <= worker_index < num_workers``.
         value_range: Output pixel range; ``(0, 255)`` is the model input contract.
+        pad: Evaluation only: fill the last batch with blank records and yield a
+            third element, the sample weight (1 real, 0 padding), so every batch
+            has ``batch_size`` rows (static shapes that split over any number of
+            replicas) and metrics weighted by it count each record exactly once.
+            With ``num_workers > 1`` every worker yields the same number of
+            batches (``eval_batches``), so they can step together.
 
     Returns:
         A ``tf.data.Dataset``.
@@ -249,15 +306,22 @@ def load_dataset(
             return image, ex["id"]
 
         ds = records.map(_plain(decode_eval), num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(batch_size, drop_remainder=False)
-        n = _known_count(files) if num_workers == 1 else None
-        if n is not None:
+        if pad:
+            every_file = list_files(files_or_pattern)  # `files` is this worker's
+            ds, batches = _pad_to_batches(
+                ds, every_file, batch_size, num_workers, worker_index
+            )
+        else:
+            ds = ds.batch(batch_size, drop_remainder=False)
+            n = _known_count(files) if num_workers == 1 else None
+            batches = None if n is None else -(-n // batch_size)
+        if batches is not None:
             # Telling tf.data the batch count lets Keras size validation epochs
             # instead of running into the end of the data (and warning) each epoch.
-            ds = ds.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
+            ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
         if cache:
             ds = ds.cache()  # uint8: a quarter of the memory of float batches
-        ds = ds.map(_plain(lambda x, y: (_to_float(x, value_range), y)))
+        ds = ds.map(_plain(lambda x, *rest: (_to_float(x, value_range), *rest)))
         return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
 
     names = tf.data.Dataset.from_tensor_slices(files)

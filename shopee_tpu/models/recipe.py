@@ -293,7 +293,9 @@ def compile_model(
     model.compile(
         optimizer=make_optimizer(optim, schedule),
         loss=make_loss(optim),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        # Weighted: padded validation batches give their blank rows weight 0
+        # (batches without weights count every row, as plain metrics do).
+        weighted_metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         steps_per_execution=max(1, int(optim.steps_per_execution)),
         jit_compile=jit_compile,
     )

@@ -1,0 +1,184 @@
+"""What the processes of one run share: joining, waiting, agreeing and gathering.
+
+A TPU pod slice larger than one VM (v5e-16 and up) runs the same program on every
+host, one process each. On the JAX backend those processes join one runtime with
+``keras.distribution.initialize()`` before JAX starts; ``jax.devices()`` then lists
+every host's devices, one ``DataParallel`` spans them, and each host feeds the rows
+of its own devices. ``connect()`` joins when:
+
+- Keras's own variables are set: ``KERAS_DISTRIBUTION_JOB_ADDRESSES`` (the
+  coordinator's ``host:port`` first), ``KERAS_DISTRIBUTION_NUM_PROCESSES`` and
+  ``KERAS_DISTRIBUTION_PROCESS_ID`` (any launcher, or processes on one machine);
+- or the TPU runtime names several hosts (``TPU_WORKER_HOSTNAMES`` or
+  ``TPU_PROCESS_ADDRESSES`` with more than one entry, or ``MEGASCALE_NUM_SLICES``
+  above 1), where JAX finds its peers by itself.
+
+The other helpers (``barrier``, ``broadcast_from_chief``, ``gather``) are what
+``Accelerator.sync``/``from_chief`` and the training loop use so that every process
+takes the same decisions and only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+__all__ = [
+    "KERAS_ENV",
+    "multi_host_reason",
+    "initialize_hosts",
+    "barrier",
+    "broadcast_from_chief",
+    "gather",
+    "predict_function",
+]
+
+KERAS_ENV = (
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+    "KERAS_DISTRIBUTION_NUM_PROCESSES",
+    "KERAS_DISTRIBUTION_PROCESS_ID",
+)
+_TPU_HOST_LISTS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
+
+
+def multi_host_reason(environ: dict[str, str] | None = None) -> str | None:
+    """Why this process should join others (from the environment), or ``None``."""
+    env = os.environ if environ is None else environ
+    if any(env.get(k) for k in KERAS_ENV):
+        n = env.get("KERAS_DISTRIBUTION_NUM_PROCESSES")
+        if n is not None and n.strip() == "1":
+            return None
+        return "KERAS_DISTRIBUTION_* variables"
+    for key in _TPU_HOST_LISTS:
+        hosts = [h for h in env.get(key, "").split(",") if h.strip()]
+        if len(hosts) > 1:
+            return f"TPU slice of {len(hosts)} hosts ({key})"
+    if int(env.get("MEGASCALE_NUM_SLICES") or 1) > 1:
+        return "multislice TPU (MEGASCALE_NUM_SLICES)"
+    return None
+
+
+def initialize_hosts() -> str:
+    """Joins the other processes (JAX backend) when the environment says so.
+
+    Returns:
+        ``""``, or a note for the summary line when nothing needed doing because
+        the caller had already initialized ``jax.distributed`` itself.
+
+    Raises:
+        RuntimeError: Joining failed; the message names the variables used.
+    """
+    reason = multi_host_reason()
+    if reason is None:
+        return ""
+    import jax
+
+    if jax.distributed.is_initialized():
+        return "jax.distributed already initialized"
+    _cpu_collectives(jax)
+    import keras
+
+    try:
+        keras.distribution.initialize()
+    except (RuntimeError, ValueError) as e:
+        names = {k: os.environ.get(k) for k in KERAS_ENV if os.environ.get(k)}
+        raise RuntimeError(
+            f"joining the other processes ({reason}; {names or 'TPU runtime'}) "
+            f"failed: {e}. Call shopee_tpu.connect() before any JAX computation, "
+            "and start every process with the same coordinator address and count."
+        ) from e
+    return ""
+
+
+def _cpu_collectives(jax) -> None:
+    """Cross-process collectives on CPU need an implementation: gloo (the default
+    since jax 0.4.3x; older versions had none, and their all-reduce failed)."""
+    try:
+        if not jax.config.jax_cpu_collectives_implementation:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:  # a jax without the option: nothing to choose
+        pass
+
+
+# ---------------------------------------------------------------------------
+# Collectives between the processes of a run (the Accelerator calls these only
+# when there are several processes).
+
+
+def barrier(acc, name: str) -> None:
+    """Blocks until every process reaches ``barrier(acc, name)``."""
+    if acc.backend == "jax":
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+    else:
+        _tf_max(acc.strategy, 0.0)
+
+
+def broadcast_from_chief(acc, value: float) -> float:
+    """Process 0's ``value`` on every process."""
+    if acc.backend == "jax":
+        from jax.experimental import multihost_utils
+
+        return float(multihost_utils.broadcast_one_to_all(np.float32(value)))
+    # Every worker but the chief offers the smallest float: the maximum is the
+    # chief's value.
+    mine = value if acc.worker_index == 0 else float(np.finfo(np.float32).min)
+    return _tf_max(acc.strategy, mine)
+
+
+def _tf_max(strategy, value: float) -> float:
+    from shopee_tpu.utils import require_tensorflow
+
+    tf = require_tensorflow()
+    per_replica = strategy.run(lambda: tf.constant(value, tf.float32))
+    return float(strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None))
+
+
+def gather(acc, local: np.ndarray) -> np.ndarray:
+    """Concatenates every process's ``local`` rows in process order (JAX backend;
+    every process passes the same shape)."""
+    if acc.num_workers == 1:
+        return np.asarray(local)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def predict_function(acc, model):
+    """A function: this process's image rows -> their probabilities, when the
+    batch is split over several processes' devices.
+
+    ``model.predict_on_batch`` would treat a host's rows as the whole batch; this
+    assembles the global batch from every host's rows (as ``fit`` does), runs the
+    model once, and returns this host's rows of the result. Every process must call
+    it the same number of times with the same shape.
+    """
+    import jax
+
+    dist = acc.distribution
+
+    def layout(rank: int):
+        return dist.get_data_layout((1,) * rank).backend_layout
+
+    # The output stays split by rows like the input, so each host holds its own.
+    run = jax.jit(
+        lambda trainable, non_trainable, x: model.stateless_call(
+            trainable, non_trainable, x, training=False
+        )[0],
+        out_shardings=layout(2),
+    )
+
+    def call(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        x = jax.make_array_from_process_local_data(layout(images.ndim), images)
+        out = run(
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            x,
+        )
+        rows = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return np.concatenate([np.asarray(s.data) for s in rows])
+
+    return call
