@@ -113,7 +113,7 @@ def barrier(acc, name: str) -> None:
 
         multihost_utils.sync_global_devices(name)
     else:
-        _tf_max(acc.strategy, 0.0)
+        _tf_first_replica(acc.strategy, 0.0)
 
 
 def broadcast_from_chief(acc, value: float) -> float:
@@ -122,18 +122,22 @@ def broadcast_from_chief(acc, value: float) -> float:
         from jax.experimental import multihost_utils
 
         return float(multihost_utils.broadcast_one_to_all(np.float32(value)))
-    # Every worker but the chief offers the smallest float: the maximum is the
-    # chief's value.
-    mine = value if acc.worker_index == 0 else float(np.finfo(np.float32).min)
-    return _tf_max(acc.strategy, mine)
+    return _tf_first_replica(acc.strategy, value)
 
 
-def _tf_max(strategy, value: float) -> float:
+def _tf_first_replica(strategy, value: float) -> float:
+    """The value of replica 0 (the chief's first) on every worker: an all-reduce
+    to which the other replicas add zero."""
     from shopee_tpu.utils import require_tensorflow
 
     tf = require_tensorflow()
-    per_replica = strategy.run(lambda: tf.constant(value, tf.float32))
-    return float(strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None))
+
+    def offer():
+        first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+        return tf.where(first, tf.constant(value, tf.float32), 0.0)
+
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(offer), axis=None)
+    return float(total)
 
 
 def gather(acc, local: np.ndarray) -> np.ndarray:

@@ -1,0 +1,304 @@
+"""The Kaggle TPU path on CPU: ``train()`` on the JAX backend over 8 host devices
+(standing in for a v5e-8) with the ``shopee-b0`` recipe at tiny size, killed with
+SIGKILL after epoch 1 and resumed; validation on 8 replicas against a numpy
+recomputation; TTA predict through the CLI; mixed_bfloat16 training and resuming.
+
+Each JAX run is a fresh interpreter (the backend and device count are fixed at
+start); the runs share a JAX compilation cache, so a resumed run does not compile
+again what the killed one compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO
+
+from shopee_tpu.config import RunConfig
+from shopee_tpu.training import _epoch_steps
+
+OUTER_ENV = ("TF_CONFIG", "SHOPEE_TPU_DEVICE", "ISTPUVM", "TPU_NAME", "KERAS_BACKEND")
+
+
+def jax_env(devices: int, cache: str, **extra: str) -> dict[str, str]:
+    """The environment of a JAX child over ``devices`` host devices."""
+    env = {k: v for k, v in os.environ.items() if k not in OUTER_ENV}
+    env.update(
+        KERAS_BACKEND="jax",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=cache,
+        PYTHONPATH=REPO,
+        **extra,
+    )
+    return env
+
+
+def result_of(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"child printed no RESULT line:\n{stdout[-3000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+# The shopee-b0 recipe (Adam, ramp schedule with linear LR scaling, label
+# smoothing, steps_per_execution=32, flip augmentation) at a size 2 cores train.
+def shopee_b0_tiny(records: dict, out, *extra: str) -> RunConfig:
+    return RunConfig.preset("shopee-b0").override(
+        f"data.train={records['train']}",
+        "data.image_size=32",
+        "model.backbone=efficientnet-phi-6",
+        "model.weights=none",
+        "epochs=3",
+        "batch_size=4",
+        f"out_dir={out}",
+        *extra,
+    )
+
+
+# Trains (or resumes) the run, then recomputes validation with numpy from the
+# best weights' probabilities over exactly the held-out records.
+TRAIN_AND_CHECK = r"""
+import json, sys
+import numpy as np
+from shopee_tpu.config import RunConfig
+from shopee_tpu.data import pipeline
+from shopee_tpu.inference.tta import predict
+from shopee_tpu.training import train
+
+cfg = RunConfig.load(sys.argv[1])
+result = train(cfg)
+model = result.model
+_, valid_files = pipeline.holdout_files(
+    cfg.data.train, cfg.data.valid_fraction, cfg.seed)
+images = pipeline.load_dataset(
+    valid_files, image_size=32, batch_size=8, training=False, labels=True)
+_, probs = predict(model, images, tta="identity")
+labels = np.concatenate([y.numpy().argmax(1) for _, y in images])
+top2 = np.sort(probs, axis=1)[:, -2:]
+smooth = cfg.optim.label_smoothing
+target = np.eye(probs.shape[1])[labels] * (1 - smooth) + smooth / probs.shape[1]
+loss = -(target * np.log(np.clip(probs, 1e-7, 1 - 1e-7))).sum(1).mean()
+print("RESULT " + json.dumps(dict(
+    history=result.history, metrics=result.metrics,
+    numpy_accuracy=float((probs.argmax(1) == labels).mean()),
+    numpy_loss=float(loss), near_ties=int((top2[:, 1] - top2[:, 0] < 1e-5).sum()),
+    n_valid=int(len(labels)), output_dtype=str(model.outputs[0].dtype))))
+"""
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(digits_records, tmp_path_factory, jax_cache):
+    """The tiny shopee-b0 run on 8 JAX devices: SIGKILLed once epoch 1 is
+    committed, then run again to the end."""
+    root = tmp_path_factory.mktemp("jax_run")
+    out = root / "run"
+    cfg_path = root / "cfg.json"
+    shopee_b0_tiny(digits_records, out).save(cfg_path)
+    script = root / "train.py"
+    script.write_text(TRAIN_AND_CHECK)
+    cmd = [sys.executable, str(script), str(cfg_path)]
+    env = jax_env(8, jax_cache)
+
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        state_path = out / "state.json"
+        deadline = time.monotonic() + 1200
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state_path.exists() and json.loads(state_path.read_text())["epoch"]:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    killed_state = json.loads((out / "state.json").read_text())
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-5000:]
+    return dict(
+        out=out,
+        killed_state=killed_state,
+        stdout=done.stdout,
+        result=result_of(done.stdout),
+    )
+
+
+@pytest.mark.slow
+def test_shopee_b0_on_eight_jax_devices_resumes_after_sigkill(killed_and_resumed):
+    run = killed_and_resumed
+    out = run["out"]
+    # Killed after epoch 1 was committed and before epoch 2 was.
+    assert run["killed_state"]["epoch"] == 1 and not run["killed_state"]["finished"]
+    assert "resuming after epoch 1 of 3" in run["stdout"]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["backend"], metrics["replicas"], metrics["hosts"]) == ("jax", 8, 1)
+    assert metrics["finished"] and metrics["epochs_completed"] == 3
+    # An epoch (184 records / global batch 32 = 5 steps) shorter than the preset's
+    # steps_per_execution of 32 runs as one call of 5 steps, not 32.
+    steps = metrics["steps_per_epoch"]
+    assert steps == metrics["train_images"] // 32 == 5
+    assert metrics["steps_per_execution"] == 5
+
+    history = pd.read_csv(out / "history.csv")
+    assert history.epoch.tolist() == [1, 2, 3]
+    assert history.iterations.tolist() == [steps, 2 * steps, 3 * steps]
+    for column in ("val_accuracy", "val_loss", "accuracy", "loss", "lr"):
+        assert history[column].notna().all() and np.isfinite(history[column]).all()
+    assert ((history.val_accuracy >= 0) & (history.val_accuracy <= 1)).all()
+
+
+@pytest.mark.slow
+def test_validation_on_eight_replicas_equals_numpy_over_the_real_records(
+    killed_and_resumed,
+):
+    r = killed_and_resumed["result"]
+    metrics = r["metrics"]
+    n = metrics["valid_images"]
+    assert r["n_valid"] == n and n % 8 and n % 32  # padding was needed
+    best = next(h for h in r["history"] if h["epoch"] == metrics["best_epoch"])
+    # Fit's validation (padded batches on 8 replicas) and a numpy recomputation
+    # from the best weights over exactly the n records agree: counting the blank
+    # rows would move the accuracy by at least 1/64. Rows whose top two classes
+    # differ by under 1e-5 may flip between the two programs.
+    assert abs(best["val_accuracy"] - r["numpy_accuracy"]) * n <= r["near_ties"]
+    assert (
+        abs(metrics["val_accuracy_best_weights"] - r["numpy_accuracy"]) * n
+        <= (r["near_ties"])
+    )
+    np.testing.assert_allclose(best["val_loss"], r["numpy_loss"], rtol=2e-4)
+    assert r["output_dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_tta_predict_through_the_cli_on_eight_jax_devices(
+    killed_and_resumed, digits_records, jax_cache, tmp_path
+):
+    from shopee_tpu.data.pipeline import count_records, read_ids_labels
+
+    test = digits_records["test"]
+    n = count_records(test)
+    assert n % 32  # a ragged last batch for 8 replicas x 4
+    sub = tmp_path / "submission.csv"
+    done = subprocess.run(
+        [sys.executable, "-m", "shopee_tpu.cli", "predict"]
+        + ["--run", str(killed_and_resumed["out"]), "--data", test]
+        + ["--out", str(sub), "--tta", "identity,flip_lr"],
+        env=jax_env(8, jax_cache),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "CPU x8" in done.stdout and "backend=jax" in done.stdout
+    table = pd.read_csv(sub, dtype=str)
+    ids = read_ids_labels(test)["id"].tolist()
+    assert len(table) == n and sorted(table.filename) == sorted(ids)
+    probs = np.load(tmp_path / "submission.probs.npz")
+    assert len(probs["ids"]) == n == len(set(probs["ids"].tolist()))
+
+
+BF16 = r"""
+import json, sys
+import numpy as np
+import shopee_tpu
+from shopee_tpu.config import RunConfig
+from shopee_tpu.training import train
+
+acc = shopee_tpu.connect(mixed_precision="mixed_bfloat16")
+cfg = RunConfig.load(sys.argv[1])
+first = train(cfg, accelerator=acc, time_limit=1e-3, verbose=0)  # stops after epoch 1
+second = train(cfg, accelerator=acc, verbose=0)  # a new model, from the checkpoint
+model = second.model
+x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+conv = next(l for l in model.layers if "conv" in type(l).__name__.lower())
+print("RESULT " + json.dumps(dict(
+    summary=acc.summary, first=first.metrics, second=second.metrics,
+    history=second.history, conv_compute=conv.compute_dtype,
+    conv_variable=conv.variable_dtype,
+    weights=sorted({str(w.dtype) for w in model.get_weights()}),
+    probs_dtype=str(model.predict_on_batch(x).dtype),
+    probs_sum=float(model.predict_on_batch(x).sum(1).mean()))))
+"""
+
+
+@pytest.mark.slow
+def test_mixed_bfloat16_on_jax_trains_and_resumes(digits_records, tmp_path, jax_cache):
+    out = tmp_path / "run"
+    # 184 records / global batch 16 = 11 steps, not a multiple of 4: the epoch is
+    # rounded to 8 steps so each of its two calls runs 4.
+    cfg = shopee_b0_tiny(
+        digits_records,
+        out,
+        "epochs=2",
+        "batch_size=2",
+        "optim.steps_per_execution=4",
+    )
+    cfg.save(tmp_path / "cfg.json")
+    script = tmp_path / "bf16.py"
+    script.write_text(BF16)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "cfg.json")],
+        env=jax_env(8, jax_cache),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    r = result_of(done.stdout)
+
+    assert "precision=mixed_bfloat16" in r["summary"]
+    assert (r["conv_compute"], r["conv_variable"]) == ("bfloat16", "float32")
+    assert r["weights"] == ["float32"]  # checkpoints hold float32 master weights
+    assert r["probs_dtype"] == "float32"  # the softmax stays float32
+    assert abs(r["probs_sum"] - 1) < 1e-5
+    assert (
+        r["first"]["epochs_completed"] == 1
+        and "time limit" in (r["first"]["stop_reason"])
+    )
+    assert r["second"]["finished"] and r["second"]["epochs_completed"] == 2
+    assert (r["second"]["steps_per_epoch"], r["second"]["steps_per_execution"]) == (
+        8,
+        4,
+    )
+    assert [h["epoch"] for h in r["history"]] == [1, 2]
+    assert [h["iterations"] for h in r["history"]] == [8, 16]
+    assert all(np.isfinite(h["val_loss"]) for h in r["history"])
+
+
+@pytest.mark.parametrize(
+    "asked, explicit, records, expected",
+    [
+        (32, None, 184, (5, 5)),  # an epoch shorter than one call: one call
+        (32, None, 33 * 32, (32, 32)),  # rounded down to whole calls
+        (32, None, 100 * 32, (96, 32)),
+        (4, None, 11 * 16, (8, 4)),
+        (32, 40, 10_000, (40, 20)),  # explicit steps kept; the call divides them
+        (32, 31, 10_000, (31, 31)),
+        (32, 37, 10_000, (37, 1)),
+        (1, None, 184, (11, 1)),
+    ],
+)
+def test_steps_per_execution_divides_the_epoch(asked, explicit, records, expected):
+    cfg = RunConfig().override(
+        f"optim.steps_per_execution={asked}", f"steps_per_epoch={explicit}"
+    )
+    batch = 16 if asked in (4, 1) else 32
+    assert _epoch_steps(cfg, records, batch, verbose=0) == expected
