@@ -380,7 +380,7 @@ def _connect_jax(device: str, strategy: str | None) -> Accelerator:
 
     # Several hosts (a TPU pod slice, or processes named by Keras's variables)
     # join one runtime first; jax.devices() then lists every host's devices.
-    hosts_note = initialize_hosts()
+    initialize_hosts()
     devices = jax.devices()
     platform = devices[0].platform.lower()
     kind = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(
@@ -399,9 +399,6 @@ def _connect_jax(device: str, strategy: str | None) -> Accelerator:
         )
     if device == "auto" and kind == "cpu":
         note = "auto: no TPU or GPU found, fell back to CPU"
-
-    if hosts_note:
-        note = f"{note}; {hosts_note}" if note else hosts_note
 
     # DataParallel: one replica per device of every host, the global batch split
     # along axis 0; each host feeds the rows of its own devices.

@@ -145,7 +145,9 @@ class RunFolder:
         """Commits a completed epoch (1-based); returns whether it is the new best.
 
         ``write=False`` (non-chief workers of a multi-worker run) updates nothing on
-        disk, so only one process writes the shared folder. ``evaluated_weights`` is
+        disk, so only one process writes the shared folder; it still saves (to a
+        scratch folder: saving holds collectives on multi-host JAX, which every
+        process must join) and keeps the same state in memory. ``evaluated_weights`` is
         a context manager that swaps in the weights validation used (the EMA
         weights), so ``best`` holds what was scored while ``last`` keeps the raw
         training weights that the optimizer state belongs to.
@@ -156,8 +158,6 @@ class RunFolder:
             best is None
             or (value > best["value"] if mode == "max" else value < best["value"])
         )
-        if not write:
-            return improved
         pending = {}
         with tempfile.TemporaryDirectory() as tmp:
             staged = {
@@ -173,14 +173,17 @@ class RunFolder:
                     )
             elif improved:
                 staged[self.BEST] = staged[self.LAST]
-            for dst, local in staged.items():
+            for dst, local in staged.items() if write else ():
                 src = f".pending-{epoch}-{dst}"
                 self._fs().put(local, self.file(src))
                 pending[src] = dst
         history = [r for r in self.history if r["epoch"] < epoch] + [row]
-        self.state.update(epoch=epoch, history=history, pending=pending)
+        self.state.update(epoch=epoch, history=history)
         if improved:
             self.state["best"] = {"epoch": epoch, "monitor": monitor, "value": value}
+        if not write:
+            return improved
+        self.state["pending"] = pending
         self._write_state()  # the commit point
         self._finish_pending()
         self.write_history_csv()

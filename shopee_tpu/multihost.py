@@ -59,23 +59,21 @@ def multi_host_reason(environ: dict[str, str] | None = None) -> str | None:
     return None
 
 
-def initialize_hosts() -> str:
-    """Joins the other processes (JAX backend) when the environment says so.
-
-    Returns:
-        ``""``, or a note for the summary line when nothing needed doing because
-        the caller had already initialized ``jax.distributed`` itself.
+def initialize_hosts() -> None:
+    """Joins the other processes (JAX backend) when the environment says so; does
+    nothing when ``jax.distributed`` is already initialized (a second ``connect()``,
+    or a caller that initialized it with its own arguments).
 
     Raises:
         RuntimeError: Joining failed; the message names the variables used.
     """
     reason = multi_host_reason()
     if reason is None:
-        return ""
+        return
     import jax
 
     if jax.distributed.is_initialized():
-        return "jax.distributed already initialized"
+        return
     _cpu_collectives(jax)
     import keras
 
@@ -88,7 +86,6 @@ def initialize_hosts() -> str:
             f"failed: {e}. Call shopee_tpu.connect() before any JAX computation, "
             "and start every process with the same coordinator address and count."
         ) from e
-    return ""
 
 
 def _cpu_collectives(jax) -> None:
