@@ -201,6 +201,7 @@ def train(
             steps_per_epoch=steps,
             validation_data=valid_ds,
             callbacks=callbacks,
+            shuffle=False,  # the dataset shuffles itself
             verbose=0,
         )
         stop_reason = budget.reason
@@ -272,26 +273,26 @@ def _report(run, model, valid_ds, schedule, steps, config, label_map, metrics) -
         run.file("lr_schedule.png"),
         steps_per_epoch=steps,
     )
-    images, labels, probs = [], [], []
+    labels, probs = [], []
+    samples = plots.PredictionSamples(16)
+    full = None
     for x, y in valid_ds:
-        p = model.predict_on_batch(x)
-        probs.append(np.asarray(p, dtype=np.float32))
-        labels.append(np.argmax(np.asarray(y), axis=-1))
-        if sum(len(i) for i in images) < 16:
-            images.append(np.asarray(x))
+        x = np.asarray(x)
+        b, full = len(x), full or len(x)
+        if b < full:  # pad the last batch: one traced shape, no retrace
+            x = np.concatenate([x, np.zeros((full - b, *x.shape[1:]), x.dtype)])
+        p = np.asarray(model.predict_on_batch(x), dtype=np.float32)[:b]
+        y_true = np.argmax(np.asarray(y), axis=-1)
+        probs.append(p)
+        labels.append(y_true)
+        samples.add(x[:b], y_true, p)
     if not probs:
         return
     probs_all, y_true = np.concatenate(probs), np.concatenate(labels)
     y_pred = probs_all.argmax(-1)
     metrics["val_accuracy_best_weights"] = float((y_pred == y_true).mean())
     plots.plot_confusion_matrix(y_true, y_pred, names, run.file("confusion_matrix.png"))
-    plots.plot_predictions(
-        np.concatenate(images)[:16],
-        y_true[:16],
-        probs_all[:16],
-        names,
-        run.file("sample_predictions.png"),
-    )
+    samples.plot(names, run.file("sample_predictions.png"))
 
 
 def _import_callback_base():
@@ -319,11 +320,13 @@ class _EpochCommit(_import_callback_base()):
 
     @contextlib.contextmanager
     def _ema_weights(self):
-        self.ema._swap_variables()
+        # SwapEMAWeights' own hooks put the EMA weights in for evaluation and take
+        # them out after, as around the validation pass just run.
+        self.ema.on_test_begin()
         try:
             yield
         finally:
-            self.ema._swap_variables()
+            self.ema.on_test_end()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.monotonic()

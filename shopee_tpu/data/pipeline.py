@@ -310,17 +310,21 @@ def load_dataset(
     return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
 
 
-def read_ids_labels(files_or_pattern, schema: str | Schema = "shopee_tpu"):
+def read_ids_labels(
+    files_or_pattern, schema: str | Schema = "shopee_tpu", *, verbose: bool = False
+):
     """Ids, labels, groups and MD5s of every record, without decoding images.
 
     The order equals the evaluation order of :func:`load_dataset` on the same files.
     Missing features give ``""`` (text) or ``-1`` (label); missing ids are made as in
-    :func:`load_dataset`.
+    :func:`load_dataset`. ``verbose`` shows a progress bar over the records.
 
     Returns:
         A pandas DataFrame with columns ``id, label, group, md5``.
     """
     import pandas as pd
+
+    from shopee_tpu.console import progress_bar
 
     tf = _tf()
     schema = get_schema(schema)
@@ -329,6 +333,9 @@ def read_ids_labels(files_or_pattern, schema: str | Schema = "shopee_tpu"):
     check_features(schema, found, files[0], need_label=False)
     parse = _parser(schema, found, ("label", "id", "group", "md5"))
     cols: dict[str, list] = {"id": [], "label": [], "group": [], "md5": []}
+    bar = progress_bar(
+        _known_count(files), "read records", unit="rec", disable=not verbose
+    )
     for path in files:
         base = path.rsplit("/", 1)[-1]
         ds = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).map(
@@ -346,4 +353,6 @@ def read_ids_labels(files_or_pattern, schema: str | Schema = "shopee_tpu"):
                     cols[role].extend([""] * n)
             cols["label"].extend(ex["label"].tolist() if "label" in ex else [-1] * n)
             start += n
+            bar.update(n)
+    bar.close()
     return pd.DataFrame(cols)
