@@ -153,6 +153,7 @@ def train(
         augment=config.augment,
         seed=config.seed,
         shuffle_buffer=config.data.shuffle_buffer,
+        deterministic=config.data.deterministic,
         **common,
     )
     valid_ds = pipeline.load_dataset(

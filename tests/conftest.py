@@ -50,7 +50,10 @@ def run_python(code: str, *, env: dict | None = None, timeout: float = 600) -> s
     stderr on failure."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    full_env.setdefault("PYTHONPATH", REPO)
+    # The tests folder too: the code may import test helpers (conftest, modules).
+    full_env.setdefault(
+        "PYTHONPATH", os.pathsep.join([REPO, os.path.join(REPO, "tests")])
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code],
         env=full_env,

@@ -371,20 +371,8 @@ for im in rot:
     imports = "import numpy as np, tensorflow as tf, keras\n"
     imports += "from shopee_tpu.config import AugmentConfig\n"
     imports += "from conftest import photo_crops\n"
-    out = run_python(
-        imports + code,
-        env={"KERAS_BACKEND": "jax", "PYTHONPATH": _test_path()},
-        timeout=300,
-    )
+    out = run_python(imports + code, env={"KERAS_BACKEND": "jax"}, timeout=300)
     lines = out.strip().splitlines()
     assert "pipeline (8, 24, 24, 3) (8, 10)" in lines
     assert lines[-2] == "(4, 16, 16, 3) (4, 4) True"
     assert lines[-1] == "tensorflow (2, 16, 16, 3)"
-
-
-def _test_path() -> str:
-    import os
-
-    from conftest import REPO
-
-    return os.pathsep.join([REPO, os.path.join(REPO, "tests")])

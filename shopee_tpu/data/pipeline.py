@@ -1,7 +1,7 @@
 """``load_dataset``: TFRecords to batches for training, evaluation and prediction.
 
-Training reads shards interleaved and in parallel with ``deterministic=False``,
-shuffles and repeats, decodes (at 1/2, 1/4 or 1/8 scale straight from the JPEG
+Training reads shards interleaved and in parallel, in any order unless asked for a
+fixed one, shuffles and repeats, decodes (at 1/2, 1/4 or 1/8 scale straight from the JPEG
 DCT when the stored image is at least that much larger than needed), resizes only
 when the size differs, augments, and batches with ``drop_remainder=True`` so every
 shape is static for TPUs. Evaluation reads the files in order, once, keeps the last
@@ -156,6 +156,7 @@ def load_dataset(
     num_workers: int = 1,
     worker_index: int = 0,
     value_range: tuple[float, float] = (0, 255),
+    deterministic: bool = False,
 ):
     """Builds the ``tf.data`` pipeline over TFRecord shards.
 
@@ -182,6 +183,8 @@ def load_dataset(
             ``num_workers``-th record.
         worker_index: This pipeline's index, ``0 <= worker_index < num_workers``.
         value_range: Output pixel range; ``(0, 255)`` is the model input contract.
+        deterministic: Training: keep the order of the parallel reads and maps
+            fixed, so a seed always gives the same batches (evaluation always is).
 
     Returns:
         A ``tf.data.Dataset``.
@@ -224,7 +227,7 @@ def load_dataset(
     opts.experimental_distribute.auto_shard_policy = (
         policy.OFF if num_workers > 1 else policy.DATA
     )
-    opts.deterministic = not training
+    opts.deterministic = deterministic or not training
 
     if not training:
         names = tf.data.Dataset.from_tensor_slices(files)
@@ -264,7 +267,7 @@ def load_dataset(
     read = dict(
         cycle_length=min(len(files), 16),
         num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=False,
+        deterministic=deterministic,
     )
 
     def reader(f):
@@ -300,12 +303,16 @@ def load_dataset(
         return _to_float(images, value_range), onehot
 
     ds = records.map(
-        _plain(decode_train), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+        _plain(decode_train),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=deterministic,
     )
     ds = ds.batch(batch_size, drop_remainder=True)
     seeds = tf.data.Dataset.random(seed=seed).batch(2)
     ds = tf.data.Dataset.zip(ds, seeds).map(
-        _plain(finish), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+        _plain(finish),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=deterministic,
     )
     return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
 
