@@ -209,6 +209,7 @@ def run_demo(
         "best_val_accuracy": result.metrics.get("best_val_accuracy"),
         "train_images_per_sec": result.metrics.get("images_per_sec"),
         "epochs": result.metrics.get("epochs_completed"),
+        "seed": cfg.seed,
         "backbone": cfg.model.backbone,
         "image_size": cfg.data.image_size,
         "submission": submission_path,

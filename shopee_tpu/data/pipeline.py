@@ -341,7 +341,7 @@ def read_ids_labels(
     parse = _parser(schema, found, ("label", "id", "group", "md5"))
     cols: dict[str, list] = {"id": [], "label": [], "group": [], "md5": []}
     bar = progress_bar(
-        _known_count(files), "read records", unit="rec", disable=not verbose
+        _known_count(files), "scan records", unit="rec", disable=not verbose
     )
     for path in files:
         base = path.rsplit("/", 1)[-1]
