@@ -3,12 +3,13 @@
 Kaggle sessions end without warning (the 9-12 h limit, a preempted TPU, a closed
 browser), so every finished epoch is committed as one unit:
 
-1. the model weights, the optimizer state and (if improved) the best weights are
-   written under ``.pending-*`` names;
+1. the model weights with the optimizer state (Keras' own ``save_weights`` format,
+   which stores a compiled model's optimizer next to its layers) and, if improved,
+   the best weights (without the optimizer) are written under ``.pending-*`` names;
 2. ``state.json`` is replaced atomically; it names the pending files and holds the
    whole history. This replace is the commit point;
-3. the pending files are renamed to ``last.weights.h5``, ``last.optimizer.npz`` and
-   ``best.weights.h5``, and ``history.csv`` is rewritten from the state.
+3. the pending files are renamed to ``last.weights.h5`` and ``best.weights.h5``,
+   and ``history.csv`` is rewritten from the state.
 
 A run killed anywhere in between resumes from a consistent epoch: before the commit
 the pending files are ignored, after it the renames are completed on the next start.
@@ -18,13 +19,12 @@ continues where it stopped. Remote folders (``gs://``) go through ``tf.io.gfile`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from typing import Any
-
-import numpy as np
 
 from shopee_tpu.config import RunConfig, config_diff
 from shopee_tpu.utils import atomic_write_text, is_remote, require_tensorflow
@@ -41,9 +41,8 @@ class ConfigMismatch(ValueError):
 class RunFolder:
     """Files of one training run. See the module docstring for the commit protocol."""
 
-    LAST = "last.weights.h5"
-    BEST = "best.weights.h5"
-    OPTIMIZER = "last.optimizer.npz"
+    LAST = "last.weights.h5"  # model and optimizer
+    BEST = "best.weights.h5"  # model only
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -161,18 +160,14 @@ class RunFolder:
         pending = {}
         with tempfile.TemporaryDirectory() as tmp:
             staged = {
-                self.LAST: _save_weights(model, os.path.join(tmp, self.LAST), epoch),
-                self.OPTIMIZER: _save_optimizer(
-                    model.optimizer, os.path.join(tmp, "opt.npz"), epoch
-                ),
+                self.LAST: _save_weights(model, os.path.join(tmp, self.LAST), epoch)
             }
-            if improved and evaluated_weights is not None:
-                with evaluated_weights():
+            if improved:
+                path = os.path.join(tmp, self.BEST)
+                with evaluated_weights() if evaluated_weights else _nothing():
                     staged[self.BEST] = _save_weights(
-                        model, os.path.join(tmp, self.BEST), epoch
+                        model, path, epoch, optimizer=False
                     )
-            elif improved:
-                staged[self.BEST] = staged[self.LAST]
             for dst, local in staged.items() if write else ():
                 src = f".pending-{epoch}-{dst}"
                 self._fs().put(local, self.file(src))
@@ -201,59 +196,59 @@ class RunFolder:
         )
 
     def restore(self, model, *, optimizer: bool = True, which: str = LAST) -> int:
-        """Loads weights (and optimizer state) into a built, compiled model."""
+        """Loads weights (and the optimizer state) into a built, compiled model.
+
+        The optimizer is built first, so Keras loads every one of its variables
+        (an unbuilt optimizer has none to load into and would be skipped).
+
+        Raises:
+            ValueError: The file's optimizer state does not fit the model's
+                optimizer (another optimizer, model or EMA setting).
+        """
         with tempfile.TemporaryDirectory() as tmp:
             local = self._fs().get(self.file(which), os.path.join(tmp, which))
-            model.load_weights(local)
-            if optimizer and self.exists(self.OPTIMIZER):
-                opt = self._fs().get(
-                    self.file(self.OPTIMIZER), os.path.join(tmp, "o.npz")
+            opt = getattr(model, "optimizer", None)
+            if opt is None or not optimizer:
+                skip = [opt] if opt is not None else None
+                model.load_weights(local, objects_to_skip=skip)
+                return self.epoch
+            if not opt.built:
+                opt.build(model.trainable_variables)
+            saved = _optimizer_variable_count(local)
+            if saved != len(opt.variables):
+                raise ValueError(
+                    f"{self.file(which)}: holds {saved} optimizer variables, the "
+                    f"model's optimizer has {len(opt.variables)}; was the model or "
+                    "the optimizer changed?"
                 )
-                _load_optimizer(model, opt)
+            model.load_weights(local)
         return self.epoch
 
 
-def _save_weights(model, path: str, epoch: int) -> str:
-    model.save_weights(path)
-    import h5py
+@contextlib.contextmanager
+def _nothing():
+    yield
 
+
+def _save_weights(model, path: str, epoch: int, *, optimizer: bool = True) -> str:
+    import h5py
+    import keras
+
+    opt = getattr(model, "optimizer", None)
+    skip = [opt] if opt is not None and not optimizer else None
+    keras.saving.save_weights(model, path, objects_to_skip=skip)
     with h5py.File(path, "a") as f:
         f.attrs["shopee_tpu_epoch"] = epoch
     return path
 
 
-def _save_optimizer(optimizer, path: str, epoch: int) -> str:
-    import keras
+def _optimizer_variable_count(path: str) -> int:
+    """Optimizer variables in a Keras ``.weights.h5`` file (0 when it has none)."""
+    import h5py
 
-    arrays = {
-        f"v{i:05d}": keras.ops.convert_to_numpy(v)
-        for i, v in enumerate(optimizer.variables)
-    }
-    paths = np.array([v.path for v in optimizer.variables])
-    with open(path, "wb") as f:
-        np.savez(f, paths=paths, epoch=np.int64(epoch), **arrays)
-    return path
-
-
-def _load_optimizer(model, path: str) -> None:
-    opt = model.optimizer
-    if not opt.built:
-        opt.build(model.trainable_variables)
-    with np.load(path, allow_pickle=False) as data:
-        paths = list(data["paths"])
-        if len(paths) != len(opt.variables):
-            raise ValueError(
-                f"{path}: holds {len(paths)} optimizer variables, the model's optimizer "
-                f"has {len(opt.variables)}; was the model or optimizer changed?"
-            )
-        for i, var in enumerate(opt.variables):
-            value = data[f"v{i:05d}"]
-            if tuple(value.shape) != tuple(var.shape):
-                raise ValueError(
-                    f"{path}: optimizer variable {paths[i]} has shape {value.shape}, "
-                    f"expected {tuple(var.shape)}"
-                )
-            var.assign(value)
+    with h5py.File(path, "r") as f:
+        group = f.get("optimizer/vars")
+        return 0 if group is None else len(group.keys())
 
 
 class _LocalFS:

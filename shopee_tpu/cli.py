@@ -7,7 +7,11 @@ import json
 import re
 import sys
 
+from shopee_tpu import __version__
+from shopee_tpu.accelerator import _DEVICES as DEVICES
 from shopee_tpu.config import PRESETS, ConfigError, RunConfig
+from shopee_tpu.console import error_line, quiet_native_logs
+from shopee_tpu.inference.views import REDUCERS
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -109,7 +113,7 @@ def _cmd_predict(args) -> int:
 def _cmd_demo(args) -> int:
     from shopee_tpu.demo import run_demo
 
-    metrics = run_demo(args.out, quick=args.quick, sets=args.sets)
+    metrics = run_demo(args.out, quick=args.quick, sets=args.sets, seed=args.seed)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -126,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shopee-tpu",
         description="Product-image classification for Kaggle kernels on TPU, GPU or CPU.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -168,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="run folder (default: the config's out_dir)"
     )
     p.add_argument("--time-limit", type=parse_duration, default=None, help="e.g. 8h45m")
-    p.add_argument("--device", default=None, help="auto, tpu, gpu or cpu")
+    p.add_argument("--device", choices=DEVICES, default=None)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -179,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="test TFRecords (folder, file or glob)"
     )
     p.add_argument("--tta", default=None, help="views, e.g. identity,flip_lr")
-    p.add_argument("--reduce", default=None, help="mean, geometric or beta")
+    p.add_argument("--reduce", choices=REDUCERS, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--out", default="submission.csv")
     p.add_argument(
@@ -197,12 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="test.csv / sample_submission.csv whose ids must each appear once",
     )
     p.add_argument("--weights", choices=("best", "last"), default="best")
-    p.add_argument("--device", default=None, help="auto, tpu, gpu or cpu")
+    p.add_argument("--device", choices=DEVICES, default=None)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="the main job end to end on bundled real data")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster setting")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of the data split and training"
+    )
     p.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE"
     )
@@ -215,18 +225,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="alternating A/B rounds")
     p.add_argument("--seconds", type=float, default=None, help="time per measurement")
     p.set_defaults(func=_cmd_bench)
+
+    # --verbose is accepted before or after the command name.
+    for p in (parser, *sub.choices.values()):
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=False if p is parser else argparse.SUPPRESS,
+            help="show TensorFlow's own log lines and full tracebacks",
+        )
     return parser
+
+
+# Errors a user causes (a wrong path, value or device, no internet for weights, a
+# missing extra) end in one line; anything else is a bug and keeps its traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from shopee_tpu.accelerator import AcceleratorNotFound
+
+    errors = [OSError, ValueError, ImportError, AcceleratorNotFound]
+    weights = sys.modules.get("shopee_tpu.models.weights")  # raised only once loaded
+    if weights is not None:
+        errors.append(weights.WeightsUnavailableError)
+    return tuple(errors)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        quiet_native_logs()
     try:
         return args.func(args)
     except ConfigError as e:
         parser.exit(2, f"shopee-tpu: config error: {e}\n")
-    except (FileNotFoundError, ValueError) as e:
-        print(f"shopee-tpu {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"shopee-tpu {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.verbose or not isinstance(e, _user_errors()):
+            raise
+        print(f"shopee-tpu {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 1
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from shopee_tpu.config import RunConfig
-from shopee_tpu.utils import atomic_write_text
+from shopee_tpu.utils import atomic_write_text, require_extra
 
 __all__ = ["prepare_demo_data", "run_demo", "score_submission"]
 
@@ -52,8 +52,14 @@ def prepare_demo_data(
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             info = json.load(f)
+        if info.get("seed", seed) != seed:
+            raise ValueError(
+                f"{out} holds the demo data of seed {info['seed']}, not {seed}: "
+                "pass another --out for this seed"
+            )
     else:
         info = make_digits_dataset(raw, image_size=image_size, limit=limit, seed=seed)
+        info["seed"] = seed
         atomic_write_text(summary_path, json.dumps(info, indent=1))
     records = os.path.join(out, "records")
     options = dict(
@@ -101,9 +107,12 @@ def score_submission(
 ) -> dict:
     """Accuracy of a Shopee submission against the held-out truth.
 
-    With the probabilities file and the test records (which carry each image's
-    product), also scores product-level averaging: every image of a product gets
-    the product's summed prediction.
+    With the probabilities file (written before the MD5 overrides) and the test
+    records (which carry the label map and each image's product), also scores the
+    model's own predictions (``test_accuracy_model``: the argmax of its TTA
+    probabilities, no MD5 overrides) and product-level averaging
+    (``test_accuracy_product_sum``: every image of a product gets the product's
+    summed prediction).
     """
     truth = pd.read_csv(truth_csv, dtype=str)
     merged = truth.merge(submission.astype(str), on="filename", suffixes=("", "_pred"))
@@ -117,20 +126,22 @@ def score_submission(
     }
     if probs_path and test_records:
         from shopee_tpu.data.pipeline import read_ids_labels
+        from shopee_tpu.data.records import read_manifest
         from shopee_tpu.inference.ensemble import aggregate_products, load_probs
+        from shopee_tpu.training import class_names
 
         probs = load_probs(probs_path)
-        groups = read_ids_labels(test_records).set_index("id").group
+        names = np.array(class_names(read_manifest(test_records)["label_map"]))
         ids = np.asarray(probs.ids).astype(str)
+        truth_cat = truth.set_index("filename").category.reindex(ids).to_numpy()
+        own = names[probs.probs.argmax(-1)]
+        scores["test_accuracy_model"] = round(float((own == truth_cat).mean()), 4)
+        groups = read_ids_labels(test_records).set_index("id").group
         g = groups.reindex(ids).fillna("").to_numpy()
         g = np.where(g == "", ids, g)  # an image without a product is its own product
         keys, product_probs = aggregate_products(g, probs.probs, "sum")
         pred_of = dict(zip(keys, product_probs.argmax(-1), strict=True))
-        from shopee_tpu.data.records import read_manifest
-
-        names = {v: k for k, v in read_manifest(test_records)["label_map"].items()}
-        by_image = pd.Series([names[int(pred_of[k])] for k in g], index=ids)
-        truth_cat = truth.set_index("filename").category.reindex(ids)
+        by_image = names[[int(pred_of[k]) for k in g]]
         scores["test_accuracy_product_sum"] = round(
             float((by_image == truth_cat).mean()), 4
         )
@@ -142,6 +153,7 @@ def run_demo(
     *,
     quick: bool = False,
     sets: Iterable[str] = (),
+    seed: int | None = None,
     verbose: int = 1,
 ) -> dict:
     """Runs the demo and returns (and saves) ``out/metrics.json``.
@@ -150,14 +162,23 @@ def run_demo(
         out: Folder for data, records, the run and the submission.
         quick: Fewer epochs (about a minute on 2 cores) for smoke tests.
         sets: ``key=value`` overrides of the ``demo`` preset.
+        seed: Seed of the products, the train/test split and the training
+            (default: the preset's).
         verbose: 0 for quiet.
+
+    Raises:
+        ImportError: scikit-learn (the ``[demo]`` extra) is not installed.
+        ValueError: ``out`` holds the demo of another seed.
     """
+    require_extra("sklearn", "demo", "the demo's bundled data (scikit-learn's digits)")
     from shopee_tpu.inference.run import predict_run
     from shopee_tpu.training import train
 
     start = time.monotonic()
     out = os.fspath(out)
     cfg = RunConfig.preset("demo")
+    if seed is not None:
+        cfg = cfg.override(f"seed={int(seed)}")
     if quick:
         # A few epochs; the EMA would still be near its random start after so few
         # steps, so the raw weights are evaluated, at a gentler learning rate.
@@ -188,6 +209,7 @@ def run_demo(
         "best_val_accuracy": result.metrics.get("best_val_accuracy"),
         "train_images_per_sec": result.metrics.get("images_per_sec"),
         "epochs": result.metrics.get("epochs_completed"),
+        "seed": cfg.seed,
         "backbone": cfg.model.backbone,
         "image_size": cfg.data.image_size,
         "submission": submission_path,

@@ -2,8 +2,9 @@
 confusion matrices, sample predictions and the TTA report.
 
 Every function returns the matplotlib Figure and, given ``path``, also saves it as a
-PNG. In a notebook the returned figure displays inline; scripts never open a window
-(the Agg backend is used when no display is available).
+PNG and closes it, so loops (k folds, many runs) do not pile figures up in pyplot.
+In a notebook the returned figure displays inline; scripts never open a window (the
+Agg backend is used when no display is available).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _finish(fig, path: str | os.PathLike | None):
 
         with atomic_path(os.fspath(path)) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
+        _plt().close(fig)  # still displayable when returned to a notebook
     return fig
 
 
@@ -130,30 +132,105 @@ def plot_confusion_matrix(
     return _finish(fig, path)
 
 
+def pick_samples(y_true, y_pred, n: int = 16) -> np.ndarray:
+    """Indices for a grid of predictions: the errors first, then correct ones
+    taking the classes in turn, so the grid shows a mix of classes."""
+    y_true = np.asarray(y_true, int)
+    y_pred = np.asarray(y_pred, int)
+    wrong = np.flatnonzero(y_true != y_pred)[:n]
+    right = np.flatnonzero(y_true == y_pred)
+    # Rank of each correct example within its class: 0 for the first of a class.
+    order = np.argsort(y_true[right], kind="stable")
+    sorted_cls = y_true[right][order]
+    starts = np.searchsorted(sorted_cls, sorted_cls, side="left")
+    rank = np.empty(len(right), int)
+    rank[order] = np.arange(len(right)) - starts
+    right = right[np.lexsort((y_true[right], rank))]
+    return np.concatenate([wrong, right[: n - len(wrong)]]).astype(int)
+
+
+class PredictionSamples:
+    """Keeps a few examples while predictions stream by, for :func:`plot_predictions`.
+
+    Memory stays bounded however large the data: every error up to ``n``, and
+    correct examples up to two per class and ``4 n`` in all (as uint8).
+    """
+
+    def __init__(self, n: int = 16):
+        self.n = n
+        self.images: list[np.ndarray] = []
+        self.y_true: list[int] = []
+        self.probs: list[np.ndarray] = []
+        self._errors = 0
+        self._per_class: dict[int, int] = {}
+
+    def add(self, images, y_true, probs) -> None:
+        """Offers a batch: images ``[b, h, w, c]`` (0..255), true class ids, probs."""
+        images, probs = np.asarray(images), np.asarray(probs)
+        for img, t, p in zip(images, np.asarray(y_true, int), probs, strict=True):
+            if int(np.argmax(p)) != t:
+                if self._errors >= self.n:
+                    continue
+                self._errors += 1
+            else:
+                kept = len(self.y_true) - self._errors
+                if self._per_class.get(t, 0) >= 2 or kept >= 4 * self.n:
+                    continue
+                self._per_class[t] = self._per_class.get(t, 0) + 1
+            self.images.append(np.clip(np.round(img), 0, 255).astype(np.uint8))
+            self.y_true.append(int(t))
+            self.probs.append(np.asarray(p, np.float32))
+
+    def plot(self, class_names, path=None):
+        """The grid (see :func:`plot_predictions`); ``None`` when nothing was kept."""
+        if not self.images:
+            return None
+        return plot_predictions(
+            np.stack(self.images),
+            np.array(self.y_true),
+            np.stack(self.probs),
+            class_names,
+            path,
+            n=self.n,
+        )
+
+
 def plot_predictions(images, y_true, probs, class_names, path=None, *, n: int = 16):
-    """A grid of images titled with the predicted class, its probability and the
-    true class; wrong predictions are titled in red."""
+    """A grid of ``n`` examples with their predicted and true classes: the errors
+    first (in red), then correct predictions (in green) from the classes in turn.
+
+    Args:
+        images: ``[N, h, w, c]`` pixels, any range (shown stretched to 0..1).
+        y_true: ``[N]`` true class ids.
+        probs: ``[N, classes]`` predicted probabilities.
+        class_names: Name of each class id.
+        path: Optional PNG path.
+        n: Examples shown (fewer when ``N`` is smaller).
+    """
     plt = _plt()
     names = list(class_names)
-    images = np.asarray(images)[:n]
-    probs = np.asarray(probs)[:n]
-    y_true = np.asarray(y_true)[:n]
-    cols = int(np.ceil(np.sqrt(len(images))))
-    rows = int(np.ceil(len(images) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
+    probs = np.asarray(probs)
+    y_true = np.asarray(y_true, int)
+    picks = pick_samples(y_true, probs.argmax(-1), n)
+    images, probs, y_true = np.asarray(images)[picks], probs[picks], y_true[picks]
+    cols = int(np.ceil(np.sqrt(max(len(images), 1))))
+    rows = int(np.ceil(max(len(images), 1) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, img, p, t in zip(axes.ravel(), images, probs, y_true, strict=False):
         pred = int(np.argmax(p))
+        img = img.astype(np.float32)
         lo, hi = float(img.min()), float(img.max())
         ax.imshow((img - lo) / max(hi - lo, 1e-6))
         ok = pred == int(t)
         ax.set_title(
-            f"{names[pred]} {p[pred]:.2f}"
-            + ("" if ok else f"\n(true {names[int(t)]})"),
-            color="black" if ok else "red",
+            f"pred {names[pred]} ({p[pred]:.2f})\ntrue {names[int(t)]}",
+            color="green" if ok else "red",
             fontsize=8,
         )
+    wrong = int(np.sum(probs.argmax(-1) != y_true))
+    fig.suptitle(f"{wrong} of {len(images)} shown are wrong (errors first)", fontsize=9)
     return _finish(fig, path)
 
 

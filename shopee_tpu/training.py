@@ -153,6 +153,7 @@ def train(
         augment=config.augment,
         seed=config.seed,
         shuffle_buffer=config.data.shuffle_buffer,
+        deterministic=config.data.deterministic,
         **common,
     )
     # Full batches on any replica count; padding rows weigh 0 in the metrics.
@@ -211,6 +212,7 @@ def train(
             steps_per_epoch=steps,
             validation_data=valid_ds,
             callbacks=callbacks,
+            shuffle=False,  # the dataset shuffles itself
             verbose=0,
         )
         stop_reason = budget.reason
@@ -347,32 +349,25 @@ def _report(
     predict = (
         multihost.predict_function(acc, model) if several else model.predict_on_batch
     )
-    images, labels, probs = [], [], []
+    labels, probs = [], []
+    samples = plots.PredictionSamples(16)
     for x, y, weight in valid_ds:
         x, y = np.asarray(x), np.asarray(y)
         real = np.asarray(weight) > 0  # padding rows complete the last batch only
         p = np.asarray(predict(x), dtype=np.float32)
-        want_images = sum(len(i) for i in images) < 16
         if several:
-            p, y, real = (multihost.gather(acc, a) for a in (p, y, real))
-            x = multihost.gather(acc, x) if want_images else x
+            p, y, real, x = (multihost.gather(acc, a) for a in (p, y, real, x))
+        y_true = np.argmax(y[real], axis=-1)
         probs.append(p[real])
-        labels.append(np.argmax(y[real], axis=-1))
-        if want_images:
-            images.append(x[real])
+        labels.append(y_true)
+        samples.add(x[real], y_true, p[real])
     if not probs or not acc.chief:
         return
     probs_all, y_true = np.concatenate(probs), np.concatenate(labels)
     y_pred = probs_all.argmax(-1)
     metrics["val_accuracy_best_weights"] = float((y_pred == y_true).mean())
     plots.plot_confusion_matrix(y_true, y_pred, names, run.file("confusion_matrix.png"))
-    plots.plot_predictions(
-        np.concatenate(images)[:16],
-        y_true[:16],
-        probs_all[:16],
-        names,
-        run.file("sample_predictions.png"),
-    )
+    samples.plot(names, run.file("sample_predictions.png"))
 
 
 def _import_callback_base():
@@ -400,11 +395,13 @@ class _EpochCommit(_import_callback_base()):
 
     @contextlib.contextmanager
     def _ema_weights(self):
-        self.ema._swap_variables()
+        # SwapEMAWeights' own hooks put the EMA weights in for evaluation and take
+        # them out after, as around the validation pass just run.
+        self.ema.on_test_begin()
         try:
             yield
         finally:
-            self.ema._swap_variables()
+            self.ema.on_test_end()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,23 @@ def require_tensorflow():
         return importlib.import_module("tensorflow")
     except ImportError as e:
         raise ImportError(f"{TF_INSTALL_HINT} (import failed: {e})") from e
+
+
+def require_extra(module: str, extra: str, what: str) -> None:
+    """Raises one ImportError naming the extra to install when ``module`` is missing.
+
+    Args:
+        module: The importable name, e.g. ``sklearn``.
+        extra: The shopee_tpu extra that installs it, e.g. ``demo``.
+        what: What needs it, for the message.
+    """
+    if importlib.util.find_spec(module) is None:
+        error = ImportError(
+            f"{what} needs the [{extra}] extra ({module} is not installed): "
+            f"pip install 'shopee_tpu[{extra}]'"
+        )
+        error.name = module
+        raise error
 
 
 def is_remote(path: str) -> bool:

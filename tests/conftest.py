@@ -24,13 +24,36 @@ def digits_dir(tmp_path_factory):
     return info
 
 
+def photo_crops(n: int, size: int, *, seed: int = 0):
+    """``n`` real photo crops, uint8 ``[n, size, size, 3]``: random squares of
+    scikit-learn's two sample photos (china.jpg, flower.jpg), resized with PIL."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        photo = photos[int(rng.integers(len(photos)))]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(h, w) // 4, min(h, w) // 2))
+        y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+        crop = Image.fromarray(photo[y : y + side, x : x + side])
+        out[i] = np.asarray(crop.resize((size, size), Image.BILINEAR))
+    return out
+
+
 def run_python(code: str, *, env: dict | None = None, timeout: float = 600) -> str:
     """Runs ``code`` in a fresh interpreter (for backends and device setups that
     must be chosen before TensorFlow or Keras start); returns stdout, raises with
     stderr on failure."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    full_env.setdefault("PYTHONPATH", REPO)
+    # The tests folder too: the code may import test helpers (conftest, modules).
+    full_env.setdefault(
+        "PYTHONPATH", os.pathsep.join([REPO, os.path.join(REPO, "tests")])
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code],
         env=full_env,

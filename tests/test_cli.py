@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import shopee_tpu
 from shopee_tpu.cli import main, parse_duration
 from shopee_tpu.config import PRESETS
 
@@ -75,3 +76,105 @@ def test_parse_duration():
     for bad in ("8h45", "soon", "", "5d"):
         with pytest.raises(argparse.ArgumentTypeError, match="duration"):
             parse_duration(bad)
+
+
+def _run(*argv, env=None, module=False):
+    """Runs the installed command (or ``python -m shopee_tpu``) with TensorFlow's
+    C++ logging left at its default, as a user's shell has it."""
+    full_env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    full_env.update(env or {})
+    cmd = [sys.executable, "-m", "shopee_tpu"] if module else [SCRIPT]
+    return subprocess.run(
+        [*cmd, *argv], capture_output=True, text=True, timeout=300, env=full_env
+    )
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]  # no traceback, no C++ log lines
+    assert lines[0].startswith("shopee-tpu ") and ": error: " in lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_version_and_python_dash_m_alias():
+    proc = _run("--version", module=True)
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"shopee-tpu {shopee_tpu.__version__}"
+    proc = _run("--help", module=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: shopee-tpu")
+
+
+def test_device_and_reduce_are_checked_against_their_choices(capsys):
+    for argv in (
+        ["train", "--device", "tpuv5"],
+        ["predict", "--run", "r", "--data", "d", "--reduce", "median"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "invalid choice" in err and "choose from" in err
+
+
+def test_missing_tpu_is_one_line_with_the_way_out(tmp_path):
+    proc = _run(
+        "train",
+        "--preset",
+        "demo",
+        "--set",
+        f"data.train={tmp_path}",
+        "--device",
+        "tpu",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    _one_line_error(proc, "train: error:", "no TPU found", "KERAS_BACKEND")
+    assert "I0000" not in proc.stderr and "W0000" not in proc.stderr
+
+
+def test_missing_files_are_one_line(tmp_path):
+    proc = _run("predict", "--run", str(tmp_path / "nope"), "--data", str(tmp_path))
+    _one_line_error(proc, "config.json", "training run folder")
+
+
+def test_missing_demo_extra_names_the_extra(tmp_path):
+    # A Python where scikit-learn is not importable, exactly like a core install.
+    code = (
+        "import sys; sys.modules['sklearn'] = None\n"
+        "from shopee_tpu.cli import main\n"
+        f"sys.exit(main(['demo', '--out', {str(tmp_path / 'demo')!r}]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    line = _one_line_error(proc, "pip install 'shopee_tpu[demo]'", "sklearn")
+    assert "demo" in line
+    assert not (tmp_path / "demo").exists()  # refused before doing any work
+
+
+def test_unavailable_weights_are_one_line(
+    digits_records, tmp_path, capsys, monkeypatch
+):
+    from shopee_tpu.models import weights
+
+    # Nothing listens on port 9: the download fails at once, as offline.
+    monkeypatch.setattr(weights, "KERAS_WEIGHTS_URL", "http://127.0.0.1:9/")
+    argv = ["train", "--preset", "demo", "--out", str(tmp_path / "run")]
+    argv += ["--set", f"data.train={digits_records['train']}"]
+    argv += [
+        "--set",
+        "model.backbone=efficientnet-b0",
+        "--set",
+        "model.weights=imagenet",
+    ]
+    if weights.os.path.exists(
+        os.path.expanduser("~/.keras/models/efficientnetb0_notop.h5")
+    ):
+        pytest.skip("a cached copy of the weights exists")
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("shopee-tpu train: error: ")
+    assert "Kaggle dataset" in err[0] and "efficientnetb0_notop.h5" in err[0]

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import photo_crops
 from PIL import Image
 
 from shopee_tpu.config import AugmentConfig
@@ -92,6 +93,29 @@ def test_training_batches_static_shapes_and_value_range(records):
         np.testing.assert_allclose(y.sum(1), 1, rtol=1e-5)
 
 
+def test_deterministic_training_batches_repeat_for_a_seed(records):
+    out, _ = records
+    cfg = AugmentConfig(flip_lr=True, zoom=0.1)
+
+    def batches(seed):
+        ds = load_dataset(
+            out,
+            image_size=32,
+            batch_size=16,
+            training=True,
+            seed=seed,
+            augment=cfg,
+            deterministic=True,
+        )
+        return [(x.numpy(), y.numpy()) for x, y in ds.take(4)]
+
+    first, again, other = batches(5), batches(5), batches(6)
+    for (x1, y1), (x2, y2) in zip(first, again, strict=True):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    assert not np.array_equal(first[0][0], other[0][0])
+
+
 def test_count_list_holdout(records):
     out, manifest = records
     files = list_files(out)
@@ -173,10 +197,9 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_named_schemas_read_kaggle_layouts(name, tmp_path):
     labeled, unlabeled = LAYOUTS[name]
-    rng = np.random.default_rng(0)
     # Kaggle datasets store larger squares (e.g. 512 for 224 models): 72 -> 32
     # decodes at 1/2 scale, then resizes.
-    arrays = [rng.integers(0, 256, (72, 72, 3), dtype=np.uint8) for _ in range(10)]
+    arrays = list(photo_crops(10, 72, seed=0))
     labels = [k % 4 for k in range(10)]
     ids = [f"img{k}".encode() for k in range(10)]
     (tmp_path / "train").mkdir()

@@ -7,10 +7,9 @@ import io
 import json
 import os
 
-import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_python
+from conftest import photo_crops, run_python
 from PIL import Image
 
 from shopee_tpu.data.records import read_manifest, write_records, write_records_from_csv
@@ -18,10 +17,11 @@ from shopee_tpu.data.tfrecord import crc32c, encode_example, read_records
 
 
 def _jpeg(side=40, seed=0, size=None) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (side, size or side, 3), dtype=np.uint8)
+    """A real photo crop as JPEG bytes, ``side`` rows by ``size`` (or ``side``) columns."""
+    arr = photo_crops(1, max(side, size or side), seed=seed)[0]
+    img = Image.fromarray(arr).resize((size or side, side), Image.BILINEAR)
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -190,6 +190,36 @@ def test_iterable_source_streams_into_balanced_shards(tmp_path):
         m1["shards"] == m["shards"]
         and m1["shard_class_counts"] == m["shard_class_counts"]
     )
+
+
+def test_progress_counts_every_image_across_worker_processes(tmp_path, capsys):
+    from shopee_tpu.data.procs import WorkerPool
+    from shopee_tpu.data.shard_writer import ShardParams
+
+    paths = []
+    for i in range(24):
+        paths.append(tmp_path / f"im{i}.jpg")
+        paths[-1].write_bytes(_jpeg(40, seed=i))
+    df = pd.DataFrame({"path": list(map(str, paths)), "label": ["a", "b"] * 12})
+    # The pool reports rows done by each process as it goes, before the results.
+    params = ShardParams(str(tmp_path / "pool"), "train", 2, 32, "square", 90)
+    os.makedirs(params.out_dir)
+    tasks = [
+        (params, s, [(str(p), 0, p.name, "") for p in paths[s::4]]) for s in range(4)
+    ]
+    events = []
+    with WorkerPool(2, params) as pool:
+        for result in pool.map_unordered(tasks, lambda n: events.append(n)):
+            events.append(result)
+    counts = [e for e in events if isinstance(e, int)]
+    assert sum(counts) == 24 and isinstance(events[0], int)
+    # The API and the CLI show it as one bar: images, images/s and the time left.
+    m = write_records(df, tmp_path / "out", shards=4, workers=2, image_size=32)
+    err = capsys.readouterr().err
+    assert m["total"] == 24
+    assert "records train" in err and "24/24" in err and "img/s" in err
+    write_records(df, tmp_path / "quiet", shards=4, workers=2, verbose=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_bad_input_errors_name_the_problem(digits_dir, tmp_path):

@@ -8,25 +8,38 @@ import sys
 import pandas as pd
 from conftest import REPO
 
+# The quick demo's model scores about QUICK_LEVEL + 0.05 on the held-out digits
+# (chance: 0.1). Shuffled labels, a wrong pixel range, an augmentation that breaks
+# the digits or mis-aligned ids all land far below this level.
+QUICK_LEVEL = 0.85
 
-def test_quick_demo_trains_well_above_chance_and_writes_a_valid_submission(tmp_path):
+
+def test_quick_demo_scores_far_above_chance_with_clean_logs(tmp_path):
     out = tmp_path / "demo"
-    env = dict(os.environ, PYTHONPATH=REPO)
+    # The user's environment: TensorFlow's C++ logging at its default level.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = REPO
     proc = subprocess.run(
-        [sys.executable, "-m", "shopee_tpu.cli", "demo", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "shopee_tpu", "demo", "--quick", "--out", str(out)],
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # Clean logs: progress bars, no TensorFlow C++ lines and no Python warnings.
+    for noise in ("I0000", "W0000", "cpu_feature_guard", "WARNING", "Warning"):
+        assert noise not in proc.stderr, proc.stderr[-4000:]
+    assert "records train" in proc.stderr and "img/s" in proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    # Ten classes: chance is 0.1.
-    assert metrics["test_accuracy"] >= 0.5, metrics
-    assert metrics["test_accuracy_product_sum"] >= metrics["test_accuracy"] - 0.05
+    assert metrics["test_accuracy_model"] >= QUICK_LEVEL, metrics
+    # MD5 overrides only answer exact copies of training images, with their label.
     assert metrics["md5_overrides"]["hits"] >= 1
+    assert metrics["test_accuracy"] >= metrics["test_accuracy_model"]
+    assert metrics["test_accuracy_product_sum"] >= metrics["test_accuracy_model"] - 0.03
     submission = pd.read_csv(out / "submission.csv", dtype=str)
     test = pd.read_csv(out / "data" / "test.csv", dtype=str)
     assert list(submission.columns) == ["filename", "category"]
     assert sorted(submission.filename) == sorted(test.filename)
     assert submission.category.str.fullmatch(r"\d\d").all()
+    assert (out / "run" / "sample_predictions.png").stat().st_size > 10_000

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import run_python
+from tests.conftest import photo_crops, run_python
 
 SIZE, CLASSES = 8, 5
 
@@ -28,11 +28,7 @@ def _model(seed: int = 0):
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
-    return (
-        np.random.default_rng(seed)
-        .uniform(0, 255, (n, SIZE, SIZE, 3))
-        .astype(np.float32)
-    )
+    return photo_crops(n, SIZE, seed=seed).astype(np.float32)
 
 
 def _dataset(images, batch: int, ids=True):

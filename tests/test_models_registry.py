@@ -7,6 +7,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from conftest import photo_crops
 
 from shopee_tpu.config import ModelConfig, RunConfig
 from shopee_tpu.models import (
@@ -75,8 +76,7 @@ def test_one_of_each_family_builds_with_our_head():
     ],
 )
 def test_preprocess_layer_equals_keras_preprocess_input(mode, module):
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    x = photo_crops(2, 8, seed=0).astype("float32")
     expected = module.preprocess_input(x.copy())
     np.testing.assert_allclose(
         _run(ImageNetPreprocess(mode), x), expected, rtol=1e-5, atol=1e-4
@@ -99,7 +99,7 @@ def test_resnet_takes_0_255_and_loads_keras_weights(tmp_path):
     # keras' ResNet50 wants caffe-preprocessed input; ours takes raw pixels.
     ref = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3))
     path = _legacy_h5(ref, str(tmp_path / "resnet50.h5"))
-    x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    x = photo_crops(2, 32, seed=1).astype("float32")
     expected = _run(ref, keras.applications.resnet.preprocess_input(x.copy()))
     ours = build_model("resnet50", 1000, input_size=32, weights=path)
     np.testing.assert_allclose(_run(ours, x), expected, atol=1e-5)
@@ -114,7 +114,7 @@ def test_convnext_head_matches_keras_top_model(tmp_path):
     ref.save_weights(path)
     ours = build_model("convnext-tiny", 1000, input_size=32, weights=path)
     assert ours.count_params() == ref.count_params()
-    x = np.random.default_rng(2).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
+    x = photo_crops(1, 32, seed=2).astype("float32")
     np.testing.assert_allclose(_run(ours, x), _run(ref, x), atol=1e-5)
     notop = keras.applications.ConvNeXtTiny(
         weights=None, include_top=False, input_shape=(32, 32, 3)
@@ -176,7 +176,7 @@ def test_describe_counts_macs_of_other_families():
 
 
 def test_models_round_trip_through_keras_files(tmp_path):
-    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    x = photo_crops(2, 32, seed=3).astype("float32")
     tiny = build_model("efficientnet-phi-8", 3, input_size=32)
     inputs = keras.Input((32, 32, 3))
     pre = keras.Model(inputs, ImageNetPreprocess("caffe")(inputs))

@@ -71,3 +71,48 @@ print("RESULT " + json.dumps(result))
         assert "pip install shopee_tpu[cpu]" in result[name]
     assert (result["backend"], result["replicas"]) == ("jax", 1)
     assert not result["tensorflow_loaded"]
+
+
+def test_every_import_is_declared_and_optional_ones_name_their_extra():
+    """Each third-party module the package imports comes from a requirement in
+    setup.cfg: a core one, or an extra whose module the one-line error maps to it."""
+    import ast
+    import importlib.metadata
+    import re
+    import sys
+
+    from shopee_tpu.console import EXTRAS
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+
+    def names(text):
+        reqs = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        return {re.split(r"[<>=!\[; ]", r)[0].lower().replace("_", "-") for r in reqs}
+
+    core = names(cfg["options"]["install_requires"])
+    extras = {k: names(v) for k, v in cfg["options.extras_require"].items()}
+    dists = importlib.metadata.packages_distributions()
+    imported = set()
+    for folder, _, files in os.walk(os.path.join(REPO, "shopee_tpu")):
+        for name in files:
+            if name.endswith(".py"):
+                tree = ast.parse(open(os.path.join(folder, name)).read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Import):
+                        imported.update(a.name.split(".")[0] for a in node.names)
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                        imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"shopee_tpu"}
+    assert {"PIL", "h5py", "keras", "numpy"} <= third_party
+    for module in sorted(third_party):
+        provided = {d.lower().replace("_", "-") for d in dists.get(module, [])}
+        assert provided, f"{module} is imported but not installed"
+        if provided & core:
+            continue
+        in_extras = [e for e, reqs in extras.items() if provided & reqs]
+        assert in_extras, f"{module} ({provided}) is in no requirement of setup.cfg"
+        assert module in EXTRAS and EXTRAS[module][1] in in_extras, (
+            f"{module} comes with the extras {in_extras}; shopee_tpu.console.EXTRAS "
+            "must map it there so a missing install gets a one-line hint"
+        )

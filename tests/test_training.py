@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, photo_crops
 
 from shopee_tpu.checkpoints import ConfigMismatch
 from shopee_tpu.config import RunConfig
@@ -87,7 +87,7 @@ def test_time_budget_stops_with_a_loadable_checkpoint_and_config_is_locked(
     # The checkpoint loads into a fresh model and predicts like the returned model.
     fresh = build_from_config(cfg.model, 10, image_size=32)
     fresh.load_weights(out / "best.weights.h5")
-    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    x = photo_crops(4, 32, seed=0).astype("float32")
     np.testing.assert_allclose(
         fresh.predict_on_batch(x), result.model.predict_on_batch(x), atol=1e-5
     )

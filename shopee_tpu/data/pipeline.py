@@ -1,7 +1,7 @@
 """``load_dataset``: TFRecords to batches for training, evaluation and prediction.
 
-Training reads shards interleaved and in parallel with ``deterministic=False``,
-shuffles and repeats, decodes (at 1/2, 1/4 or 1/8 scale straight from the JPEG
+Training reads shards interleaved and in parallel, in any order unless asked for a
+fixed one, shuffles and repeats, decodes (at 1/2, 1/4 or 1/8 scale straight from the JPEG
 DCT when the stored image is at least that much larger than needed), resizes only
 when the size differs, augments, and batches with ``drop_remainder=True`` so every
 shape is static for TPUs. Evaluation reads the files in order, once, and keeps ids
@@ -207,6 +207,7 @@ def load_dataset(
     worker_index: int = 0,
     value_range: tuple[float, float] = (0, 255),
     pad: bool = False,
+    deterministic: bool = False,
 ):
     """Builds the ``tf.data`` pipeline over TFRecord shards.
 
@@ -239,6 +240,8 @@ def load_dataset(
             replicas) and metrics weighted by it count each record exactly once.
             With ``num_workers > 1`` every worker yields the same number of
             batches (``eval_batches``), so they can step together.
+        deterministic: Training: keep the order of the parallel reads and maps
+            fixed, so a seed always gives the same batches (evaluation always is).
 
     Returns:
         A ``tf.data.Dataset``.
@@ -281,7 +284,7 @@ def load_dataset(
     opts.experimental_distribute.auto_shard_policy = (
         policy.OFF if num_workers > 1 else policy.DATA
     )
-    opts.deterministic = not training
+    opts.deterministic = deterministic or not training
 
     if not training:
         names = tf.data.Dataset.from_tensor_slices(files)
@@ -328,7 +331,7 @@ def load_dataset(
     read = dict(
         cycle_length=min(len(files), 16),
         num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=False,
+        deterministic=deterministic,
     )
 
     def reader(f):
@@ -364,27 +367,35 @@ def load_dataset(
         return _to_float(images, value_range), onehot
 
     ds = records.map(
-        _plain(decode_train), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+        _plain(decode_train),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=deterministic,
     )
     ds = ds.batch(batch_size, drop_remainder=True)
     seeds = tf.data.Dataset.random(seed=seed).batch(2)
     ds = tf.data.Dataset.zip(ds, seeds).map(
-        _plain(finish), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+        _plain(finish),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=deterministic,
     )
     return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
 
 
-def read_ids_labels(files_or_pattern, schema: str | Schema = "shopee_tpu"):
+def read_ids_labels(
+    files_or_pattern, schema: str | Schema = "shopee_tpu", *, verbose: bool = False
+):
     """Ids, labels, groups and MD5s of every record, without decoding images.
 
     The order equals the evaluation order of :func:`load_dataset` on the same files.
     Missing features give ``""`` (text) or ``-1`` (label); missing ids are made as in
-    :func:`load_dataset`.
+    :func:`load_dataset`. ``verbose`` shows a progress bar over the records.
 
     Returns:
         A pandas DataFrame with columns ``id, label, group, md5``.
     """
     import pandas as pd
+
+    from shopee_tpu.console import progress_bar
 
     tf = _tf()
     schema = get_schema(schema)
@@ -393,6 +404,9 @@ def read_ids_labels(files_or_pattern, schema: str | Schema = "shopee_tpu"):
     check_features(schema, found, files[0], need_label=False)
     parse = _parser(schema, found, ("label", "id", "group", "md5"))
     cols: dict[str, list] = {"id": [], "label": [], "group": [], "md5": []}
+    bar = progress_bar(
+        _known_count(files), "scan records", unit="rec", disable=not verbose
+    )
     for path in files:
         base = path.rsplit("/", 1)[-1]
         ds = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).map(
@@ -410,4 +424,6 @@ def read_ids_labels(files_or_pattern, schema: str | Schema = "shopee_tpu"):
                     cols[role].extend([""] * n)
             cols["label"].extend(ex["label"].tolist() if "label" in ex else [-1] * n)
             start += n
+            bar.update(n)
+    bar.close()
     return pd.DataFrame(cols)

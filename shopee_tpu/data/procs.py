@@ -7,8 +7,9 @@ subprocess running this module avoids both: it imports only the shard writer
 (numpy and Pillow) and exchanges length-prefixed pickles with the parent.
 
 Messages to a worker: ``("shard", task)`` writes a whole shard from files and
-replies with its result; ``("item", item)`` adds one streamed image; ``("finish",)``
-closes the streamed shards and replies with their results.
+replies with its result, after ``("progress", n)`` messages counting the rows done
+on the way; ``("item", item)`` adds one streamed image; ``("finish",)`` closes the
+streamed shards and replies with their results.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import struct
 import subprocess
 import sys
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 __all__ = ["WorkerPool"]
 
@@ -34,12 +35,22 @@ def _send(stream, message) -> None:
     stream.flush()
 
 
+def _read_exactly(stream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = stream.read(n - len(data))
+        if not chunk:
+            break  # the other side closed the pipe
+        data += chunk
+    return data
+
+
 def _recv(stream):
-    header = stream.read(_LEN.size)
+    header = _read_exactly(stream, _LEN.size)
     if len(header) < _LEN.size:
         return None  # the other side closed the pipe
     (n,) = _LEN.unpack(header)
-    return pickle.loads(stream.read(n))
+    return pickle.loads(_read_exactly(stream, n))
 
 
 class WorkerPool:
@@ -65,17 +76,30 @@ class WorkerPool:
         for p in self.procs:
             _send(p.stdin, ("params", params))
 
-    def _reply(self, proc):
-        reply = _recv(proc.stdout)
+    def _message(self, proc):
+        # The raw pipe, never its buffered wrapper: a buffer could read a second
+        # message ahead, which the selector would then never report.
+        reply = _recv(proc.stdout.raw)
         if reply is None:
             raise RuntimeError(f"a writer process died (exit code {proc.wait()})")
         kind, value = reply
         if kind == "error":
             raise RuntimeError(f"a writer process failed:\n{value}")
+        return kind, value
+
+    def _reply(self, proc):
+        kind, value = self._message(proc)
+        while kind == "progress":
+            kind, value = self._message(proc)
         return value
 
-    def map_unordered(self, tasks: Iterable) -> Iterator[dict]:
-        """Writes each shard task on the next free worker; yields results as done."""
+    def map_unordered(
+        self, tasks: Iterable, progress: Callable[[int], None] | None = None
+    ) -> Iterator[dict]:
+        """Writes each shard task on the next free worker; yields results as done.
+
+        ``progress(n)`` is called as the workers report ``n`` more rows done.
+        """
         pending = iter(tasks)
         busy = 0
         with selectors.DefaultSelector() as sel:
@@ -89,7 +113,12 @@ class WorkerPool:
             while busy:
                 for key, _ in sel.select():
                     proc = key.data
-                    yield self._reply(proc)
+                    kind, value = self._message(proc)
+                    if kind == "progress":
+                        if progress is not None:
+                            progress(value)
+                        continue
+                    yield value
                     task = next(pending, None)
                     if task is None:
                         sel.unregister(proc.stdout)
@@ -140,7 +169,10 @@ def serve(stdin, stdout) -> None:
                 params = message[1]
                 continue
             if message[0] == "shard":
-                _send(stdout, ("ok", write_shard(message[1])))
+                result = write_shard(
+                    message[1], lambda n: _send(stdout, ("progress", n))
+                )
+                _send(stdout, ("ok", result))
             elif message[0] == "item":
                 index, data, label, id_, group = message[1]
                 if index not in streamed:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
+from shopee_tpu.console import progress_bar
 from shopee_tpu.data import manifests, sources
 from shopee_tpu.data.images import RESIZE_MODES
 from shopee_tpu.data.manifests import MANIFEST, read_manifest
@@ -39,6 +40,7 @@ def write_records_from_csv(
     overwrite: bool = False,
     seed: int = 42,
     prefix: str | None = None,
+    verbose: bool = True,
 ) -> dict:
     """Writes records from a CSV: the Shopee layout or any ``path,label[,group]`` table.
 
@@ -66,6 +68,7 @@ def write_records_from_csv(
         overwrite=overwrite,
         seed=seed,
         prefix=prefix,
+        verbose=verbose,
         _where=csv,
     )
 
@@ -84,6 +87,7 @@ def write_records(
     overwrite: bool = False,
     seed: int = 42,
     prefix: str | None = None,
+    verbose: bool = True,
     _where: str = "DataFrame",
 ) -> dict:
     """Writes images into stratified TFRecord shards plus ``manifest.json``.
@@ -107,6 +111,8 @@ def write_records(
         overwrite: Replace records of a different dataset or settings in ``out_dir``.
         seed: Seed of the shard assignment.
         prefix: File name prefix; default ``train`` or ``test``.
+        verbose: Show a progress bar (images/s and the time left, over all
+            writer processes).
 
     Returns:
         The manifest (see :func:`read_manifest`).
@@ -139,11 +145,17 @@ def write_records(
     if isinstance(source, str | os.PathLike):  # a CSV path
         _where = os.fspath(source)
         source = sources.read_table(source)
-    if isinstance(source, pd.DataFrame):
-        return _write_table(
-            source, out_dir, params, label_map, workers, overwrite, _where
+    total = len(source) if hasattr(source, "__len__") else None
+    with progress_bar(
+        total, f"records {prefix}", unit="img", disable=not verbose
+    ) as bar:
+        if isinstance(source, pd.DataFrame):
+            return _write_table(
+                source, out_dir, params, label_map, workers, overwrite, _where, bar
+            )
+        return _write_stream(
+            iter(source), out_dir, params, label_map, workers, overwrite, bar
         )
-    return _write_stream(iter(source), out_dir, params, label_map, workers, overwrite)
 
 
 def _cpu_count() -> int:
@@ -157,7 +169,9 @@ def _cpu_count() -> int:
 # Table sources: the plan is known up front, each process writes whole shards.
 
 
-def _write_table(table, out_dir, params, label_map, workers, overwrite, where) -> dict:
+def _write_table(
+    table, out_dir, params, label_map, workers, overwrite, where, bar
+) -> dict:
     test = params["test"]
     table = sources.normalise_table(table, test=test, where=where)
     table = sources.resolve_paths(table, None)  # relative paths: from the cwd
@@ -188,13 +202,15 @@ def _write_table(table, out_dir, params, label_map, workers, overwrite, where) -
         for s in range(n_shards)
         if str(s) not in manifest["done"]
     ]
+    # Finished shards of an earlier run count as done.
+    bar.total = len(rows)
+    bar.update(len(rows) - sum(len(t[2]) for t in tasks))
     if workers == 1 or len(tasks) <= 1:
-        results = map(write_shard, tasks)
-        for result in results:
-            manifests.record(out_dir, manifest, result)
+        for task in tasks:
+            manifests.record(out_dir, manifest, write_shard(task, bar.update))
     else:
         with WorkerPool(min(workers, len(tasks)), sp) as pool:
-            for result in pool.map_unordered(tasks):
+            for result in pool.map_unordered(tasks, bar.update):
                 manifests.record(out_dir, manifest, result)
     return manifests.finish(out_dir, manifest)
 
@@ -203,7 +219,7 @@ def _write_table(table, out_dir, params, label_map, workers, overwrite, where) -
 # Iterable sources: streamed; shard owners are processes fed through queues.
 
 
-def _write_stream(items: Iterable, out_dir, params, label_map, workers, overwrite):
+def _write_stream(items: Iterable, out_dir, params, label_map, workers, overwrite, bar):
     test = params["test"]
     n_shards = params["num_shards"]
     fingerprint = manifests.fingerprint(params, label_map, None)
@@ -217,6 +233,7 @@ def _write_stream(items: Iterable, out_dir, params, label_map, workers, overwrit
     local: dict[int, ShardWriter] = {}
     with WorkerPool(workers if workers > 1 else 0, sp) as pool:
         for data, label, id_, group in items:
+            bar.update()
             class_id = -1 if test else _class_id(label, label_map, labels_seen)
             shard = assign(str(group) or f"\0{id_}", class_id)
             if shard in done:

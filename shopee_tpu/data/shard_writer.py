@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shopee_tpu.data.images import BadImage, prepare_image
@@ -94,19 +96,35 @@ class ShardWriter:
         }
 
 
-def write_shard(task: tuple[ShardParams, int, list[tuple]]) -> dict:
-    """Writes a shard from files: ``task = (params, index, [(path, label, id, group)])``."""
+def write_shard(
+    task: tuple[ShardParams, int, list[tuple]],
+    progress: Callable[[int], None] | None = None,
+    *,
+    interval: float = 0.25,
+) -> dict:
+    """Writes a shard from files: ``task = (params, index, [(path, label, id, group)])``.
+
+    ``progress(n)`` is told about every ``n`` rows done (written or skipped), at most
+    once per ``interval`` seconds and once at the end.
+    """
     params, index, rows = task
     shard = ShardWriter(params, index)
+    done, last = 0, time.monotonic()
     for path, label, id_, group in rows:
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             shard.skip(path, "missing file")
-            continue
         except OSError as e:
             shard.skip(path, f"unreadable file ({type(e).__name__}: {e})")
-            continue
-        shard.add(data, label, id_, group, path)
-    return shard.finish()
+        else:
+            shard.add(data, label, id_, group, path)
+        done += 1
+        if progress is not None and time.monotonic() - last >= interval:
+            progress(done)
+            done, last = 0, time.monotonic()
+    result = shard.finish()
+    if progress is not None and done:
+        progress(done)
+    return result

@@ -326,9 +326,12 @@ def apply_product_overrides(
     return out, stats
 
 
-def build_from_records(files, *, schema: str = "shopee_tpu") -> Md5Dictionary:
+def build_from_records(
+    files, *, schema: str = "shopee_tpu", verbose: bool = True
+) -> Md5Dictionary:
     """The dictionary of a set of training TFRecords (one scan, no image decode),
-    with the label map of their manifest when there is one."""
+    with the label map of their manifest when there is one; ``verbose`` shows the
+    scan's progress."""
     from shopee_tpu.data import pipeline
 
     files = pipeline.list_files(files)
@@ -340,5 +343,6 @@ def build_from_records(files, *, schema: str = "shopee_tpu") -> Md5Dictionary:
     except (FileNotFoundError, IndexError):
         pass
     return build_md5_dictionary(
-        pipeline.read_ids_labels(files, schema=schema), label_map=label_map
+        pipeline.read_ids_labels(files, schema=schema, verbose=verbose),
+        label_map=label_map,
     )

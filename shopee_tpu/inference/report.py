@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from shopee_tpu.console import known_length, progress_bar
 from shopee_tpu.inference.tta import iter_view_probs
 from shopee_tpu.inference.views import REDUCERS, ViewPlan, reduce_views
 
@@ -55,6 +56,7 @@ def tta_report(
     beta: float = 0.3,
     views_per_call: int | None = None,
     path: str | os.PathLike | None = None,
+    verbose: bool = True,
 ) -> pd.DataFrame:
     """Accuracy per view, per reducer and per growing view set on validation data.
 
@@ -67,6 +69,7 @@ def tta_report(
         beta: Plain-view weight of the ``beta`` reducer.
         views_per_call: See ``predict``.
         path: Optional PNG path for the bar plot (``plots.plot_tta_report``).
+        verbose: Show a progress bar over the batches.
 
     Returns:
         A DataFrame with columns ``kind`` (``view``, ``reducer`` or ``cumulative``),
@@ -89,9 +92,13 @@ def tta_report(
     correct = np.zeros(len(rows))
     loss = np.zeros(len(rows))
     seen = 0
+    bar = progress_bar(
+        known_length(dataset), "tta report", unit="batch", disable=not verbose
+    )
     for extra, member_probs in iter_view_probs(
         model, dataset, plan, views_per_call=views_per_call
     ):
+        bar.update()
         y = _labels(extra)
         for r, (kind, name, names) in enumerate(rows):
             sub, members = subplans[names]
@@ -100,6 +107,7 @@ def tta_report(
             correct[r] += np.sum(probs.argmax(1) == y)
             loss[r] -= np.sum(np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1)))
         seen += len(y)
+    bar.close()
     if seen == 0:
         raise ValueError("tta_report: the dataset yielded no images")
     acc = correct / seen

@@ -274,15 +274,17 @@ def predict(
         raise ValueError(f"reduce must be one of {REDUCERS}, got {reduce!r}")
     if reduce == "beta" and "identity" not in plan.names:
         raise ValueError("reduce='beta' weights the plain view: add 'identity' to tta")
-    batches = iter_view_probs(model, dataset, plan, views_per_call=views_per_call)
-    if verbose:
-        from tqdm.auto import tqdm
+    from shopee_tpu.console import known_length, progress_bar
 
-        batches = tqdm(batches, desc="predict", unit="batch")
+    batches = iter_view_probs(model, dataset, plan, views_per_call=views_per_call)
     ids, probs = [], []
-    for extra, member_probs in batches:
-        probs.append(reduce_views(member_probs, plan, reduce, beta))
-        ids.append(extra)
+    with progress_bar(
+        known_length(dataset), "predict", unit="batch", disable=not verbose
+    ) as bar:
+        for extra, member_probs in batches:
+            probs.append(reduce_views(member_probs, plan, reduce, beta))
+            ids.append(extra)
+            bar.update()
     if not probs:
         raise ValueError("predict: the dataset yielded no images")
     have_ids = [i is not None for i in ids]

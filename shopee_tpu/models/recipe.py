@@ -287,7 +287,7 @@ def compile_model(
     ``jit_compile="auto"`` leaves XLA off on CPU-only machines, where it is slow.
 
     Returns:
-        The same model, compiled.
+        The same model, compiled, with its optimizer built.
     """
     schedule = make_schedule(optim, steps_per_epoch, epochs, replicas)
     model.compile(
@@ -299,4 +299,9 @@ def compile_model(
         steps_per_execution=max(1, int(optim.steps_per_execution)),
         jit_compile=jit_compile,
     )
+    # Built now, eagerly: left to the first training step, the optimizer would
+    # create its variables inside the traced function, which TensorFlow then
+    # traces a second time (about half the first epoch's cost), and a checkpoint
+    # restored before that step would skip the optimizer state.
+    model.optimizer.build(model.trainable_variables)
     return model
