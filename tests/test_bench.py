@@ -38,6 +38,8 @@ def test_bench_predict_reports_both_groupings_and_the_chosen_one(capsys):
     for name in ("batched", "per_view", "k_single"):
         _spread(out["seconds_per_round"][name])
     _spread(out["end_to_end_ratios"])
+    for name in ("batched", "per_view"):
+        _spread(out["cpu_seconds_ratios"][name])
     assert out["meets_target"] == (ratio <= 1.1)
 
 

@@ -39,9 +39,10 @@ from shopee_tpu.bench import ratios, round_orders, spread, timed_rate
 
 CLASSES = 10
 _MARK = "@@bench "
-# (backbone, image size, batch, matmul side): measured and --quick settings.
-FULL = ("efficientnet-b0", 128, 16, 2048)
-QUICK = ("efficientnet-phi-6", 32, 8, 256)
+# (backbone, keras.applications model, image size, batch, matmul side): measured
+# and --quick settings (the quick one only exercises the code, in seconds).
+FULL = ("efficientnet-b0", "EfficientNetB0", 128, 16, 2048)
+QUICK = ("efficientnet-phi-6", "MobileNetV3Small", 32, 8, 256)
 WORKERS = {
     "tensorflow": {"KERAS_BACKEND": "tensorflow"},
     "jax": {"KERAS_BACKEND": "jax"},
@@ -95,7 +96,7 @@ def _worker(name: str, quick: bool, seconds: float) -> None:
     from shopee_tpu.config import OptimConfig
     from shopee_tpu.models import build_model, compile_model
 
-    backbone, size, batch, side = QUICK if quick else FULL
+    backbone, applications, size, batch, side = QUICK if quick else FULL
     acc = connect(device="cpu", verbose=False)
     keras.utils.set_random_seed(0)
     images = photo_crops(64, size)
@@ -108,7 +109,7 @@ def _worker(name: str, quick: bool, seconds: float) -> None:
         models["ours"] = build_model(backbone, CLASSES, input_size=size)
         compile_model(models["ours"], OptimConfig(), steps_per_epoch=100, epochs=10)
         if name == "tensorflow":
-            plain = keras.applications.EfficientNetB0(
+            plain = getattr(keras.applications, applications)(
                 weights=None, input_shape=(size, size, 3), classes=CLASSES
             )
             plain.compile(
@@ -226,7 +227,7 @@ class _Worker:
 def run(args) -> dict:
     """Runs the benchmark; ``args`` may carry ``rounds``, ``seconds`` and ``quick``."""
     quick = bool(getattr(args, "quick", False))
-    backbone, size, batch, side = QUICK if quick else FULL
+    backbone, applications, size, batch, side = QUICK if quick else FULL
     rounds = max(int(getattr(args, "rounds", None) or (2 if quick else 5)), 1)
     seconds = float(getattr(args, "seconds", None) or (0.3 if quick else 10.0))
     workers = {name: _Worker(name, quick, seconds) for name in WORKERS}
@@ -261,7 +262,7 @@ def run(args) -> dict:
     return {
         "bench": "train",
         "model": backbone,
-        "keras_applications": "EfficientNetB0",
+        "keras_applications": applications,
         "image_size": size,
         "batch_size": batch,
         "rounds": rounds,
