@@ -102,7 +102,9 @@ def device_kind(model=None) -> str:
         devices = dist.device_mesh.devices.flat if dist is not None else jax.devices()
         first = next(iter(devices))  # a jax Device, or Keras's "tpu:0" style name
         platform = str(getattr(first, "platform", first)).split(":")[0].lower()
-        return platform if platform in ("tpu", "gpu") else "cpu"
+        return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(
+            platform, "cpu"
+        )
     return "cpu"
 
 
