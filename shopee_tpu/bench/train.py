@@ -45,7 +45,10 @@ FULL = ("efficientnet-b0", "EfficientNetB0", 128, 16, 2048)
 QUICK = ("efficientnet-phi-6", "MobileNetV3Small", 32, 8, 256)
 WORKERS = {
     "tensorflow": {"KERAS_BACKEND": "tensorflow"},
-    "jax": {"KERAS_BACKEND": "jax"},
+    "jax": {
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    },
     "jax_8_devices": {
         "KERAS_BACKEND": "jax",
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
