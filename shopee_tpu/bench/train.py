@@ -278,7 +278,7 @@ def run(args) -> dict:
             n: spread([r / 1e9 for r in rates[(n, "peak")]], 1) for n in WORKERS
         },
         "matmul_side": side,
-        "fraction_of_peak": {k: spread(fraction(k), 4) for k in img},
+        "fraction_of_peak": {k: spread(fraction(k), 5) for k in img},
         "ours_over_keras_applications": spread(
             ratios(img["tensorflow"], img["tensorflow_keras_applications"])
         ),
