@@ -222,8 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=("input", "train", "predict"))
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
     p.add_argument("--images", default=None, help="folder of images (bench input)")
-    p.add_argument("--rounds", type=int, default=5, help="alternating A/B rounds")
-    p.add_argument("--seconds", type=float, default=None, help="time per measurement")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 5)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="seconds per contender per round (default 10)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny setting that runs in seconds"
+    )
     p.set_defaults(func=_cmd_bench)
 
     # --verbose is accepted before or after the command name.

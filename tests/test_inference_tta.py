@@ -193,10 +193,17 @@ with acc.scope():
 model.set_weights(weights)
 ids, probs = predict(model, batches, tta=("identity", "flip_lr"))
 hand = (single.predict_on_batch(x) + single.predict_on_batch(x[:, :, ::-1].copy())) / 2
-from shopee_tpu.inference.tta import ViewPlan, _Runner
+from shopee_tpu.inference.tta import ViewPlan, _Runner, auto_views_per_call, device_kind
 runner = _Runner(model, ViewPlan.parse(["identity"]), None)
+# Every grouping of 7 member views over 2 replicas, ragged last batch.
+tta = ("identity", "flip_lr", "shift_1", "zoom_90")
+grouped = {str(g): predict(model, batches, tta=tta, views_per_call=g) for g in (None, 1, 3, "auto")}
+base = grouped["None"][1]
 print(json.dumps({"replicas": acc.replicas, "runner": runner.replicas, "ids": ids.tolist(),
-    "err_ref": float(np.abs(probs - ref).max()), "err_hand": float(np.abs(ref - hand).max())}))
+    "err_ref": float(np.abs(probs - ref).max()), "err_hand": float(np.abs(ref - hand).max()),
+    "group_ids": {g: v[0].tolist() for g, v in grouped.items()},
+    "group_err": {g: float(np.abs(v[1] - base).max()) for g, v in grouped.items()},
+    "kind": device_kind(model), "auto": auto_views_per_call(model)}))
 """
 
 
@@ -212,6 +219,12 @@ def test_multi_replica_ragged_batches(backend):
     assert out["replicas"] == out["runner"] == 2
     assert out["ids"] == [f"img{i:03d}.jpg" for i in range(7)]
     assert out["err_ref"] < 1e-5 and out["err_hand"] < 1e-5
+    # Views in one call, one per call, in chunks of 3, or as the device chooses
+    # (one per call on CPU): the same probabilities, ids and order.
+    assert out["kind"] == "cpu" and out["auto"] == 1
+    assert set(out["group_err"]) == {"None", "1", "3", "auto"}
+    assert max(out["group_err"].values()) < 1e-5
+    assert all(v == out["ids"] for v in out["group_ids"].values())
 
 
 def test_repeated_calls_reuse_one_compiled_step_outside_the_model():
@@ -221,11 +234,11 @@ def test_repeated_calls_reuse_one_compiled_step_outside_the_model():
 
     model, x = _model(), _images(3)
     layers, weights = len(model.layers), len(model.weights)
-    predict(model, [x], tta=("identity", "flip_lr"))
-    runner = model._shopee_tta_runners[(("identity", "flip_lr"), None)]
+    predict(model, [x], tta=("identity", "flip_lr"))  # on CPU: one view per call
+    runner = model._shopee_tta_runners[(("identity", "flip_lr"), 1)]
     predict(model, [x], tta=("identity", "flip_lr"))
     predict(model, [x], tta=("identity",))
-    assert model._shopee_tta_runners[(("identity", "flip_lr"), None)] is runner
+    assert model._shopee_tta_runners[(("identity", "flip_lr"), 1)] is runner
     assert len(model._shopee_tta_runners) == 2
     assert (len(model.layers), len(model.weights)) == (layers, weights)
 
@@ -249,3 +262,29 @@ def test_tta_step_returns_every_member_view():
     np.testing.assert_allclose(
         out[:, 4], _direct(model, _shift_np(x, "up", 1)), atol=1e-6
     )
+
+
+def test_every_grouping_of_views_gives_the_same_probabilities():
+    """All views in one call, one per call, chunks, and the device's choice ("auto",
+    one view per call on CPU) agree, with ragged batches and aligned ids; one view
+    per call traces a single one-view model whatever the number of views."""
+    from shopee_tpu import predict
+    from shopee_tpu.inference.tta import ViewPlan, auto_views_per_call, device_kind
+
+    model, x = _model(), _images(11)
+    tta = ("identity", "flip_lr", "shift_1", "zoom_90")  # 7 member views
+    ref_ids, ref = predict(model, _dataset(x, 4), tta=tta, views_per_call=None)
+    # A model that is not flip-invariant: a misordered view would show.
+    assert np.abs(ref - _direct(model, x)).max() > 1e-3
+    assert device_kind(model) == "cpu" and auto_views_per_call(model) == 1
+    for grouping in (1, 2, 3, 6, 7, "auto"):
+        ids, probs = predict(model, _dataset(x, 4), tta=tta, views_per_call=grouping)
+        np.testing.assert_allclose(probs, ref, atol=1e-5)
+        assert ids.tolist() == ref_ids.tolist()
+    members = ViewPlan.parse(tta).members
+    per_view = model._shopee_tta_runners[(members, 1)]
+    assert per_view.per_view and len(per_view.models) == 1
+    assert len(model._shopee_tta_runners[(members, 3)].models) == 3
+    assert (members, 7) not in model._shopee_tta_runners  # 7 of 7 is all in one call
+    with pytest.raises(ValueError, match="views_per_call"):
+        predict(model, _dataset(x, 4), tta=tta, views_per_call="fast")

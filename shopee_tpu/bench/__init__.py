@@ -1,12 +1,17 @@
 """Benchmarks behind ``shopee-tpu bench``. Each prints machine-readable JSON.
 
-The machine is noisy, so every comparison alternates A and B over several rounds
-and reports median rates and median ratios.
+The machine is noisy, so every comparison runs its contenders in rounds, with the
+order reversed every other round, and reports the median over rounds with the
+spread (min and max). Each contender runs for a fixed time per round
+(``timed_rate``), so a round is long enough not to swing with one hiccup. Only
+ratios measured in one run compare across machines; every result carries the
+machine's core count and load average (``machine``).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -23,21 +28,49 @@ _BENCHES = {
 def run_bench(what: str, args) -> dict:
     """Runs the named benchmark with the CLI arguments; returns its figures."""
     module = importlib.import_module(_BENCHES[what])
-    return module.run(args)
+    before = machine()
+    result = module.run(args)
+    result["machine"] = {**before, "load_average_after": machine()["load_average"]}
+    return result
+
+
+def machine() -> dict:
+    """Cores this process may use and the 1/5/15-minute load average."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return {
+        "cores": cores,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "nice": os.nice(0),
+    }
+
+
+def round_orders(names: list[str], rounds: int) -> list[list[str]]:
+    """The contender order of each round: as given, then reversed, alternately."""
+    return [list(names) if r % 2 == 0 else list(reversed(names)) for r in range(rounds)]
 
 
 def alternate(
     contenders: dict[str, Callable[[], float]], rounds: int
 ) -> dict[str, list[float]]:
-    """Calls each contender in turn, ``rounds`` times; returns the rates per name.
+    """Calls each contender once per round, the order reversed every other round;
+    returns each contender's results (e.g. rates) per round."""
+    results: dict[str, list[float]] = {name: [] for name in contenders}
+    for order in round_orders(list(contenders), rounds):
+        for name in order:
+            results[name].append(float(contenders[name]()))
+    return results
 
-    Each contender returns a rate (items per second) for one measurement.
-    """
-    rates: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            rates[name].append(float(fn()))
-    return rates
+
+def timed_rate(step: Callable[[], int], seconds: float) -> float:
+    """Calls ``step`` (which returns how many items it processed) until at least
+    ``seconds`` have passed; returns items per second over the whole window."""
+    start = time.perf_counter()
+    n = 0
+    while True:
+        n += step()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return n / elapsed
 
 
 def median_ratio(a: list[float], b: list[float]) -> float:
@@ -45,11 +78,19 @@ def median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-def timed_rate(fn: Callable[[], int]) -> float:
-    """Runs ``fn`` (which returns how many items it processed); returns items/s."""
-    start = time.perf_counter()
-    n = fn()
-    return n / (time.perf_counter() - start)
+def ratios(a: list[float], b: list[float]) -> list[float]:
+    """Per-round ratios a/b."""
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
+def spread(values: list[float], digits: int = 3) -> dict:
+    """Median, min and max over rounds, and the rounds themselves."""
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "rounds": [round(v, digits) for v in values],
+    }
 
 
 def photo_crops(n: int, size: int, seed: int = 0) -> np.ndarray:

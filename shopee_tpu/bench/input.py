@@ -1,28 +1,31 @@
-"""``shopee-tpu bench input``: our TFRecord pipeline against the machine's decode limit
-and against ``keras.utils.image_dataset_from_directory`` on the same images.
+"""``shopee-tpu bench input``: our TFRecord pipeline against the decode limit of the
+same records, and end to end against ``keras.utils.image_dataset_from_directory``
+on the same original JPEGs.
 
-Figures, all from one run on one image set:
+**1. Decode limit** (same records, stored at the training size). Contenders, each
+for ``--seconds`` per round, the order reversed every other round:
 
-- ``single_thread_records``: parse + JPEG decode (+ resize if needed) of our records
-  on one thread, images/s (what our pipeline has to do per image);
-- ``single_thread_originals``: JPEG decode + resize of the original files on one
-  thread (what the directory loader has to do per image);
-- ``ours``: the training pipeline (``load_dataset(training=True)``, flip
-  augmentation, batch 64), images/s;
-- ``directory``: ``image_dataset_from_directory`` over the originals laid out as
-  class folders, same size and batch, images/s;
-- ``writer_1`` / ``writer_n``: records written per second with 1 and N processes.
+- ``single_thread``: parse + JPEG decode per record, batch, float32 cast, on one
+  thread: the limit per core (the reference);
+- ``single_thread_uint8``: the same without the float32 cast (the cast's share);
+- ``parallel_decode``: the same function under tf.data's parallel ``map`` on all
+  cores, nothing else (what tf.data's threading alone reaches);
+- ``ours``: ``load_dataset(training=True)`` with the default augmentation (flip);
+- ``ours_no_augment``: the same without augmentation (the flip's share);
+- ``ours_private_pool``: ``ours`` on a private thread pool sized to the cores.
 
-Rounds alternate the contenders; medians and median per-round ratios are reported.
-Targets on a 2-core machine: ``ours >= 0.85 x cores x single_thread_records``,
-``ours >= 1.5 x directory``, ``writer_n / writer_1 >= 1.6`` with 2 processes.
+Each is reported as a fraction of ``cores x single_thread`` (goal for ``ours``:
+>= 0.85), with the cores it really got (CPU seconds / wall seconds) and its images
+per CPU-second relative to ``single_thread`` (the work it adds per image).
 
-On a shared machine other jobs take cores; ``median_cores_used`` shows how many
-each contender really got, and ``median_images_per_cpu_second`` what it costs
-regardless (``ours`` vs ``single_thread_records`` per CPU-second is the pipeline's
-own overhead).
+**2. End to end** from the same folder of original JPEGs (about 500 px): writing the
+records once (``cores`` processes) + E epochs of ``ours``, against E epochs of
+``image_dataset_from_directory`` (decode + resize of the originals), E = 1, 3, 10,
+with the same number of images per epoch on each side and the break-even epoch
+count. ``ours`` flips, the directory loader does not augment. The record writer with
+1 process is timed too (``writer_n_over_1``).
 
-Without ``--images`` about 2,000 JPEGs of about 500 px are made from
+Without ``--images``, 1,920 JPEGs (30 batches) of about 500 px are made from
 scikit-learn's two sample photos (random crops, tints and flips) in a temp folder.
 """
 
@@ -30,21 +33,24 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import statistics
 import tempfile
 import time
 
 import numpy as np
 
-from shopee_tpu.bench import alternate, median_ratio
+from shopee_tpu.bench import machine, ratios, round_orders, spread, timed_rate
 
-IMAGE_SIZE = 224
-BATCH = 64
 CLASSES = 10
 SUFFIXES = (".jpg", ".jpeg")
+EPOCHS = (1, 3, 10)
+# (images made, their side, training size, batch): measured and --quick settings.
+FULL = (1920, 500, 224, 64)
+QUICK = (64, 96, 32, 16)
 
 
-def make_images(out_dir: str, n: int = 2000, side: int = 500, seed: int = 0) -> str:
+def make_images(out_dir: str, n: int = 1920, side: int = 500, seed: int = 0) -> str:
     """Writes ``n`` realistic JPEGs (about ``side`` px) into class folders."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
@@ -76,7 +82,7 @@ def _class_layout(images: str, out_dir: str):
     import pandas as pd
 
     rows = []
-    for dirpath, _, names in os.walk(images):
+    for dirpath, _, names in sorted(os.walk(images)):
         for name in sorted(names):
             if name.lower().endswith(SUFFIXES):
                 label = os.path.basename(dirpath) or "all"
@@ -91,81 +97,204 @@ def _class_layout(images: str, out_dir: str):
     return pd.DataFrame(rows, columns=["path", "label"])
 
 
-def _drain(ds, limit: int | None = None) -> int:
-    n = 0
-    for x, _ in ds:
-        n += int(x.shape[0])
-        if limit is not None and n >= limit:
-            break
-    return n
-
-
 def _cpu_seconds() -> float:
-    import resource
-
     me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # finished writer processes
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return me.ru_utime + me.ru_stime
 
 
-# The (cpu seconds, wall seconds) of the last timed window of a reading contender.
-_WINDOW: list[tuple[float, float]] = []
+def _reader(make_ds, seconds: float, warmup: int = 2):
+    """A contender: builds the dataset, skips ``warmup`` batches (shuffle buffers
+    fill, threads start), then reads for ``seconds``; returns (images/s, cores)."""
+
+    def go():
+        it = iter(make_ds())
+        for _ in range(warmup):
+            next(it)
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        rate = timed_rate(lambda: int(next(it)[0].shape[0]), seconds)
+        cores = (_cpu_seconds() - cpu) / (time.perf_counter() - wall)
+        return rate, cores
+
+    return go
 
 
-def _metered(contenders: dict, cores_used: dict) -> dict:
-    """Wraps each contender to also record the CPU cores it got (CPU s / wall s).
+def _decode_limit(tf, files, size, batch, cores, seconds, rounds, augment_cfg):
+    """Part 1: the contenders over the same records; returns rates and cores."""
+    from shopee_tpu.data.pipeline import decode_image, load_dataset
 
-    Other jobs on a shared machine take cores from us; this shows how many we had.
-    Reading contenders report their timed window (after warm-up); writers the call.
-    """
-
-    def wrap(name, fn):
-        def go() -> float:
-            _WINDOW.clear()
-            start, cpu = time.perf_counter(), _cpu_seconds()
-            rate = fn()
-            window = (
-                _WINDOW[-1]
-                if _WINDOW
-                else (
-                    _cpu_seconds() - cpu,
-                    time.perf_counter() - start,
-                )
-            )
-            cores_used.setdefault(name, []).append(window[0] / window[1])
-            return rate
-
-        return go
-
-    return {name: wrap(name, fn) for name, fn in contenders.items()}
-
-
-def _rate(ds, limit: int | None = None, warmup: int = 2) -> float:
-    it = iter(ds)
-    for _ in range(warmup):
-        next(it)
-    start, cpu = time.perf_counter(), _cpu_seconds()
-    n = 0
-    for x, _ in it:
-        n += int(x.shape[0])
-        if limit is not None and n >= limit:
-            break
-    wall = time.perf_counter() - start
-    _WINDOW.append((_cpu_seconds() - cpu, wall))
-    return n / wall
-
-
-def _single_thread(tf, files_ds, fn) -> float:
-    """Images/s of ``fn`` per element, then batching and a float32 cast, one thread."""
-    opts = tf.data.Options()
-    opts.threading.private_threadpool_size = 1
-    opts.threading.max_intra_op_parallelism = 1
-    opts.autotune.enabled = False
     plain = tf.autograph.experimental.do_not_convert
-    ds = files_ds.map(plain(fn)).batch(BATCH)
-    ds = ds.map(plain(lambda x, y: (tf.cast(x, tf.float32), y)))
-    ds = ds.with_options(opts)
-    return _rate(ds, warmup=1)
+    features = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+    }
+
+    def parse_decode(record):
+        ex = tf.io.parse_single_example(record, features)
+        # Records are stored at the training size: decode only, as ours does.
+        return decode_image(ex["image"], size, exact=True), ex["label"]
+
+    def to_float(x, y):
+        return tf.cast(x, tf.float32), y
+
+    def single(cast: bool):
+        def make():
+            opts = tf.data.Options()
+            opts.threading.private_threadpool_size = 1
+            opts.threading.max_intra_op_parallelism = 1
+            opts.autotune.enabled = False
+            ds = tf.data.TFRecordDataset(files).repeat().map(plain(parse_decode))
+            ds = ds.batch(batch)
+            return (ds.map(plain(to_float)) if cast else ds).with_options(opts)
+
+        return make
+
+    def parallel():
+        par = dict(num_parallel_calls=cores, deterministic=False)
+        ds = tf.data.TFRecordDataset(files).repeat().map(plain(parse_decode), **par)
+        return ds.batch(batch).map(plain(to_float), **par).prefetch(2)
+
+    def ours(augment, pool: bool = False):
+        def make():
+            ds = load_dataset(
+                files,
+                image_size=size,
+                batch_size=batch,
+                training=True,
+                augment=augment,
+                seed=0,
+            )
+            if pool:
+                opts = tf.data.Options()
+                opts.threading.private_threadpool_size = cores
+                opts.threading.max_intra_op_parallelism = 1
+                ds = ds.with_options(opts)
+            return ds
+
+        return make
+
+    contenders = {
+        "single_thread": _reader(single(True), seconds),
+        "single_thread_uint8": _reader(single(False), seconds),
+        "parallel_decode": _reader(parallel, seconds),
+        "ours": _reader(ours(augment_cfg), seconds),
+        "ours_no_augment": _reader(ours(None), seconds),
+        "ours_private_pool": _reader(ours(augment_cfg, pool=True), seconds),
+    }
+    rates = {n: [] for n in contenders}
+    used = {n: [] for n in contenders}
+    for order in round_orders(list(contenders), rounds):
+        for name in order:
+            rate, got = contenders[name]()
+            rates[name].append(rate)
+            used[name].append(got)
+    return rates, used
+
+
+def _epochs_timer(iterate_epoch, start: float) -> tuple[list[float], int]:
+    """Runs ``max(EPOCHS)`` epochs; returns the elapsed seconds after each epoch
+    in ``EPOCHS`` (counted from ``start``) and the images per epoch."""
+    marks, per_epoch = [], 0
+    for e in range(1, max(EPOCHS) + 1):
+        per_epoch = iterate_epoch()
+        if e in EPOCHS:
+            marks.append(time.perf_counter() - start)
+    return marks, per_epoch
+
+
+def _end_to_end(tf, keras, table, tmp, by_class, size, batch, cores, rounds):
+    """Part 2: write once + E epochs of ours vs E epochs of the directory loader."""
+    from shopee_tpu.config import AugmentConfig
+    from shopee_tpu.data.files import list_files
+    from shopee_tpu.data.pipeline import load_dataset
+    from shopee_tpu.data.records import write_records
+
+    n = len(table)
+    steps = -(-n // batch)  # ours: whole batches covering every image once
+
+    def write(workers: int, out: str) -> float:
+        start = time.perf_counter()
+        write_records(
+            table,
+            out,
+            shards=8,
+            image_size=size,
+            workers=workers,
+            overwrite=True,
+            seed=0,
+        )
+        return time.perf_counter() - start
+
+    records = os.path.join(tmp, "e2e_records")
+    write(cores, records)
+    files = list_files(records)
+
+    def ours():
+        start = time.perf_counter()
+        it = iter(
+            load_dataset(
+                files,
+                image_size=size,
+                batch_size=batch,
+                training=True,
+                augment=AugmentConfig(),
+                seed=0,
+            )
+        )
+        return _epochs_timer(
+            lambda: sum(int(next(it)[0].shape[0]) for _ in range(steps)), start
+        )
+
+    def directory():
+        start = time.perf_counter()
+        ds = keras.utils.image_dataset_from_directory(
+            by_class,
+            image_size=(size, size),
+            batch_size=batch,
+            shuffle=True,
+            seed=0,
+            verbose=False,
+        )
+        return _epochs_timer(lambda: sum(int(x.shape[0]) for x, _ in ds), start)
+
+    scratch = os.path.join(tmp, "e2e_scratch")
+    contenders = {
+        "write": lambda: write(cores, scratch),
+        "write_1_process": lambda: write(1, scratch),
+        "ours": ours,
+        "directory": directory,
+    }
+    out: dict[str, list] = {name: [] for name in contenders}
+    per_epoch = {}
+    for order in round_orders(list(contenders), rounds):
+        for name in order:
+            got = contenders[name]()
+            if isinstance(got, tuple):
+                got, per_epoch[name] = got
+            out[name].append(got)
+
+    result: dict = {
+        "epochs": list(EPOCHS),
+        "images_per_epoch": {"ours": per_epoch["ours"], "directory": n},
+        "write_seconds": spread(out["write"]),
+        "writer_n_over_1": spread(ratios(out["write_1_process"], out["write"])),
+    }
+    for i, e in enumerate(EPOCHS):
+        ours_total = [w + t[i] for w, t in zip(out["write"], out["ours"], strict=True)]
+        dir_total = [t[i] for t in out["directory"]]
+        result[f"epochs_{e}"] = {
+            "ours_write_plus_read_seconds": spread(ours_total),
+            "directory_seconds": spread(dir_total),
+            "directory_over_ours": spread(ratios(dir_total, ours_total)),
+        }
+    # Steady per-epoch cost: epochs 2..10 (the first carries start-up costs).
+    span = max(EPOCHS) - EPOCHS[0]
+    o = statistics.median((t[-1] - t[0]) / span for t in out["ours"])
+    d = statistics.median((t[-1] - t[0]) / span for t in out["directory"])
+    w = statistics.median(out["write"])
+    result["seconds_per_epoch"] = {"ours": round(o, 3), "directory": round(d, 3)}
+    # The epoch count from which write once + read beats the directory loader.
+    result["break_even_epochs"] = round(w / (d - o), 2) if d > o else None
+    return result
 
 
 def run(args) -> dict:
@@ -175,165 +304,61 @@ def run(args) -> dict:
 
     from shopee_tpu.config import AugmentConfig
     from shopee_tpu.data.files import list_files
-    from shopee_tpu.data.pipeline import decode_image, load_dataset
     from shopee_tpu.data.records import write_records
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    rounds = max(1, int(getattr(args, "rounds", 5) or 5))
-    load_before = os.getloadavg()[0]
-    cores_used: dict[str, list[float]] = {}
+    quick = bool(getattr(args, "quick", False))
+    n_make, side, size, batch = QUICK if quick else FULL
+    rounds = max(1, int(getattr(args, "rounds", None) or (2 if quick else 5)))
+    seconds = float(getattr(args, "seconds", None) or (0.2 if quick else 10.0))
+    cores = machine()["cores"]
     with tempfile.TemporaryDirectory(prefix="bench-input-") as tmp:
-        images = getattr(args, "images", None) or make_images(os.path.join(tmp, "img"))
-        table = _class_layout(images, os.path.join(tmp, "by_class"))
-        n_images = len(table)
-
-        def writer(workers: int):
-            out = os.path.join(tmp, f"rec{workers}")
-
-            def go() -> float:
-                start = time.perf_counter()
-                m = write_records(
-                    table,
-                    out,
-                    shards=8,
-                    image_size=IMAGE_SIZE,
-                    workers=workers,
-                    overwrite=True,
-                    seed=0,
-                )
-                rate = m["total"] / (time.perf_counter() - start)
-                for name in m["shards"]:  # the next round writes afresh
-                    os.remove(os.path.join(out, name))
-                return rate
-
-            return go
-
-        write_rates = alternate(
-            _metered({"writer_1": writer(1), "writer_n": writer(cores)}, cores_used),
-            rounds,
+        images = getattr(args, "images", None) or make_images(
+            os.path.join(tmp, "img"), n=n_make, side=side
         )
+        by_class = os.path.join(tmp, "by_class")
+        table = _class_layout(images, by_class)
         records = os.path.join(tmp, "records")
         manifest = write_records(
-            table, records, shards=8, image_size=IMAGE_SIZE, workers=cores, seed=0
+            table, records, shards=8, image_size=size, workers=cores, seed=0
         )
         files = list_files(records)
         record_bytes = int(sum(map(os.path.getsize, files)) / manifest["total"])
-
-        def ours() -> float:
-            ds = load_dataset(
-                files,
-                image_size=IMAGE_SIZE,
-                batch_size=BATCH,
-                training=True,
-                augment=AugmentConfig(),
-                seed=0,
-            )
-            return _rate(ds, limit=2 * n_images)
-
-        def directory() -> float:
-            ds = keras.utils.image_dataset_from_directory(
-                os.path.join(tmp, "by_class"),
-                image_size=(IMAGE_SIZE, IMAGE_SIZE),
-                batch_size=BATCH,
-                shuffle=True,
-                seed=0,
-                verbose=False,
-            )
-            return _rate(ds)
-
-        def parse_decode(record):
-            ex = tf.io.parse_single_example(
-                record, {"image": tf.io.FixedLenFeature([], tf.string)}
-            )
-            # Records are stored at the training size: decode only, as ours does.
-            return decode_image(ex["image"], IMAGE_SIZE, exact=True), 0
-
-        def decode_original(path):
-            raw = tf.io.read_file(path)
-            image = tf.io.decode_jpeg(raw, channels=3)
-            return tf.image.resize(image, [IMAGE_SIZE, IMAGE_SIZE]), 0
-
-        def single_records() -> float:
-            return _single_thread(tf, tf.data.TFRecordDataset(files), parse_decode)
-
-        def single_originals() -> float:
-            paths = tf.data.Dataset.from_tensor_slices(list(table["path"]))
-            return _single_thread(tf, paths, decode_original)
-
-        read_rates = alternate(
-            _metered(
-                {
-                    "single_thread_records": single_records,
-                    "ours": ours,
-                    "single_thread_originals": single_originals,
-                    "directory": directory,
-                },
-                cores_used,
-            ),
-            rounds,
+        rates, used = _decode_limit(
+            tf, files, size, batch, cores, seconds, rounds, AugmentConfig()
         )
-    med = {k: statistics.median(v) for k, v in {**read_rates, **write_rates}.items()}
-    limit = [cores * s for s in read_rates["single_thread_records"]]
-    ratios = {
-        "ours_over_cores_x_single_thread": median_ratio(read_rates["ours"], limit),
-        # The same, against decode+resize of the original files (the issue's
-        # "single-thread JPEG decode+resize rate" read literally).
-        "ours_over_cores_x_single_thread_originals": median_ratio(
-            read_rates["ours"],
-            [cores * s for s in read_rates["single_thread_originals"]],
-        ),
-        "ours_over_directory": median_ratio(
-            read_rates["ours"], read_rates["directory"]
-        ),
-        "writer_n_over_1": median_ratio(
-            write_rates["writer_n"], write_rates["writer_1"]
-        ),
-        "single_thread_records_over_originals": median_ratio(
-            read_rates["single_thread_records"], read_rates["single_thread_originals"]
-        ),
+        e2e = _end_to_end(tf, keras, table, tmp, by_class, size, batch, cores, rounds)
+
+    limit = [cores * r for r in rates["single_thread"]]
+    per_cpu = {n: ratios(rates[n], used[n]) for n in rates}
+    of_limit = {
+        f"{n}_over_cores_x_single_thread": spread(ratios(rates[n], limit))
+        for n in ("ours", "ours_no_augment", "ours_private_pool", "parallel_decode")
     }
-    # Images per CPU-second: what each contender costs, whatever share of the
-    # machine it got. ours / single near 1 means the pipeline adds little work, so
-    # on free cores it would scale to cores x the single-thread rate.
-    per_cpu = {
-        k: [r / c for r, c in zip(v, cores_used[k], strict=True)]
-        for k, v in {**read_rates, **write_rates}.items()
+    work = {  # images per CPU-second, relative to the single-thread decode
+        n: spread(ratios(per_cpu[n], per_cpu["single_thread"]))
+        for n in rates
+        if n != "single_thread"
     }
-    ratios["ours_over_single_thread_per_cpu_second"] = median_ratio(
-        per_cpu["ours"], per_cpu["single_thread_records"]
-    )
-    targets = {
-        "ours_over_cores_x_single_thread": 0.85,
-        "ours_over_directory": 1.5,
-        "writer_n_over_1": 1.6,
-    }
+    goal = of_limit["ours_over_cores_x_single_thread"]["median"]
     return {
         "bench": "input",
-        "images": n_images,
+        "images": len(table),
         "records": manifest["total"],
-        "image_size": IMAGE_SIZE,
+        "image_size": size,
         "record_bytes_mean": record_bytes,
-        "batch_size": BATCH,
+        "batch_size": batch,
         "cores": cores,
-        "writer_processes": cores,
         "rounds": rounds,
-        "median_images_per_s": {k: round(v, 1) for k, v in med.items()},
-        "median_images_per_cpu_second": {
-            k: round(statistics.median(v), 1) for k, v in per_cpu.items()
+        "seconds_per_contender": seconds,
+        "decode_limit": {
+            "images_per_sec": {n: spread(v, 1) for n, v in rates.items()},
+            "cores_used": {n: spread(v, 2) for n, v in used.items()},
+            "per_cpu_second_over_single_thread": work,
+            **of_limit,
         },
-        "median_ratios": {k: round(v, 3) for k, v in ratios.items()},
-        "targets": targets,
-        "met": {k: ratios[k] >= t for k, t in targets.items()},
-        "per_round": {
-            k: [round(x, 1) for x in v]
-            for k, v in {**read_rates, **write_rates}.items()
-        },
-        # Below `cores` for a parallel contender = other jobs took CPU: noisy figures.
-        "median_cores_used": {
-            k: round(statistics.median(v), 2) for k, v in cores_used.items()
-        },
-        "per_round_cores_used": {
-            k: [round(x, 2) for x in v] for k, v in cores_used.items()
-        },
-        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+        "ours_over_cores_x_single_thread_median": goal,
+        "target": ">= 0.85",
+        "meets_target": bool(goal >= 0.85),
+        "end_to_end": e2e,
+        "break_even_epochs": e2e["break_even_epochs"],
     }

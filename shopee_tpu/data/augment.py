@@ -28,6 +28,7 @@ from shopee_tpu.data._tf import tf as require_tensorflow
 __all__ = [
     "augment_batch",
     "augment_image",
+    "flip_image",
     "mix_batch",
     "needs_mixing",
     "affine_ops",
@@ -222,6 +223,25 @@ def augment_batch(images, cfg: AugmentConfig, seed=None, *, dtype=None):
     if out.is_integer:
         return tf.cast(tf.clip_by_value(tf.round(x), out.min, out.max), out)
     return tf.cast(x, out)
+
+
+def flip_image(image, cfg: AugmentConfig, seed):
+    """Random flips of ONE image ``[h, w, c]`` (``cfg.flip_lr``, ``cfg.flip_ud``),
+    each with probability 1/2, drawn from the ``[2]`` integer ``seed``.
+
+    The training pipeline flips each image right after decoding, while it is uint8
+    and still in cache: only the flipped images are copied, once. A flip over the
+    batch (:func:`augment_batch`) moves every image of it two or three times.
+    """
+    tf = require_tensorflow()
+    image = tf.convert_to_tensor(image)
+    draw = tf.random.stateless_uniform([2], _seed(seed), 0.0, 1.0)
+    for on, axis, u in ((cfg.flip_lr, 1, draw[0]), (cfg.flip_ud, 0, draw[1])):
+        if on:
+            image = tf.cond(
+                u < 0.5, lambda x=image, a=axis: tf.reverse(x, [a]), lambda x=image: x
+            )
+    return image
 
 
 def augment_image(image, cfg: AugmentConfig, seed=None):

@@ -3,11 +3,12 @@
 Training reads shards interleaved and in parallel, in any order unless asked for a
 fixed one, shuffles and repeats, decodes (at 1/2, 1/4 or 1/8 scale straight from the JPEG
 DCT when the stored image is at least that much larger than needed), resizes only
-when the size differs, augments, and batches with ``drop_remainder=True`` so every
-shape is static for TPUs. Evaluation reads the files in order, once, and keeps ids
-aligned with images; it keeps the last partial batch, or with ``pad=True`` fills it
-with blank rows of sample weight 0 (validation on N replicas: full batches, each
-record counted once).
+when the size differs, flips each image while it is uint8, batches with
+``drop_remainder=True`` so every shape is static for TPUs, then runs the other
+augmentations per batch (``shopee-tpu bench input`` measures what each costs).
+Evaluation reads the files in order, once, and keeps ids aligned with images; it
+keeps the last partial batch, or with ``pad=True`` fills it with blank rows of
+sample weight 0 (validation on N replicas: full batches, each record counted once).
 """
 
 from __future__ import annotations
@@ -190,6 +191,17 @@ def _pad_to_batches(ds, files, batch_size: int, num_workers: int, worker_index: 
     return ds.concatenate(filler).batch(batch_size, drop_remainder=True), batches
 
 
+def _split_flips(augment):
+    """``augment`` -> (the flips, done per image as it is decoded; the rest, done
+    per batch). Either is ``None`` when there is nothing of it to do."""
+    import dataclasses
+
+    if augment is None:
+        return None, None
+    flips = augment if (augment.flip_lr or augment.flip_ud) else None
+    return flips, dataclasses.replace(augment, flip_lr=False, flip_ud=False)
+
+
 def load_dataset(
     files_or_pattern,
     *,
@@ -251,7 +263,12 @@ def load_dataset(
             message with the schema), or ``num_classes`` is unknown.
     """
     tf = _tf()
-    from shopee_tpu.data.augment import augment_batch, mix_batch, needs_mixing
+    from shopee_tpu.data.augment import (
+        augment_batch,
+        flip_image,
+        mix_batch,
+        needs_mixing,
+    )
 
     schema = get_schema(schema)
     files = list_files(files_or_pattern)
@@ -348,25 +365,33 @@ def load_dataset(
         if num_workers > 1 and not by_file:
             records = records.shard(num_workers, worker_index)
     records = records.shuffle(shuffle_buffer, seed=seed)
+    flips, per_batch = _split_flips(augment)
+    # One draw per stream position: flips need no zipped seed dataset.
+    flip_seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
 
-    def decode_train(record):
+    def decode_train(i, record):
         ex = parse(record)
-        return decode_image(ex["image"], image_size, exact=exact), ex["label"]
+        image = decode_image(ex["image"], image_size, exact=exact)
+        if flips is not None:
+            image = flip_image(
+                image, flips, tf.stack([tf.constant(flip_seed, tf.int64), i])
+            )
+        return image, ex["label"]
 
     def finish(batch, batch_seed):
-        # Augmentation runs on whole batches: one vectorised op per batch costs
-        # far less in tf.data than one small op per image.
+        # The other augmentations run on whole batches: one vectorised op per
+        # batch costs far less in tf.data than one small op per image.
         images, onehot = batch[0], tf.one_hot(batch[1], num_classes)
-        if augment is None:
+        if per_batch is None:
             images = tf.cast(images, tf.float32)
         else:
             s = tf.random.experimental.stateless_split(batch_seed, 2)
-            images = augment_batch(images, augment, seed=s[0], dtype=tf.float32)
-            if needs_mixing(augment):
-                images, onehot = mix_batch(images, onehot, augment, seed=s[1])
+            images = augment_batch(images, per_batch, seed=s[0], dtype=tf.float32)
+            if needs_mixing(per_batch):
+                images, onehot = mix_batch(images, onehot, per_batch, seed=s[1])
         return _to_float(images, value_range), onehot
 
-    ds = records.map(
+    ds = records.enumerate().map(
         _plain(decode_train),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,

@@ -54,7 +54,7 @@ def tta_report(
     *,
     reducers: Sequence[str] = REDUCERS,
     beta: float = 0.3,
-    views_per_call: int | None = None,
+    views_per_call: int | str | None = "auto",
     path: str | os.PathLike | None = None,
     verbose: bool = True,
 ) -> pd.DataFrame:

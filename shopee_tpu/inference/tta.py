@@ -1,10 +1,19 @@
-"""``shopee_tpu.predict``: batched test-time augmentation (TTA).
+"""``shopee_tpu.predict``: test-time augmentation (TTA), grouped per device.
 
-Every view of a batch goes through the model in ONE compiled call: the views are
-built on the device with ``keras.ops``, concatenated along the batch axis, classified
-together, and the result comes back as ``[batch, views, classes]``. So K views cost
-about K times the arithmetic of one view and no extra calls, host copies or
-retracing (``shopee-tpu bench predict`` measures this). Under several replicas (a TF
+How the K views of a batch are grouped per compiled model call depends on the
+device (``views_per_call="auto"``, the default; see :func:`auto_views_per_call`):
+
+- **TPU and GPU: all views in ONE call.** The views are built on the device with
+  ``keras.ops``, concatenated along the batch axis, classified together, and come
+  back as ``[batch, views, classes]``: a K times larger batch fills the matrix units,
+  with no extra calls, host copies or retracing.
+- **CPU: one view per call.** On a CPU a K times larger batch runs slower per image
+  (its activations outgrow the caches: ``shopee-tpu bench predict`` measured 4 views
+  in one call at 1.24-1.36 x the time of 4 one-view calls on 2 cores), so each view
+  is built with ``keras.ops`` and classified by the same compiled one-view call:
+  exactly K single-view passes and one trace, whatever K is.
+
+Both give the same probabilities (to float rounding). Under several replicas (a TF
 strategy or a JAX ``DataParallel`` distribution) each batch is padded to a multiple
 of the replicas, split across them, and the padding is stripped again.
 
@@ -29,11 +38,15 @@ from shopee_tpu.inference.views import (
 __all__ = [
     "predict",
     "tta_step",
+    "auto_views_per_call",
+    "device_kind",
     "iter_view_probs",
     "reduce_views",
     "ViewPlan",
     "REDUCERS",
 ]
+
+ViewsPerCall = int | str | None
 
 # ---------------------------------------------------------------------------
 # The batched, compiled model call.
@@ -63,14 +76,83 @@ def _tta_model(model, members: Sequence[str]):
     return TTAModel(model)
 
 
+def device_kind(model=None) -> str:
+    """``"tpu"``, ``"gpu"`` or ``"cpu"``: where ``model`` (or the current setup) runs.
+
+    TensorFlow: a ``TPUStrategy`` means TPU, a visible GPU means GPU. JAX: the
+    platform of the distribution's devices, else of the default device.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        from shopee_tpu.utils import require_tensorflow
+
+        tf = require_tensorflow()
+        strategy = (
+            getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+        )
+        if "TPU" in type(strategy).__name__:
+            return "tpu"
+        return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
+    if backend == "jax":
+        import jax
+
+        dist = keras.distribution.distribution()
+        devices = dist.device_mesh.devices.flat if dist is not None else jax.devices()
+        first = next(iter(devices))  # a jax Device, or Keras's "tpu:0" style name
+        platform = str(getattr(first, "platform", first)).split(":")[0].lower()
+        return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(
+            platform, "cpu"
+        )
+    return "cpu"
+
+
+def auto_views_per_call(model=None) -> int | None:
+    """What ``views_per_call="auto"`` means on this device: ``None`` (all views in
+    one call) on TPU and GPU, ``1`` (one view per call) on CPU.
+
+    ``shopee-tpu bench predict`` measures both groupings against K single-view
+    passes and reports this choice.
+    """
+    return None if device_kind(model) in ("tpu", "gpu") else 1
+
+
+def _resolve(model, views_per_call, members: int) -> int | None:
+    """``views_per_call`` as given -> ``None`` (all in one call) or a chunk size < K."""
+    if isinstance(views_per_call, str):
+        if views_per_call != "auto":
+            raise ValueError(
+                f"views_per_call must be 'auto', None or a positive int, got "
+                f"{views_per_call!r}"
+            )
+        views_per_call = auto_views_per_call(model)
+    if views_per_call is None:
+        return None
+    if int(views_per_call) < 1:
+        raise ValueError(f"views_per_call must be >= 1, got {views_per_call}")
+    return None if int(views_per_call) >= members else int(views_per_call)
+
+
 class _Runner:
-    """Calls the TTA models on one numpy batch, with multi-replica distribution."""
+    """Calls the TTA models on one numpy batch, with multi-replica distribution.
+
+    ``views_per_call`` (resolved): ``None`` sends every member view in one compiled
+    call; ``1`` builds each view with ``keras.ops`` outside the compiled call and
+    sends it through one shared one-view call (one trace whatever the views); ``c``
+    sends chunks of ``c`` views, one compiled call per chunk.
+    """
 
     def __init__(self, model, plan: ViewPlan, views_per_call: int | None):
         import keras
 
-        k = len(plan.members) if not views_per_call else max(1, int(views_per_call))
-        chunks = [plan.members[i : i + k] for i in range(0, len(plan.members), k)]
+        k = len(plan.members) if not views_per_call else views_per_call
+        self.per_view = k == 1 and len(plan.members) > 1
+        if self.per_view:
+            self.views = [view_function(m) for m in plan.members]
+            chunks = [("identity",)]
+        else:
+            chunks = [plan.members[i : i + k] for i in range(0, len(plan.members), k)]
         self.backend = keras.backend.backend()
         self.strategy = None
         self.distribution = None
@@ -124,7 +206,7 @@ class _Runner:
             return strategy.run(lambda x: tta_model(x, training=False), args=(dist_x,))
 
         def step(x):
-            parts = np.split(x, self.replicas)
+            parts = np.split(np.asarray(x), self.replicas)
             dist_x = strategy.experimental_distribute_values_from_function(
                 lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group])
             )
@@ -140,16 +222,21 @@ class _Runner:
         if pad_to > b:
             pad = np.zeros((pad_to - b,) + images.shape[1:], images.dtype)
             images = np.concatenate([images, pad], axis=0)
-        outs = [step(images) for step in self.steps]
+        if self.per_view:
+            step = self.steps[0]
+            outs = [step(view(images)) for view in self.views]
+        else:
+            outs = [step(images) for step in self.steps]
         out = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
         return out[:b]
 
 
-def _cached_runner(model, plan: ViewPlan, views_per_call: int | None) -> _Runner:
-    """One runner (and so one traced function) per model, views and chunking:
+def _cached_runner(model, plan: ViewPlan, views_per_call: ViewsPerCall) -> _Runner:
+    """One runner (and so one traced function) per model, views and grouping:
     calling ``predict`` again does not retrace. The cache hangs off the model with
     ``object.__setattr__``, out of Keras' layer tracking (it never becomes part of
     the model's layers or weights), and dies with the model."""
+    views_per_call = _resolve(model, views_per_call, len(plan.members))
     cache = model.__dict__.get("_shopee_tta_runners")
     if cache is None:
         cache = {}
@@ -160,8 +247,10 @@ def _cached_runner(model, plan: ViewPlan, views_per_call: int | None) -> _Runner
     return cache[key]
 
 
-def tta_step(model, tta: str | Sequence[str], *, views_per_call: int | None = None):
+def tta_step(model, tta: str | Sequence[str], *, views_per_call: ViewsPerCall = "auto"):
     """The compiled call behind ``predict``, for custom loops and benchmarks.
+
+    ``views_per_call`` groups the views as in :func:`predict`.
 
     Returns:
         A function mapping one numpy image batch ``[b, h, w, c]`` to the member
@@ -210,7 +299,7 @@ def iter_view_probs(
     dataset: Iterable,
     plan: ViewPlan,
     *,
-    views_per_call: int | None = None,
+    views_per_call: ViewsPerCall = "auto",
 ) -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
     """Yields ``(second element or None, [b, members, classes])`` per batch.
 
@@ -248,7 +337,7 @@ def predict(
     reduce: str = "mean",
     beta: float = 0.3,
     *,
-    views_per_call: int | None = None,
+    views_per_call: ViewsPerCall = "auto",
     verbose: bool = False,
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Predicts every image of ``dataset`` with test-time augmentation.
@@ -260,9 +349,12 @@ def predict(
         tta: View names (see ``shopee_tpu.inference.views``), a list or "a,b,c".
         reduce: ``mean``, ``geometric`` or ``beta``.
         beta: Weight of ``identity`` when ``reduce="beta"``.
-        views_per_call: At most this many single views per model call, to bound
-            memory (the batch the model sees is ``batch * views``); ``None`` sends
-            all views in one call.
+        views_per_call: How views are grouped per compiled model call.
+            ``"auto"``: all views in one call on TPU and GPU, one view per call on
+            CPU (see :func:`auto_views_per_call`). ``None``: all in one call. An
+            int: at most this many views per call, e.g. to bound memory (the batch
+            the model sees is ``batch * views``). Every grouping gives the same
+            probabilities up to float rounding.
         verbose: Show a progress bar.
 
     Returns:
