@@ -73,6 +73,12 @@ class DataConfig(_Section):
         valid_fraction: Share of training shards held out when ``valid`` is unset.
         shuffle_buffer: Records held in the shuffle buffer while training.
         cache: Keep decoded validation batches in memory after the first epoch.
+        folds: K of a k-fold run (``shopee_tpu.experiments.kfold``); 0 trains one
+            model on a hold-out split. With folds, each fold validates on its own
+            held-out products, and ``valid`` (if set) is an external hold-out that
+            every fold model and the fold ensemble are scored on.
+        fold: The one fold this run trains, ``0 <= fold < folds``; the k-fold
+            driver sets it in each ``fold-<i>`` folder's config.
     """
 
     train: str | None = None
@@ -83,6 +89,8 @@ class DataConfig(_Section):
     valid_fraction: float = 0.1
     shuffle_buffer: int = 2048
     cache: bool = False
+    folds: int = 0
+    fold: int | None = None
 
 
 @dataclass(frozen=True)

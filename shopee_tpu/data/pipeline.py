@@ -11,6 +11,7 @@ partial batch and keeps ids aligned with images.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 
 from shopee_tpu.data._tf import tf as _tf
 from shopee_tpu.data.files import count_records, holdout_files, list_files
@@ -156,6 +157,7 @@ def load_dataset(
     num_workers: int = 1,
     worker_index: int = 0,
     value_range: tuple[float, float] = (0, 255),
+    keep_ids: Collection[str] | None = None,
 ):
     """Builds the ``tf.data`` pipeline over TFRecord shards.
 
@@ -182,6 +184,8 @@ def load_dataset(
             ``num_workers``-th record.
         worker_index: This pipeline's index, ``0 <= worker_index < num_workers``.
         value_range: Output pixel range; ``(0, 255)`` is the model input contract.
+        keep_ids: Read only the records whose id is in this set (one fold of a
+            k-fold run); the records must carry an id feature.
 
     Returns:
         A ``tf.data.Dataset``.
@@ -237,6 +241,9 @@ def load_dataset(
         )
         if num_workers > 1 and not by_file:
             records = records.shard(num_workers, worker_index)
+        if keep_ids is not None:
+            keep = _id_filter(keep_ids, schema, found, files[0])
+            records = records.filter(lambda f, i, r: keep(r))
 
         def decode_eval(f, i, record):
             ex = parse(record)
@@ -250,7 +257,7 @@ def load_dataset(
 
         ds = records.map(_plain(decode_eval), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=False)
-        n = _known_count(files) if num_workers == 1 else None
+        n = _known_count(files) if num_workers == 1 and keep_ids is None else None
         if n is not None:
             # Telling tf.data the batch count lets Keras size validation epochs
             # instead of running into the end of the data (and warning) each epoch.
@@ -280,6 +287,8 @@ def load_dataset(
         records = names.interleave(reader, **read)
         if num_workers > 1 and not by_file:
             records = records.shard(num_workers, worker_index)
+    if keep_ids is not None:
+        records = records.filter(_id_filter(keep_ids, schema, found, files[0]))
     records = records.shuffle(shuffle_buffer, seed=seed)
 
     def decode_train(record):
@@ -308,6 +317,27 @@ def load_dataset(
         _plain(finish), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
     )
     return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
+
+
+def _id_filter(keep_ids: Collection[str], schema: Schema, found, where: str):
+    """A predicate on serialized records: is the record's id in ``keep_ids``?"""
+    tf = _tf()
+    if not (schema.id and schema.id in found):
+        raise ValueError(
+            f"{where}: selecting records by id (keep_ids) needs an id feature, and "
+            f"these records have none for schema {schema.name!r}"
+        )
+    parse_id = _parser(schema, found, ("id",))
+    keys = sorted({str(k) for k in keep_ids})
+    if not keys:
+        return lambda record: tf.constant(False)
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(keys, tf.string), tf.ones(len(keys), tf.int32)
+        ),
+        default_value=0,
+    )
+    return _plain(lambda record: table.lookup(parse_id(record)["id"]) > 0)
 
 
 def read_ids_labels(files_or_pattern, schema: str | Schema = "shopee_tpu"):
