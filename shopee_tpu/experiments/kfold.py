@@ -217,6 +217,8 @@ def train_folds(
     )
     if not config.data.train:
         raise ValueError("config.data.train is not set: point it at a TFRecord folder")
+    if k < 2:
+        raise ValueError(f"k-fold needs at least 2 folds (folds=K), got {k}")
     if is_remote(out_dir):
         raise ValueError(f"{out_dir}: a k-fold run folder must be a local path")
     if fold is not None and not 0 <= fold < k:
@@ -359,7 +361,8 @@ def _save_assignment(out_dir: str, assignment: pd.DataFrame) -> None:
             if sorted(a) != sorted(b):
                 raise ValueError(
                     f"{path}: fold {i} of the saved split differs from the split of "
-                    f"the records now (first differing id {first_difference(a, b)}); "
+                    "the records now (first differing id "
+                    f"{first_difference(a, b, ('folds.csv', 'the records'))}); "
                     "the records changed since the run started: use a new --out folder"
                 )
         return
@@ -395,7 +398,8 @@ def _predict_fold(model, fold_cfg, files, assignment, i, acc, where) -> None:
     if len(ids) != len(held_out) or set(ids.tolist()) != set(held_out["id"]):
         raise ValueError(
             f"{where}: predicted {len(ids)} rows for the {len(held_out)} held-out "
-            f"records (first differing id {first_difference(held_out['id'], ids)})"
+            "records (first differing id "
+            f"{first_difference(held_out['id'], ids, ('the fold', 'the predictions'))})"
         )
     labels = held_out.set_index("id")["label"].reindex(ids).to_numpy()
     rows = {"labels": labels, "folds": np.full(len(ids), i)}
@@ -421,7 +425,7 @@ def _gather(out_dir: str, config: RunConfig, assignment, *, write: bool) -> dict
         raise ValueError(
             f"{out_dir}: the folds' out-of-fold files do not cover the records once "
             f"({len(ids)} rows for {len(want)} records; first differing id "
-            f"{first_difference(want, ids)})"
+            f"{first_difference(want, ids, ('the records', 'the folds'))})"
         )
     # Rows in record order, so oof.npz lines up with folds.csv.
     position = {key: n for n, key in enumerate(ids.tolist())}

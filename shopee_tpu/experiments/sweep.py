@@ -223,10 +223,6 @@ def run_sweep(
     axes = parse_grid(grid, base)
     points = grid_points(base, axes)
     os.makedirs(out, exist_ok=True)
-    sweep = {"grid": dict(axes), "base": base.to_dict()}
-    atomic_write_text(
-        os.path.join(out, "sweep.json"), json.dumps(sweep, indent=1) + "\n"
-    )
     acc = None
     rows, trained = [], 0
     for n, (name, changes, cfg) in enumerate(points):
@@ -267,6 +263,10 @@ def run_sweep(
 
     results = pd.DataFrame(rows)
     keys = [k for k, _ in axes]
+    sweep = {"grid": dict(axes), "base": base.to_dict()}
+    atomic_write_text(
+        os.path.join(out, "sweep.json"), json.dumps(sweep, indent=1) + "\n"
+    )
     atomic_write_text(os.path.join(out, "results.csv"), results.to_csv(index=False))
     atomic_write_text(
         os.path.join(out, "results.md"), results_markdown(results, keys, base) + "\n"

@@ -215,7 +215,7 @@ def align_probs(files: Sequence[ProbFile], *, names: Sequence[str] | None = None
         missing = [k for k in ids.tolist() if k not in index]
         extra = sorted(set(index) - set(ids.tolist()))
         if missing or extra or len(index) != len(f.ids):
-            first = first_difference(ids, f.ids)
+            first = first_difference(ids, f.ids, (names[0], name))
             raise ValueError(
                 f"{name}: ids differ from {names[0]}: first differing id {first}; "
                 f"missing {missing[:5]}, "
@@ -225,9 +225,11 @@ def align_probs(files: Sequence[ProbFile], *, names: Sequence[str] | None = None
     return ids, np.stack(out)
 
 
-def first_difference(a: Sequence, b: Sequence) -> str:
+def first_difference(
+    a: Sequence, b: Sequence, names: tuple[str, str] = ("the first", "the second")
+) -> str:
     """Names the first id (in sorted order) that is in one id list but not the
-    other, or that one list repeats, e.g. ``'x.jpg' (in the first, not the second)``.
+    other, or that one list repeats, e.g. ``'x.jpg' (in a.npz, not in b.npz)``.
     """
     ua, ca = np.unique(np.asarray(a).astype(str), return_counts=True)
     ub, cb = np.unique(np.asarray(b).astype(str), return_counts=True)
@@ -236,10 +238,9 @@ def first_difference(a: Sequence, b: Sequence) -> str:
         na, nb = int(count_a.get(key, 0)), int(count_b.get(key, 0))
         if na != nb:
             if not na or not nb:
-                where = "the first" if na else "the second"
-                other = "the second" if na else "the first"
+                where, other = names if na else names[::-1]
                 return f"{key!r} (in {where}, not in {other})"
-            return f"{key!r} ({na} times in the first, {nb} in the second)"
+            return f"{key!r} ({na} times in {names[0]}, {nb} in {names[1]})"
     return "none"
 
 
