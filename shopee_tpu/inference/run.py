@@ -150,6 +150,17 @@ def _fold_ensemble(
     return combine_folds(np.stack(probs), reduce)
 
 
+def _labelled(files: Sequence[str]) -> bool:
+    """True when our manifests say the records carry labels (not ``--test``)."""
+    from shopee_tpu.data.records import read_manifest
+
+    try:
+        manifests = [read_manifest(f.rpartition("/")[0] or ".") for f in files]
+    except FileNotFoundError:
+        return False
+    return all(m.get("test") is False and m.get("label_map") for m in manifests)
+
+
 def _probs_path(out: str) -> str:
     stem = out[: -len(".csv")] if out.endswith(".csv") else out
     return f"{stem}.probs.npz"
@@ -267,6 +278,12 @@ def predict_run(
     save_probs(_probs_path(out), ids, probs, dtype="float16", meta=meta)
 
     summary = {"images": len(ids)}
+    if _labelled(files):
+        # Labelled records (a hold-out): score the probabilities, before any MD5
+        # overrides, so runs and fold ensembles compare like with like.
+        truth = pipeline.read_ids_labels(files, schema=config.data.schema)["label"]
+        correct = probs.argmax(-1) == truth.to_numpy()
+        summary["accuracy"] = round(float(correct.mean()), 4)
     needs_meta = md5_dict is not None or format == "cdiscount"
     info = (
         pipeline.read_ids_labels(files, schema=config.data.schema)
