@@ -103,12 +103,8 @@ def train(
         make_schedule,
     )
 
-    if (
-        folds is not None
-        or fold is not None
-        or config.data.folds
-        and config.data.fold is None
-    ):
+    whole_kfold_run = config.data.folds and config.data.fold is None
+    if folds is not None or fold is not None or whole_kfold_run:
         from shopee_tpu.experiments.kfold import train_folds
 
         return train_folds(
@@ -151,7 +147,7 @@ def train(
             "write them with `shopee-tpu tfrecords`"
         )
     keep = {}
-    if config.data.folds:
+    if config.data.folds or config.data.fold is not None:
         # One fold of a k-fold run: its products are held out of all the records.
         from shopee_tpu.experiments.kfold import fold_ids
 

@@ -164,8 +164,11 @@ def fold_ids(config: RunConfig, files: Sequence[str]) -> dict[str, list[str]]:
     """Ids of one fold's training and held-out records (what ``train()`` reads for a
     fold config: ``data.folds`` = K and ``data.fold`` = i)."""
     k, i = config.data.folds, config.data.fold
-    if i is None or not 0 <= i < k:
-        raise ValueError(f"data.fold must be in 0..{k - 1} for {k} folds, got {i}")
+    if i is None or k < 2 or not 0 <= i < k:
+        raise ValueError(
+            "a fold run needs data.folds >= 2 and 0 <= data.fold < data.folds, got "
+            f"data.folds={k}, data.fold={i}"
+        )
     a = fold_assignment(files, config.data.schema, k, config.seed)
     held_out = a["fold"] == i
     return {"train": a["id"][~held_out].tolist(), "valid": a["id"][held_out].tolist()}
@@ -250,7 +253,7 @@ def train_folds(
             stop_reason = f"time limit reached before fold {i}"
             break
         if verbose:
-            print(f"{out_dir}: fold {i} of {k}")
+            print(f"{out_dir}: training fold-{i} ({k} folds)")
         result = train(
             fold_cfg,
             out_dir=where,
