@@ -185,7 +185,8 @@ def load_dataset(
         worker_index: This pipeline's index, ``0 <= worker_index < num_workers``.
         value_range: Output pixel range; ``(0, 255)`` is the model input contract.
         keep_ids: Read only the records whose id is in this set (one fold of a
-            k-fold run); the records must carry an id feature.
+            k-fold run). The records must carry an id feature, and each id must
+            be in them exactly once (evaluation counts its batches from them).
 
     Returns:
         A ``tf.data.Dataset``.
@@ -257,7 +258,9 @@ def load_dataset(
 
         ds = records.map(_plain(decode_eval), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=False)
-        n = _known_count(files) if num_workers == 1 and keep_ids is None else None
+        n = _known_count(files) if num_workers == 1 else None
+        if keep_ids is not None and num_workers == 1:
+            n = len({str(k) for k in keep_ids})  # each kept id is in the files once
         if n is not None:
             # Telling tf.data the batch count lets Keras size validation epochs
             # instead of running into the end of the data (and warning) each epoch.
