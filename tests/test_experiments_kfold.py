@@ -345,3 +345,21 @@ def test_stack_refuses_files_that_do_not_match(two_runs, capsys):
     err = capsys.readouterr().err
     assert "narrow.npz: 7 classes" in err and "has 10" in err
     assert not (root / "x.csv").exists()
+
+
+def test_keep_ids_selects_records_inside_tf_data(digits_records):
+    from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
+
+    info = read_ids_labels(digits_records["train"])
+    keep = set(info.id[info.label == 3].tolist()[::2])
+    common = dict(image_size=32, batch_size=8)
+    ds = load_dataset(digits_records["train"], training=False, keep_ids=keep, **common)
+    ids = [i.decode() for _, batch in ds for i in batch.numpy()]
+    assert ids == [i for i in info.id if i in keep]  # record order, each once
+    assert int(ds.cardinality()) == -(-len(keep) // 8)
+    threes = info.id[info.label == 3].tolist()
+    ds = load_dataset(
+        digits_records["train"], training=True, keep_ids=threes, seed=0, **common
+    )
+    for _, onehot in ds.take(6):
+        assert (np.argmax(onehot, axis=-1) == 3).all()
