@@ -314,39 +314,40 @@ def _fold_done(where: str) -> bool:
         return bool(json.load(f).get("finished"))
 
 
-def _read_config(path: str) -> RunConfig | None:
+def check_saved_config(folder: str, config: RunConfig) -> RunConfig | None:
+    """Returns the config saved in a run folder (None if there is none), refusing
+    one that differs from ``config`` in anything that changes training.
+
+    Raises:
+        ConfigMismatch: The differences, one ``key: saved -> new`` line each.
+    """
+    path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
-        return RunConfig.from_dict(json.load(f))
+        saved = RunConfig.from_dict(json.load(f))
+    diff = config_diff(saved, config, ignore=RESUME_IGNORES)
+    if diff:
+        raise ConfigMismatch(
+            f"{folder} holds a run with a different config. Use a new --out "
+            "folder, or undo these changes:\n  " + "\n  ".join(diff)
+        )
+    return saved
 
 
 def _check_fold_config(where: str, fold_cfg: RunConfig) -> None:
-    saved = _read_config(os.path.join(where, "config.json"))
-    diff = [] if saved is None else config_diff(saved, fold_cfg, ignore=RESUME_IGNORES)
-    if diff:
-        raise ConfigMismatch(
-            f"{where} was trained with a different config than this k-fold run:\n  "
-            + "\n  ".join(diff)
-        )
+    check_saved_config(where, fold_cfg)
 
 
 def _save_run_config(out_dir: str, config: RunConfig) -> None:
     """Saves the k-fold config; refuses a different one once a fold has started."""
-    path = os.path.join(out_dir, "config.json")
-    saved = _read_config(path)
     started = any(
         os.path.exists(os.path.join(fold_dir(out_dir, i), "state.json"))
-        for i in range(max(config.data.folds, saved.data.folds if saved else 0))
+        for i in range(config.data.folds)
     )
-    if saved is not None and started:
-        diff = config_diff(saved, config, ignore=RESUME_IGNORES)
-        if diff:
-            raise ConfigMismatch(
-                f"{out_dir} holds a k-fold run with a different config. Use a new "
-                "--out folder, or undo these changes:\n  " + "\n  ".join(diff)
-            )
-    config.save(path)
+    if started:
+        check_saved_config(out_dir, config)
+    config.save(os.path.join(out_dir, "config.json"))
 
 
 def _save_assignment(out_dir: str, assignment: pd.DataFrame) -> None:

@@ -27,8 +27,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from shopee_tpu.checkpoints import RESUME_IGNORES, ConfigMismatch
-from shopee_tpu.config import ConfigError, RunConfig, config_diff
+from shopee_tpu.config import ConfigError, RunConfig
 from shopee_tpu.utils import atomic_write_text
 
 __all__ = ["parse_grid", "grid_points", "run_sweep", "results_markdown"]
@@ -124,27 +123,12 @@ def grid_points(
     return points
 
 
-def _saved_config(where: str) -> RunConfig | None:
-    path = os.path.join(where, "config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return RunConfig.from_dict(json.load(f))
-
-
 def _finished_metrics(where: str, cfg: RunConfig) -> dict | None:
     """The metrics of a finished point, or None; a point trained with another config
     is refused (as ``train()`` refuses to resume it)."""
-    from shopee_tpu.experiments.kfold import is_kfold
+    from shopee_tpu.experiments.kfold import check_saved_config, is_kfold
 
-    saved = _saved_config(where)
-    if saved is not None:
-        diff = config_diff(saved, cfg, ignore=RESUME_IGNORES)
-        if diff:
-            raise ConfigMismatch(
-                f"{where} holds a run with a different config; use a new --out "
-                "folder, or undo these changes:\n  " + "\n  ".join(diff)
-            )
+    saved = check_saved_config(where, cfg)
     metrics_path = os.path.join(where, "metrics.json")
     if saved is None or not os.path.exists(metrics_path):
         return None
