@@ -85,7 +85,12 @@ def _cmd_train(args) -> int:
 
     cfg = _config(args)
     result = train(
-        cfg, out_dir=args.out, time_limit=args.time_limit, device=args.device
+        cfg,
+        out_dir=args.out,
+        time_limit=args.time_limit,
+        device=args.device,
+        folds=args.folds,
+        fold=args.fold,
     )
     print(json.dumps(result.metrics, indent=2))
     return 0
@@ -105,6 +110,35 @@ def _cmd_predict(args) -> int:
         md5_dict=args.md5_dict,
         expected=args.expected,
         weights=args.weights,
+        device=args.device,
+    )
+    return 0
+
+
+def _cmd_stack(args) -> int:
+    from shopee_tpu.experiments.stack import stack_runs
+
+    stack_runs(
+        args.oof,
+        args.test,
+        args.out,
+        format=args.format,
+        data=args.data,
+        expected=args.expected,
+        kind=args.kind,
+    )
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from shopee_tpu.experiments.sweep import run_sweep
+
+    run_sweep(
+        _config(args),
+        args.grid,
+        args.out,
+        folds=args.folds,
+        time_limit=args.time_limit,
         device=args.device,
     )
     return 0
@@ -176,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--time-limit", type=parse_duration, default=None, help="e.g. 8h45m")
     p.add_argument("--device", choices=DEVICES, default=None)
+    p.add_argument(
+        "--folds", type=int, default=None, help="k-fold: one run per fold + oof.npz"
+    )
+    p.add_argument(
+        "--fold", type=int, default=None, help="with --folds: train this fold only"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -206,6 +246,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("best", "last"), default="best")
     p.add_argument("--device", choices=DEVICES, default=None)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "stack", help="stack runs' out-of-fold probabilities into a submission"
+    )
+    p.add_argument("--oof", nargs="+", required=True, help="each run's oof.npz")
+    p.add_argument(
+        "--test", nargs="+", required=True, help="each run's test .probs.npz, in order"
+    )
+    p.add_argument("--out", default="submission.csv")
+    p.add_argument("--format", choices=("shopee", "cdiscount"), default="shopee")
+    p.add_argument("--data", default=None, help="test records (cdiscount: products)")
+    p.add_argument(
+        "--expected", default=None, help="test.csv whose ids must each appear once"
+    )
+    p.add_argument("--kind", choices=("per_class", "full"), default="per_class")
+    p.set_defaults(func=_cmd_stack)
+
+    p = sub.add_parser("sweep", help="one run per grid point; a results table and plot")
+    _add_config_args(p)
+    p.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="values of one config key, e.g. --grid model.dropout=0,0.3",
+    )
+    p.add_argument("--folds", type=int, default=None, help="k-fold runs per point")
+    p.add_argument("--out", required=True, help="the sweep folder")
+    p.add_argument("--time-limit", type=parse_duration, default=None, help="e.g. 8h45m")
+    p.add_argument("--device", choices=DEVICES, default=None)
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("demo", help="the main job end to end on bundled real data")
     p.add_argument("--out", default="runs/demo")

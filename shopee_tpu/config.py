@@ -76,6 +76,12 @@ class DataConfig(_Section):
         deterministic: Read training records in a fixed order, so the same seed
             gives the same run on the same machine; costs some input speed when
             the input pipeline is the bottleneck.
+        folds: K of a k-fold run (``shopee_tpu.experiments.kfold``); 0 trains one
+            model on a hold-out split. With folds, each fold validates on its own
+            held-out products, and ``valid`` (if set) is an external hold-out that
+            every fold model and the fold ensemble are scored on.
+        fold: The one fold this run trains, ``0 <= fold < folds``; the k-fold
+            driver sets it in each ``fold-<i>`` folder's config.
     """
 
     train: str | None = None
@@ -87,6 +93,8 @@ class DataConfig(_Section):
     shuffle_buffer: int = 2048
     cache: bool = False
     deterministic: bool = False
+    folds: int = 0
+    fold: int | None = None
 
 
 @dataclass(frozen=True)

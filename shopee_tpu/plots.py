@@ -306,3 +306,45 @@ def plot_tta_report(report, path=None):
     ax.set_xlabel("validation accuracy (dashed line: first view alone)")
     ax.set_title("test-time augmentation")
     return _finish(fig, path)
+
+
+def plot_sweep(results, keys, metric: str = "best_val_accuracy", path=None):
+    """The accuracy of every sweep point against each changed key.
+
+    One panel per key: its values along x (in grid order) and one line per
+    combination of the other keys' values, so interactions show as non-parallel
+    lines. The figure is closed after saving (sweeps draw many).
+
+    Args:
+        results: The table of ``shopee_tpu.experiments.sweep.run_sweep``.
+        keys: The changed config keys (columns of ``results``).
+        metric: The column to plot.
+        path: Optional PNG path.
+    """
+    import pandas as pd
+
+    plt = _plt()
+    df = pd.DataFrame(results)
+    keys = list(keys)
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False
+    )
+    for ax, key in zip(axes[0], keys, strict=True):
+        values = list(dict.fromkeys(df[key].astype(str)))
+        others = [k for k in keys if k != key]
+        series = df.groupby(others, sort=False) if others else [((), df)]
+        for combo, part in series:
+            combo = combo if isinstance(combo, tuple) else (combo,)
+            label = ", ".join(f"{k}={v}" for k, v in zip(others, combo, strict=True))
+            x = [values.index(v) for v in part[key].astype(str)]
+            ax.plot(x, part[metric], "-o", label=label or metric, markersize=5)
+        ax.set_xticks(range(len(values)), values)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"sweep: {metric}")
+    _finish(fig, path)
+    if path is not None:
+        plt.close(fig)
+    return fig

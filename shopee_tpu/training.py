@@ -17,13 +17,16 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shopee_tpu.checkpoints import RunFolder
 from shopee_tpu.config import RunConfig
 from shopee_tpu.utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from shopee_tpu.experiments.kfold import KFoldResult
 
 __all__ = ["TrainResult", "train"]
 
@@ -65,7 +68,9 @@ def train(
     device: str | None = None,
     accelerator=None,
     verbose: int | None = None,
-) -> TrainResult:
+    folds: int | None = None,
+    fold: int | None = None,
+) -> TrainResult | KFoldResult:
     """Trains (or resumes) the run described by ``config``.
 
     Args:
@@ -76,9 +81,12 @@ def train(
         device: Overrides ``config.device`` for ``connect()``.
         accelerator: An ``Accelerator`` from ``shopee_tpu.connect()`` to reuse.
         verbose: 1 shows progress bars, 0 is silent; ``None`` picks 1.
+        folds: Train a k-fold run of K folds instead (``config.data.folds`` does the
+            same); see ``shopee_tpu.experiments.kfold``.
+        fold: With ``folds``: train only this fold.
 
     Returns:
-        A ``TrainResult``.
+        A ``TrainResult``; for a k-fold run a ``KFoldResult``.
 
     Raises:
         ConfigMismatch: ``out_dir`` holds a run trained with a different config.
@@ -94,6 +102,21 @@ def train(
         input_spec,
         make_schedule,
     )
+
+    whole_kfold_run = config.data.folds and config.data.fold is None
+    if folds is not None or fold is not None or whole_kfold_run:
+        from shopee_tpu.experiments.kfold import train_folds
+
+        return train_folds(
+            config,
+            folds=folds,
+            fold=fold,
+            out_dir=out_dir,
+            time_limit=time_limit,
+            device=device,
+            accelerator=accelerator,
+            verbose=verbose,
+        )
 
     start = time.monotonic()
     verbose = 1 if verbose is None else verbose
@@ -123,7 +146,14 @@ def train(
             f"{config.data.train}: no manifest.json with a label map next to the records; "
             "write them with `shopee-tpu tfrecords`"
         )
-    if config.data.valid:
+    keep = {}
+    if config.data.folds or config.data.fold is not None:
+        # One fold of a k-fold run: its products are held out of all the records.
+        from shopee_tpu.experiments.kfold import fold_ids
+
+        train_files = valid_files = files
+        keep = fold_ids(config, files)
+    elif config.data.valid:
         train_files, valid_files = files, pipeline.list_files(config.data.valid)
     else:
         train_files, valid_files = pipeline.holdout_files(
@@ -136,8 +166,8 @@ def train(
 
     image_size = config.data.image_size or input_spec(config.model.backbone).size
     global_batch = acc.batch_size(config.batch_size)
-    n_train = pipeline.count_records(train_files)
-    n_valid = pipeline.count_records(valid_files)
+    n_train = len(keep["train"]) if keep else pipeline.count_records(train_files)
+    n_valid = len(keep["valid"]) if keep else pipeline.count_records(valid_files)
     steps, per_call = _epoch_steps(config, n_train, global_batch, verbose)
     common = dict(
         schema=config.data.schema,
@@ -154,6 +184,7 @@ def train(
         seed=config.seed,
         shuffle_buffer=config.data.shuffle_buffer,
         deterministic=config.data.deterministic,
+        keep_ids=keep.get("train"),
         **common,
     )
     # Full batches on any replica count; padding rows weigh 0 in the metrics.
@@ -163,10 +194,11 @@ def train(
         labels=True,
         pad=True,
         cache=config.data.cache,
+        keep_ids=keep.get("valid"),
         **common,
     )
     valid_rows = global_batch * pipeline.eval_batches(
-        valid_files, common["batch_size"], acc.num_workers
+        valid_files, common["batch_size"], acc.num_workers, keep.get("valid")
     )
 
     with acc.scope():

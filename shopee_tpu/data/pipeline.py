@@ -14,6 +14,7 @@ sample weight 0 (validation on N replicas: full batches, each record counted onc
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 
 from shopee_tpu.data._tf import tf as _tf
 from shopee_tpu.data.files import count_records, holdout_files, list_files
@@ -144,15 +145,36 @@ def _to_float(images, value_range):
     return images * ((hi - lo) / 255.0) + lo
 
 
-def _worker_counts(files: list[str], num_workers: int) -> list[int]:
-    """Records each evaluation pipeline reads, split as ``load_dataset`` splits."""
-    if num_workers > 1 and len(files) >= num_workers:
-        return [count_records(files[w::num_workers]) for w in range(num_workers)]
-    n = count_records(files)
-    return [len(range(w, n, num_workers)) for w in range(num_workers)]
+def _worker_counts(
+    files: list[str], num_workers: int, keep_ids: Collection[str] | None = None
+) -> list[int]:
+    """Records each evaluation pipeline reads, split as ``load_dataset`` splits
+    (and, with ``keep_ids``, filters)."""
+    by_file = num_workers > 1 and len(files) >= num_workers
+    if keep_ids is None:
+        if by_file:
+            return [count_records(files[w::num_workers]) for w in range(num_workers)]
+        n = count_records(files)
+        return [len(range(w, n, num_workers)) for w in range(num_workers)]
+    keep = {str(k) for k in keep_ids}
+    if num_workers == 1:
+        return [len(keep)]  # each kept id is in the files exactly once
+    # Several workers: which kept ids each one meets needs the ids in file order.
+    if by_file:
+        return [
+            int(read_ids_labels(files[w::num_workers])["id"].isin(keep).sum())
+            for w in range(num_workers)
+        ]
+    kept = read_ids_labels(files)["id"].isin(keep).to_numpy()
+    return [int(kept[w::num_workers].sum()) for w in range(num_workers)]
 
 
-def eval_batches(files_or_pattern, batch_size: int, num_workers: int = 1) -> int:
+def eval_batches(
+    files_or_pattern,
+    batch_size: int,
+    num_workers: int = 1,
+    keep_ids: Collection[str] | None = None,
+) -> int:
     """Batches per worker of ``load_dataset(..., training=False, pad=True)``: enough
     for the worker with the most records (all yield this many).
 
@@ -160,11 +182,13 @@ def eval_batches(files_or_pattern, batch_size: int, num_workers: int = 1) -> int
         ValueError: The record count is unknown (no count in the file names and no
             manifest); it is never scanned implicitly.
     """
-    counts = _worker_counts(list_files(files_or_pattern), num_workers)
+    counts = _worker_counts(list_files(files_or_pattern), num_workers, keep_ids)
     return max(1, -(-max(counts) // batch_size))
 
 
-def _pad_to_batches(ds, files, batch_size: int, num_workers: int, worker_index: int):
+def _pad_to_batches(
+    ds, files, batch_size: int, num_workers: int, worker_index: int, keep_ids=None
+):
     """Adds a weight to each ``(image, y)`` and blank weight-0 rows after the last
     record; returns ``(batched dataset, batch count or None)``."""
     tf = _tf()
@@ -173,8 +197,9 @@ def _pad_to_batches(ds, files, batch_size: int, num_workers: int, worker_index: 
         lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec
     )
     try:
-        n = _worker_counts(files, num_workers)[worker_index]
-        batches = eval_batches(files, batch_size, num_workers)
+        counts = _worker_counts(files, num_workers, keep_ids)
+        n = counts[worker_index]
+        batches = max(1, -(-max(counts) // batch_size))
     except ValueError:
         if num_workers > 1:
             raise ValueError(
@@ -220,6 +245,7 @@ def load_dataset(
     value_range: tuple[float, float] = (0, 255),
     pad: bool = False,
     deterministic: bool = False,
+    keep_ids: Collection[str] | None = None,
 ):
     """Builds the ``tf.data`` pipeline over TFRecord shards.
 
@@ -254,6 +280,9 @@ def load_dataset(
             batches (``eval_batches``), so they can step together.
         deterministic: Training: keep the order of the parallel reads and maps
             fixed, so a seed always gives the same batches (evaluation always is).
+        keep_ids: Read only the records whose id is in this set (one fold of a
+            k-fold run). The records must carry an id feature, and each id must
+            be in them exactly once (evaluation counts its batches from them).
 
     Returns:
         A ``tf.data.Dataset``.
@@ -314,6 +343,9 @@ def load_dataset(
         )
         if num_workers > 1 and not by_file:
             records = records.shard(num_workers, worker_index)
+        if keep_ids is not None:
+            keep = _id_filter(keep_ids, schema, found, files[0])
+            records = records.filter(lambda f, i, r: keep(r))
 
         def decode_eval(f, i, record):
             ex = parse(record)
@@ -329,11 +361,13 @@ def load_dataset(
         if pad:
             every_file = list_files(files_or_pattern)  # `files` is this worker's
             ds, batches = _pad_to_batches(
-                ds, every_file, batch_size, num_workers, worker_index
+                ds, every_file, batch_size, num_workers, worker_index, keep_ids
             )
         else:
             ds = ds.batch(batch_size, drop_remainder=False)
             n = _known_count(files) if num_workers == 1 else None
+            if keep_ids is not None and num_workers == 1:
+                n = len({str(k) for k in keep_ids})  # each kept id is in the files once
             batches = None if n is None else -(-n // batch_size)
         if batches is not None:
             # Telling tf.data the batch count lets Keras size validation epochs
@@ -364,6 +398,8 @@ def load_dataset(
         records = names.interleave(reader, **read)
         if num_workers > 1 and not by_file:
             records = records.shard(num_workers, worker_index)
+    if keep_ids is not None:
+        records = records.filter(_id_filter(keep_ids, schema, found, files[0]))
     records = records.shuffle(shuffle_buffer, seed=seed)
     flips, per_batch = _split_flips(augment)
     # One draw per stream position: flips need no zipped seed dataset.
@@ -404,6 +440,27 @@ def load_dataset(
         deterministic=deterministic,
     )
     return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
+
+
+def _id_filter(keep_ids: Collection[str], schema: Schema, found, where: str):
+    """A predicate on serialized records: is the record's id in ``keep_ids``?"""
+    tf = _tf()
+    if not (schema.id and schema.id in found):
+        raise ValueError(
+            f"{where}: selecting records by id (keep_ids) needs an id feature, and "
+            f"these records have none for schema {schema.name!r}"
+        )
+    parse_id = _parser(schema, found, ("id",))
+    keys = sorted({str(k) for k in keep_ids})
+    if not keys:
+        return lambda record: tf.constant(False)
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(keys, tf.string), tf.ones(len(keys), tf.int32)
+        ),
+        default_value=0,
+    )
+    return _plain(lambda record: table.lookup(parse_id(record)["id"]) > 0)
 
 
 def read_ids_labels(

@@ -12,7 +12,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,9 +26,11 @@ __all__ = [
     "save_probs",
     "load_probs",
     "align_probs",
+    "first_difference",
 ]
 
 _EPS = 1e-12
+_RESERVED = ("ids", "probs", "scale", "meta")
 
 
 def _weights(weights, n: int) -> np.ndarray:
@@ -115,11 +117,21 @@ def aggregate_products(
 
 @dataclass
 class ProbFile:
-    """Probabilities of one model with their ids (what ``load_probs`` returns)."""
+    """Probabilities of one model with their ids (what ``load_probs`` returns).
+
+    ``rows`` holds other per-row arrays stored beside, such as ``labels`` (class
+    ids) and ``folds`` in a k-fold run's ``oof.npz``.
+    """
 
     ids: np.ndarray
     probs: np.ndarray
     meta: dict
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """The true class ids, when the file holds them (out-of-fold files do)."""
+        return self.rows.get("labels")
 
 
 def save_probs(
@@ -129,6 +141,7 @@ def save_probs(
     *,
     dtype: str = "float16",
     meta: dict | None = None,
+    rows: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Writes ``ids`` and ``probs`` to a compressed ``.npz``, atomically.
 
@@ -136,6 +149,7 @@ def save_probs(
         dtype: ``float16`` (2 bytes a value), ``uint8`` (1 byte: ``round(p * 255)``,
             the Cdiscount team's format; error <= 0.002) or ``float32``.
         meta: JSON-able notes stored beside (run, views, reducer...).
+        rows: Other arrays with one entry per row, e.g. ``labels`` and ``folds``.
     """
     from shopee_tpu.utils import atomic_write_bytes
 
@@ -151,6 +165,10 @@ def save_probs(
         stored, scale = probs.astype(dtype), 1.0
     else:
         raise ValueError(f"dtype must be float16, uint8 or float32, got {dtype!r}")
+    extra = {k: np.asarray(v) for k, v in (rows or {}).items()}
+    for key, value in extra.items():
+        if key in _RESERVED or len(value) != len(ids):
+            raise ValueError(f"rows[{key!r}]: need a new name and {len(ids)} entries")
     buf = io.BytesIO()
     np.savez_compressed(
         buf,
@@ -158,6 +176,7 @@ def save_probs(
         probs=stored,
         scale=np.float32(scale),
         meta=np.array(json.dumps(meta or {})),
+        **extra,
     )
     atomic_write_bytes(path, buf.getvalue())
 
@@ -172,7 +191,8 @@ def load_probs(path: str | os.PathLike) -> ProbFile:
             )
         probs = z["probs"].astype(np.float32) / float(z["scale"])
         meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-        return ProbFile(z["ids"], probs, meta)
+        rows = {k: z[k] for k in z.files if k not in _RESERVED}
+        return ProbFile(z["ids"], probs, meta, rows)
 
 
 def align_probs(files: Sequence[ProbFile], *, names: Sequence[str] | None = None):
@@ -195,12 +215,33 @@ def align_probs(files: Sequence[ProbFile], *, names: Sequence[str] | None = None
         missing = [k for k in ids.tolist() if k not in index]
         extra = sorted(set(index) - set(ids.tolist()))
         if missing or extra or len(index) != len(f.ids):
+            first = first_difference(ids, f.ids, (names[0], name))
             raise ValueError(
-                f"{name}: ids differ from {names[0]}: missing {missing[:5]}, "
+                f"{name}: ids differ from {names[0]}: first differing id {first}; "
+                f"missing {missing[:5]}, "
                 f"extra {extra[:5]}, duplicates {len(f.ids) - len(index)}"
             )
         out.append(f.probs[[index[k] for k in ids.tolist()]])
     return ids, np.stack(out)
+
+
+def first_difference(
+    a: Sequence, b: Sequence, names: tuple[str, str] = ("the first", "the second")
+) -> str:
+    """Names the first id (in sorted order) that is in one id list but not the
+    other, or that one list repeats, e.g. ``'x.jpg' (in a.npz, not in b.npz)``.
+    """
+    ua, ca = np.unique(np.asarray(a).astype(str), return_counts=True)
+    ub, cb = np.unique(np.asarray(b).astype(str), return_counts=True)
+    count_a, count_b = dict(zip(ua.tolist(), ca)), dict(zip(ub.tolist(), cb))
+    for key in sorted(set(count_a) | set(count_b)):
+        na, nb = int(count_a.get(key, 0)), int(count_b.get(key, 0))
+        if na != nb:
+            if not na or not nb:
+                where, other = names if na else names[::-1]
+                return f"{key!r} (in {where}, not in {other})"
+            return f"{key!r} ({na} times in {names[0]}, {nb} in {names[1]})"
+    return "none"
 
 
 def combine_models(

@@ -8,7 +8,12 @@ with TTA, optionally applies the MD5 duplicate dictionary, and writes:
 
 - ``out`` (the submission, validated: each test id exactly once), and
 - ``<out without .csv>.probs.npz``: the float16 probabilities with their ids, for
-  ensembles (``shopee_tpu.inference.ensemble.combine_models``).
+  ensembles (``shopee_tpu.inference.ensemble.combine_models``) and stacking.
+
+A k-fold run folder (``shopee-tpu train --folds K``) predicts with each of its fold
+models and averages them (geometrically for ``reduce="geometric"``); its
+probabilities file has the layout of the run's ``oof.npz``, so both feed
+``shopee-tpu stack``.
 
 The run folder is only read, so it may sit in a read-only Kaggle input or be a run
 still training.
@@ -21,6 +26,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from shopee_tpu.utils import is_remote
@@ -120,6 +126,41 @@ def _null():
     return contextlib.nullcontext()
 
 
+def _fold_ensemble(
+    members, first, ids, dataset, label_map, tta, reduce, weights, accelerator, verbose
+):
+    """Adds the other fold models' predictions to the first fold's and averages."""
+    from shopee_tpu.experiments.kfold import combine_folds
+    from shopee_tpu.inference.tta import predict
+
+    probs = [first]
+    for member in members[1:]:
+        model, config, other_map, _ = load_run_model(
+            member, weights=weights, accelerator=accelerator
+        )
+        if other_map != label_map:
+            raise ValueError(f"{member}: label map differs from {members[0]}'s")
+        other_ids, p = predict(
+            model, dataset, tta, reduce, config.predict.beta, verbose=verbose
+        )
+        if other_ids.tolist() != ids.tolist():
+            raise ValueError(f"{member}: predicted the records in another order")
+        probs.append(p)
+        del model
+    return combine_folds(np.stack(probs), reduce)
+
+
+def _labelled(files: Sequence[str]) -> bool:
+    """True when our manifests say the records carry labels (not ``--test``)."""
+    from shopee_tpu.data.records import read_manifest
+
+    try:
+        manifests = [read_manifest(f.rpartition("/")[0] or ".") for f in files]
+    except FileNotFoundError:
+        return False
+    return all(m.get("test") is False and m.get("label_map") for m in manifests)
+
+
 def _probs_path(out: str) -> str:
     stem = out[: -len(".csv")] if out.endswith(".csv") else out
     return f"{stem}.probs.npz"
@@ -171,6 +212,7 @@ def predict_run(
     """
     from shopee_tpu.accelerator import connect
     from shopee_tpu.data import pipeline
+    from shopee_tpu.experiments.kfold import fold_members
     from shopee_tpu.inference import md5 as md5_lib
     from shopee_tpu.inference.ensemble import aggregate_products, save_probs
     from shopee_tpu.inference.submission import (
@@ -182,15 +224,16 @@ def predict_run(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     out = os.fspath(out)
+    saved = _read_json(_join(os.fspath(run_dir), "config.json"))
+    members = fold_members(os.fspath(run_dir), saved) or [os.fspath(run_dir)]
     if accelerator is None:
-        saved = _read_json(_join(os.fspath(run_dir), "config.json"))
         accelerator = connect(
             device or saved.get("device"),
             mixed_precision=bool(saved.get("mixed_precision", False)),
             verbose=verbose,
         )
     model, config, label_map, image_size = load_run_model(
-        run_dir, weights=weights, accelerator=accelerator
+        members[0], weights=weights, accelerator=accelerator
     )
     tta = tuple(tta or config.predict.tta)
     reduce = reduce or config.predict.reduce
@@ -209,6 +252,19 @@ def predict_run(
     ids, probs = predict(
         model, dataset, tta, reduce, config.predict.beta, verbose=verbose
     )
+    if len(members) > 1:
+        probs = _fold_ensemble(
+            members,
+            probs,
+            ids,
+            dataset,
+            label_map,
+            tta,
+            reduce,
+            weights,
+            accelerator,
+            verbose,
+        )
     n_records = pipeline.count_records(files)
     if len(ids) != n_records or len(set(ids.tolist())) != len(ids):
         raise ValueError(
@@ -216,9 +272,18 @@ def predict_run(
             f"for {n_records} records"
         )
     meta = {"run": os.fspath(run_dir), "tta": list(tta), "reduce": reduce}
+    meta.update(
+        label_map=label_map, **({"folds": len(members)} if len(members) > 1 else {})
+    )
     save_probs(_probs_path(out), ids, probs, dtype="float16", meta=meta)
 
     summary = {"images": len(ids)}
+    if _labelled(files):
+        # Labelled records (a hold-out): score the probabilities, before any MD5
+        # overrides, so runs and fold ensembles compare like with like.
+        truth = pipeline.read_ids_labels(files, schema=config.data.schema)["label"]
+        correct = probs.argmax(-1) == truth.to_numpy()
+        summary["accuracy"] = round(float(correct.mean()), 4)
     needs_meta = md5_dict is not None or format == "cdiscount"
     info = (
         pipeline.read_ids_labels(files, schema=config.data.schema)

@@ -1,0 +1,245 @@
+"""``shopee-tpu stack``: a meta-learner over several runs, fitted on their
+out-of-fold probabilities and applied to their test probabilities.
+
+Each run contributes its ``oof.npz`` (``shopee-tpu train --folds K``) and the
+probabilities file that ``shopee-tpu predict --run RUN`` wrote beside its
+submission. Rows are matched by id, never by position; files whose ids or class
+counts differ are refused with the first difference named. The meta-learner is
+``inference.stacking.fit_stacker`` (a logistic regression on log-probabilities that
+starts from the geometric mean of the models).
+
+The stacked out-of-fold accuracy is cross-validated over the first run's folds (the
+meta-learner predicts each fold after fitting on the others), so it is comparable
+with the plain mean and each model alone, which are reported beside it. The
+submission goes through the Shopee or Cdiscount writer, which validates it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from shopee_tpu.utils import atomic_write_text
+
+__all__ = ["stack_runs", "format_stack_report"]
+
+
+def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return round(float((probs.argmax(-1) == labels).mean()), 4)
+
+
+def _log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    p = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
+    return round(float(-np.log(p).mean()), 4)
+
+
+def _aligned_labels(files, names, ids: np.ndarray) -> np.ndarray:
+    """The class ids of ``ids`` from every out-of-fold file; they must agree."""
+    labels = None
+    for f, name in zip(files, names, strict=True):
+        if f.labels is None:
+            raise ValueError(
+                f"{name}: holds no labels; pass the oof.npz of a k-fold run "
+                "(shopee-tpu train --folds K)"
+            )
+        mine = pd.Series(f.labels, index=f.ids.astype(str)).reindex(ids).to_numpy()
+        if labels is None:
+            labels = mine
+        elif not np.array_equal(mine, labels):
+            first = ids[np.flatnonzero(mine != labels)[0]]
+            raise ValueError(
+                f"{name}: the label of id {first!r} differs from {names[0]}'s; "
+                "were the runs trained on the same records?"
+            )
+    return labels.astype(np.int64)
+
+
+def _label_map(files, names) -> dict[str, int]:
+    maps = [(f.meta.get("label_map"), n) for f, n in zip(files, names, strict=True)]
+    known = [(m, n) for m, n in maps if m]
+    if not known:
+        raise ValueError(f"{names[0]}: no label map in the file's notes")
+    first, first_name = known[0]
+    for m, n in known[1:]:
+        if m != first:
+            raise ValueError(f"{n}: its label map differs from {first_name}'s")
+    return {str(k): int(v) for k, v in first.items()}
+
+
+def _cv_stacked(
+    x: np.ndarray, labels: np.ndarray, folds: np.ndarray, **fit
+) -> np.ndarray:
+    """Out-of-fold predictions of the meta-learner itself."""
+    from shopee_tpu.inference.stacking import fit_stacker
+
+    out = np.zeros(x.shape[1:], np.float32)
+    for f in np.unique(folds):
+        held = folds == f
+        stacker = fit_stacker(list(x[:, ~held]), labels[~held], **fit)
+        out[held] = stacker.predict(list(x[:, held]))
+    return out
+
+
+def stack_runs(
+    oof: Sequence[str | os.PathLike],
+    test: Sequence[str | os.PathLike],
+    out: str | os.PathLike = "submission.csv",
+    *,
+    format: str = "shopee",
+    data=None,
+    expected=None,
+    product_reduce: str = "sum",
+    kind: str = "per_class",
+    l2: float = 1e-4,
+    steps: int = 300,
+    seed: int = 0,
+    verbose: bool = True,
+) -> dict:
+    """Fits the meta-learner on several runs' OOF probabilities; writes a submission.
+
+    Args:
+        oof: One ``oof.npz`` per run.
+        test: The same runs' test probability files, in the same order.
+        out: Submission CSV. Beside it go ``<stem>.probs.npz`` (the stacked test
+            probabilities), ``<stem>.stacker.npz`` and ``<stem>.stack.json`` (this
+            report).
+        format: ``shopee`` (one row per image) or ``cdiscount`` (one row per
+            product; needs ``data``).
+        data: The test records, for their product groups (``cdiscount``).
+        expected: Ids that must each appear once (``test.csv`` path, frame or list).
+        product_reduce: ``sum``, ``mean`` or ``geometric`` for ``cdiscount``.
+        kind: ``per_class`` or ``full`` (see ``fit_stacker``).
+        l2: The meta-learner's L2 penalty.
+        steps: Its Adam steps.
+        seed: Seeds the meta-learner's cross-validation split when the OOF files
+            carry no folds.
+        verbose: Print the report table.
+
+    Returns:
+        The report: accuracy (and log loss) of each model, the mean and the stack.
+    """
+    from shopee_tpu.inference.ensemble import (
+        align_probs,
+        arithmetic_mean,
+        load_probs,
+        save_probs,
+    )
+    from shopee_tpu.inference.stacking import fit_stacker
+    from shopee_tpu.inference.submission import (
+        write_cdiscount_submission,
+        write_shopee_submission,
+    )
+
+    oof_names, test_names = [os.fspath(p) for p in oof], [os.fspath(p) for p in test]
+    if len(oof_names) < 2:
+        raise ValueError(f"stacking needs at least two runs, got {len(oof_names)}")
+    if len(oof_names) != len(test_names):
+        raise ValueError(
+            f"{len(oof_names)} --oof files but {len(test_names)} --test files; give "
+            "one of each per run, in the same order"
+        )
+    if format not in ("shopee", "cdiscount"):
+        raise ValueError(f"format must be shopee or cdiscount, got {format!r}")
+    if format == "cdiscount" and data is None:
+        raise ValueError(
+            "the cdiscount format needs the test records (data) for products"
+        )
+    oof_files = [load_probs(p) for p in oof_names]
+    test_files = [load_probs(p) for p in test_names]
+    ids, x = align_probs(oof_files, names=oof_names)
+    ids = ids.astype(str)
+    labels = _aligned_labels(oof_files, oof_names, ids)
+    test_ids, t = align_probs(test_files, names=test_names)
+    if t.shape[2] != x.shape[2]:
+        raise ValueError(
+            f"{test_names[0]}: {t.shape[2]} classes, {oof_names[0]} has {x.shape[2]}"
+        )
+    label_map = _label_map(oof_files + test_files, oof_names + test_names)
+    if len(label_map) != x.shape[2]:
+        raise ValueError(
+            f"{oof_names[0]}: {x.shape[2]} classes but its label map has {len(label_map)}"
+        )
+
+    folds = oof_files[0].rows.get("folds")
+    if folds is not None:
+        folds = pd.Series(folds, index=oof_files[0].ids.astype(str)).reindex(ids)
+        folds = folds.to_numpy()
+    else:
+        folds = np.random.default_rng(seed).permutation(len(ids)) % 5
+    fit = dict(kind=kind, l2=l2, steps=steps)
+    cv = _cv_stacked(x, labels, folds, **fit)
+    stacker = fit_stacker(list(x), labels, **fit)
+    mean = arithmetic_mean(x, axis=0)
+    report = {
+        "models": [
+            {
+                "oof": o,
+                "test": s,
+                "oof_accuracy": _accuracy(p, labels),
+                "oof_log_loss": _log_loss(p, labels),
+            }
+            for o, s, p in zip(oof_names, test_names, x, strict=True)
+        ],
+        "mean_oof_accuracy": _accuracy(mean, labels),
+        "mean_oof_log_loss": _log_loss(mean, labels),
+        "stacked_oof_accuracy": _accuracy(cv, labels),
+        "stacked_oof_log_loss": _log_loss(cv, labels),
+        "stacked_fit_accuracy": _accuracy(stacker.predict(list(x)), labels),
+        "stacker_cv_folds": int(len(np.unique(folds))),
+        "oof_images": len(ids),
+        "test_images": len(test_ids),
+        "kind": kind,
+        "submission": os.fspath(out),
+    }
+
+    out = os.fspath(out)
+    stem = out[: -len(".csv")] if out.endswith(".csv") else out
+    stacked = stacker.predict(list(t))
+    if format == "shopee":
+        want = test_ids if expected is None else expected
+        write_shopee_submission(out, test_ids, stacked, label_map, expected=want)
+    else:
+        from shopee_tpu.data.pipeline import read_ids_labels
+        from shopee_tpu.inference.ensemble import aggregate_products
+
+        info = read_ids_labels(data)
+        group = info.set_index(info["id"].astype(str))["group"].astype(str)
+        groups = group.reindex(test_ids.astype(str)).fillna("").to_numpy()
+        groups = np.where(groups == "", test_ids.astype(str), groups)
+        keys, product_probs = aggregate_products(groups, stacked, product_reduce)
+        write_cdiscount_submission(
+            out, keys, product_probs, label_map, expected=expected
+        )
+    meta = {"stacked": test_names, "label_map": label_map, "kind": kind}
+    save_probs(f"{stem}.probs.npz", test_ids, stacked, meta=meta)
+    stacker.save(f"{stem}.stacker.npz")
+    atomic_write_text(f"{stem}.stack.json", json.dumps(report, indent=1) + "\n")
+    if verbose:
+        print(format_stack_report(report))
+    return report
+
+
+def format_stack_report(report: dict) -> str:
+    """The report of ``stack_runs`` as a Markdown table."""
+    rows = [(m["oof"], m["oof_accuracy"], m["oof_log_loss"]) for m in report["models"]]
+    rows.append(
+        ("mean of the models", report["mean_oof_accuracy"], report["mean_oof_log_loss"])
+    )
+    rows.append(
+        (
+            f"stacked ({report['stacker_cv_folds']}-fold cross-validated)",
+            report["stacked_oof_accuracy"],
+            report["stacked_oof_log_loss"],
+        )
+    )
+    lines = ["| model | OOF accuracy | OOF log loss |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines.append(
+        f"\n{report['oof_images']} out-of-fold images; submission "
+        f"{report['submission']} ({report['test_images']} test images)"
+    )
+    return "\n".join(lines)
