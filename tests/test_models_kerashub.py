@@ -120,6 +120,7 @@ def test_preset_run_trains_predicts_with_tta_and_ensembles(
         f"data.train={digits_records['train']}",
         f"model.backbone=kerashub:{preset['path']}",
         "model.batchnorm_momentum=0.9",
+        "model.drop_connect_rate=0.2",  # the default; the demo preset sets 0
         "data.image_size=32",
         "batch_size=16",
         "epochs=1",

@@ -249,7 +249,10 @@ def _is_kerashub_preset(folder: str) -> bool:
 
 def _check_run_backbone(src: WeightsSource, backbone: str | None) -> None:
     """A run trained with another registry backbone fails with both names."""
-    if not (src.backbone and backbone) or "kerashub:" in (src.backbone + backbone):
+    if (
+        not (src.backbone and backbone)
+        or "kerashub:" in (src.backbone + backbone).lower()
+    ):
         return
     from shopee_tpu.models.registry import resolve
 
