@@ -144,8 +144,8 @@ def test_preset_run_trains_predicts_with_tta_and_ensembles(
     n_test = len(subs[0].ids)
     assert n_test > 0 and subs[0].probs.shape == (n_test, 10)
     np.testing.assert_allclose(subs[0].probs.sum(axis=1), 1.0, atol=1e-3)
-    combined = combine_models(subs)
-    assert combined.probs.shape == (n_test, 10)
+    ids, combined = combine_models(subs, method="geometric")
+    assert sorted(ids) == sorted(subs[0].ids) and combined.shape == (n_test, 10)
 
 
 def test_preset_errors_are_one_line(preset, tmp_path):
