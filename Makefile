@@ -13,6 +13,11 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[cpu,jax,demo,test]"
+	# tf_keras and keras-hub (through tensorflow-text) require the `tensorflow`
+	# package, which pip would install over tensorflow-cpu: install both without
+	# dependencies, tf_keras at the installed TensorFlow's version (setup.cfg [test]).
+	tf=$$($(PY) -c "from importlib.metadata import version as v; print(v('tensorflow-cpu').rsplit('.', 1)[0])") && \
+	$(PY) -m pip install -q --no-deps "tf_keras==$$tf.*" "keras-hub>=0.21"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -103,9 +103,17 @@ class ModelConfig(_Section):
 
     Attributes:
         backbone: Registry name, e.g. ``efficientnet-b0``, ``efficientnet-phi-2.5``,
-            ``resnet50v2``, ``convnext-tiny``.
-        weights: ``None`` (random init), ``"imagenet"`` (download, online only) or a
-            path to a local ``.h5`` / ``.weights.h5`` file.
+            ``resnet50v2``, ``convnext-tiny``, or ``kerashub:PATH`` (a KerasHub
+            preset folder, e.g. an attached Kaggle Model; needs the ``[hub]`` extra).
+        weights: ``None`` (random init), ``"imagenet"`` (download, online only), a
+            path to a local ``.h5`` / ``.weights.h5`` file (keras.applications',
+            the ``efficientnet`` package's imagenet / noisy-student / advprop files,
+            ours) or a run folder (its ``best.weights.h5``; a changed class count
+            keeps the backbone and starts a fresh head).
+        weights_preprocessing: The input normalisation the weights were trained
+            with: ``auto`` (from the weights: ``advprop`` in an efficientnet-package
+            file name means ``x/127.5 - 1``, else ImageNet mean/std), ``imagenet``
+            or ``advprop``.
         activation: Activation inside the backbone (``swish`` by default).
         drop_connect_rate: Stochastic-depth rate of the last block.
         dropout: Dropout before the classifier; 0 was best for the Cdiscount 3rd place.
@@ -119,6 +127,7 @@ class ModelConfig(_Section):
     drop_connect_rate: float = 0.2
     dropout: float = 0.0
     batchnorm_momentum: float = 0.99
+    weights_preprocessing: str = "auto"
 
 
 @dataclass(frozen=True)

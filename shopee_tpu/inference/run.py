@@ -83,7 +83,7 @@ def load_run_model(
         ``(model, config, label_map, image_size)``.
     """
     from shopee_tpu.config import RunConfig
-    from shopee_tpu.models import build_from_config, input_spec
+    from shopee_tpu.models import build_from_config, input_spec, load_weights
 
     run_dir = os.fspath(run_dir)
     config = RunConfig.from_dict(_read_json(_join(run_dir, "config.json")))
@@ -108,7 +108,11 @@ def load_run_model(
     image_size = config.data.image_size or input_spec(config.model.backbone).size
     scope = accelerator.scope() if accelerator is not None else _null()
     with scope:
-        model = build_from_config(config.model, len(label_map), image_size=image_size)
+        # The run's own weights replace any pretrained ones: build the architecture
+        # only, so neither a download nor the original weights file is needed.
+        model = build_from_config(
+            config.model, len(label_map), image_size=image_size, pretrained=False
+        )
     with tempfile.TemporaryDirectory() as tmp:
         local = found[0]
         if is_remote(local):
@@ -116,7 +120,8 @@ def load_run_model(
 
             local = os.path.join(tmp, os.path.basename(found[0]))
             require_tensorflow().io.gfile.copy(found[0], local)
-        model.load_weights(local)
+        # Strict: weights of another class count than label_map.json are an error.
+        load_weights(model, local, head="strict")
     return model, config, label_map, image_size
 
 

@@ -33,7 +33,11 @@ _EXPORTS = {
     "unfreeze_backbone": "shopee_tpu.models.finetune",
     "describe": "shopee_tpu.models.stats",
     "load_weights": "shopee_tpu.models.weights",
+    "set_preprocessing": "shopee_tpu.models.weights",
+    "WeightsError": "shopee_tpu.models.weights",
+    "WeightsNotFoundError": "shopee_tpu.models.weights",
     "WeightsUnavailableError": "shopee_tpu.models.weights",
+    "KerasHubError": "shopee_tpu.models.kerashub",
 }
 
 __all__ = sorted(_EXPORTS)

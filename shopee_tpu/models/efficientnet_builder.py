@@ -57,6 +57,7 @@ def efficientnet(
     batchnorm_momentum: float = 0.99,
     batchnorm_epsilon: float = 1e-3,
     name: str | None = None,
+    weights_preprocessing: str = "auto",
 ) -> keras.Model:
     """Builds EfficientNet-B0..B7 or a compound-scaled variant.
 
@@ -69,9 +70,10 @@ def efficientnet(
         num_classes: Outputs of the classifier (ignored when ``include_top=False``).
         weights: ``None`` (random init), ``"imagenet"`` (downloads the
             keras.applications file; offline, attach it as a Kaggle dataset and pass
-            its path) or a path to a ``.h5`` / ``.weights.h5`` file. A file with
-            another classifier (1000 classes, or none) loads the backbone and keeps
-            the fresh classifier.
+            its path), a path to a ``.h5`` / ``.weights.h5`` file (keras.applications',
+            the ``efficientnet`` package's, ours) or a run folder (its
+            ``best.weights.h5``). A file with another classifier (1000 classes, or
+            none) loads the backbone and keeps the fresh classifier.
         input_size: Side of the square input; ``None`` uses the native resolution.
         activation: Backbone activation (``swish`` = ``silu``).
         drop_connect_rate: Stochastic-depth rate reached at the last block.
@@ -82,6 +84,9 @@ def efficientnet(
             0.9 settles faster for short from-scratch runs).
         batchnorm_epsilon: BatchNorm epsilon (TF reference 1e-3).
         name: Model name; defaults to e.g. ``efficientnet-b0``.
+        weights_preprocessing: The input normalisation the weights were trained
+            with: ``auto`` (from the weights, see ``shopee_tpu.models.weights``),
+            ``imagenet`` (mean/std) or ``advprop`` (``x/127.5 - 1``).
 
     Returns:
         A functional ``keras.Model`` whose output is float32 softmax probabilities
@@ -167,18 +172,23 @@ def efficientnet(
     norm.set_weights(_imagenet_normalization_weights())
     norm.finalize_state()  # Normalization caches mean/variance; refresh them
 
-    if weights is not None:
-        from shopee_tpu.models import weights as wmod
+    from shopee_tpu.models import weights as wmod
 
-        if activation not in ("swish", "silu"):
-            warnings.warn(
-                f"loading weights trained with swish into a model using {activation!r}",
-                stacklevel=2,
-            )
-        if weights == "imagenet":
-            top = include_top and num_classes == 1000
-            weights = wmod.fetch_efficientnet_imagenet(sc.variant, include_top=top)
-        wmod.load_weights(model, weights)
+    wmod.check_preprocessing(weights_preprocessing)
+    if weights is None:
+        wmod.set_preprocessing(model, weights_preprocessing)
+        return model
+    if activation not in ("swish", "silu"):
+        warnings.warn(
+            f"loading weights trained with swish into a model using {activation!r}",
+            stacklevel=2,
+        )
+    if weights == "imagenet":
+        top = include_top and num_classes == 1000
+        weights = wmod.fetch_efficientnet_imagenet(sc.variant, include_top=top)
+    wmod.load_weights(
+        model, weights, preprocessing=weights_preprocessing, backbone=sc.name
+    )
     return model
 
 

@@ -19,24 +19,30 @@ from shopee_tpu.models import layers as common
 
 
 def _backbone_layers(model) -> list:
-    """Top-level layers that hold weights and are not part of the head."""
-    return [
-        layer
-        for layer in model.layers
-        if layer.weights and not common.is_head_layer(layer)
-    ]
+    """Layers that hold weights and are not part of the head, in order; a nested
+    backbone (KerasHub) is opened, so fractions and names reach its layers."""
+    out = []
+    for layer in model.layers:
+        if not layer.weights or common.is_head_layer(layer):
+            continue
+        if isinstance(layer, keras.Model):
+            layer.trainable = True  # its layers decide one by one
+            out.extend(_backbone_layers(layer))
+        else:
+            out.append(layer)
+    return out
 
 
 def _set_trainable(layer, trainable: bool, train_batchnorm: bool) -> None:
-    if hasattr(layer, "layers"):  # nested model: decide per sub-layer
-        layer.trainable = True
-        for sub in layer.layers:
-            _set_trainable(sub, trainable, train_batchnorm)
-        return
     if isinstance(layer, keras.layers.BatchNormalization) and not train_batchnorm:
         layer.trainable = False
-    else:
-        layer.trainable = trainable
+        return
+    layer.trainable = trainable
+    if trainable and not train_batchnorm:
+        # Composite layers (KerasHub blocks) hold BatchNorm inside: keep it frozen.
+        for sub in layer._flatten_layers(include_self=False):
+            if isinstance(sub, keras.layers.BatchNormalization):
+                sub.trainable = False
 
 
 def freeze_backbone(model: keras.Model) -> int:

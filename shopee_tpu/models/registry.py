@@ -7,6 +7,8 @@ Names (case-insensitive; ``-``/``_`` optional outside the EfficientNet ones):
 * keras.applications families for Cdiscount-style ensembles: ``resnet50/101/152``,
   ``resnet50v2/101v2/152v2``, ``densenet121/169/201``, ``xception``,
   ``efficientnetv2-b0/b1/b2/b3/s/m/l``, ``convnext-tiny/small/base``.
+* ``kerashub:PATH_OR_NAME``: a KerasHub preset (a Kaggle Models folder) with its
+  weights, normalised by its image converter (``shopee_tpu.models.kerashub``).
 
 Every model takes float RGB pixels in 0..255. Where keras.applications expects its
 ``preprocess_input`` outside the model (ResNet v1 "caffe", ResNet v2 and Xception
@@ -27,6 +29,7 @@ from typing import NamedTuple
 import keras
 
 from shopee_tpu.config import ModelConfig
+from shopee_tpu.models import kerashub
 from shopee_tpu.models import layers as common
 from shopee_tpu.models.efficientnet_builder import efficientnet
 from shopee_tpu.models.efficientnet_scaling import scaling
@@ -97,15 +100,18 @@ class InputSpec(NamedTuple):
 def available_models() -> list[str]:
     """Every registry name (EfficientNet phi variants accept any value)."""
     names = [f"efficientnet-b{n}" for n in range(8)] + ["efficientnet-phi<value>"]
-    return names + [f.name for f in FAMILIES.values()]
+    return names + [f.name for f in FAMILIES.values()] + ["kerashub:<preset>"]
 
 
 def resolve(name: str):
-    """Parses a registry name: ``("efficientnet", variant)`` or ``("family", Family)``.
+    """Parses a registry name: ``("efficientnet", variant)``, ``("family", Family)``
+    or ``("kerashub", preset)``.
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
+    if (preset := kerashub.parse(name)) is not None:
+        return "kerashub", preset
     text = str(name).strip().lower()
     if m := _EFFNET_B.fullmatch(text):
         return "efficientnet", int(m["n"])
@@ -127,7 +133,10 @@ def input_spec(name_or_model) -> InputSpec:
     """
     if isinstance(name_or_model, str):
         kind, what = resolve(name_or_model)
-        size = scaling(what).resolution if kind == "efficientnet" else what.size
+        if kind == "kerashub":
+            size = kerashub.native_size(what)
+        else:
+            size = scaling(what).resolution if kind == "efficientnet" else what.size
         return InputSpec(int(size), common.VALUE_RANGE)
     shape = name_or_model.input_shape
     if isinstance(shape, list):
@@ -148,6 +157,8 @@ def build_model(
     activation: str = "swish",
     batchnorm_momentum: float = 0.99,
     include_top: bool = True,
+    weights_preprocessing: str = "auto",
+    pretrained: bool = True,
 ) -> keras.Model:
     """Builds a registry backbone with our head (see the module docstring).
 
@@ -155,7 +166,10 @@ def build_model(
         name: Registry name, e.g. ``efficientnet-b3``, ``efficientnet-phi-2.5``,
             ``resnet50v2``, ``convnext-tiny``.
         num_classes: Classifier outputs.
-        weights: ``None``, ``"imagenet"`` or a path to a ``.h5`` / ``.weights.h5``.
+        weights: ``None``, ``"imagenet"``, a path to a ``.h5`` / ``.weights.h5``
+            (keras.applications', the ``efficientnet`` package's, ours) or a run
+            folder (its ``best.weights.h5``). A KerasHub preset brings its own
+            weights; ``weights`` then may only name a run or file to load on top.
         input_size: Square input side; ``None`` uses the native one.
         dropout: Dropout before the classifier.
         drop_connect_rate: EfficientNet stochastic depth; keras.applications
@@ -164,11 +178,20 @@ def build_model(
             ``swish`` (their own activation is used).
         batchnorm_momentum: Set on every BatchNormalization layer.
         include_top: ``False`` returns the pooled features.
+        weights_preprocessing: EfficientNet and KerasHub only: the input
+            normalisation the weights were trained with, ``auto`` (from the
+            weights), ``imagenet`` or ``advprop`` (see ``shopee_tpu.models.weights``).
+        pretrained: ``False`` builds the architecture only: ``weights`` is ignored
+            and a KerasHub preset's weights are not read (before loading a run's
+            own weights).
 
     Raises:
         ValueError: unknown name, or an option the family cannot honour.
+        WeightsError: the weights do not fit (one line naming file and difference).
     """
     kind, what = resolve(name)
+    if not pretrained:
+        weights = None
     if kind == "efficientnet":
         return efficientnet(
             what,
@@ -180,17 +203,37 @@ def build_model(
             dropout=dropout,
             include_top=include_top,
             batchnorm_momentum=batchnorm_momentum,
+            weights_preprocessing=weights_preprocessing,
         )
-    fam: Family = what
+    label = what.name if kind == "family" else f"kerashub:{what}"
     if activation != "swish":
         raise ValueError(
-            f"{fam.name}: activation={activation!r} cannot be changed for this "
-            "keras.applications family; leave it at the default 'swish'"
+            f"{label}: activation={activation!r} cannot be changed for this "
+            "backbone; leave it at the default 'swish'"
         )
     if drop_connect_rate != 0.2:
         raise ValueError(
-            f"{fam.name}: drop_connect_rate={drop_connect_rate} cannot be set for this "
-            "keras.applications family; leave it at the default 0.2"
+            f"{label}: drop_connect_rate={drop_connect_rate} cannot be set for this "
+            "backbone; leave it at the default 0.2"
+        )
+    if kind == "kerashub":
+        return kerashub.build(
+            what,
+            num_classes,
+            input_size=input_size,
+            weights=weights,
+            weights_preprocessing=weights_preprocessing,
+            dropout=dropout,
+            include_top=include_top,
+            batchnorm_momentum=batchnorm_momentum,
+            pretrained=pretrained,
+        )
+    fam: Family = what
+    if weights_preprocessing != "auto":
+        raise ValueError(
+            f"{fam.name}: weights_preprocessing={weights_preprocessing!r} cannot be "
+            "set for this keras.applications family (it owns its preprocessing); "
+            "leave it at 'auto'"
         )
     size = int(input_size or fam.size)
     if size < fam.min_size:
@@ -252,7 +295,7 @@ def _build_family(fam, num_classes, size, weights, dropout, include_top):
         outputs = x
     model = keras.Model(inputs, outputs, name=fam.name)
     if weights not in (None, "imagenet"):
-        wmod.load_weights(model, weights)
+        wmod.load_weights(model, weights, backbone=fam.name)
     return model
 
 
@@ -264,9 +307,17 @@ def _all_layers(model):
 
 
 def build_from_config(
-    model_cfg: ModelConfig, num_classes: int, image_size: int | None = None
+    model_cfg: ModelConfig,
+    num_classes: int,
+    image_size: int | None = None,
+    *,
+    pretrained: bool = True,
 ) -> keras.Model:
-    """``build_model`` with the settings of a run config's ``model`` section."""
+    """``build_model`` with the settings of a run config's ``model`` section.
+
+    ``pretrained=False`` builds the architecture only, for loading a run's own
+    weights: no download, no pretrained file or run folder needs to be attached.
+    """
     return build_model(
         model_cfg.backbone,
         num_classes,
@@ -276,4 +327,6 @@ def build_from_config(
         drop_connect_rate=model_cfg.drop_connect_rate,
         activation=model_cfg.activation,
         batchnorm_momentum=model_cfg.batchnorm_momentum,
+        weights_preprocessing=model_cfg.weights_preprocessing,
+        pretrained=pretrained,
     )

@@ -64,6 +64,8 @@ def layer_macs(layer) -> int:
 def _part(layer) -> str:
     if common.is_head_layer(layer):
         return "head"
+    if isinstance(layer, keras.Model):  # a nested backbone (KerasHub)
+        return "backbone"
     if isinstance(layer, _INPUT_LAYERS):
         return "input"
     for pattern, label in _PART_PATTERNS:

@@ -1,32 +1,44 @@
-"""Loading pretrained weights: keras.applications files, by layer name, offline-safe.
+"""Pretrained weights offline: every file a Kaggle user has, one error table.
 
-Two file formats are read with ``h5py`` directly, so a file whose classifier does not
-fit (1000 ImageNet classes into a 10-class model, or a "notop" file into a model with
-a top) still loads its backbone:
+``load_weights(model, source)`` (what ``weights=`` / ``model.weights`` use) accepts:
 
-* legacy ``.h5`` (what keras.applications publishes, and ``model.save("x.h5")``):
-  layers are matched **by name**;
-* Keras 3 ``.weights.h5`` (``model.save_weights``): layers are stored by class and
-  order (``conv2d_3``), so they are matched by walking the model the way Keras
-  saved it; this holds for files from the same architecture (ours or
-  keras.applications', whose layer order we mirror).
+=====================================  ==========================================
+source                                 input normalisation with ``"auto"``
+=====================================  ==========================================
+keras.applications files               the file's own (its ImageNet variance quirk
+(``efficientnetb0_notop.h5``, ...)     is fixed on load)
+the 2020 ``efficientnet`` package's    ImageNet mean/std; ``x/127.5 - 1`` when the
+files (imagenet autoaugment,           file name says ``advprop``
+noisy-student, advprop; B0..B7)
+a run folder of ours                   the run's own (its ``best.weights.h5``, else
+                                       ``last.weights.h5``)
+any ``model.save_weights`` file        the file's own
+=====================================  ==========================================
 
-Only the head (classifier ``predictions`` / ConvNeXt ``*_head_dense``, and
-ConvNeXt's head LayerNorm when absent) may be skipped;
-any other missing or misshapen layer is an error naming the layer and the file.
+``preprocessing="imagenet"`` or ``"advprop"`` overrides the guess. A classifier that
+does not fit (a "notop" file, 1000 ImageNet classes, another run's class count)
+keeps its fresh initialisation and the backbone loads. Everything else that differs
+is a ``WeightsError`` (a ``ValueError``) whose one-line message names the file and
+what differs: another architecture, another EfficientNet variant, the class count
+when ``head="strict"``; a missing file or a folder without weights is a
+``WeightsNotFoundError`` (also a ``FileNotFoundError``); a failed download is a
+``WeightsUnavailableError``. The CLI prints all three as one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import re
 import socket
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
 from shopee_tpu.models import layers as common
+from shopee_tpu.models import weights_h5
+from shopee_tpu.models.weights_h5 import WeightsError
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/"
 # md5 of keras.applications' EfficientNet files: (top, notop), from keras' source.
@@ -43,7 +55,11 @@ EFFICIENTNET_HASHES = {
 DOWNLOAD_TIMEOUT = 30.0  # seconds per socket operation; offline fails fast
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """No weights file or run folder at the given path."""
+
+
+class WeightsUnavailableError(WeightsError, RuntimeError):
     """Pretrained weights could not be downloaded (usually: no internet)."""
 
 
@@ -118,42 +134,249 @@ def fetch_efficientnet_imagenet(
     )
 
 
-def load_weights(model, path: str | os.PathLike) -> dict:
-    """Loads a ``.h5`` / ``.weights.h5`` file into ``model``, tolerating only a
-    classifier that does not fit (it keeps its fresh initialisation).
+# Input normalisation (mean, std on the 0..1 scale) each kind of weights was trained
+# with: "torch" mode for ImageNet and Noisy Student, -1..1 for AdvProp.
+PREPROCESSING = {
+    "imagenet": (common.IMAGENET_MEAN_RGB, common.IMAGENET_STDDEV_RGB),
+    "advprop": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+PREPROCESSING_MODES = ("auto", *PREPROCESSING)
+RUN_WEIGHTS = ("best.weights.h5", "last.weights.h5")
 
-    Returns:
-        ``{"loaded": n_layers, "skipped": [layer names kept at init]}``.
+
+def check_preprocessing(mode: str) -> str:
+    """Returns ``mode`` if it is ``auto``, ``imagenet`` or ``advprop``."""
+    if mode not in PREPROCESSING_MODES:
+        raise ValueError(
+            f"weights_preprocessing={mode!r}: expected one of "
+            f"{', '.join(PREPROCESSING_MODES)}"
+        )
+    return mode
+
+
+def guess_preprocessing(path: str) -> str:
+    """What a file without its own normalisation was trained with, from its name
+    (the efficientnet package's files: ``efficientnet-b3_advprop_notop.h5``)."""
+    return "advprop" if "advprop" in os.path.basename(path).lower() else "imagenet"
+
+
+def set_preprocessing(model, mode: str) -> None:
+    """Sets the model's input normalisation to what ``mode`` weights expect.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: a backbone layer is missing from the file or has another shape.
+        ValueError: ``mode`` is unknown, or the model's normalisation is fixed
+            (keras.applications families carry their own).
+    """
+    check_preprocessing(mode)
+    if mode == "auto":
+        return
+    try:
+        layer = model.get_layer(weights_h5.NORMALIZATION_NAME)
+    except ValueError:
+        layer = None
+    values = layer.get_weights() if layer is not None else []
+    if len(values) != 3:
+        raise ValueError(
+            f"weights_preprocessing={mode!r}: {model.name!r} has a fixed input "
+            "normalisation; leave it at 'auto'"
+        )
+    mean, std = PREPROCESSING[mode]
+    layer.set_weights(
+        [np.asarray(mean, "float32"), np.square(np.asarray(std, "float32")), values[2]]
+    )
+    layer.finalize_state()  # Normalization caches mean/variance tensors
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where weights come from: the file to read and, for a run folder, the run."""
+
+    path: str
+    run: str | None = None
+    backbone: str | None = None  # the run's model.backbone
+
+
+def resolve_source(source: str | os.PathLike) -> WeightsSource:
+    """A weights file, or a run folder's ``best.weights.h5`` (else ``last``).
+
+    Raises:
+        WeightsNotFoundError: no such file, or a folder without weights.
+        WeightsError: a KerasHub preset folder (it belongs in ``model.backbone``).
+    """
+    path = os.path.expanduser(os.fspath(source))
+    if os.path.isdir(path):
+        for name in RUN_WEIGHTS:
+            if os.path.exists(os.path.join(path, name)):
+                return WeightsSource(
+                    os.path.join(path, name), path, _run_backbone(path)
+                )
+        if _is_kerashub_preset(path):
+            raise WeightsError(
+                f"{path}: a KerasHub preset folder; pass it as "
+                f"model.backbone=kerashub:{path} (its weights come with it)"
+            )
+        raise WeightsNotFoundError(
+            f"{path}: a folder without {' or '.join(RUN_WEIGHTS)}; pass a run "
+            "folder from `shopee-tpu train` or a .h5 / .weights.h5 file"
+        )
+    if not os.path.exists(path):
+        raise WeightsNotFoundError(
+            f"{path}: no such weights file or run folder (on Kaggle, attach the "
+            "dataset holding it and pass its /kaggle/input/... path)"
+        )
+    return WeightsSource(path)
+
+
+def _run_backbone(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            return json.load(f)["model"]["backbone"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_kerashub_preset(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    module = str(config.get("module", "")) if isinstance(config, dict) else ""
+    return module.startswith("keras_hub") or os.path.exists(
+        os.path.join(folder, "metadata.json")
+    )
+
+
+def _check_run_backbone(src: WeightsSource, backbone: str | None) -> None:
+    """A run trained with another registry backbone fails with both names."""
+    if (
+        not (src.backbone and backbone)
+        or "kerashub:" in (src.backbone + backbone).lower()
+    ):
+        return
+    from shopee_tpu.models.registry import resolve
+
+    try:
+        same = resolve(src.backbone) == resolve(backbone)
+    except ValueError:
+        return
+    if not same:
+        raise WeightsError(
+            f"{src.run}: the run trained model.backbone={src.backbone}, this model "
+            f"is {backbone}; set model.backbone={src.backbone}"
+        )
+
+
+def load_weights(
+    model,
+    source: str | os.PathLike,
+    *,
+    preprocessing: str = "auto",
+    head: str = "fresh",
+    backbone: str | None = None,
+) -> dict:
+    """Loads a weights file or a run folder into ``model`` (see the module doc).
+
+    Args:
+        model: A model from ``shopee_tpu.models``.
+        source: A ``.h5`` / ``.weights.h5`` file or a run folder.
+        preprocessing: ``auto`` (from the file, see the table), ``imagenet`` or
+            ``advprop``: the input normalisation the weights were trained with.
+        head: ``fresh``: a classifier that does not fit keeps its initialisation
+            (with a warning); ``strict``: that is an error too.
+        backbone: The model's registry name, to name both backbones when a run
+            folder was trained with another one.
+
+    Returns:
+        ``{"path", "run", "loaded", "skipped", "head", "preprocessing"}``: ``head``
+        is ``(file classes or None, model classes)`` when the classifier was kept
+        fresh; ``preprocessing`` is the mode set, or ``"file"``.
+
+    Raises:
+        WeightsNotFoundError: no such file, or a folder without weights.
+        WeightsError: the file is for another architecture or variant (or
+            another class count with ``head="strict"``); the message names both.
     """
     import h5py
 
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"weights file {path!r} not found (pass None, 'imagenet' or a path to "
-            "a .h5 / .weights.h5 file)"
-        )
-    with h5py.File(path, "r") as f:
+    check_preprocessing(preprocessing)
+    if head not in ("fresh", "strict"):
+        raise ValueError(f"head={head!r}: expected 'fresh' or 'strict'")
+    src = resolve_source(source)
+    _check_run_backbone(src, backbone)
+    path = src.path
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise WeightsError(f"{path}: not an HDF5 weights file ({e})") from None
+    with f:
         root = f["model_weights"] if "model_weights" in f else f
         if "layer_names" in root.attrs:
-            stores = _legacy_stores(root)
-            report = _assign_by_name(model, stores, path)
+            report = weights_h5.assign_by_name(
+                model, weights_h5.legacy_stores(root), path
+            )
         elif "layers" in f:
-            report = _assign_by_structure(model, f["layers"], path)
+            if head == "strict" or weights_h5.has_composite_layers(model):
+                report = _load_keras_file(model, f["layers"], path)
+            else:
+                report = weights_h5.assign_by_structure(model, f["layers"], path)
         else:
-            raise ValueError(f"{path}: not a Keras weights file (no layers found)")
+            raise WeightsError(f"{path}: not a Keras weights file (no layers found)")
     fix_imagenet_normalization(model)
-    if report["skipped"]:
-        warnings.warn(
-            f"{path}: kept the fresh initialisation of {report['skipped']} (the file's "
-            "classifier is missing or has another number of classes)",
-            stacklevel=2,
-        )
+    if report["head"] is not None:
+        _report_head(path, report["head"], strict=head == "strict")
+    mode = preprocessing
+    if mode == "auto" and not report["normalization"]:
+        mode = guess_preprocessing(path) if _owns_normalization(model) else "auto"
+    set_preprocessing(model, mode)
+    return {
+        "path": path,
+        "run": src.run,
+        "loaded": report["loaded"],
+        "skipped": report["skipped"],
+        "head": report["head"],
+        "preprocessing": "file" if mode == "auto" else mode,
+    }
+
+
+def _load_keras_file(model, group, path: str) -> dict:
+    """Keras' own loader first (exact, walks composite layers); when it refuses,
+    our walk names what differs."""
+    if weights_h5.has_composite_layers(model):
+        return weights_h5.assign_with_keras(model, group, path)
+    try:
+        model.load_weights(path)
+    except Exception:
+        return weights_h5.assign_by_structure(model, group, path)
+    report = weights_h5.new_report()
+    report["loaded"] = sum(1 for layer in model.layers if layer.weights)
+    report["normalization"] = True  # an exact load holds every layer
     return report
+
+
+def _owns_normalization(model) -> bool:
+    try:
+        return len(model.get_layer(weights_h5.NORMALIZATION_NAME).weights) == 3
+    except ValueError:
+        return False
+
+
+def _report_head(path: str, head: tuple, *, strict: bool) -> None:
+    file_classes, model_classes = head
+    what = (
+        "has no classifier"
+        if file_classes is None
+        else f"has a {file_classes}-class classifier"
+    )
+    if strict:
+        raise WeightsError(
+            f"{path}: the file {what}, the model has {model_classes} classes"
+        )
+    warnings.warn(
+        f"{path}: the file {what}, the model has {model_classes} classes: the "
+        "backbone loaded, the classifier 'predictions' starts fresh",
+        stacklevel=3,
+    )
 
 
 def fix_imagenet_normalization(model) -> bool:
@@ -178,146 +401,3 @@ def fix_imagenet_normalization(model) -> bool:
         layer.finalize_state()  # Normalization caches mean/variance tensors
         return True
     return False
-
-
-def _legacy_stores(root) -> dict[str, list[np.ndarray]]:
-    """Layer name -> weight arrays in saved order, from a legacy h5 group."""
-    out = {}
-    for raw in root.attrs["layer_names"]:
-        name = raw.decode() if isinstance(raw, bytes) else str(raw)
-        group = root[name]
-        names = [
-            n.decode() if isinstance(n, bytes) else str(n)
-            for n in group.attrs["weight_names"]
-        ]
-        if names:
-            out[name] = [np.asarray(group[n]) for n in names]
-    return out
-
-
-def _is_classifier_name(name: str) -> bool:
-    return name == common.CLASSIFIER_NAME or name.endswith("_head_dense")
-
-
-def _is_optional(name: str) -> bool:
-    """Head layers may be absent from a file (notop files) and keep their init."""
-    return _is_classifier_name(name) or name.endswith(common.HEAD_SUFFIXES)
-
-
-def _targets(layer) -> list:
-    """A layer's variables in the order files store them (trainable, then not)."""
-    if hasattr(layer, "layers"):  # a nested model: legacy files store it as one
-        return list(layer.trainable_weights) + list(layer.non_trainable_weights)
-    store: dict = {}
-    layer.save_own_variables(store)
-    return [store[str(i)] for i in range(len(store))]
-
-
-def _assign(layer, arrays: list[np.ndarray], path: str) -> bool:
-    """Assigns ``arrays`` to ``layer``; False if only the classifier mismatches."""
-    targets = _targets(layer)
-    shapes_file = [tuple(a.shape) for a in arrays]
-    shapes_model = [tuple(v.shape) for v in targets]
-    if shapes_file != shapes_model:
-        if _is_classifier_name(layer.name):
-            return False
-        raise ValueError(
-            f"{path}: layer {layer.name!r} has weight shapes {shapes_file} in the file "
-            f"but {shapes_model} in the model; the file is for another architecture, "
-            "variant or input channels"
-        )
-    if hasattr(layer, "layers"):
-        for v, a in zip(targets, arrays):
-            v.assign(a)
-    else:
-        layer.load_own_variables({str(i): a for i, a in enumerate(arrays)})
-    return True
-
-
-def _stem(name: str) -> str:
-    return re.sub(r"_\d+$", "", name)
-
-
-def _assign_by_name(model, stores: dict, path: str) -> dict:
-    # Auto-named layers get a session suffix (normalization_1); match on the stem
-    # when it is unambiguous.
-    stems: dict[str, list[str]] = {}
-    for name in stores:
-        stems.setdefault(_stem(name), []).append(name)
-    report = {"loaded": 0, "skipped": [], "missing": []}
-
-    def visit(container):
-        for layer in container.layers:
-            if not layer.weights:
-                continue
-            name = layer.name
-            key = name if name in stores else None
-            if key is None and len(stems.get(_stem(name), [])) == 1:
-                key = stems[_stem(name)][0]
-            if key is None and _is_classifier_name(name):
-                key = next((k for k in stores if _is_classifier_name(k)), None)
-            if key is None and name.endswith(common.HEAD_SUFFIXES):
-                # keras' notop ConvNeXt files hold it as an unnamed LayerNorm.
-                norms = stems.get("layer_normalization", [])
-                key = norms[0] if len(norms) == 1 else None
-            if key is None:
-                if hasattr(layer, "layers"):
-                    visit(layer)  # the file may hold the nested layers by name
-                elif _is_optional(name):
-                    report["skipped"].append(name)
-                else:
-                    report["missing"].append(name)
-            elif _assign(layer, stores[key], path):
-                report["loaded"] += 1
-            else:
-                report["skipped"].append(name)
-
-    visit(model)
-    missing = report.pop("missing")
-    if missing:
-        raise ValueError(
-            f"{path}: {len(missing)} layers of the model are not in the file, e.g. "
-            f"{missing[:5]}; the file is for another architecture"
-        )
-    return report
-
-
-def _snake(name: str) -> str:
-    """Keras' ``to_snake_case`` (the .weights.h5 key of a layer class)."""
-    name = re.sub(r"\W+", "", name)
-    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
-
-
-def _assign_by_structure(model, group, path: str) -> dict:
-    loaded, skipped, missing = 0, [], []
-    counts: dict[str, int] = {}
-    for layer in model.layers:
-        key = _snake(type(layer).__name__)
-        counts[key] = counts.get(key, -1) + 1
-        key = f"{key}_{counts[key]}" if counts[key] else key
-        if not layer.weights:
-            continue
-        node = group.get(key)
-        if hasattr(layer, "layers"):
-            if node is None or "layers" not in node:
-                missing.append(layer.name)
-                continue
-            sub = _assign_by_structure(layer, node["layers"], path)
-            loaded += sub["loaded"]
-            skipped += sub["skipped"]
-            continue
-        if node is None or "vars" not in node:
-            (skipped if _is_optional(layer.name) else missing).append(layer.name)
-            continue
-        arrays = [np.asarray(node["vars"][str(i)]) for i in range(len(node["vars"]))]
-        if _assign(layer, arrays, path):
-            loaded += 1
-        else:
-            skipped.append(layer.name)
-    if missing:
-        raise ValueError(
-            f"{path}: {len(missing)} layers of the model are not in the file, e.g. "
-            f"{missing[:5]}; the file is for another architecture"
-        )
-    return {"loaded": loaded, "skipped": skipped}
