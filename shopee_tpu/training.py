@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,15 @@ def train(
         input_spec,
         make_schedule,
     )
+    from shopee_tpu.models.finetune import scale_backbone_lr
+    from shopee_tpu.plan import (
+        describe_phase,
+        phase_at,
+        plan_epochs,
+        plan_phases,
+        prepare_phase,
+        resume_phase,
+    )
 
     start = time.monotonic()
     verbose = 1 if verbose is None else verbose
@@ -139,37 +149,52 @@ def train(
     n_train = pipeline.count_records(train_files)
     n_valid = pipeline.count_records(valid_files)
     steps = config.steps_per_epoch or max(1, n_train // global_batch)
-    common = dict(
-        schema=config.data.schema,
-        image_size=image_size,
-        batch_size=global_batch,
-        num_classes=num_classes,
-        num_workers=acc.num_workers,
-        worker_index=acc.worker_index,
-    )
-    train_ds = pipeline.load_dataset(
-        train_files,
-        training=True,
-        augment=config.augment,
-        seed=config.seed,
-        shuffle_buffer=config.data.shuffle_buffer,
-        **common,
-    )
-    valid_ds = pipeline.load_dataset(
-        valid_files, training=False, labels=True, cache=config.data.cache, **common
-    )
+    # The plan may pick the epoch count from the data size and cut the run into
+    # phases (progressive resizing, a frozen warmup): see shopee_tpu.plan.
+    config = config.replace(epochs=plan_epochs(config, n_train))
+    phases = plan_phases(config.plan, config.epochs, image_size)
 
-    with acc.scope():
-        model = build_from_config(config.model, num_classes, image_size=image_size)
-        compile_model(
-            model,
-            config.optim,
-            steps_per_epoch=steps,
-            epochs=config.epochs,
-            replicas=acc.replicas,
+    def build(phase, resume_from: int):
+        """Datasets and compiled model of one phase, resumed from the run folder."""
+        common = dict(
+            schema=config.data.schema,
+            image_size=phase.image_size,
+            batch_size=global_batch,
+            num_classes=num_classes,
+            num_workers=acc.num_workers,
+            worker_index=acc.worker_index,
         )
-        if run.epoch > 0:
-            run.restore(model)
+        train_ds = pipeline.load_dataset(
+            train_files,
+            training=True,
+            augment=config.augment,
+            seed=config.seed + phase.start,
+            shuffle_buffer=config.data.shuffle_buffer,
+            **common,
+        )
+        valid_ds = pipeline.load_dataset(
+            valid_files, training=False, labels=True, cache=config.data.cache, **common
+        )
+        with acc.scope():
+            model = build_from_config(
+                config.model, num_classes, image_size=phase.image_size
+            )
+            prepare_phase(model, phase, config.plan)
+            compile_model(
+                model,
+                config.optim,
+                steps_per_epoch=steps,
+                epochs=config.epochs,
+                replicas=acc.replicas,
+            )
+            if config.plan.freeze_epochs > 0 and not phase.frozen:
+                scale_backbone_lr(model.optimizer, model, config.plan.backbone_lr)
+            if resume_from > 0:
+                resume_phase(run, model, phases, phase, steps, resume_from)
+        return train_ds, valid_ds, model
+
+    phase = phase_at(phases, run.epoch)
+    train_ds, valid_ds, model = build(phase, run.epoch)
 
     # The same pure function the optimizer uses, for the LR column and plot.
     schedule = make_schedule(config.optim, steps, config.epochs, acc.replicas)
@@ -194,16 +219,27 @@ def train(
             callbacks.insert(0, swapper)
         if verbose:
             callbacks.append(_Progress(config.epochs, steps))
-        model.fit(
-            train_ds,
-            epochs=config.epochs,
-            initial_epoch=done,
-            steps_per_epoch=steps,
-            validation_data=valid_ds,
-            callbacks=callbacks,
-            verbose=0,
-        )
+        epoch = done
+        while True:  # one fit per phase; the next phase resumes from its checkpoint
+            model.fit(
+                train_ds,
+                epochs=phase.end,
+                initial_epoch=epoch,
+                steps_per_epoch=steps,
+                validation_data=valid_ds,
+                callbacks=callbacks,
+                verbose=0,
+            )
+            if budget.reason or phase.end >= config.epochs:
+                break
+            epoch, phase = phase.end, phase_at(phases, phase.end)
+            if verbose:
+                print(f"epoch {epoch + 1}: {describe_phase(phase)}")
+            train_ds, valid_ds, model = build(phase, epoch)
         stop_reason = budget.reason
+    if phase is not phases[-1]:  # stopped early: report at the full size
+        phase = phases[-1]
+        train_ds, valid_ds, model = build(phase, 0)
     finished = run.epoch >= config.epochs
     if chief:
         run.mark_finished(finished, stop_reason=stop_reason)
@@ -211,6 +247,7 @@ def train(
     if run.exists(RunFolder.BEST):
         run.restore(model, optimizer=False, which=RunFolder.BEST)
     metrics = _final_metrics(run, config, acc, n_train, n_valid, start, stop_reason)
+    metrics["validation_warnings"] = _warn_about_validation(run.history, config)
     if chief:
         _report(run, model, valid_ds, schedule, steps, config, label_map, metrics)
         atomic_write_text(
@@ -223,6 +260,17 @@ def train(
             f"{out_dir}: {how_far}{note}; best val accuracy {metrics['best_val_accuracy']}"
         )
     return TrainResult(model, metrics, run.history, out_dir, label_map)
+
+
+def _warn_about_validation(history, config) -> list[str]:
+    """Warns (and returns the messages) when validation looks too easy."""
+    from shopee_tpu.data.augment import needs_mixing
+    from shopee_tpu.validation import validation_warnings
+
+    found = validation_warnings(history, mixing=needs_mixing(config.augment))
+    for message in found:
+        warnings.warn(message, stacklevel=3)
+    return found
 
 
 def _manifest_near(files: list[str]) -> dict | None:

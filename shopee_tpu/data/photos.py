@@ -108,9 +108,7 @@ def _regions(h: int, w: int, side: str, holdout: float, tiles: tuple[int, int]):
     ny, nx = tiles
     ys = np.linspace(y0, y1, ny + 1).round().astype(int)
     xs = np.linspace(x0, x1, nx + 1).round().astype(int)
-    boxes = [
-        (ys[i], xs[j], ys[i + 1], xs[j + 1]) for i in range(ny) for j in range(nx)
-    ]
+    boxes = [(ys[i], xs[j], ys[i + 1], xs[j + 1]) for i in range(ny) for j in range(nx)]
     return test, boxes
 
 
