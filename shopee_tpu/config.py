@@ -534,18 +534,22 @@ _PRESETS["photo"] = RunConfig(
     out_dir="runs/photo",
 )
 
-# Fine-tuning attached weights (`--set model.weights=/kaggle/input/.../x.h5`): the
-# head trains alone for two epochs on a frozen backbone (BatchNorm in inference
-# mode, so its statistics survive), then everything trains with the backbone at a
-# tenth of the learning rate. Lighter augmentation and no progressive resizing:
-# pretrained features need fewer, gentler steps.
+# Fine-tuning attached weights (`--set model.weights=/kaggle/input/.../x.h5`; B0's
+# ImageNet file by default, or any file from one of our runs with the same
+# backbone): the head trains alone for two epochs on a frozen backbone (BatchNorm
+# in inference mode, so its statistics survive), then everything trains with the
+# backbone at a tenth of the learning rate. The model's native size, lighter
+# augmentation and fewer epochs: pretrained features need fewer, gentler steps.
 _PRESETS["photo-finetune"] = _PRESETS["photo"].replace(
     name="photo-finetune",
-    model=_PRESETS["photo"].model.replace(drop_connect_rate=0.1, dropout=0.2),
+    data=DataConfig(image_size=None, valid_fraction=0.1, cache=True),
+    model=ModelConfig(
+        backbone="efficientnet-b0", weights=None, drop_connect_rate=0.2, dropout=0.2
+    ),
     optim=_PRESETS["photo"].optim.replace(
         learning_rate=1e-3, warmup_epochs=1, lr_start=1e-4
     ),
-    augment=_PRESETS["photo"].augment.replace(mixup=0.0, cutmix=0.0),
+    augment=_PRESETS["photo"].augment.replace(resized_crop=0.35, mixup=0.0, cutmix=0.0),
     plan=PlanConfig(images_seen=24000, min_epochs=4, freeze_epochs=2, backbone_lr=0.1),
     epochs=30,
     out_dir="runs/photo-finetune",

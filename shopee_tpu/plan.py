@@ -21,12 +21,14 @@ count from the size of the training set.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 from shopee_tpu.config import PlanConfig, RunConfig
 
 __all__ = [
     "Phase",
+    "make_plan",
     "plan_epochs",
     "plan_phases",
     "phase_at",
@@ -51,6 +53,25 @@ class Phase:
     end: int
     image_size: int
     frozen: bool = False
+
+
+def make_plan(
+    config: RunConfig, train_images: int, image_size: int
+) -> tuple[int, list[Phase]]:
+    """The epoch count and the phases of a run (see the module docstring).
+
+    Warns when a frozen warmup is asked for a backbone without weights: freezing
+    random features only wastes those epochs.
+    """
+    if config.plan.freeze_epochs > 0 and not config.model.weights:
+        warnings.warn(
+            f"plan.freeze_epochs={config.plan.freeze_epochs} freezes a randomly "
+            "initialised backbone: set model.weights to a weights file to fine-tune "
+            "(or use a from-scratch preset such as 'photo')",
+            stacklevel=2,
+        )
+    epochs = plan_epochs(config, train_images)
+    return epochs, plan_phases(config.plan, epochs, image_size)
 
 
 def plan_epochs(config: RunConfig, train_images: int) -> int:

@@ -98,9 +98,8 @@ def train(
     from shopee_tpu.models.finetune import scale_backbone_lr
     from shopee_tpu.plan import (
         describe_phase,
+        make_plan,
         phase_at,
-        plan_epochs,
-        plan_phases,
         prepare_phase,
         resume_phase,
     )
@@ -151,8 +150,8 @@ def train(
     steps = config.steps_per_epoch or max(1, n_train // global_batch)
     # The plan may pick the epoch count from the data size and cut the run into
     # phases (progressive resizing, a frozen warmup): see shopee_tpu.plan.
-    config = config.replace(epochs=plan_epochs(config, n_train))
-    phases = plan_phases(config.plan, config.epochs, image_size)
+    epochs, phases = make_plan(config, n_train, image_size)
+    config = config.replace(epochs=epochs)
 
     def build(phase, resume_from: int):
         """Datasets and compiled model of one phase, resumed from the run folder."""
