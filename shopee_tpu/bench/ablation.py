@@ -44,7 +44,7 @@ def run_variants(
 
     out = out or tempfile.mkdtemp(prefix="bench-ablation-")
     task = make_task(os.path.join(out, f"task-{seed}"), seed, quick)
-    extra = ("epochs=2", "plan.images_seen=0") if quick else ()
+    extra = ("epochs=1", "plan.images_seen=0", "plan.min_epochs=1") if quick else ()
     rows = []
     for i, (name, sets) in enumerate(variants):
         result = run_ours(

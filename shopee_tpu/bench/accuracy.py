@@ -225,9 +225,9 @@ def run(args) -> dict:
     task = make_task(os.path.join(out, f"task-{seed}"), seed, quick)
     ours_sets: tuple[str, ...] = ()
     peer_epochs = PEER_EPOCHS
-    if quick:
-        peer_epochs = 2
-        ours_sets = ("epochs=2", "plan.images_seen=0", "plan.min_epochs=1")
+    if quick:  # a smoke run: one epoch each, one image size
+        peer_epochs = 1
+        ours_sets = ("epochs=1", "plan.images_seen=0", "plan.min_epochs=1")
     peer = run_peer(task, seed=seed, epochs=peer_epochs, time_limit=budget)
     limit = float(budget) if budget else peer["wall_time_sec"]
     ours = run_ours(
