@@ -55,7 +55,11 @@ def _tiny(preset: str, records: str, out, *sets: str) -> RunConfig:
     )
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+# shopee-b1..b6 are shopee-b0's recipe with other sizes; b0 and b7 bound them.
+RECIPES = sorted(n for n in PRESETS if not n.startswith("shopee-b") or n[-1] in "07")
+
+
+@pytest.mark.parametrize("name", RECIPES)
 def test_each_preset_builds_and_trains_one_step(name, digits_records, tmp_path):
     from shopee_tpu.training import train
 
