@@ -35,7 +35,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from shopee_tpu.utils import atomic_write_text
+from shopee_tpu.utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "PHOTOS",
@@ -136,12 +136,6 @@ def _crop(photo, box, scale, size, rng, quality) -> bytes:
     return buf.getvalue()
 
 
-def _write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-
-
 def make_photo_dataset(
     out_dir: str | os.PathLike,
     *,
@@ -199,16 +193,18 @@ def make_photo_dataset(
         edges[name] = side
         test_box, tile_boxes = _regions(*pixels.shape[:2], side, holdout, tiles)
         category = f"{k:02d}"
+        os.makedirs(os.path.join(train_root, category), exist_ok=True)
+        os.makedirs(test_root, exist_ok=True)
         for i in range(train_per_class):
             t = i % len(tile_boxes)
             blob = _crop(photo, tile_boxes[t], scale, image_size, rng, quality)
             file = hashlib.md5(blob).hexdigest() + ".jpg"
-            _write(os.path.join(train_root, category, file), blob)
+            atomic_write_bytes(os.path.join(train_root, category, file), blob)
             train_rows.append((file, category, f"{name}-tile{t}"))
         for _ in range(test_per_class):
             blob = _crop(photo, test_box, scale, image_size, rng, quality)
             file = hashlib.md5(blob).hexdigest() + ".jpg"
-            _write(os.path.join(test_root, file), blob)
+            atomic_write_bytes(os.path.join(test_root, file), blob)
             test_rows.append((file, category, f"{name}-test"))
 
     cols = ["filename", "category", "group"]
