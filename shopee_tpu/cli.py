@@ -290,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("what", choices=("input", "train", "predict"))
+    p.add_argument(
+        "what", choices=("input", "train", "predict", "accuracy", "ablation")
+    )
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
     p.add_argument("--images", default=None, help="folder of images (bench input)")
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 5)")
@@ -303,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="a tiny setting that runs in seconds"
     )
+    # bench accuracy / ablation: held-out accuracy on bundled real photographs.
+    p.add_argument("--seed", type=int, default=None, help="task and training seed")
+    p.add_argument("--budget", type=float, default=None, help="wall-time cap (s)")
+    p.add_argument("--out", default=None, help="work folder (default: a temp dir)")
     p.set_defaults(func=_cmd_bench)
 
     # --verbose is accepted before or after the command name.

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,14 @@ def train(
         input_spec,
         make_schedule,
     )
+    from shopee_tpu.models.finetune import scale_backbone_lr
+    from shopee_tpu.plan import (
+        describe_phase,
+        make_plan,
+        phase_at,
+        prepare_phase,
+        resume_phase,
+    )
 
     whole_kfold_run = config.data.folds and config.data.fold is None
     if folds is not None or fold is not None or whole_kfold_run:
@@ -169,49 +178,56 @@ def train(
     n_train = len(keep["train"]) if keep else pipeline.count_records(train_files)
     n_valid = len(keep["valid"]) if keep else pipeline.count_records(valid_files)
     steps, per_call = _epoch_steps(config, n_train, global_batch, verbose)
-    common = dict(
-        schema=config.data.schema,
-        image_size=image_size,
-        batch_size=acc.host_batch_size(config.batch_size),
-        num_classes=num_classes,
-        num_workers=acc.num_workers,
-        worker_index=acc.worker_index,
-    )
-    train_ds = pipeline.load_dataset(
-        train_files,
-        training=True,
-        augment=config.augment,
-        seed=config.seed,
-        shuffle_buffer=config.data.shuffle_buffer,
-        deterministic=config.data.deterministic,
-        keep_ids=keep.get("train"),
-        **common,
-    )
-    # Full batches on any replica count; padding rows weigh 0 in the metrics.
-    valid_ds = pipeline.load_dataset(
-        valid_files,
-        training=False,
-        labels=True,
-        pad=True,
-        cache=config.data.cache,
-        keep_ids=keep.get("valid"),
-        **common,
-    )
+    host_batch = acc.host_batch_size(config.batch_size)
     valid_rows = global_batch * pipeline.eval_batches(
-        valid_files, common["batch_size"], acc.num_workers, keep.get("valid")
+        valid_files, host_batch, acc.num_workers, keep.get("valid")
     )
+    # The plan may pick the epoch count from the data size and cut the run into
+    # phases (progressive resizing, a frozen warmup): see shopee_tpu.plan.
+    epochs, phases = make_plan(config, n_train, image_size)
+    config = config.replace(epochs=epochs)
 
-    with acc.scope():
-        model = build_from_config(config.model, num_classes, image_size=image_size)
-        compile_model(
-            model,
-            config.optim.replace(steps_per_execution=per_call),
-            steps_per_epoch=steps,
-            epochs=config.epochs,
-            replicas=acc.replicas,
+    def build(phase, resume_from: int):
+        """Datasets and compiled model of one phase, resumed from the run folder."""
+        common = dict(
+            schema=config.data.schema,
+            image_size=phase.image_size,
+            batch_size=host_batch,
+            num_classes=num_classes,
+            num_workers=acc.num_workers,
+            worker_index=acc.worker_index,
         )
-        if run.epoch > 0:
-            run.restore(model)
+        train_ds = pipeline.load_dataset(
+            train_files,
+            training=True,
+            augment=config.augment,
+            seed=config.seed + phase.start,
+            shuffle_buffer=config.data.shuffle_buffer,
+            **common,
+        )
+        valid_ds = pipeline.load_dataset(
+            valid_files, training=False, labels=True, cache=config.data.cache, **common
+        )
+        with acc.scope():
+            model = build_from_config(
+                config.model, num_classes, image_size=phase.image_size
+            )
+            prepare_phase(model, phase, config.plan)
+            compile_model(
+                model,
+                config.optim,
+                steps_per_epoch=steps,
+                epochs=config.epochs,
+                replicas=acc.replicas,
+            )
+            if config.plan.freeze_epochs > 0 and not phase.frozen:
+                scale_backbone_lr(model.optimizer, model, config.plan.backbone_lr)
+            if resume_from > 0:
+                resume_phase(run, model, phases, phase, steps, resume_from)
+        return train_ds, valid_ds, model
+
+    phase = phase_at(phases, run.epoch)
+    train_ds, valid_ds, model = build(phase, run.epoch)
 
     # The same pure function the optimizer uses, for the LR column and plot.
     schedule = make_schedule(config.optim, steps, config.epochs, acc.replicas)
@@ -237,17 +253,28 @@ def train(
             callbacks.insert(0, swapper)
         if verbose:
             callbacks.append(_Progress(config.epochs, steps))
-        model.fit(
-            train_ds,
-            epochs=config.epochs,
-            initial_epoch=done,
-            steps_per_epoch=steps,
-            validation_data=valid_ds,
-            callbacks=callbacks,
-            shuffle=False,  # the dataset shuffles itself
-            verbose=0,
-        )
+        epoch = done
+        while True:  # one fit per phase; the next phase resumes from its checkpoint
+            model.fit(
+                train_ds,
+                epochs=phase.end,
+                initial_epoch=epoch,
+                steps_per_epoch=steps,
+                validation_data=valid_ds,
+                callbacks=callbacks,
+                shuffle=False,  # the dataset shuffles itself
+                verbose=0,
+            )
+            if budget.reason or phase.end >= config.epochs:
+                break
+            epoch, phase = phase.end, phase_at(phases, phase.end)
+            if verbose:
+                print(f"epoch {epoch + 1}: {describe_phase(phase)}")
+            train_ds, valid_ds, model = build(phase, epoch)
         stop_reason = budget.reason
+    if phase is not phases[-1]:  # stopped early: report at the full size
+        phase = phases[-1]
+        train_ds, valid_ds, model = build(phase, 0)
     finished = run.epoch >= config.epochs
     if chief:
         run.mark_finished(finished, stop_reason=stop_reason)
@@ -261,6 +288,7 @@ def train(
     metrics.update(
         steps_per_epoch=steps, steps_per_execution=per_call, hosts=acc.num_workers
     )
+    metrics["validation_warnings"] = _warn_about_validation(run.history, config)
     if chief or acc.backend == "jax":  # JAX: every host takes part in predicting
         _report(run, model, valid_ds, schedule, steps, config, label_map, metrics, acc)
     if chief:
@@ -321,6 +349,17 @@ def _epoch_steps(
             f"that it divides the {steps} steps of an epoch"
         )
     return steps, per_call
+
+
+def _warn_about_validation(history, config) -> list[str]:
+    """Warns (and returns the messages) when validation looks too easy."""
+    from shopee_tpu.data.augment import needs_mixing
+    from shopee_tpu.validation import validation_warnings
+
+    found = validation_warnings(history, mixing=needs_mixing(config.augment))
+    for message in found:
+        warnings.warn(message, stacklevel=3)
+    return found
 
 
 def _manifest_near(files: list[str]) -> dict | None:

@@ -22,6 +22,8 @@ _BENCHES = {
     "input": "shopee_tpu.bench.input",
     "train": "shopee_tpu.bench.train",
     "predict": "shopee_tpu.bench.predict",
+    "accuracy": "shopee_tpu.bench.accuracy",
+    "ablation": "shopee_tpu.bench.ablation",
 }
 
 

@@ -1,9 +1,10 @@
 """Training augmentations that run in graph mode inside ``tf.data`` on any backend.
 
 Per image, applied to whole batches at once (:func:`augment_batch`, or
-:func:`augment_image` for one image): flips, one affine warp combining rotation,
-shear, zoom and shift (``keras.ops.image.affine_transform``, a single resampling),
-random crop, colour jitter and cutout, each drawn independently for every image.
+:func:`augment_image` for one image): flips, an Inception-style random resized
+crop, one affine warp combining rotation, shear, zoom and shift
+(``keras.ops.image.affine_transform``, a single resampling), random crop, colour
+jitter and cutout, each drawn independently for every image.
 Per batch (:func:`mix_batch`): MixUp and CutMix with soft labels. Each is switched
 on and tuned by ``shopee_tpu.config.AugmentConfig``; the default is a horizontal
 flip only.
@@ -32,6 +33,8 @@ __all__ = [
     "mix_batch",
     "needs_mixing",
     "affine_ops",
+    "random_resized_crop",
+    "resized_crop_boxes",
 ]
 
 
@@ -106,6 +109,45 @@ def _random_crop(x, amount: float, seed):
     x0 = _uniform(s[2], 0.0, 1.0, b) * (1 - side)
     boxes = tf.stack([y0, x0, y0 + side, x0 + side], axis=1)
     return tf.image.crop_and_resize(x, boxes, tf.range(b), tf.shape(x)[1:3])
+
+
+def resized_crop_boxes(seed, n, min_area: float, aspect: float = 4 / 3):
+    """``n`` random boxes ``[y0, x0, y1, x1]`` in 0..1 for a random resized crop.
+
+    As Inception's crop: the area fraction is uniform in ``[min_area, 1]`` and the
+    aspect ratio (width / height) log-uniform in ``[1 / aspect, aspect]``. Sides
+    longer than the image are clipped to it (in place of Inception's rejection
+    loop, which does not vectorise); the position is uniform over what is left.
+
+    Args:
+        seed: Shape ``[2]`` integer seed.
+        n: Number of boxes (a scalar, may be a tensor).
+        min_area: Smallest area fraction, in (0, 1].
+        aspect: Largest aspect-ratio change, >= 1.
+    """
+    tf = require_tensorflow()
+    s = tf.random.experimental.stateless_split(seed, 4)
+    area = _uniform(s[0], min_area, 1.0, n)
+    log_ratio = _uniform(s[1], -math.log(aspect), math.log(aspect), n)
+    ratio = tf.exp(log_ratio)
+    h = tf.minimum(tf.sqrt(area / ratio), 1.0)
+    w = tf.minimum(tf.sqrt(area * ratio), 1.0)
+    y0 = _uniform(s[2], 0.0, 1.0, n) * (1 - h)
+    x0 = _uniform(s[3], 0.0, 1.0, n) * (1 - w)
+    return tf.stack([y0, x0, y0 + h, x0 + w], axis=1)
+
+
+def random_resized_crop(images, min_area: float, aspect: float = 4 / 3, seed=None):
+    """Crops a random box per image (:func:`resized_crop_boxes`) and resizes it
+    back to the input size, bilinearly. Float ``[b, h, w, c]`` in, float out."""
+    tf = require_tensorflow()
+    x = tf.convert_to_tensor(images)
+    b = tf.shape(x)[0]
+    boxes = resized_crop_boxes(_seed(seed), b, min_area, aspect)
+    out = tf.image.crop_and_resize(
+        tf.cast(x, tf.float32), boxes, tf.range(b), tf.shape(x)[1:3]
+    )
+    return tf.ensure_shape(out, x.shape)
 
 
 def _colour(x, cfg: AugmentConfig, seed):
@@ -208,9 +250,13 @@ def augment_batch(images, cfg: AugmentConfig, seed=None, *, dtype=None):
     affine = cfg.rotate or cfg.shear or cfg.zoom or cfg.shift
     colour = cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue
     out = tf.as_dtype(dtype or images.dtype)
-    if not (affine or cfg.random_crop or colour or cfg.cutout):
+    if not (affine or cfg.random_crop or colour or cfg.cutout or cfg.resized_crop):
         return tf.cast(x, out)  # flips only: exact
     x = tf.cast(x, tf.float32)
+    if cfg.resized_crop:
+        # Its own seed stream, so adding it leaves every other op's draws as they were.
+        crop_seed = tf.random.experimental.stateless_fold_in(_seed(seed), 7)
+        x = random_resized_crop(x, cfg.resized_crop, cfg.crop_aspect, crop_seed)
     if affine:
         x = _affine(x, cfg, seeds[2])
     if cfg.random_crop:

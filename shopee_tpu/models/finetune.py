@@ -118,3 +118,42 @@ def _start_index(layers: list, from_block) -> int:
         f"from_block={from_block!r} matches no backbone layer (first names: "
         f"{[layer.name for layer in layers[:4]]})"
     )
+
+
+def scale_backbone_lr(optimizer, model: keras.Model, factor: float):
+    """Makes ``optimizer`` step the backbone at ``factor`` times the learning rate.
+
+    The head (classifier, pooling) keeps the full rate: after a frozen warmup it is
+    already trained, while the backbone must move gently to keep what its weights
+    learned. Works on every Keras optimizer and backend: the per-variable rate is
+    applied in ``update_step``, which all of them call once per variable. The
+    decoupled weight decay, applied by Keras before ``update_step``, is not scaled.
+
+    Call it before the optimizer is built (before ``compile``/``fit`` build it).
+
+    Returns:
+        The same optimizer, now of a subclass of its own class.
+    """
+    head = {
+        id(v)
+        for layer in model.layers
+        if common.is_head_layer(layer)
+        for v in layer.weights
+    }
+    base = type(optimizer)
+    factor = float(factor)
+
+    class BackboneScaled(base):
+        def build(self, variables):
+            super().build(variables)
+            self._lr_scales = tuple(1.0 if id(v) in head else factor for v in variables)
+
+        def update_step(self, gradient, variable, learning_rate):
+            scale = self._lr_scales[self._get_variable_index(variable)]
+            if scale != 1.0:
+                learning_rate = learning_rate * scale
+            return super().update_step(gradient, variable, learning_rate)
+
+    BackboneScaled.__name__ = base.__name__
+    optimizer.__class__ = BackboneScaled
+    return optimizer

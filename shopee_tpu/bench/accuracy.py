@@ -1,0 +1,264 @@
+"""``shopee-tpu bench accuracy``: held-out accuracy on real photographs, against the
+plain Keras model a user would write.
+
+The task (``shopee_tpu.data.photos``): each class is one real photograph bundled
+with scikit-image or scikit-learn; samples are random crops with scale, position
+and flip jitter at 64 px; the test crops come from a band of every photograph that
+no training crop touches. The task itself is drawn from the seed (edges, crops), so
+each seed is a different split of different crops.
+
+Both contenders read the same JPEG files:
+
+* **peer**: ``image_dataset_from_directory`` + ``RandomFlip`` +
+  ``keras.applications.EfficientNetB0(weights=None)`` + Adam 1e-3 + ``fit`` for 30
+  epochs, scored plain and with flip TTA (the better of the two is compared);
+* **ours**: ``shopee-tpu tfrecords`` + ``train`` with the ``photo`` preset +
+  ``predict`` with its TTA, on the same wall-time budget: the peer runs first, and
+  ours gets at most the wall time the peer took (``train(time_limit=...)``).
+
+Each side's time covers everything after the task exists: reading or writing
+records, training (with our run folder, plots and checkpoints) and predicting.
+Wall time is the budget; CPU time (all threads of the process) is reported too,
+as it is less disturbed by other jobs on a shared machine.
+The goal is a gain of at least ``TARGET_GAIN`` over the peer in no more time.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+
+FULL = dict(classes=10, train_per_class=120, test_per_class=40, image_size=64)
+QUICK = dict(classes=4, train_per_class=24, test_per_class=8, image_size=64)
+PEER_EPOCHS = 30
+PEER_BATCH = 32
+TARGET_GAIN = 0.05
+
+
+def make_task(out: str, seed: int, quick: bool = False) -> dict:
+    """The photo task for ``seed`` in the Shopee layout under ``out``."""
+    import json
+
+    from shopee_tpu.data.photos import make_photo_dataset
+    from shopee_tpu.utils import atomic_write_text
+
+    summary = os.path.join(out, "summary.json")
+    if os.path.exists(summary):
+        with open(summary) as f:
+            return json.load(f)
+    info = make_photo_dataset(out, seed=seed, **(QUICK if quick else FULL))
+    atomic_write_text(summary, json.dumps(info, indent=1))
+    return info
+
+
+def _test_labels(task: dict) -> tuple[list[str], np.ndarray]:
+    """Test file names in sorted order (the order keras lists them) and labels."""
+    import pandas as pd
+
+    truth = pd.read_csv(task["test_labels_csv"], dtype=str).sort_values("filename")
+    return list(truth.filename), truth.category.astype(int).to_numpy()
+
+
+def run_peer(
+    task: dict,
+    *,
+    seed: int,
+    epochs: int = PEER_EPOCHS,
+    time_limit: float | None = None,
+) -> dict:
+    """The plain Keras model a user writes; returns its test accuracies and time."""
+    import keras
+    import tensorflow as tf
+
+    size, n = int(task["image_size"]), int(task["classes"])
+    start, cpu = time.perf_counter(), time.process_time()
+    keras.utils.set_random_seed(seed)
+    train_ds = keras.utils.image_dataset_from_directory(
+        task["train_images"],
+        image_size=(size, size),
+        batch_size=PEER_BATCH,
+        label_mode="categorical",
+        seed=seed,
+        verbose=False,
+    ).prefetch(tf.data.AUTOTUNE)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.RandomFlip("horizontal")(inputs)
+    outputs = keras.applications.EfficientNetB0(
+        weights=None, input_shape=(size, size, 3), classes=n
+    )(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    stop = _StopAt(start, time_limit)
+    history = model.fit(train_ds, epochs=epochs, callbacks=[stop], verbose=0)
+    names, labels = _test_labels(task)
+    test_ds = keras.utils.image_dataset_from_directory(
+        task["test_images"],
+        labels=labels.tolist(),
+        image_size=(size, size),
+        batch_size=64,
+        shuffle=False,
+        verbose=False,
+    )
+    plain, flipped = [], []
+    for images, _ in test_ds:
+        plain.append(model.predict_on_batch(images))
+        flipped.append(model.predict_on_batch(tf.reverse(images, axis=[2])))
+    p, f = np.concatenate(plain), np.concatenate(flipped)
+    seconds = time.perf_counter() - start
+    return {
+        "test_accuracy": _accuracy(p, labels),
+        "test_accuracy_flip_tta": _accuracy(p + f, labels),
+        "wall_time_sec": round(seconds, 1),
+        "cpu_time_sec": round(time.process_time() - cpu, 1),
+        "epochs": len(history.history.get("loss", [])),
+        "final_train_accuracy": round(float(history.history["accuracy"][-1]), 4),
+    }
+
+
+def run_ours(
+    task: dict,
+    out: str,
+    *,
+    seed: int,
+    sets: tuple[str, ...] = (),
+    preset: str = "photo",
+    time_limit: float | None = None,
+) -> dict:
+    """Records, ``train`` with the preset, ``predict`` with its TTA; accuracy, time."""
+    from shopee_tpu.config import RunConfig
+    from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
+    from shopee_tpu.data.records import write_records_from_csv
+    from shopee_tpu.inference.tta import predict
+    from shopee_tpu.training import train
+
+    start, cpu = time.perf_counter(), time.process_time()
+    records = os.path.join(out, "records")
+    options = dict(image_size=None, resize="square", quality=95, workers=1, seed=0)
+    write_records_from_csv(
+        task["train_csv"],
+        task["train_images"],
+        os.path.join(records, "train"),
+        shards=8,
+        **options,
+    )
+    write_records_from_csv(
+        task["test_labels_csv"],
+        task["test_images"],
+        os.path.join(records, "test"),
+        shards=1,
+        label_map=os.path.join(records, "train", "manifest.json"),
+        **options,
+    )
+    cfg = RunConfig.preset(preset).override(
+        f"data.train={os.path.join(records, 'train')}",
+        f"seed={seed}",
+        f"out_dir={os.path.join(out, 'run')}",
+        *sets,
+    )
+    limit = None if time_limit is None else time_limit - (time.perf_counter() - start)
+    result = train(cfg, time_limit=limit, verbose=0)
+    size = result.model.input_shape[1]
+    test = load_dataset(
+        os.path.join(records, "test"),
+        image_size=size,
+        batch_size=64,
+        training=False,
+    )
+    _, probs = predict(
+        result.model, test, tta=cfg.predict.tta, reduce=cfg.predict.reduce
+    )
+    labels = read_ids_labels(os.path.join(records, "test"))["label"].to_numpy()
+    seconds = time.perf_counter() - start
+    m = result.metrics
+    return {
+        "test_accuracy": _accuracy(probs, labels),
+        "wall_time_sec": round(seconds, 1),
+        "cpu_time_sec": round(time.process_time() - cpu, 1),
+        "epochs": m["epochs_completed"],
+        "epochs_planned": m["epochs"],
+        "stop_reason": m["stop_reason"],
+        "best_val_accuracy": m["best_val_accuracy"],
+        "validation_warnings": len(m.get("validation_warnings") or []),
+    }
+
+
+def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return round(float((np.argmax(probs, -1) == labels).mean()), 4)
+
+
+def _callback_base():
+    import keras
+
+    return keras.callbacks.Callback
+
+
+class _StopAt(_callback_base()):
+    """Stops ``fit`` before an epoch that would end past the time limit."""
+
+    def __init__(self, start: float, limit: float | None):
+        super().__init__()
+        self.start, self.limit, self.longest = start, limit, 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        self.longest = max(self.longest, now - self.t0)
+        if self.limit is not None and now - self.start + self.longest > self.limit:
+            self.model.stop_training = True
+
+
+def run(args) -> dict:
+    """``args``: ``quick``, ``seed``, ``budget`` (seconds, optional), ``out``."""
+    quick = bool(getattr(args, "quick", False))
+    seed = int(getattr(args, "seed", None) or 0)
+    budget = getattr(args, "budget", None)
+    out = getattr(args, "out", None) or tempfile.mkdtemp(prefix="bench-accuracy-")
+    task = make_task(os.path.join(out, f"task-{seed}"), seed, quick)
+    ours_sets: tuple[str, ...] = ()
+    peer_epochs = PEER_EPOCHS
+    if quick:  # a smoke run: one epoch each, one image size
+        peer_epochs = 1
+        ours_sets = ("epochs=1", "plan.images_seen=0", "plan.min_epochs=1")
+    peer = run_peer(task, seed=seed, epochs=peer_epochs, time_limit=budget)
+    limit = float(budget) if budget else peer["wall_time_sec"]
+    ours = run_ours(
+        task,
+        os.path.join(out, f"ours-{seed}"),
+        seed=seed,
+        sets=ours_sets,
+        time_limit=limit,
+    )
+    peer_best = max(peer["test_accuracy"], peer["test_accuracy_flip_tta"])
+    gain = round(ours["test_accuracy"] - peer_best, 4)
+    return {
+        "benchmark": "accuracy",
+        "quick": quick,
+        "seed": seed,
+        "task": {
+            "classes": task["classes"],
+            "train_images": task["train"],
+            "test_images": task["test"],
+            "image_size": task["image_size"],
+            "photos": list(task["class_names"].values()),
+        },
+        "budget_sec": round(limit, 1),
+        "peer": peer,
+        "ours": ours,
+        "gain_vs_peer": gain,
+        "time_ratio_ours_vs_peer": round(
+            ours["wall_time_sec"] / max(peer["wall_time_sec"], 1e-9), 3
+        ),
+        "target_gain": TARGET_GAIN,
+        "goal_met": bool(
+            gain >= TARGET_GAIN and ours["wall_time_sec"] <= peer["wall_time_sec"]
+        ),
+    }

@@ -1,0 +1,234 @@
+"""Presets on real photographs: the photo task, every preset's first step, a short
+``photo`` run well above chance, progressive resizing across a resume, fine-tuning
+from our own saved weights (frozen, then unfrozen), and ``bench accuracy --quick``."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from shopee_tpu.config import PRESETS, RunConfig
+from shopee_tpu.data.photos import _regions, prepare_photo_records
+
+
+@pytest.fixture(scope="module")
+def photo_task(tmp_path_factory):
+    """4 photographs, 40 training and 16 test crops each, at 64 px, as records."""
+    out = tmp_path_factory.mktemp("photos")
+    return prepare_photo_records(
+        out, classes=4, train_per_class=40, test_per_class=16, seed=0
+    )
+
+
+@pytest.mark.parametrize("side", ["left", "right", "top", "bottom"])
+def test_test_band_and_training_tiles_never_overlap(side):
+    h, w = 300, 451
+    test, tiles = _regions(h, w, side, 0.3, (2, 2))
+    cover = np.zeros((h, w), np.int32)
+    for y0, x0, y1, x1 in [test, *tiles]:
+        cover[y0:y1, x0:x1] += 1
+    assert (cover == 1).all()  # a partition: no pixel in two regions, none left out
+    y0, x0, y1, x1 = test
+    assert min(y1 - y0, x1 - x0) >= 0.3 * min(h, w) - 1
+
+
+def test_the_photo_task_has_the_shopee_layout(photo_task):
+    import pandas as pd
+
+    train = pd.read_csv(photo_task["train_csv"], dtype=str)
+    truth = pd.read_csv(photo_task["test_labels_csv"], dtype=str)
+    assert len(train) == 160 and len(truth) == 64
+    assert sorted(train.category.unique()) == ["00", "01", "02", "03"]
+    assert train.groupby("category").group.nunique().tolist() == [4, 4, 4, 4]
+    assert set(train.filename).isdisjoint(truth.filename)
+    assert photo_task["class_names"]["00"] == "astronaut"
+    manifest = json.load(open(f"{photo_task['train_records']}/manifest.json"))
+    assert manifest["total"] == 160 and manifest["num_classes"] == 4
+
+
+def _tiny(preset: str, records: str, out, *sets: str) -> RunConfig:
+    return RunConfig.preset(preset).override(
+        f"data.train={records}", f"out_dir={out}", *sets
+    )
+
+
+# shopee-b1..b6 are shopee-b0's recipe with other sizes; b0 and b7 bound them.
+RECIPES = sorted(n for n in PRESETS if not n.startswith("shopee-b") or n[-1] in "07")
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_each_preset_builds_and_trains_one_step(name, digits_records, tmp_path):
+    from shopee_tpu.training import train
+
+    cfg = _tiny(
+        name,
+        digits_records["train"],
+        tmp_path / "run",
+        "model.weights=none",  # no downloads: the structure and recipe are tested
+        "data.image_size=32",
+        "plan.sizes=",
+        "plan.images_seen=0",
+        "epochs=1",
+        "steps_per_epoch=1",
+        "batch_size=4",
+        "mixed_precision=false",
+    )
+    result = train(cfg, verbose=0)
+    assert result.metrics["epochs_completed"] == 1
+    assert result.history[0]["iterations"] == 1
+    assert np.isfinite(result.history[0]["loss"])
+
+
+def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
+    photo_task, tmp_path
+):
+    from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
+    from shopee_tpu.inference.tta import predict
+    from shopee_tpu.training import train
+
+    # The preset as it is, sized for 144 training images: 18 steps an epoch, and an
+    # EMA that forgets the random start within the run's ~200 steps.
+    cfg = _tiny(
+        "photo",
+        photo_task["train_records"],
+        tmp_path / "run",
+        "epochs=12",
+        "batch_size=8",
+        "optim.ema_momentum=0.95",
+    )
+    first = train(cfg, time_limit=0.001, verbose=0)  # stops after epoch 1 (32 px)
+    assert first.metrics["epochs_completed"] == 1
+    assert first.model.input_shape[1] == 64  # reported at the full size
+    result = train(cfg, verbose=0)
+    history = result.history
+    assert [r["epoch"] for r in history] == list(range(1, 13))
+    steps = history[0]["iterations"]
+    assert [r["iterations"] for r in history] == [steps * e for e in range(1, 13)]
+    assert isinstance(result.metrics["validation_warnings"], list)
+
+    test = load_dataset(
+        photo_task["test_records"], image_size=64, batch_size=32, training=False
+    )
+    _, probs = predict(result.model, test, tta=cfg.predict.tta)
+    labels = read_ids_labels(photo_task["test_records"])["label"].to_numpy()
+    accuracy = (probs.argmax(-1) == labels).mean()
+    assert accuracy >= 0.6, accuracy  # chance is 0.25
+
+
+def _backbone_arrays(path: str) -> dict[str, np.ndarray]:
+    """Every array of a .weights.h5 file outside the classifier, by its h5 path."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda name, obj: (
+                out.__setitem__(name, obj[()])
+                if isinstance(obj, h5py.Dataset) and "dense" not in name
+                else None
+            )
+        )
+    return out
+
+
+def test_finetune_freezes_then_unfreezes_our_own_weights(digits_records, tmp_path):
+    from shopee_tpu.training import train
+
+    common = (
+        "model.backbone=efficientnet-phi-6",
+        "data.image_size=32",
+        "batch_size=16",
+    )
+    source = _tiny(
+        "demo",
+        digits_records["train"],
+        tmp_path / "source",
+        *common,
+        "epochs=1",
+        "steps_per_epoch=4",
+    )
+    train(source, verbose=0)
+    weights = str(tmp_path / "source" / "best.weights.h5")
+    before = _backbone_arrays(weights)
+
+    cfg = _tiny(
+        "photo-finetune",
+        digits_records["train"],
+        tmp_path / "ft",
+        *common,
+        f"model.weights={weights}",
+        "plan.images_seen=0",
+        "plan.freeze_epochs=1",
+        "epochs=2",
+        "steps_per_epoch=4",
+        "optim.ema=false",  # compare the raw weights the optimizer moved
+    )
+    frozen = train(cfg, time_limit=0.001, verbose=0)  # epoch 1 only: frozen
+    assert frozen.metrics["epochs_completed"] == 1
+    after_frozen = _backbone_arrays(str(tmp_path / "ft" / "last.weights.h5"))
+    assert after_frozen.keys() == before.keys()
+    for name, value in before.items():  # kernels and BatchNorm statistics alike
+        np.testing.assert_array_equal(after_frozen[name], value, err_msg=name)
+
+    train(cfg, verbose=0)  # resumes into the unfrozen phase
+    after = _backbone_arrays(str(tmp_path / "ft" / "last.weights.h5"))
+    changed = [n for n in before if not np.array_equal(after[n], before[n])]
+    kernels = [n for n in before if "conv" in n and n.endswith("vars/0")]
+    assert set(kernels) <= set(changed), "every backbone kernel should move"
+    moving = [n for n in before if "batch_normalization" in n and n[-1] in "23"]
+    assert moving and not set(moving) & set(changed), "BatchNorm stays in inference"
+
+
+def test_backbone_learning_rate_is_scaled_and_the_head_is_not():
+    import keras
+
+    from shopee_tpu.models import efficientnet
+    from shopee_tpu.models.finetune import scale_backbone_lr
+
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    y = np.eye(3, dtype="float32")[[0, 1, 2, 0]]
+
+    def step(factor):
+        keras.utils.set_random_seed(1)
+        model = efficientnet("phi-6", 3, input_size=32, drop_connect_rate=0.0)
+        start = [v.numpy().copy() for v in model.trainable_variables]
+        optimizer = keras.optimizers.SGD(0.1)
+        if factor is not None:
+            scale_backbone_lr(optimizer, model, factor)
+        model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+        model.train_on_batch(x, y)
+        names = [v.path for v in model.trainable_variables]
+        deltas = [v.numpy() - s for v, s in zip(model.trainable_variables, start)]
+        return dict(zip(names, deltas))
+
+    plain, scaled = step(None), step(0.1)
+    for name, delta in plain.items():
+        want = delta if name.startswith("predictions") else 0.1 * delta
+        np.testing.assert_allclose(scaled[name], want, rtol=1e-3, atol=1e-7)
+
+
+def test_bench_accuracy_quick_reports_both_contenders(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "shopee_tpu.cli", "bench", "accuracy", "--quick"]
+        + ["--json", "--seed", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**__import__("os").environ, "PYTHONPATH": REPO},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "accuracy" and result["seed"] == 1
+    for side in ("ours", "peer"):
+        assert {"test_accuracy", "wall_time_sec", "epochs"} <= result[side].keys()
+        assert 0 <= result[side]["test_accuracy"] <= 1
+    assert {"gain_vs_peer", "time_ratio_ours_vs_peer", "goal_met", "task"} <= set(
+        result
+    )
+    assert "test_accuracy_flip_tta" in result["peer"]
