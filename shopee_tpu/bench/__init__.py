@@ -17,6 +17,7 @@ _BENCHES = {
     "input": "shopee_tpu.bench.input",
     "train": "shopee_tpu.bench.train",
     "predict": "shopee_tpu.bench.predict",
+    "cdiscount": "shopee_tpu.bench.cdiscount",
 }
 
 

@@ -7,8 +7,10 @@ subprocess running this module avoids both: it imports only the shard writer
 (numpy and Pillow) and exchanges length-prefixed pickles with the parent.
 
 Messages to a worker: ``("shard", task)`` writes a whole shard from files and
-replies with its result; ``("item", item)`` adds one streamed image; ``("finish",)``
-closes the streamed shards and replies with their results.
+replies with its result; ``("call", "module:function", task)`` runs another shard
+writer (e.g. one reading products from a BSON file) and replies with its result;
+``("item", item)`` adds one streamed image; ``("finish",)`` closes the streamed shards
+and replies with their results.
 """
 
 from __future__ import annotations
@@ -74,16 +76,24 @@ class WorkerPool:
             raise RuntimeError(f"a writer process failed:\n{value}")
         return value
 
-    def map_unordered(self, tasks: Iterable) -> Iterator[dict]:
-        """Writes each shard task on the next free worker; yields results as done."""
+    def map_unordered(self, tasks: Iterable, fn: str | None = None) -> Iterator[dict]:
+        """Writes each shard task on the next free worker; yields results as done.
+
+        ``fn`` (``"module:function"``, importable without TensorFlow) writes a task;
+        by default ``shard_writer.write_shard`` (a shard from image files).
+        """
         pending = iter(tasks)
         busy = 0
+
+        def message(task):
+            return ("shard", task) if fn is None else ("call", fn, task)
+
         with selectors.DefaultSelector() as sel:
             for p in self.procs:
                 task = next(pending, None)
                 if task is None:
                     break
-                _send(p.stdin, ("shard", task))
+                _send(p.stdin, message(task))
                 sel.register(p.stdout, selectors.EVENT_READ, p)
                 busy += 1
             while busy:
@@ -95,7 +105,7 @@ class WorkerPool:
                         sel.unregister(proc.stdout)
                         busy -= 1
                     else:
-                        _send(proc.stdin, ("shard", task))
+                        _send(proc.stdin, message(task))
 
     def put(self, worker: int, item) -> None:
         """Streams one item to a worker (blocks while its pipe is full)."""
@@ -125,6 +135,14 @@ class WorkerPool:
             p.wait()
 
 
+def resolve(fn: str):
+    """The function named ``"module:function"``."""
+    import importlib
+
+    module, _, name = fn.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def serve(stdin, stdout) -> None:
     """The worker loop: runs messages from ``stdin`` until it closes."""
     from shopee_tpu.data.shard_writer import ShardWriter, write_shard
@@ -141,6 +159,8 @@ def serve(stdin, stdout) -> None:
                 continue
             if message[0] == "shard":
                 _send(stdout, ("ok", write_shard(message[1])))
+            elif message[0] == "call":
+                _send(stdout, ("ok", resolve(message[1])(message[2])))
             elif message[0] == "item":
                 index, data, label, id_, group = message[1]
                 if index not in streamed:
