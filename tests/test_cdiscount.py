@@ -90,6 +90,26 @@ def test_reader_streams_products_with_offsets_for_random_access(sample):
     assert all(pic[:2] == b"\xff\xd8" for p in products for pic in p.pictures)
 
 
+def test_saved_index_gives_random_access_and_goes_stale_with_the_file(
+    sample, prepared, tmp_path
+):
+    from shopee_tpu.data.cdiscount_plan import BsonIndex
+
+    out, _ = prepared
+    index = BsonIndex.load_for(out / "index.npz", sample["train"])
+    docs = _docs(sample["train"])
+    want = docs[77]
+    got = index.read(want["_id"])
+    assert got.category_id == want["category_id"]
+    assert list(got.pictures) == [i["picture"] for i in want["imgs"]]
+    assert (
+        index.n_images.sum() == len(index.digests) == sum(len(d["imgs"]) for d in docs)
+    )
+    copy = tmp_path / "train.bson"
+    copy.write_bytes(open(sample["train"], "rb").read()[:-1])
+    assert BsonIndex.load_for(out / "index.npz", copy) is None  # other size
+
+
 def test_split_is_disjoint_reproducible_and_order_free(sample, prepared):
     ids = np.array([d["_id"] for d in _docs(sample["train"])])
     a = split_products(ids, 0.05, 12648430)

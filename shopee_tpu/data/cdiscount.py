@@ -142,13 +142,8 @@ def prepare_cdiscount(
     keep_valid, _ = dedup_plan(index, classes, valid, dedup=False, drop_conflicts=False)
 
     t_md5 = time.monotonic()
-    rows = np.flatnonzero(~index.empty & (classes[index.image_product] >= 0))
     dictionary = build_md5_dictionary(
-        (
-            (index.digests[r].tobytes().hex(), classes[p], str(index.ids[p]))
-            for r, p in zip(rows.tolist(), index.image_product[rows].tolist())
-        ),
-        label_map=label_map,
+        _labelled_images(index, classes), label_map=label_map
     )
     os.makedirs(out_dir, exist_ok=True)
     dictionary.save(os.path.join(out_dir, MD5_DICTIONARY))
@@ -347,7 +342,6 @@ def _write_side(
     # file (no class skew even if the file is ordered), yet reads runs of products.
     block = int(np.clip(len(rows) // (n_shards * 8), 1, _BLOCK))
     shard_of = (np.arange(len(rows)) // block) % n_shards
-    starts = np.cumsum(index.n_images) - index.n_images
     params = {
         "prefix": prefix,
         "test": test,
@@ -375,33 +369,40 @@ def _write_side(
         resize=resize,
         quality=int(quality),
     )
-    tasks = []
-    for s in range(n_shards):
-        if str(s) in manifest["done"]:
-            continue
-        mine = rows[shard_of == s]
-        images = np.concatenate(
-            [np.arange(starts[p], starts[p] + index.n_images[p]) for p in mine]
-        )
-        tasks.append(
-            (
-                sp, s, index.path, index.ids[mine], index.offsets[mine],
-                index.lengths[mine], classes[mine], index.n_images[mine], keep[images],
-            )
-        )  # fmt: skip
+    todo = [s for s in range(n_shards) if str(s) not in manifest["done"]]
+    tasks = _tasks(sp, index, classes, keep, rows, shard_of, n_shards, todo)
     done_before = len(manifest["done"])
     if done_before:
         say(f"{out_dir}: resuming: {done_before} of {n_shards} shards already written")
     t0 = time.monotonic()
     fn = f"{__name__}:write_products_shard"
-    if workers == 1 or len(tasks) <= 1:
+    if workers == 1 or len(todo) <= 1:
         results = map(write_products_shard, tasks)
         _record_all(results, out_dir, manifest, n_shards, t0, say, prefix)
     else:
-        with WorkerPool(min(workers, len(tasks)), sp) as pool:
+        with WorkerPool(min(workers, len(todo)), sp) as pool:
             results = pool.map_unordered(tasks, fn=fn)
             _record_all(results, out_dir, manifest, n_shards, t0, say, prefix)
     return manifests.finish(out_dir, manifest)
+
+
+def _tasks(sp, index, classes, keep, rows, shard_of, n_shards, todo):
+    """Yields each shard's task (built lazily: only one is held at a time)."""
+    product_shard = np.full(len(index.ids), -1)
+    product_shard[rows] = shard_of
+    image_shard = product_shard[index.image_product]
+    # Stable sorts keep the file order inside each shard.
+    p_order = np.argsort(product_shard, kind="stable")
+    i_order = np.argsort(image_shard, kind="stable")
+    p_bounds = np.searchsorted(product_shard[p_order], np.arange(n_shards + 1))
+    i_bounds = np.searchsorted(image_shard[i_order], np.arange(n_shards + 1))
+    for s in todo:
+        mine = p_order[p_bounds[s] : p_bounds[s + 1]]
+        images = i_order[i_bounds[s] : i_bounds[s + 1]]
+        yield (
+            sp, s, index.path, index.ids[mine], index.offsets[mine],
+            index.lengths[mine], classes[mine], index.n_images[mine], keep[images],
+        )  # fmt: skip
 
 
 def _record_all(results, out_dir, manifest, n_shards, t0, say, prefix) -> None:
@@ -457,6 +458,22 @@ def _index(path: str, out_dir: str, say) -> BsonIndex:
         f"index in {saved}"
     )
     return index
+
+
+def _labelled_images(index: BsonIndex, classes: np.ndarray, chunk: int = 1 << 16):
+    """``(md5 hex, class id, product id)`` of every labelled picture, made a chunk at
+    a time (a list of all of them would cost ~70 bytes an image)."""
+    image_product = index.image_product
+    for lo in range(0, len(image_product), chunk):
+        products = image_product[lo : lo + chunk]
+        usable = ~index.empty[lo : lo + chunk] & (classes[products] >= 0)
+        digests = index.digests[lo : lo + chunk][usable]
+        products = products[usable]
+        yield from zip(
+            (d.hex() for d in digests.view("V16").ravel().tolist()),
+            classes[products].tolist(),
+            map(str, index.ids[products].tolist()),
+        )
 
 
 def _refuse_foreign(out_dir: str, source: str, overwrite: bool) -> None:

@@ -81,6 +81,19 @@ class BsonIndex:
         np.add.at(counts, self.image_product[~self.empty], 1)
         return counts
 
+    def read(self, product_id: int):
+        """Reads one product from the file by its ``_id`` (random access)."""
+        from shopee_tpu.data.bson_reader import read_product
+
+        rows = np.flatnonzero(self.ids == product_id)
+        if not len(rows):
+            raise KeyError(f"{self.path}: no product with _id {product_id}")
+        r = int(rows[0])
+        with open(self.path, "rb") as f:
+            return read_product(
+                f, int(self.offsets[r]), int(self.lengths[r]), where=self.path
+            )
+
     def save(self, path: str | os.PathLike) -> None:
         """Writes the index to an ``.npz``, atomically."""
         import io
