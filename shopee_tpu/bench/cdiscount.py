@@ -6,7 +6,9 @@ On a generated Cdiscount-format ``train.bson`` (``make_cdiscount_sample``: real
 - ``workers_1`` / ``workers_n``: products/s and images/s of ``cdiscount prepare``
   (scan, plan, MD5 dictionary, parallel write) from a cold start into an empty
   folder, with 1 and N writer processes, rounds alternated; the median per-round
-  ratio ``n_over_1``;
+  ratio ``n_over_1``. On a shared machine other jobs take cores:
+  ``median_cores_used`` (CPU seconds / wall seconds) shows how many each contender
+  got, ``median_images_per_cpu_second`` what the work costs regardless;
 - ``peak_rss``: peak resident memory of the converting process and of its largest
   writer process, each run in a fresh subprocess, at 1x and 10x the products
   (default 2,000 and 20,000). The target is ``ratio <= 1.2``: memory does not grow
@@ -94,22 +96,22 @@ def run(args) -> dict:
         )  # fmt: skip
         generate_s = time.perf_counter() - t0
 
-        def convert(workers: int):
+        def convert(name: str, workers: int):
             def go() -> float:
                 out = os.path.join(tmp, f"rec{workers}")
                 shutil.rmtree(out, ignore_errors=True)
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), _cpu_seconds()
                 prepare_cdiscount(one["train"], out, workers=workers, verbose=False)
                 seconds = time.perf_counter() - start
-                seconds_by.setdefault(workers, []).append(seconds)
+                cores_used.setdefault(name, []).append((_cpu_seconds() - cpu) / seconds)
                 return one["train_products"] / seconds
 
             return go
 
-        seconds_by: dict[int, list[float]] = {}
-        rates = alternate(
-            {"workers_1": convert(1), "workers_n": convert(n_workers)}, rounds
-        )
+        cores_used: dict[str, list[float]] = {}
+        contenders = {"workers_1": convert("workers_1", 1)}
+        contenders["workers_n"] = convert("workers_n", n_workers)
+        rates = alternate(contenders, rounds)
         rss = {
             f"products_{n}": _peak_rss(info["train"], tmp, n_workers)
             for n, info in ((small, one), (10 * small, ten))
@@ -134,6 +136,14 @@ def run(args) -> dict:
                 "products_per_sec": round(statistics.median(r), 1),
                 "images_per_sec": round(statistics.median(r) * images_per_product, 1),
                 "rounds": [round(x, 1) for x in r],
+                "median_cores_used": round(statistics.median(cores_used[name]), 2),
+                "median_images_per_cpu_second": round(
+                    statistics.median(
+                        x * images_per_product / c
+                        for x, c in zip(r, cores_used[name], strict=True)
+                    ),
+                    1,
+                ),
             }
             for name, r in rates.items()
         },
@@ -147,6 +157,15 @@ def run(args) -> dict:
         },
         "rss_target_met": max(ratio.values()) <= RSS_TARGET,
     }
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the writers)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _peak_rss(bson_path: str, tmp: str, workers: int) -> dict:
