@@ -227,6 +227,16 @@ def test_truncated_file_names_offset_and_products_then_recovers(sample, tmp_path
     )
 
 
+def test_corrupt_document_names_its_offset(sample, tmp_path):
+    products = list(iter_products(sample["train"]))
+    data = bytearray(open(sample["train"], "rb").read())
+    data[products[7].offset + 4] = 0x7F  # not a BSON type code
+    (tmp_path / "train.bson").write_bytes(bytes(data))
+    with pytest.raises(BsonFormatError, match=f"corrupt document at byte "
+                       f"{products[7].offset} after 7 complete products"):  # fmt: skip
+        list(iter_products(tmp_path / "train.bson"))
+
+
 def test_cli_reports_truncation_as_an_error(sample, tmp_path, capsys):
     from shopee_tpu.cli import main
 
@@ -321,6 +331,13 @@ def test_bad_products_are_skipped_and_counted(sample, tmp_path):
     assert m["total"] == sum(len(d["imgs"]) for d in good) + 1  # 9003's picture
 
 
+def test_repeated_product_id_is_an_error_naming_it(sample, tmp_path):
+    docs = _docs(sample["train"])[:10]
+    _bad_bson(tmp_path / "train.bson", docs + [docs[4]])
+    with pytest.raises(BsonFormatError, match=f"more than once: {docs[4]['_id']} "):
+        prepare_cdiscount(tmp_path / "train.bson", tmp_path / "rec", verbose=False)
+
+
 def test_test_file_lists_every_product_and_ignores_categories(sample, tmp_path):
     docs = _docs(sample["test"])[:12]
     jpeg = docs[0]["imgs"][0]["picture"]
@@ -344,57 +361,35 @@ def test_end_to_end_cli_from_train_bson_to_a_valid_submission(sample, tmp_path):
     from shopee_tpu.inference.submission import validate_cdiscount_submission
 
     rec, testrec, run = tmp_path / "rec", tmp_path / "testrec", tmp_path / "run"
-    common = ["--workers", "2"]
-    assert (
-        main(
-            [
-                "cdiscount",
-                "prepare",
-                sample["train"],
-                "--out",
-                str(rec),
-                "--category-names",
-                sample["category_names"],
-                "--dedup",
-                *common,
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "cdiscount",
-                "prepare-test",
-                sample["test"],
-                "--out",
-                str(testrec),
-                *common,
-            ]
-        )
-        == 0
-    )
-    assert main(["train", "--preset", "cdiscount", "--set", f"data.train={rec}",
-                 "--out", str(run),
-                 "--set", "model.weights=none",
-                 "--set", "model.backbone=efficientnet-phi-6",
-                 "--set", f"data.image_size={SIZE}",
-                 "--set", "batch_size=16", "--set", "epochs=1",
-                 "--set", "steps_per_epoch=4"]) == 0  # fmt: skip
+    names, workers = sample["category_names"], ["--workers", "2"]
+    # A test product with no picture still needs its row in the submission.
+    test_bson = tmp_path / "test.bson"
+    _bad_bson(test_bson, _docs(sample["test"]) + [{"_id": 999999, "imgs": []}])
+    steps = [
+        ["cdiscount", "prepare", sample["train"], "--out", str(rec),
+         "--category-names", names, "--dedup", *workers],
+        ["cdiscount", "prepare-test", str(test_bson), "--out", str(testrec), *workers],
+        ["train", "--preset", "cdiscount", "--set", f"data.train={rec}",
+         "--out", str(run),
+         # A tiny model and a few steps: this checks the flow, not accuracy.
+         "--set", "model.weights=none", "--set", "model.backbone=efficientnet-phi-6",
+         "--set", f"data.image_size={SIZE}", "--set", "batch_size=16",
+         "--set", "epochs=1", "--set", "steps_per_epoch=3"],
+        ["predict", "--run", str(run), "--data", str(testrec),
+         "--format", "cdiscount", "--tta", "identity,flip_lr",
+         "--out", str(tmp_path / "submission.csv")],
+    ]  # fmt: skip
+    for argv in steps:
+        assert main(argv) == 0, argv
     metrics = json.loads((run / "metrics.json").read_text())
     valid = json.loads((rec / "valid" / "manifest.json").read_text())
-    assert (
-        metrics["valid_images"] == valid["total"]
-    )  # our product split, not a hold-out
-    out = tmp_path / "submission.csv"
-    assert main(["predict", "--run", str(run), "--data", str(testrec),
-                 "--format", "cdiscount", "--tta", "identity,flip_lr",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert metrics["valid_images"] == valid["total"]  # our split, not a hold-out
 
     label_map = json.loads((run / "label_map.json").read_text())
-    sub = validate_cdiscount_submission(out, sample["sample_submission"], label_map)
     truth = pd.read_csv(sample["test_truth"], dtype=str)
-    assert sorted(sub["_id"]) == sorted(truth["_id"])  # each test product once
+    ids = truth["_id"].tolist() + ["999999"]
+    sub = validate_cdiscount_submission(tmp_path / "submission.csv", ids, label_map)
+    assert sub["_id"].tolist() == ids  # each test product once, in file order
     assert set(sub["category_id"]) <= {str(c) for c in SAMPLE_CATEGORY_IDS}
     # Test products that repeat a training product are answered by the MD5
     # dictionary with the training category, whatever the one-step model says.

@@ -98,13 +98,14 @@ def _product(doc: dict, offset: int, length: int, where: str) -> Product:
     return Product(offset, length, pid, category, tuple(pictures))
 
 
-def _decode(bson, data: bytes, offset: int, n_read: int, where: str) -> dict:
+def _decode(bson, data: bytes, offset: int, n_read: int | None, where: str) -> dict:
     try:
         return bson.decode(data)
     except Exception as e:  # bson.errors.InvalidBSON and friends
+        after = f" after {n_read} complete products" if n_read is not None else ""
         raise BsonFormatError(
-            f"{where}: corrupt document at byte {offset} after {n_read} complete "
-            f"products ({type(e).__name__}: {e})"
+            f"{where}: corrupt document at byte {offset}{after} "
+            f"({type(e).__name__}: {e})"
         ) from None
 
 
@@ -181,4 +182,4 @@ def read_product(f, offset: int, length: int, *, where: str = "BSON file") -> Pr
             f"{where}: no document of {length} bytes at byte {offset} (found a length "
             f"of {declared}); the file changed since it was indexed"
         )
-    return _product(_decode(bson, data, offset, -1, where), offset, length, where)
+    return _product(_decode(bson, data, offset, None, where), offset, length, where)

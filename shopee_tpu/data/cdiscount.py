@@ -30,7 +30,6 @@ import hashlib
 import math
 import os
 import time
-import warnings
 
 import numpy as np
 
@@ -123,12 +122,8 @@ def prepare_cdiscount(
     start = time.monotonic()
     _refuse_foreign(out_dir, train_bson, overwrite)
     index = _index(train_bson, out_dir, say)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        label_map, table, missing = category_map(index.categories, category_names)
-    for w in caught:
-        say(f"warning: {w.message}")
-        warnings.warn(w.message, stacklevel=2)
+    # Warns (with the count) about categories category_names.csv lacks.
+    label_map, table, missing = category_map(index.categories, category_names)
     if not label_map:
         raise ValueError(f"{train_bson}: no product has a category_id (a test file?)")
     classes = _classes(index.categories, label_map)

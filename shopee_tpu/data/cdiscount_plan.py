@@ -96,12 +96,10 @@ class BsonIndex:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the index to an ``.npz``, atomically."""
-        import io
         import json
 
-        from shopee_tpu.utils import atomic_write_bytes
+        from shopee_tpu.utils import atomic_path
 
-        buf = io.BytesIO()
         meta = {
             "version": _INDEX_VERSION,
             "path": self.path,
@@ -110,8 +108,8 @@ class BsonIndex:
             "stats": self.stats,
         }
         arrays = {name: getattr(self, name) for name in _ARRAYS}
-        np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
-        atomic_write_bytes(path, buf.getvalue())
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
     def load_for(cls, path: str | os.PathLike, bson_path: str) -> BsonIndex | None:
@@ -285,7 +283,7 @@ def category_map(categories: np.ndarray, names_csv: str | os.PathLike | None = N
                 f"{names_csv}: {missing} categories seen in training are missing "
                 f"(e.g. {extra[:5].tolist()}); they get class ids after the file's "
                 f"{len(table)} rows, with no names",
-                stacklevel=2,
+                stacklevel=3,  # the caller of prepare_cdiscount
             )
             table = pd.concat(
                 [table, pd.DataFrame({"category_id": extra})], ignore_index=True
