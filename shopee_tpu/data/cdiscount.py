@@ -45,7 +45,8 @@ from shopee_tpu.data.cdiscount_plan import (
 )
 from shopee_tpu.data.images import RESIZE_MODES
 from shopee_tpu.data.procs import WorkerPool
-from shopee_tpu.data.shard_writer import ShardParams, ShardWriter
+from shopee_tpu.data.records import _cpu_count, _shard_params
+from shopee_tpu.data.shard_writer import ShardWriter
 from shopee_tpu.utils import atomic_write_text
 
 __all__ = [
@@ -356,14 +357,7 @@ def _write_side(
         out_dir, params, label_map, fingerprint, n_shards, overwrite
     )
     manifest.update(extra)
-    sp = ShardParams(
-        out_dir=out_dir,
-        prefix=prefix,
-        width=max(2, len(str(n_shards - 1))),
-        image_size=image_size,
-        resize=resize,
-        quality=int(quality),
-    )
+    sp = _shard_params(out_dir, params, n_shards)
     todo = [s for s in range(n_shards) if str(s) not in manifest["done"]]
     tasks = _tasks(sp, index, classes, keep, rows, shard_of, n_shards, todo)
     done_before = len(manifest["done"])
@@ -511,13 +505,6 @@ def _check_settings(shards, resize) -> None:
         raise ValueError(f"shards must be >= 1, got {shards}")
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _quiet(*_args, **_kwargs) -> None:
