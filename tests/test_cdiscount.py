@@ -251,14 +251,15 @@ def test_cli_reports_truncation_as_an_error(sample, tmp_path, capsys):
 _KILL = """
 import os, signal, sys
 import shopee_tpu.data.cdiscount as c
+import shopee_tpu.data.cdiscount_shards as shards
 
-class Dies(c.ShardWriter):
+class Dies(shards.ShardWriter):
     def add(self, *args):
         if self.index == 2 and self.count == 3:  # mid-way through the third shard
             os.kill(os.getpid(), signal.SIGKILL)
         super().add(*args)
 
-c.ShardWriter = Dies
+shards.ShardWriter = Dies
 c.prepare_cdiscount(sys.argv[1], sys.argv[2], shards=5, workers=1, verbose=False)
 """
 

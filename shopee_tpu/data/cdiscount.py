@@ -11,7 +11,8 @@ of the file and constant memory per product:
    12648430 = DATASET_A, 1 = DATASET_B), and with ``dedup`` the duplicate plan
    (DATASET_C). The MD5 dictionary of all training images is saved as ``md5.npz``.
 3. **Write**: the training side into ``out_dir`` and the validation side into
-   ``out_dir/valid``, through the records writer (``ShardWriter``, ``WorkerPool``,
+   ``out_dir/valid`` (``cdiscount_shards``), through the records writer
+   (``ShardWriter``, ``WorkerPool``,
    the manifest). Each shard takes a fixed set of products and its worker process
    reads them from the file by offset, in file order: shards are written in
    parallel, renamed into place when complete, and a rerun skips finished ones.
@@ -26,7 +27,6 @@ every test product (the ids a submission must hold, images or not).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -34,7 +34,6 @@ import time
 import numpy as np
 
 from shopee_tpu.data import manifests
-from shopee_tpu.data.bson_reader import BsonFormatError, read_product
 from shopee_tpu.data.cdiscount_plan import (
     NO_CATEGORY,
     BsonIndex,
@@ -43,17 +42,15 @@ from shopee_tpu.data.cdiscount_plan import (
     scan_bson,
     split_products,
 )
+from shopee_tpu.data.cdiscount_shards import INDEX, write_products
 from shopee_tpu.data.images import RESIZE_MODES
-from shopee_tpu.data.procs import WorkerPool
-from shopee_tpu.data.records import _cpu_count, _shard_params
-from shopee_tpu.data.shard_writer import ShardWriter
+from shopee_tpu.data.records import _cpu_count
 from shopee_tpu.utils import atomic_write_text
 
 __all__ = [
     "prepare_cdiscount",
     "prepare_cdiscount_test",
     "read_categories",
-    "write_products_shard",
     "DATASET_A_SEED",
     "DATASET_B_SEED",
 ]
@@ -61,12 +58,10 @@ __all__ = [
 DATASET_A_SEED = 12648430  # 0xC0FFEE
 DATASET_B_SEED = 1
 VALID_DIR = "valid"
-INDEX = "index.npz"
 MD5_DICTIONARY = "md5.npz"
 CATEGORIES = "categories.csv"
 PRODUCTS = "products.csv"
 _IMAGES_PER_SHARD = 20_000  # ~100 MB of Cdiscount's 180-px JPEGs
-_BLOCK = 64  # consecutive products read together by one shard
 
 
 def prepare_cdiscount(
@@ -194,12 +189,12 @@ def prepare_cdiscount(
     t_write = time.monotonic()
     # The training side first: its manifest check refuses a folder holding other
     # records before anything is written there.
-    manifest = _write_side(
+    manifest = write_products(
         keep_train, out_dir, "train", n_shards, extra=extra, **common
     )
     valid_manifest = None
     if keep_valid.any():
-        valid_manifest = _write_side(
+        valid_manifest = write_products(
             keep_valid, os.path.join(out_dir, VALID_DIR), "valid",
             min(n_valid_shards, n_shards), extra={}, **common,
         )  # fmt: skip
@@ -259,7 +254,7 @@ def prepare_cdiscount_test(
         "products": PRODUCTS,
         "index": INDEX,
     }
-    manifest = _write_side(
+    manifest = write_products(
         keep, out_dir, "test", shards or _auto_shards(int(keep.sum()), 1),
         index=index, classes=np.full(len(index.ids), -1), label_map={}, test=True,
         image_size=image_size, resize=resize, quality=quality, seed=0,
@@ -290,124 +285,6 @@ def read_categories(records_dir: str | os.PathLike):
 
     path = os.path.join(os.fspath(records_dir), CATEGORIES)
     return pd.read_csv(path, dtype={"category_id": str}, keep_default_na=False)
-
-
-# ---------------------------------------------------------------------------
-# The write: shards of whole products, each read by offset in a worker process.
-
-
-def write_products_shard(task: tuple) -> dict:
-    """Writes one shard from products of a BSON file (runs in a writer process).
-
-    ``task = (params, index, path, ids, offsets, lengths, labels, n_images, keep)``:
-    one entry per product in file order, and ``keep`` over their images.
-    """
-    params, shard_index, path, ids, offsets, lengths, labels, n_images, keep = task
-    shard = ShardWriter(params, shard_index)
-    pos = 0
-    with open(path, "rb") as f:
-        for pid, offset, length, label, n in zip(
-            ids.tolist(), offsets.tolist(), lengths.tolist(), labels.tolist(),
-            n_images.tolist(), strict=True,
-        ):  # fmt: skip
-            product = read_product(f, offset, length, where=path)
-            if product.id != pid or len(product.pictures) != n:
-                raise BsonFormatError(
-                    f"{path}: byte {offset} holds product {product.id} with "
-                    f"{len(product.pictures)} images; the index says {pid} with {n}. "
-                    f"The file changed since it was indexed: delete {INDEX} and rerun"
-                )
-            for i, picture in enumerate(product.pictures):
-                if keep[pos + i]:
-                    shard.add(picture, label, f"{pid}-{i}", str(pid), f"{pid}-{i}")
-            pos += n
-    return shard.finish()
-
-
-def _write_side(
-    keep, out_dir, prefix, n_shards, *, index: BsonIndex, classes, label_map, test,
-    image_size, resize, quality, seed, workers, overwrite, say, extra,
-) -> dict:  # fmt: skip
-    """Writes the products with a kept image into ``n_shards`` shards in ``out_dir``."""
-    image_product = index.image_product
-    has = np.zeros(len(index.ids), bool)
-    has[image_product[keep]] = True
-    rows = np.flatnonzero(has)  # products, file order
-    n_shards = max(1, min(n_shards, len(rows)))
-    # Blocks of consecutive products dealt round robin: each shard samples the whole
-    # file (no class skew even if the file is ordered), yet reads runs of products.
-    block = int(np.clip(len(rows) // (n_shards * 8), 1, _BLOCK))
-    shard_of = (np.arange(len(rows)) // block) % n_shards
-    params = {
-        "prefix": prefix,
-        "test": test,
-        "image_size": image_size,
-        "resize": resize,
-        "quality": int(quality),
-        "seed": int(seed),
-        "num_shards": n_shards,
-    }
-    plan = hashlib.md5()
-    for arr in (index.ids[rows], index.offsets[rows], classes[rows], shard_of, keep):
-        plan.update(np.ascontiguousarray(arr).tobytes())
-    fingerprint = manifests.fingerprint(
-        params, label_map, [os.path.basename(index.path), index.size, plan.hexdigest()]
-    )
-    manifest = manifests.start(
-        out_dir, params, label_map, fingerprint, n_shards, overwrite
-    )
-    manifest.update(extra)
-    sp = _shard_params(out_dir, params, n_shards)
-    todo = [s for s in range(n_shards) if str(s) not in manifest["done"]]
-    tasks = _tasks(sp, index, classes, keep, rows, shard_of, n_shards, todo)
-    done_before = len(manifest["done"])
-    if done_before:
-        say(f"{out_dir}: resuming: {done_before} of {n_shards} shards already written")
-    t0 = time.monotonic()
-    fn = f"{__name__}:write_products_shard"
-    if workers == 1 or len(todo) <= 1:
-        results = map(write_products_shard, tasks)
-        _record_all(results, out_dir, manifest, n_shards, t0, say, prefix)
-    else:
-        with WorkerPool(min(workers, len(todo)), sp) as pool:
-            results = pool.map_unordered(tasks, fn=fn)
-            _record_all(results, out_dir, manifest, n_shards, t0, say, prefix)
-    return manifests.finish(out_dir, manifest)
-
-
-def _tasks(sp, index, classes, keep, rows, shard_of, n_shards, todo):
-    """Yields each shard's task (built lazily: only one is held at a time)."""
-    product_shard = np.full(len(index.ids), -1)
-    product_shard[rows] = shard_of
-    image_shard = product_shard[index.image_product]
-    # Stable sorts keep the file order inside each shard.
-    p_order = np.argsort(product_shard, kind="stable")
-    i_order = np.argsort(image_shard, kind="stable")
-    p_bounds = np.searchsorted(product_shard[p_order], np.arange(n_shards + 1))
-    i_bounds = np.searchsorted(image_shard[i_order], np.arange(n_shards + 1))
-    for s in todo:
-        mine = p_order[p_bounds[s] : p_bounds[s + 1]]
-        images = i_order[i_bounds[s] : i_bounds[s + 1]]
-        yield (
-            sp, s, index.path, index.ids[mine], index.offsets[mine],
-            index.lengths[mine], classes[mine], index.n_images[mine], keep[images],
-        )  # fmt: skip
-
-
-def _record_all(results, out_dir, manifest, n_shards, t0, say, prefix) -> None:
-    images = 0
-    for result in results:
-        manifests.record(out_dir, manifest, result)
-        images += result["count"]
-        done = len(manifest["done"])
-        rate = images / max(1e-9, time.monotonic() - t0)
-        left = sum(
-            1 for s in range(n_shards) if str(s) not in manifest["done"]
-        )  # shards still to write
-        say(
-            f"{prefix} shards {done}/{n_shards}: +{result['count']} images "
-            f"({rate:,.0f} images/s this run{', ' + str(left) + ' to go' if left else ''})"
-        )
 
 
 # ---------------------------------------------------------------------------
