@@ -80,6 +80,78 @@ def _cmd_tfrecords(args) -> int:
     return 0
 
 
+def _cmd_cdiscount(args) -> int:
+    from shopee_tpu.data.cdiscount import prepare_cdiscount, prepare_cdiscount_test
+
+    common = dict(
+        shards=args.shards,
+        workers=args.workers,
+        image_size=args.image_size,
+        resize=args.resize,
+        quality=args.quality,
+        overwrite=args.overwrite,
+    )
+    if args.action == "prepare":
+        prepare_cdiscount(
+            args.bson,
+            args.out,
+            category_names=args.category_names,
+            valid_fraction=args.valid_fraction,
+            seed=args.seed,
+            dedup=args.dedup,
+            drop_conflicts=args.drop_conflicts,
+            **common,
+        )
+    else:
+        prepare_cdiscount_test(args.bson, args.out, **common)
+    return 0
+
+
+def _add_cdiscount_parser(sub) -> None:
+    p = sub.add_parser(
+        "cdiscount", help="convert Cdiscount's train.bson / test.bson to records"
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    train = actions.add_parser(
+        "prepare",
+        help="train.bson -> training records (OUT), validation records "
+        "(OUT/valid), MD5 dictionary, class map",
+    )
+    train.add_argument("bson", metavar="TRAIN_BSON")
+    train.add_argument(
+        "--category-names", default=None, help="category_names.csv (fixes class ids)"
+    )
+    train.add_argument(
+        "--valid-fraction", type=float, default=0.05, help="share of products"
+    )
+    train.add_argument(
+        "--seed", type=int, default=12648430, help="split seed (DATASET_B: 1)"
+    )
+    train.add_argument(
+        "--dedup", action="store_true", help="write each distinct image once (MD5)"
+    )
+    train.add_argument(
+        "--drop-conflicts",
+        action="store_true",
+        help="drop training images whose MD5 carries several categories",
+    )
+    test = actions.add_parser(
+        "prepare-test", help="test.bson -> test records and products.csv"
+    )
+    test.add_argument("bson", metavar="TEST_BSON")
+    for q in (train, test):
+        q.add_argument("--out", required=True, help="output folder")
+        q.add_argument(
+            "--shards", type=int, default=None, help="default: ~20k images each"
+        )
+        q.add_argument("--workers", type=int, default=None, help="default: cores")
+        q.add_argument("--image-size", type=int, default=None, help="resize on write")
+        q.add_argument("--resize", choices=("longest", "square"), default="square")
+        q.add_argument("--quality", type=int, default=95)
+        q.add_argument("--overwrite", action="store_true", help="replace other records")
+    p.set_defaults(func=_cmd_cdiscount)
+
+
 def _cmd_train(args) -> int:
     from shopee_tpu.training import train
 
@@ -107,7 +179,7 @@ def _cmd_predict(args) -> int:
         reduce=args.reduce,
         batch_size=args.batch_size,
         format=args.format,
-        md5_dict=args.md5_dict,
+        md5_dict=None if args.md5_dict == "none" else args.md5_dict,
         expected=args.expected,
         weights=args.weights,
         device=args.device,
@@ -203,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=_cmd_tfrecords)
 
+    _add_cdiscount_parser(sub)
+
     p = sub.add_parser("train", help="train (and resume) a run from a config")
     _add_config_args(p)
     p.add_argument(
@@ -236,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="shopee: filename,category; cdiscount: _id,category_id per product",
     )
     p.add_argument(
-        "--md5-dict", default=None, help="MD5 duplicate dictionary (.npz) to apply"
+        "--md5-dict",
+        default="auto",
+        help="MD5 duplicate dictionary (.npz) to apply; default: the one the "
+        "training records declare (cdiscount prepare); none: no overrides",
     )
     p.add_argument(
         "--expected",
@@ -291,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument(
-        "what", choices=("input", "train", "predict", "accuracy", "ablation")
+        "what",
+        choices=("input", "train", "predict", "accuracy", "ablation", "cdiscount"),
     )
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
     p.add_argument("--images", default=None, help="folder of images (bench input)")
@@ -309,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="task and training seed")
     p.add_argument("--budget", type=float, default=None, help="wall-time cap (s)")
     p.add_argument("--out", default=None, help="work folder (default: a temp dir)")
+    p.add_argument(
+        "--products", type=int, default=None, help="bench cdiscount: products (1x)"
+    )
     p.set_defaults(func=_cmd_bench)
 
     # --verbose is accepted before or after the command name.

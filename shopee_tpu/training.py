@@ -164,6 +164,10 @@ def train(
         keep = fold_ids(config, files)
     elif config.data.valid:
         train_files, valid_files = files, pipeline.list_files(config.data.valid)
+    elif (manifest or {}).get("valid"):
+        # Records that carry their own split (`shopee-tpu cdiscount prepare`).
+        valid_dir = os.path.join(os.path.dirname(files[0]), manifest["valid"])
+        train_files, valid_files = files, pipeline.list_files(valid_dir)
     else:
         train_files, valid_files = pipeline.holdout_files(
             files, config.data.valid_fraction, config.seed

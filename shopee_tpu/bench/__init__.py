@@ -24,6 +24,7 @@ _BENCHES = {
     "predict": "shopee_tpu.bench.predict",
     "accuracy": "shopee_tpu.bench.accuracy",
     "ablation": "shopee_tpu.bench.ablation",
+    "cdiscount": "shopee_tpu.bench.cdiscount",
 }
 
 

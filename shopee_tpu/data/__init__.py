@@ -8,6 +8,8 @@
 ``augment``         ``augment_batch``, ``augment_image``, ``mix_batch`` (any backend)
 ``splits``          ``group_split``, ``stratified_group_kfold``
 ``digits``          a real offline dataset in the Shopee layout
+``cdiscount``       ``prepare_cdiscount``: Cdiscount's BSON files to records
+                    (``bson_reader``, ``cdiscount_plan``, ``cdiscount_sample``)
 =================== =========================================================
 
 Names are imported lazily, so ``import shopee_tpu.data`` works without TensorFlow;
@@ -38,6 +40,10 @@ _EXPORTS = {
     "group_split": "shopee_tpu.data.splits",
     "stratified_group_kfold": "shopee_tpu.data.splits",
     "make_digits_dataset": "shopee_tpu.data.digits",
+    "prepare_cdiscount": "shopee_tpu.data.cdiscount",
+    "prepare_cdiscount_test": "shopee_tpu.data.cdiscount",
+    "iter_products": "shopee_tpu.data.bson_reader",
+    "make_cdiscount_sample": "shopee_tpu.data.cdiscount_sample",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,8 +8,10 @@ subprocess running this module avoids both: it imports only the shard writer
 
 Messages to a worker: ``("shard", task)`` writes a whole shard from files and
 replies with its result, after ``("progress", n)`` messages counting the rows done
-on the way; ``("item", item)`` adds one streamed image; ``("finish",)`` closes the
-streamed shards and replies with their results.
+on the way; ``("call", "module:function", task)`` runs another shard writer (e.g.
+one reading products from a BSON file) and replies with its result; ``("item",
+item)`` adds one streamed image; ``("finish",)`` closes the streamed shards and
+replies with their results.
 """
 
 from __future__ import annotations
@@ -94,20 +96,29 @@ class WorkerPool:
         return value
 
     def map_unordered(
-        self, tasks: Iterable, progress: Callable[[int], None] | None = None
+        self,
+        tasks: Iterable,
+        fn: str | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Iterator[dict]:
         """Writes each shard task on the next free worker; yields results as done.
 
+        ``fn`` (``"module:function"``, importable without TensorFlow) writes a task;
+        by default ``shard_writer.write_shard`` (a shard from image files).
         ``progress(n)`` is called as the workers report ``n`` more rows done.
         """
         pending = iter(tasks)
         busy = 0
+
+        def message(task):
+            return ("shard", task) if fn is None else ("call", fn, task)
+
         with selectors.DefaultSelector() as sel:
             for p in self.procs:
                 task = next(pending, None)
                 if task is None:
                     break
-                _send(p.stdin, ("shard", task))
+                _send(p.stdin, message(task))
                 sel.register(p.stdout, selectors.EVENT_READ, p)
                 busy += 1
             while busy:
@@ -124,7 +135,7 @@ class WorkerPool:
                         sel.unregister(proc.stdout)
                         busy -= 1
                     else:
-                        _send(proc.stdin, ("shard", task))
+                        _send(proc.stdin, message(task))
 
     def put(self, worker: int, item) -> None:
         """Streams one item to a worker (blocks while its pipe is full)."""
@@ -154,6 +165,14 @@ class WorkerPool:
             p.wait()
 
 
+def resolve(fn: str):
+    """The function named ``"module:function"``."""
+    import importlib
+
+    module, _, name = fn.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def serve(stdin, stdout) -> None:
     """The worker loop: runs messages from ``stdin`` until it closes."""
     from shopee_tpu.data.shard_writer import ShardWriter, write_shard
@@ -173,6 +192,8 @@ def serve(stdin, stdout) -> None:
                     message[1], lambda n: _send(stdout, ("progress", n))
                 )
                 _send(stdout, ("ok", result))
+            elif message[0] == "call":
+                _send(stdout, ("ok", resolve(message[1])(message[2])))
             elif message[0] == "item":
                 index, data, label, id_, group = message[1]
                 if index not in streamed:

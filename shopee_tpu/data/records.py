@@ -210,7 +210,7 @@ def _write_table(
             manifests.record(out_dir, manifest, write_shard(task, bar.update))
     else:
         with WorkerPool(min(workers, len(tasks)), sp) as pool:
-            for result in pool.map_unordered(tasks, bar.update):
+            for result in pool.map_unordered(tasks, progress=bar.update):
                 manifests.record(out_dir, manifest, result)
     return manifests.finish(out_dir, manifest)
 

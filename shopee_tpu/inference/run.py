@@ -180,7 +180,7 @@ def predict_run(
     reduce: str | None = None,
     batch_size: int | None = None,
     format: str = "shopee",
-    md5_dict=None,
+    md5_dict="auto",
     product_reduce: str = "sum",
     expected=None,
     weights: str = "best",
@@ -202,10 +202,14 @@ def predict_run(
             ``cdiscount`` (``_id,category_id``, images aggregated by product group).
         md5_dict: An ``Md5Dictionary`` or its ``.npz`` path, built from the
             training records: known duplicates override predictions (images; and
-            whole products for ``cdiscount``).
+            whole products for ``cdiscount``). ``"auto"``: the dictionary the run's
+            training records declare in their manifest (``cdiscount prepare``
+            writes ``md5.npz``), if any; ``None``: no overrides.
         product_reduce: ``sum``, ``mean`` or ``geometric`` for ``cdiscount``.
         expected: Ids that must each appear once (``test.csv`` path, frame or list);
-            by default the ids of the test records themselves.
+            by default the ids of the test records themselves, or for
+            ``cdiscount`` every product of the test records' ``products.csv``
+            (``cdiscount prepare-test``), those without a usable image included.
         weights: ``best`` or ``last``.
         device: Overrides the config's device for ``connect()``.
         accelerator: An ``Accelerator`` to reuse instead of connecting.
@@ -299,6 +303,10 @@ def predict_run(
         raise ValueError(
             f"{data}: read_ids_labels order differs from the dataset order"
         )
+    if isinstance(md5_dict, str) and md5_dict == "auto":
+        md5_dict = _declared_md5_dictionary(config.data.train)
+        if md5_dict is not None and verbose:
+            print(f"MD5 dictionary: {md5_dict} (declared by the training records)")
     dictionary = None
     if md5_dict is not None:
         dictionary = (
@@ -325,6 +333,12 @@ def predict_run(
             product_probs, summary["md5_products"] = md5_lib.apply_product_overrides(
                 keys, product_probs, groups, info["md5"].tolist(), dictionary
             )
+        products = _declared_products(files)
+        if products is not None:
+            keys, product_probs, summary["products_without_images"] = _all_products(
+                products, keys, product_probs
+            )
+            expected = products if expected is None else expected
         summary["products"] = len(keys)
         df = write_cdiscount_submission(
             out, keys, product_probs, label_map, expected=expected
@@ -336,3 +350,55 @@ def predict_run(
             f"{_probs_path(out)}"
         )
     return df
+
+
+def _declared_md5_dictionary(train) -> str | None:
+    """The MD5 dictionary named by the manifest of the training records, if any."""
+    from shopee_tpu.data.files import list_files
+    from shopee_tpu.data.manifests import read_manifest
+
+    if not train:
+        return None
+    try:
+        folder = os.path.dirname(list_files(train)[0])
+        name = read_manifest(folder or ".").get("md5_dictionary")
+    except (FileNotFoundError, ValueError):
+        return None
+    path = _join(folder, name) if name else None
+    return path if path and not is_remote(path) and os.path.exists(path) else None
+
+
+def _declared_products(files: Sequence[str]) -> list[str] | None:
+    """Every product id of test records that list them (``products.csv``)."""
+    from shopee_tpu.data.manifests import read_manifest
+
+    folder = os.path.dirname(files[0]) or "."
+    try:
+        name = read_manifest(folder).get("products")
+    except FileNotFoundError:
+        return None
+    if not name:
+        return None
+    path = _join(folder, name)
+    if not _exists(path):
+        raise FileNotFoundError(f"{path}: listed in {folder}/manifest.json but missing")
+    return pd.read_csv(path, dtype={"_id": str})["_id"].tolist()
+
+
+def _all_products(products: list[str], keys, product_probs):
+    """Rows for every listed product, in the list's order. A product without a usable
+    image gets the mean prediction of all products (the test set's likeliest class)."""
+    import numpy as np
+
+    row = {str(k): i for i, k in enumerate(np.asarray(keys).tolist())}
+    listed = set(products)
+    unknown = [k for k in row if k not in listed]
+    if unknown:
+        raise ValueError(
+            f"test records hold products not in products.csv: {unknown[:5]}"
+        )
+    prior = np.asarray(product_probs).mean(axis=0, keepdims=True)
+    table = np.concatenate([np.asarray(product_probs), prior])
+    picks = [row.get(p, len(table) - 1) for p in products]
+    n_missing = sum(p not in row for p in products)
+    return np.asarray(products), table[picks], n_missing
