@@ -326,13 +326,14 @@ def test_embedded_copy_wins_over_an_installed_one(tmp_path):
         package_dir=fake,
     )["notebook"]
     (cell,) = [c for c in _cells(nb) if EMBED_TAG in c["metadata"].get("tags", [])]
-    out = run_python(
+    script = tmp_path / "kernel.py"  # too long for `python -c`
+    script.write_text(
         "import shopee_tpu\n"
         "assert shopee_tpu.__version__ == '0.1.0', shopee_tpu.__version__\n"
         "import shopee_tpu.config\n" + _source(cell) + "\nimport shopee_tpu.config\n"
-        "print(shopee_tpu.__version__, shopee_tpu.config.__file__)\n",
-        env={"PYTHONPATH": REPO},
+        "print(shopee_tpu.__version__, shopee_tpu.config.__file__)\n"
     )
+    out = run_python(f"exec(open({str(script)!r}).read())", env={"PYTHONPATH": REPO})
     version, config_file = out.strip().splitlines()[-1].split()
     assert version == "0.1.0+embedded"
     assert not config_file.startswith(REPO)

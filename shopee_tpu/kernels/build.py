@@ -275,10 +275,13 @@ def build_kernel(
     built, info = embed_package(nb, package_dir)
 
     os.makedirs(out, exist_ok=True)
-    atomic_write_text(target, json.dumps(built, indent=1, ensure_ascii=False) + "\n")
-    atomic_write_text(
-        os.path.join(out, METADATA_FILE), json.dumps(meta, indent=2) + "\n"
-    )
+    written = {
+        target: json.dumps(built, indent=1, ensure_ascii=False) + "\n",
+        os.path.join(out, METADATA_FILE): json.dumps(meta, indent=2) + "\n",
+    }
+    for path, text in written.items():
+        atomic_write_text(path, text)
+        os.chmod(path, 0o644)  # a normal file, not the temp file's 0600
     return {
         "folder": out,
         "notebook": target,
