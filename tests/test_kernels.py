@@ -263,6 +263,34 @@ def test_import_needs_no_credentials_and_never_imports_kaggle(tmp_path):
     assert out.strip() == "[]"
 
 
+def test_build_never_reads_prints_or_embeds_credentials(tmp_path):
+    env = _clean_env(tmp_path)
+    kaggle_json = tmp_path / "home" / ".kaggle" / "kaggle.json"
+    kaggle_json.parent.mkdir(parents=True)
+    kaggle_json.write_text(json.dumps({"username": USER, "key": KEY}))
+    env.update(KAGGLE_USERNAME=USER, KAGGLE_KEY=KEY)
+    out = tmp_path / "kernel"
+    proc = subprocess.run(
+        [sys.executable, "-m", "shopee_tpu.cli", "kernel", "build", BASELINE]
+        + ["--out", str(out), "--set", "id=me/shopee-tpu-baseline"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert KEY not in proc.stdout + proc.stderr
+    assert sorted(os.listdir(out)) == [
+        "kernel-metadata.json",
+        "shopee_tpu_baseline.ipynb",
+    ]
+    texts = [(out / name).read_text() for name in os.listdir(out)]
+    nb = json.loads((out / "shopee_tpu_baseline.ipynb").read_text())
+    with zipfile.ZipFile(io.BytesIO(_embedded_archive(nb))) as zf:
+        texts += [zf.read(n).decode() for n in zf.namelist()]
+    assert not any(KEY in t or USER in t for t in texts)
+
+
 # ---------------------------------------------------------------------------
 # The built notebook runs where shopee_tpu is not installed, and wins where it is
 

@@ -74,6 +74,30 @@ def test_notebook_is_thin_stripped_and_parameterised(name):
     )
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_cells_before_connect_leave_the_keras_backend_open(name):
+    """On a Kaggle TPU VM ``connect()`` picks JAX only if Keras is not imported yet:
+    run the cells before it and check that none of them started Keras."""
+    from conftest import run_python
+
+    code = [c.source for c in _code(_read(name))]
+    first = next(
+        i
+        for i, s in enumerate(code)
+        if re.search(
+            r"\b(connect|train|predict_run|load_dataset|write_records\w*)\(", s
+        )
+        or "prepare_demo_data(" in s
+        or "make_digits_dataset(" in s
+    )
+    assert first >= 2, "parameters and imports come first"
+    out = run_python(
+        "\n".join(code[:first]) + "\nimport sys\nprint(sorted(m for m in sys.modules"
+        " if m.split('.')[0] in ('keras', 'tensorflow', 'jax')))"
+    )
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 def _execute(name, tmp_path):
     """Runs the notebook with SMOKE = True injected after its parameters cell, as
     papermill does, in ``tmp_path``."""
