@@ -523,6 +523,25 @@ def test_push_sends_the_built_kernel_with_the_real_client(kaggle_api, tmp_path):
     assert (sorted(os.listdir(folder)), open(built["notebook"]).read()) == before
 
 
+def test_root_template_is_accepted_by_kaggle_kernels_push_itself(kaggle_api, tmp_path):
+    env = _clean_env(tmp_path)
+    env.update(KAGGLE_API_ENVIRONMENT="LOCALHOST", KAGGLE_USERNAME=USER, KAGGLE_KEY=KEY)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kaggle", "kernels", "push", "-p", REPO],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "successfully pushed" in proc.stdout
+    assert "does not resolve" not in proc.stdout  # the title/slug warning
+    (sent,) = [r["json"] for r in kaggle_api.requests]
+    assert sent["slug"] == DEFAULT_TEMPLATE["id"]
+    assert sent["machineShape"] == "TpuV5E8" and sent["enableTpu"] is True
+    assert sent.get("enableInternet", False) is False and sent["isPrivate"] is True
+
+
 def test_push_reports_what_kaggle_refused(kaggle_api, tmp_path):
     folder = _build(tmp_path, "id=me/shopee-tpu-baseline")["folder"]
     kaggle_api.replies[SAVE] = {
