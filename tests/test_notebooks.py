@@ -98,6 +98,30 @@ def test_cells_before_connect_leave_the_keras_backend_open(name):
     assert out.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.parametrize("name", [n for n in NOTEBOOKS if n != "tfrecords.ipynb"])
+def test_on_a_kaggle_tpu_vm_connect_picks_jax(name, tmp_path):
+    """The cells up to ``connect()`` in a real kernel that looks like Kaggle's TPU
+    VM (``ISTPUVM``; 8 host devices stand in for the v5e-8's chips)."""
+    nb = _read(name)
+    at = next(i for i, c in enumerate(nb.cells) if "st.connect(" in c.source)
+    nb.cells = nb.cells[: at + 1] + [
+        nbformat.v4.new_code_cell("print(acc.backend, acc.replicas, acc.kind)")
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env.update(
+        PYTHONPATH=REPO,
+        ISTPUVM="1",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    )
+    NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    ).execute(env=env)
+    assert nb.cells[-1].outputs[-1]["text"].split() == ["jax", "8", "cpu"]
+
+
 def _execute(name, tmp_path):
     """Runs the notebook with SMOKE = True injected after its parameters cell, as
     papermill does, in ``tmp_path``."""
