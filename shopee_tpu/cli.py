@@ -232,6 +232,46 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_kernel_build(args) -> int:
+    from shopee_tpu.kernels.build import build_kernel
+
+    built = build_kernel(
+        args.notebook, args.out, sets=args.sets, template=args.template
+    )
+    meta, pkg = built["metadata"], built["package"]
+    print(
+        f"built {built['folder']}: {meta['code_file']} carries shopee_tpu "
+        f"{pkg['version']} ({pkg['files']} files, {pkg['bytes'] // 1024} KB zipped, "
+        f"sha256 {pkg['sha256'][:12]}); kernel {meta.get('id')} "
+        f"({meta['machine_shape'] or 'CPU'}, internet "
+        f"{'on' if meta['enable_internet'] else 'off'}, metadata from "
+        f"{built['template']})"
+    )
+    return 0
+
+
+def _cmd_kernel_push(args) -> int:
+    from shopee_tpu.kernels.client import push_kernel
+
+    result = push_kernel(
+        args.folder, accelerator=args.accelerator, timeout=args.timeout
+    )
+    for kind, items in result.invalid.items():
+        print(f"warning: Kaggle did not accept these {kind}: {', '.join(items)}")
+    print(f"pushed {result.slug} version {result.version}: {result.url}")
+    return 0
+
+
+def _cmd_kernel_status(args) -> int:
+    from shopee_tpu.kernels.client import kernel_status
+
+    status = kernel_status(args.slug)
+    print(f"{status.slug}: {status.status}")
+    if status.failure_message:
+        print(f"failure message: {status.failure_message}")
+    return 1 if status.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shopee-tpu",
@@ -391,6 +431,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--products", type=int, default=None, help="bench cdiscount: products (1x)"
     )
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("kernel", help="build, push and check Kaggle kernels")
+    kernel = p.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)
+    k = kernel.add_parser(
+        "build",
+        help="a push-ready folder: the notebook carrying the package + metadata",
+    )
+    k.add_argument("notebook", help="the .ipynb to build")
+    k.add_argument("--out", required=True, help="output folder")
+    k.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="metadata override, e.g. --set id=me/shopee-tpu-baseline "
+        "--set machine_shape=TpuV5E8 --set dataset_sources=me/weights",
+    )
+    k.add_argument(
+        "--template",
+        default=None,
+        help="metadata template (default: kernel-metadata.json beside the notebook "
+        "or one folder up, else the built-in one)",
+    )
+    k.set_defaults(func=_cmd_kernel_build)
+    k = kernel.add_parser("push", help="push a built folder with the kaggle client")
+    k.add_argument("folder", help="a folder from `kernel build`")
+    k.add_argument(
+        "--accelerator",
+        choices=("TpuV5E8", "NvidiaTeslaT4", "none"),
+        default=None,
+        help="TPU v5e-8, GPU T4 x2 or CPU (default: the folder's machine_shape)",
+    )
+    k.add_argument("--timeout", type=int, default=None, help="session limit in seconds")
+    k.set_defaults(func=_cmd_kernel_push)
+    k = kernel.add_parser("status", help="status of a kernel's latest session")
+    k.add_argument("slug", help="owner/kernel-slug")
+    k.set_defaults(func=_cmd_kernel_status)
 
     # --verbose is accepted before or after the command name.
     for p in (parser, *sub.choices.values()):
