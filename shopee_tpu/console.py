@@ -10,16 +10,29 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
-__all__ = ["progress_bar", "known_length", "quiet_native_logs", "error_line", "EXTRAS"]
+__all__ = [
+    "progress_bar",
+    "known_length",
+    "quiet_native_logs",
+    "one_line_warnings",
+    "error_line",
+    "EXTRAS",
+]
 
 # Optional imports: module -> (package to install, the shopee_tpu extra holding it).
 EXTRAS = {
     "sklearn": ("scikit-learn", "demo"),
+    "skimage": ("scikit-image", "bench"),
     "tensorflow": ("tensorflow-cpu", "cpu"),
     "jax": ("jax", "jax"),
     "jaxlib": ("jax", "jax"),
     "kaggle": ("kaggle", "kaggle"),
+    "slugify": ("python-slugify", "kaggle"),
+    "keras_hub": ("keras-hub", "hub"),
+    "bson": ("pymongo", "cdiscount"),
+    "pymongo": ("pymongo", "cdiscount"),
 }
 
 
@@ -80,6 +93,27 @@ def quiet_native_logs() -> None:
     Must run before TensorFlow is imported; a level the user set is kept.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def one_line_warnings(prefix: str) -> None:
+    """Shows the package's own warnings as one line, ``<prefix>: note: ...``.
+
+    They are advice to the user (a hold-out that had to take whole shards, a
+    validation split that looks too easy), so the source line Python prints with a
+    warning is noise on the command line. Other libraries' warnings are unchanged.
+    """
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        ours = category.__module__.startswith("shopee_tpu.") or os.path.abspath(
+            filename
+        ).startswith(package)
+        if not ours:
+            return default(message, category, filename, lineno, file, line)
+        print(f"{prefix}: note: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
 
 
 def error_line(error: BaseException) -> str:

@@ -207,10 +207,19 @@ def train(
             augment=config.augment,
             seed=config.seed + phase.start,
             shuffle_buffer=config.data.shuffle_buffer,
+            deterministic=config.data.deterministic,
+            keep_ids=keep.get("train"),
             **common,
         )
+        # Full batches on any replica count; padding rows weigh 0 in the metrics.
         valid_ds = pipeline.load_dataset(
-            valid_files, training=False, labels=True, cache=config.data.cache, **common
+            valid_files,
+            training=False,
+            labels=True,
+            pad=True,
+            cache=config.data.cache,
+            keep_ids=keep.get("valid"),
+            **common,
         )
         with acc.scope():
             model = build_from_config(
@@ -219,7 +228,7 @@ def train(
             prepare_phase(model, phase, config.plan)
             compile_model(
                 model,
-                config.optim,
+                config.optim.replace(steps_per_execution=per_call),
                 steps_per_epoch=steps,
                 epochs=config.epochs,
                 replicas=acc.replicas,

@@ -176,5 +176,34 @@ def test_unavailable_weights_are_one_line(
         pytest.skip("a cached copy of the weights exists")
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("shopee-tpu train: error: ")
-    assert "Kaggle dataset" in err[0] and "efficientnetb0_notop.h5" in err[0]
+    # One error line, last; before it at most one-line notes (the hold-out's).
+    assert err[-1].startswith("shopee-tpu train: error: ")
+    assert all(line.startswith("shopee-tpu train: note: ") for line in err[:-1])
+    assert "Kaggle dataset" in err[-1] and "efficientnetb0_notop.h5" in err[-1]
+
+
+def test_our_warnings_are_one_line_notes_and_others_unchanged(tmp_path):
+    # A hold-out of 10 % over 4 shards must take 25 %: the note says so on one line.
+    from shopee_tpu.data.files import holdout_files
+
+    for i in range(4):
+        (tmp_path / f"train-{i:05d}-10.tfrec").write_bytes(b"")
+    code = (
+        "import sys, warnings\n"
+        "from shopee_tpu.console import one_line_warnings\n"
+        "from shopee_tpu.data.files import holdout_files\n"
+        "one_line_warnings('shopee-tpu train')\n"
+        f"holdout_files({str(tmp_path)!r}, 0.1, 0)\n"
+        "warnings.warn('from elsewhere')\n"
+    )
+    with pytest.warns(UserWarning, match="held out 1 of 4 shards"):
+        holdout_files(str(tmp_path), 0.1, 0)  # the same call raises a real warning
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    lines = out.stderr.splitlines()
+    ours = [line for line in lines if line.startswith("shopee-tpu train: note: ")]
+    assert len(ours) == 1 and "held out 1 of 4 shards" in ours[0], lines
+    assert not any("holdout_files" in line or "warnings.warn" in line for line in ours)
+    # Another module's warning keeps Python's format (file, line, category).
+    assert any("UserWarning: from elsewhere" in line for line in lines), lines

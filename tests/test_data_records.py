@@ -209,7 +209,7 @@ def test_progress_counts_every_image_across_worker_processes(tmp_path, capsys):
     ]
     events = []
     with WorkerPool(2, params) as pool:
-        for result in pool.map_unordered(tasks, lambda n: events.append(n)):
+        for result in pool.map_unordered(tasks, progress=lambda n: events.append(n)):
             events.append(result)
     counts = [e for e in events if isinstance(e, int)]
     assert sum(counts) == 24 and isinstance(events[0], int)

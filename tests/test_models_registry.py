@@ -20,7 +20,9 @@ from shopee_tpu.models import (
 from shopee_tpu.models.layers import ImageNetPreprocess
 from shopee_tpu.models.registry import resolve
 
-FAMILY_NAMES = [n for n in available_models() if not n.startswith("efficientnet-")]
+FAMILY_NAMES = [
+    n for n in available_models() if not n.startswith(("efficientnet-", "kerashub:"))
+]
 
 
 def _run(model, x):

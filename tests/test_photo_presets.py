@@ -119,13 +119,16 @@ def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
 
 
 def _backbone_arrays(path: str) -> dict[str, np.ndarray]:
-    """Every array of a .weights.h5 file outside the classifier, by its h5 path."""
+    """Every model array of a .weights.h5 file outside the classifier, by its h5
+    path (the optimizer's state is stored in the same file)."""
     out = {}
     with h5py.File(path, "r") as f:
         f.visititems(
             lambda name, obj: (
                 out.__setitem__(name, obj[()])
-                if isinstance(obj, h5py.Dataset) and "dense" not in name
+                if isinstance(obj, h5py.Dataset)
+                and "dense" not in name
+                and not name.startswith("optimizer")
                 else None
             )
         )

@@ -178,7 +178,8 @@ def test_validation_on_eight_replicas_equals_numpy_over_the_real_records(
     # from the best weights over exactly the n records agree: counting the blank
     # rows would move the accuracy by at least 1/64. Rows whose top two classes
     # differ by under 1e-5 may flip between the two programs.
-    assert abs(best["val_accuracy"] - r["numpy_accuracy"]) * n <= r["near_ties"]
+    # (The history holds float32 figures: within half a record is exact agreement.)
+    assert abs(best["val_accuracy"] - r["numpy_accuracy"]) * n <= r["near_ties"] + 0.5
     assert (
         abs(metrics["val_accuracy_best_weights"] - r["numpy_accuracy"]) * n
         <= (r["near_ties"])
@@ -233,7 +234,8 @@ print("RESULT " + json.dumps(dict(
     summary=acc.summary, first=first.metrics, second=second.metrics,
     history=second.history, conv_compute=conv.compute_dtype,
     conv_variable=conv.variable_dtype,
-    weights=sorted({str(w.dtype) for w in model.get_weights()}),
+    # Float variables only: the normalization layer's sample count is an integer.
+    weights=sorted({str(w.dtype) for w in model.get_weights() if w.dtype.kind == "f"}),
     probs_dtype=str(model.predict_on_batch(x).dtype),
     probs_sum=float(model.predict_on_batch(x).sum(1).mean()))))
 """

@@ -64,7 +64,9 @@ def layer_macs(layer) -> int:
 def _part(layer) -> str:
     if common.is_head_layer(layer):
         return "head"
-    if isinstance(layer, keras.Model):  # a nested backbone (KerasHub)
+    # A nested backbone (KerasHub); keras.applications' ConvNeXt stem is a small
+    # Sequential, which is part of the stem.
+    if isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential):
         return "backbone"
     if isinstance(layer, _INPUT_LAYERS):
         return "input"
