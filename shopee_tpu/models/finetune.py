@@ -129,7 +129,7 @@ def scale_backbone_lr(optimizer, model: keras.Model, factor: float):
     applied in ``update_step``, which all of them call once per variable. The
     decoupled weight decay, applied by Keras before ``update_step``, is not scaled.
 
-    Call it before the optimizer is built (before ``compile``/``fit`` build it).
+    Works before or after the optimizer is built.
 
     Returns:
         The same optimizer, now of a subclass of its own class.
@@ -143,10 +143,13 @@ def scale_backbone_lr(optimizer, model: keras.Model, factor: float):
     base = type(optimizer)
     factor = float(factor)
 
+    def scales(variables):
+        return tuple(1.0 if id(v) in head else factor for v in variables)
+
     class BackboneScaled(base):
         def build(self, variables):
             super().build(variables)
-            self._lr_scales = tuple(1.0 if id(v) in head else factor for v in variables)
+            self._lr_scales = scales(variables)
 
         def update_step(self, gradient, variable, learning_rate):
             scale = self._lr_scales[self._get_variable_index(variable)]
@@ -156,4 +159,6 @@ def scale_backbone_lr(optimizer, model: keras.Model, factor: float):
 
     BackboneScaled.__name__ = base.__name__
     optimizer.__class__ = BackboneScaled
+    if optimizer.built:  # built already (to restore a checkpoint into it)
+        optimizer._lr_scales = scales(optimizer._trainable_variables)
     return optimizer
