@@ -160,7 +160,7 @@ def run_demo(
 
     Args:
         out: Folder for data, records, the run and the submission.
-        quick: Fewer epochs (about a minute on 2 cores) for smoke tests.
+        quick: Fewer epochs (about two minutes on 2 cores) for smoke tests.
         sets: ``key=value`` overrides of the ``demo`` preset.
         seed: Seed of the products, the train/test split and the training
             (default: the preset's).
@@ -180,9 +180,8 @@ def run_demo(
     if seed is not None:
         cfg = cfg.override(f"seed={int(seed)}")
     if quick:
-        # A quarter of the epochs. The EMA forgets faster, so that it follows a run
-        # of ~300 steps (measured on seed 1: held-out 0.89 against 0.81 for the
-        # raw weights at half the learning rate).
+        # A third of the epochs, and an EMA that forgets faster, so that it follows
+        # a run of ~300 steps (held out: 0.85-0.90 over seeds, about 2 minutes).
         cfg = cfg.override("epochs=8", "optim.ema_momentum=0.95")
     data = prepare_demo_data(out, seed=cfg.seed)
     cfg = cfg.override(

@@ -158,7 +158,7 @@ def test_presets_exist_and_are_frozen():
     with pytest.raises(TypeError):
         PRESETS["demo"] = RunConfig()  # the registry itself is read-only
     changed = cfg.override("epochs=1")
-    assert RunConfig.preset("demo").epochs == 30 and changed.epochs == 1
+    assert RunConfig.preset("demo").epochs == 22 and changed.epochs == 1
     with pytest.raises(ConfigError, match="shopee-b0"):  # lists the known names
         RunConfig.preset("shopee-b9")
 

@@ -24,6 +24,9 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
+# One worker runs this module: its module fixture trains once, not once per worker.
+pytestmark = pytest.mark.xdist_group("kfold")
+
 SETS = (
     "model.backbone=efficientnet-phi-6",
     "data.image_size=32",

@@ -10,6 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+# One worker runs this module: its module fixture trains once, not once per worker.
+pytestmark = pytest.mark.xdist_group("inference_run")
+
 SIZE = 32
 
 

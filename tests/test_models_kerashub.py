@@ -25,6 +25,9 @@ from shopee_tpu.models import (
     unfreeze_backbone,
 )
 
+# One worker runs this module: its module fixture trains once, not once per worker.
+pytestmark = pytest.mark.xdist_group("kerashub")
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

@@ -154,7 +154,7 @@ def test_batchnorm_momentum_reaches_keras_families():
 def test_build_from_config_uses_the_model_section():
     cfg = RunConfig.preset("demo").override("model.drop_connect_rate=0.2")
     model = build_from_config(cfg.model, 10, image_size=64)
-    assert model.name == "efficientnet-phi-3"
+    assert model.name == "efficientnet-phi-6"
     assert model.input_shape == (None, 64, 64, 3)
     assert model.get_layer("top_bn").momentum == cfg.model.batchnorm_momentum
     # The last drop-connect layer carries the config's rate scaled by its block.

@@ -13,6 +13,9 @@ import pytest
 from shopee_tpu.config import RunConfig
 from shopee_tpu.models import WeightsError, build_from_config, build_model
 
+# One worker runs this module: its module fixture trains once, not once per worker.
+pytestmark = pytest.mark.xdist_group("weights_runs")
+
 SETS = (
     "model.backbone=efficientnet-phi-6",
     "batch_size=16",

@@ -141,6 +141,7 @@ def killed_and_resumed(digits_records, tmp_path_factory, jax_cache):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("jax8")  # one worker trains the fixture's run
 def test_shopee_b0_on_eight_jax_devices_resumes_after_sigkill(killed_and_resumed):
     run = killed_and_resumed
     out = run["out"]
@@ -166,6 +167,7 @@ def test_shopee_b0_on_eight_jax_devices_resumes_after_sigkill(killed_and_resumed
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("jax8")  # one worker trains the fixture's run
 def test_validation_on_eight_replicas_equals_numpy_over_the_real_records(
     killed_and_resumed,
 ):
@@ -189,6 +191,7 @@ def test_validation_on_eight_replicas_equals_numpy_over_the_real_records(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("jax8")  # one worker trains the fixture's run
 def test_tta_predict_through_the_cli_on_eight_jax_devices(
     killed_and_resumed, digits_records, jax_cache, tmp_path
 ):
