@@ -98,3 +98,9 @@ def digits_records(digits_dir, tmp_path_factory):
         **common,
     )
     return {**digits_dir, "train": str(out / "train"), "test": str(out / "test")}
+
+
+def pytest_collection_modifyitems(items):
+    # Slow tests first (a stable sort keeps the rest in file order): on two workers
+    # a long test or fixture group that starts last leaves the other worker idle.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
