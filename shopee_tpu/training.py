@@ -257,9 +257,13 @@ def train(
         # weights as `last` (they belong with the optimizer state) and the EMA
         # weights, which were scored, as `best`.
         swapper = keras.callbacks.SwapEMAWeights() if config.optim.ema else None
+        commit = _EpochCommit(
+            run, steps, global_batch, schedule, write=chief, ema=swapper
+        )
+        commit.image_size = phase.image_size
         callbacks = [
             _UnpaddedValidationLoss(valid_rows / max(1, n_valid)),
-            _EpochCommit(run, steps, global_batch, schedule, write=chief, ema=swapper),
+            commit,
             budget,
         ]
         if swapper is not None:
@@ -284,6 +288,7 @@ def train(
             if verbose:
                 print(f"epoch {epoch + 1}: {describe_phase(phase)}")
             train_ds, valid_ds, model = build(phase, epoch)
+            commit.image_size = phase.image_size
         stop_reason = budget.reason
     if phase is not phases[-1]:  # stopped early: report at the full size
         phase = phases[-1]
@@ -476,6 +481,7 @@ class _EpochCommit(_import_callback_base()):
         super().__init__()
         self.run, self.steps, self.global_batch = run, steps, global_batch
         self.schedule, self.write, self.ema = schedule, write, ema
+        self.image_size = None  # the phase's side, set by train() (progressive runs)
 
     @contextlib.contextmanager
     def _ema_weights(self):
@@ -511,6 +517,7 @@ class _EpochCommit(_import_callback_base()):
             if callable(self.schedule)
             else float(self.schedule),
             iterations=iterations,
+            image_size=self.image_size,
             images_per_sec=round(
                 self.steps * self.global_batch / max(train_time, 1e-9), 2
             ),

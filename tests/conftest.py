@@ -104,3 +104,17 @@ def pytest_collection_modifyitems(items):
     # Slow tests first (a stable sort keeps the rest in file order): on two workers
     # a long test or fixture group that starts last leaves the other worker idle.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_configure(config):
+    # `make test` keeps each xdist_group (tests sharing an expensive module fixture)
+    # on one worker. pytest 9.2's structured node ids make pytest-xdist 3.8 drop the
+    # marks silently (pytest-xdist#1386): every group's fixture is then built on both
+    # workers and the suite takes minutes longer. Refuse, and say why.
+    if getattr(config.option, "dist", None) == "loadgroup" and pytest.version_tuple[
+        :2
+    ] >= (9, 2):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} breaks --dist loadgroup (pytest-xdist#1386);"
+            " install the pytest that setup.cfg [test] pins (make venv)"
+        )
