@@ -1,0 +1,185 @@
+"""The Keras callbacks of ``train()``: the per-epoch commit to the run folder, the
+time budget, the validation loss without padding rows, and progress lines.
+
+Each one keeps a promise of ``train()``: an epoch is on disk once it completes (and
+only then), a Kaggle session ends with a loadable checkpoint instead of a killed
+kernel, metrics count real images only, and a log stays readable in a notebook and
+in a committed kernel's output alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+import keras
+import numpy as np
+
+from shopee_tpu.checkpoints import RunFolder
+
+__all__ = ["EpochCommit", "TimeBudget", "UnpaddedValidationLoss", "Progress"]
+
+
+class EpochCommit(keras.callbacks.Callback):
+    """Commits each completed epoch to the run folder (weights, optimizer, history)."""
+
+    def __init__(
+        self,
+        run: RunFolder,
+        steps: int,
+        global_batch: int,
+        schedule,
+        *,
+        write,
+        ema=None,
+    ):
+        super().__init__()
+        self.run, self.steps, self.global_batch = run, steps, global_batch
+        self.schedule, self.write, self.ema = schedule, write, ema
+        self.image_size = None  # the phase's side, set by train() (progressive runs)
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        # SwapEMAWeights' own hooks put the EMA weights in for evaluation and take
+        # them out after, as around the validation pass just run.
+        self.ema.on_test_begin()
+        try:
+            yield
+        finally:
+            self.ema.on_test_end()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0 = time.monotonic()
+        self.t_train = None
+        self.steps_done = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps_done = batch + 1
+
+    def on_test_begin(self, logs=None):
+        self.t_train = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.steps_done < self.steps:
+            return  # stopped mid-epoch (time budget): this epoch is not complete
+        now = time.monotonic()
+        train_time = (self.t_train or now) - self.t0
+        iterations = int(np.asarray(self.model.optimizer.iterations))
+        row = {"epoch": epoch + 1}
+        row.update({k: float(v) for k, v in (logs or {}).items()})
+        row.update(
+            lr=float(np.asarray(self.schedule(iterations - 1)))
+            if callable(self.schedule)
+            else float(self.schedule),
+            iterations=iterations,
+            image_size=self.image_size,
+            images_per_sec=round(
+                self.steps * self.global_batch / max(train_time, 1e-9), 2
+            ),
+            epoch_time_sec=round(now - self.t0, 2),
+        )
+        self.run.commit_epoch(
+            self.model,
+            epoch + 1,
+            row,
+            monitor="val_accuracy",
+            write=self.write,
+            evaluated_weights=self._ema_weights if self.ema is not None else None,
+        )
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops before the session limit.
+
+    After each epoch it stops when the next epoch (as long as the longest so far)
+    would not fit. Mid-epoch it stops only once the limit has passed and an earlier
+    epoch is already committed, so the partial epoch is dropped and the checkpoint
+    is kept; the first epoch always finishes, else nothing would be saved at all.
+    """
+
+    def __init__(self, run: RunFolder, start: float, limit: float | None, agree=None):
+        super().__init__()
+        self.run, self.start, self.limit, self.reason = run, start, limit, None
+        self.longest = 0.0
+        # Several processes must stop at the same step: the chief's clock decides.
+        self.agree = agree or (lambda flag: flag)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0 = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.limit is None or self.model.stop_training:
+            return
+        over = time.monotonic() - self.start > self.limit and self.run.epoch > 0
+        if self.agree(float(over)):
+            self.model.stop_training = True
+            self.reason = f"time limit {self.limit:.0f}s reached mid-epoch; kept epoch {self.run.epoch}"
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.longest = max(self.longest, time.monotonic() - self.t0)
+        if self.limit is None or self.reason:
+            return
+        elapsed = time.monotonic() - self.start
+        if self.agree(float(elapsed + 1.1 * self.longest > self.limit)):
+            self.model.stop_training = True
+            self.reason = (
+                f"time limit {self.limit:.0f}s: {elapsed:.0f}s used, the next epoch "
+                f"needs about {self.longest:.0f}s"
+            )
+
+
+class UnpaddedValidationLoss(keras.callbacks.Callback):
+    """Rescales ``val_loss`` to a mean over the real validation records.
+
+    Validation batches are padded to full size with rows of sample weight 0.
+    Accuracy weighs by sample weight, so it is exact; Keras's loss tracker divides
+    each batch's weighted sum by the batch size, padding included, so its mean is
+    the real mean times ``real / padded``. ``padded_per_real`` undoes that.
+    """
+
+    def __init__(self, padded_per_real: float):
+        super().__init__()
+        self.factor = padded_per_real
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs and "val_loss" in logs:
+            logs["val_loss"] = float(logs["val_loss"]) * self.factor
+
+
+class Progress(keras.callbacks.Callback):
+    """A tqdm bar per epoch with loss and accuracy (works in notebooks and logs)."""
+
+    def __init__(self, epochs: int, steps: int):
+        super().__init__()
+        self.epochs, self.steps = epochs, steps
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from tqdm.auto import tqdm
+
+        # In logs (Kaggle's committed runs, CI) redraw rarely instead of per step.
+        interval = 0.1 if sys.stderr.isatty() or in_notebook() else 30.0
+        self.bar = tqdm(
+            total=self.steps,
+            desc=f"epoch {epoch + 1}/{self.epochs}",
+            leave=True,
+            mininterval=interval,
+        )
+        self.last = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.bar.update(batch + 1 - self.last)
+        self.last = batch + 1
+        if logs:
+            self.bar.set_postfix(
+                {k: f"{float(v):.4f}" for k, v in logs.items()}, refresh=False
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs:
+            self.bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items()})
+        self.bar.close()
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
