@@ -37,7 +37,6 @@ class EpochCommit(keras.callbacks.Callback):
         super().__init__()
         self.run, self.steps, self.global_batch = run, steps, global_batch
         self.schedule, self.write, self.ema = schedule, write, ema
-        self.image_size = None  # the phase's side, set by train() (progressive runs)
 
     @contextlib.contextmanager
     def _ema_weights(self):
@@ -73,7 +72,8 @@ class EpochCommit(keras.callbacks.Callback):
             if callable(self.schedule)
             else float(self.schedule),
             iterations=iterations,
-            image_size=self.image_size,
+            # The phase's side (progressive resizing builds a model per size).
+            image_size=int(self.model.input_shape[1]),
             images_per_sec=round(
                 self.steps * self.global_batch / max(train_time, 1e-9), 2
             ),

@@ -261,13 +261,9 @@ def train(
         # weights as `last` (they belong with the optimizer state) and the EMA
         # weights, which were scored, as `best`.
         swapper = keras.callbacks.SwapEMAWeights() if config.optim.ema else None
-        commit = EpochCommit(
-            run, steps, global_batch, schedule, write=chief, ema=swapper
-        )
-        commit.image_size = phase.image_size
         callbacks = [
             UnpaddedValidationLoss(valid_rows / max(1, n_valid)),
-            commit,
+            EpochCommit(run, steps, global_batch, schedule, write=chief, ema=swapper),
             budget,
         ]
         if swapper is not None:
@@ -292,7 +288,6 @@ def train(
             if verbose:
                 print(f"epoch {epoch + 1}: {describe_phase(phase)}")
             train_ds, valid_ds, model = build(phase, epoch)
-            commit.image_size = phase.image_size
         stop_reason = budget.reason
     if phase is not phases[-1]:  # stopped early: report at the full size
         phase = phases[-1]

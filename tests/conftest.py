@@ -111,9 +111,8 @@ def pytest_configure(config):
     # on one worker. pytest 9.2's structured node ids make pytest-xdist 3.8 drop the
     # marks silently (pytest-xdist#1386): every group's fixture is then built on both
     # workers and the suite takes minutes longer. Refuse, and say why.
-    if getattr(config.option, "dist", None) == "loadgroup" and pytest.version_tuple[
-        :2
-    ] >= (9, 2):
+    grouped = getattr(config.option, "dist", None) == "loadgroup"
+    if grouped and pytest.version_tuple[:2] >= (9, 2):
         raise pytest.UsageError(
             f"pytest {pytest.__version__} breaks --dist loadgroup (pytest-xdist#1386);"
             " install the pytest that setup.cfg [test] pins (make venv)"

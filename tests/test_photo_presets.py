@@ -131,7 +131,8 @@ def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
     assert [r["epoch"] for r in history] == list(range(1, 17))
     assert [r["image_size"] for r in history] == [32] * 4 + [48] * 4 + [64] * 8
     steps = history[0]["iterations"]
-    assert steps == 20  # the optimizer's step count carried over the resume
+    assert steps == 20  # 160 training images in batches of 8
+    # The optimizer's step count carried over the resume and every phase change.
     assert [r["iterations"] for r in history] == [steps * e for e in range(1, 17)]
     assert isinstance(result.metrics["validation_warnings"], list)
 

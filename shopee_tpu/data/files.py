@@ -68,15 +68,26 @@ def list_files(files_or_pattern: str | os.PathLike | Sequence) -> list[str]:
     return files
 
 
-def _manifest_counts(folder: str, cache: dict) -> dict[str, int]:
+def _split(path: str) -> tuple[str, str]:
+    """``(folder, file name)`` of a local or gs:// path."""
+    return tuple(path.rsplit("/", 1)) if "/" in path else ("", path)
+
+
+def _manifest(folder: str, cache: dict) -> dict:
+    """The ``manifest.json`` of a records folder, read once per ``cache``; ``{}``
+    when there is none."""
     if folder not in cache:
         from shopee_tpu.data.manifests import read_manifest
 
         try:
-            cache[folder] = dict(read_manifest(folder or ".").get("shards", {}))
+            cache[folder] = read_manifest(folder or ".")
         except FileNotFoundError:
             cache[folder] = {}
     return cache[folder]
+
+
+def _manifest_counts(folder: str, cache: dict) -> dict[str, int]:
+    return dict(_manifest(folder, cache).get("shards", {}))
 
 
 def count_records(files: str | os.PathLike | Sequence) -> int:
@@ -88,7 +99,7 @@ def count_records(files: str | os.PathLike | Sequence) -> int:
     total = 0
     manifests: dict[str, dict[str, int]] = {}
     for path in list_files(files):
-        folder, name = path.rsplit("/", 1) if "/" in path else ("", path)
+        folder, name = _split(path)
         counts = _manifest_counts(folder, manifests)
         if name in counts:
             total += int(counts[name])
@@ -159,23 +170,17 @@ def _coverage_note(files: list[str], valid: list[str]) -> str | None:
     first. The per-shard class counts come from our writer's manifest; without
     them nothing is said.
     """
-    counts: dict[str, dict] = {}
-    for folder in sorted({f.rsplit("/", 1)[0] if "/" in f else "" for f in files}):
-        from shopee_tpu.data.manifests import read_manifest
+    manifests: dict[str, dict] = {}
 
-        try:
-            counts.update(read_manifest(folder or ".").get("shard_class_counts") or {})
-        except (FileNotFoundError, ValueError):
-            return None
-
-    def classes(paths):
+    def classes(paths: list[str]) -> dict[str, int] | None:
         out: dict[str, int] = {}
         for path in paths:
-            shard = counts.get(path.rsplit("/", 1)[-1])
+            folder, name = _split(path)
+            shard = _manifest(folder, manifests).get("shard_class_counts", {}).get(name)
             if shard is None:
                 return None
-            for name, n in shard.items():
-                out[name] = out.get(name, 0) + int(n)
+            for label, n in shard.items():
+                out[label] = out.get(label, 0) + int(n)
         return out
 
     everywhere, held = classes(files), classes(valid)
