@@ -33,10 +33,12 @@ class EpochCommit(keras.callbacks.Callback):
         *,
         write,
         ema=None,
+        monitor: str | None = "val_accuracy",
     ):
         super().__init__()
         self.run, self.steps, self.global_batch = run, steps, global_batch
         self.schedule, self.write, self.ema = schedule, write, ema
+        self.monitor = monitor
 
     @contextlib.contextmanager
     def _ema_weights(self):
@@ -83,7 +85,7 @@ class EpochCommit(keras.callbacks.Callback):
             self.model,
             epoch + 1,
             row,
-            monitor="val_accuracy",
+            monitor=self.monitor,
             write=self.write,
             evaluated_weights=self._ema_weights if self.ema is not None else None,
         )

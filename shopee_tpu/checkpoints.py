@@ -136,7 +136,7 @@ class RunFolder:
         epoch: int,
         row: dict[str, Any],
         *,
-        monitor: str,
+        monitor: str | None,
         mode: str = "max",
         write: bool = True,
         evaluated_weights=None,
@@ -149,13 +149,18 @@ class RunFolder:
         process must join) and keeps the same state in memory. ``evaluated_weights`` is
         a context manager that swaps in the weights validation used (the EMA
         weights), so ``best`` holds what was scored while ``last`` keeps the raw
-        training weights that the optimizer state belongs to.
+        training weights that the optimizer state belongs to. ``monitor=None`` (a
+        run without validation) makes every epoch the new best.
         """
-        value = row.get(monitor)
+        value = row.get(monitor) if monitor else None
         best = self.state.get("best")
-        improved = value is not None and (
-            best is None
-            or (value > best["value"] if mode == "max" else value < best["value"])
+        # Without a monitor (no validation) the latest epoch is the one kept.
+        improved = monitor is None or (
+            value is not None
+            and (
+                best is None
+                or (value > best["value"] if mode == "max" else value < best["value"])
+            )
         )
         pending = {}
         with tempfile.TemporaryDirectory() as tmp:

@@ -70,7 +70,9 @@ class DataConfig(_Section):
         schema: Feature layout of the records: ``shopee_tpu`` (ours), ``flowers``,
             ``melanoma`` or ``shopee-community``.
         image_size: Side of the square model input; ``None`` asks the model.
-        valid_fraction: Share of training shards held out when ``valid`` is unset.
+        valid_fraction: Share of training shards held out when ``valid`` is unset;
+            0 trains on every record without validation and keeps the last
+            epoch's weights (EMA weights with ``optim.ema``).
         shuffle_buffer: Records held in the shuffle buffer while training.
         cache: Keep decoded validation batches in memory after the first epoch.
         deterministic: Read training records in a fixed order, so the same seed

@@ -184,12 +184,29 @@ def train(
     image_size = config.data.image_size or input_spec(config.model.backbone).size
     global_batch = acc.batch_size(config.batch_size)
     n_train = len(keep["train"]) if keep else pipeline.count_records(train_files)
-    n_valid = len(keep["valid"]) if keep else pipeline.count_records(valid_files)
+    # valid_fraction=0 trains on every record: nothing to pick a best epoch by, so
+    # each epoch's (EMA) weights become `best` and the last epoch's are returned.
+    validate = bool(keep or valid_files)
+    n_valid = (
+        (len(keep["valid"]) if keep else pipeline.count_records(valid_files))
+        if validate
+        else 0
+    )
     steps, per_call = _epoch_steps(config, n_train, global_batch, verbose)
     host_batch = acc.host_batch_size(config.batch_size)
-    valid_rows = global_batch * pipeline.eval_batches(
-        valid_files, host_batch, acc.num_workers, keep.get("valid")
+    valid_rows = (
+        global_batch
+        * pipeline.eval_batches(
+            valid_files, host_batch, acc.num_workers, keep.get("valid")
+        )
+        if validate
+        else 0
     )
+    if verbose and not validate:
+        print(
+            f"{out_dir}: no validation hold-out (data.valid_fraction=0): training on "
+            f"all {n_train} records and keeping the last epoch's weights"
+        )
     # The plan may pick the epoch count from the data size and cut the run into
     # phases (progressive resizing, a frozen warmup): see shopee_tpu.plan.
     epochs, phases = make_plan(config, n_train, image_size)
@@ -216,14 +233,18 @@ def train(
             **common,
         )
         # Full batches on any replica count; padding rows weigh 0 in the metrics.
-        valid_ds = pipeline.load_dataset(
-            valid_files,
-            training=False,
-            labels=True,
-            pad=True,
-            cache=config.data.cache,
-            keep_ids=keep.get("valid"),
-            **common,
+        valid_ds = (
+            pipeline.load_dataset(
+                valid_files,
+                training=False,
+                labels=True,
+                pad=True,
+                cache=config.data.cache,
+                keep_ids=keep.get("valid"),
+                **common,
+            )
+            if validate
+            else None
         )
         with acc.scope():
             model = build_from_config(
@@ -263,7 +284,15 @@ def train(
         swapper = keras.callbacks.SwapEMAWeights() if config.optim.ema else None
         callbacks = [
             UnpaddedValidationLoss(valid_rows / max(1, n_valid)),
-            EpochCommit(run, steps, global_batch, schedule, write=chief, ema=swapper),
+            EpochCommit(
+                run,
+                steps,
+                global_batch,
+                schedule,
+                write=chief,
+                ema=swapper,
+                monitor="val_accuracy" if validate else None,
+            ),
             budget,
         ]
         if swapper is not None:
@@ -316,7 +345,12 @@ def train(
         how_far = f"{run.epoch}/{config.epochs} epochs"
         note = f" (stopped: {stop_reason})" if stop_reason else ""
         print(
-            f"{out_dir}: {how_far}{note}; best val accuracy {metrics['best_val_accuracy']}"
+            f"{out_dir}: {how_far}{note}; "
+            + (
+                f"best val accuracy {metrics['best_val_accuracy']}"
+                if validate
+                else "no validation (the last epoch's weights)"
+            )
         )
     return TrainResult(model, metrics, run.history, out_dir, label_map)
 
@@ -439,7 +473,7 @@ def _report(
     )
     labels, probs = [], []
     samples = plots.PredictionSamples(16)
-    for x, y, weight in valid_ds:
+    for x, y, weight in valid_ds if valid_ds is not None else ():
         x, y = np.asarray(x), np.asarray(y)
         real = np.asarray(weight) > 0  # padding rows complete the last batch only
         p = np.asarray(predict(x), dtype=np.float32)

@@ -120,3 +120,39 @@ def test_time_budget_stops_with_a_loadable_checkpoint_and_config_is_locked(
     assert json.loads((out / "label_map.json").read_text()) == {
         f"{d:02d}": d for d in range(10)
     }
+
+
+def test_without_a_holdout_trains_on_every_record_and_returns_the_last_ema_weights(
+    digits_records, tmp_path
+):
+    from shopee_tpu.data.pipeline import count_records
+    from shopee_tpu.models import build_from_config
+    from shopee_tpu.training import train
+
+    out = tmp_path / "run"
+    cfg = _config(
+        digits_records, out, "data.valid_fraction=0", "epochs=2", "steps_per_epoch=4"
+    )
+    assert cfg.optim.ema  # the demo recipe: `best` must hold the EMA weights
+    first = train(cfg, time_limit=0.001, verbose=0)  # stops after epoch 1: resume
+    assert first.metrics["best_epoch"] == first.metrics["epochs_completed"] == 1
+    result = train(cfg, verbose=0)
+    metrics = result.metrics
+    assert metrics["train_images"] == count_records(digits_records["train"])
+    assert metrics["valid_images"] == 0 and metrics["best_val_accuracy"] is None
+    assert metrics["best_epoch"] == metrics["epochs_completed"] == 2
+    assert all("val_accuracy" not in row for row in result.history)
+    x = photo_crops(4, 32, seed=0).astype("float32")
+    saved = {}
+    for name in ("best", "last"):
+        model = build_from_config(cfg.model, 10, image_size=32)
+        model.load_weights(out / f"{name}.weights.h5")
+        saved[name] = model.predict_on_batch(x)
+    # Returned: the last epoch's EMA weights (`best`), not its raw weights (`last`).
+    np.testing.assert_allclose(
+        result.model.predict_on_batch(x), saved["best"], atol=1e-5
+    )
+    assert np.abs(saved["best"] - saved["last"]).max() > 1e-3
+    assert (out / "history.png").exists() and not (
+        out / "confusion_matrix.png"
+    ).exists()
