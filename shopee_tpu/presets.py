@@ -120,7 +120,8 @@ _PRESETS["demo"] = RunConfig(
 # a small EfficientNet, BatchNorm momentum 0.9 and an EMA of the weights (few steps
 # per epoch, as in the demo), AdamW with warmup + cosine, random resized crops,
 # flips and mild colour jitter, label smoothing, progressive resizing (small images
-# first: cheaper epochs), and an epoch count chosen from the data size.
+# first: cheaper epochs), and an epoch count chosen from the data size. No
+# MixUp/CutMix: at ~40 epochs they cost 0.08 of held-out accuracy (bench, seed 0).
 _PRESETS["photo"] = RunConfig(
     name="photo",
     data=DataConfig(image_size=64, valid_fraction=0.1, cache=True),
@@ -149,9 +150,6 @@ _PRESETS["photo"] = RunConfig(
         brightness=0.1,
         contrast=0.2,
         saturation=0.2,
-        mixup=0.2,
-        cutmix=1.0,
-        mix_prob=0.5,
     ),
     plan=PlanConfig(images_seen=48000, min_epochs=8, sizes=(32, 48)),
     predict=PredictConfig(tta=("identity", "flip_lr"), reduce="mean"),
@@ -176,7 +174,7 @@ _PRESETS["photo-finetune"] = _PRESETS["photo"].replace(
     optim=_PRESETS["photo"].optim.replace(
         learning_rate=1e-3, warmup_epochs=1, lr_start=1e-4
     ),
-    augment=_PRESETS["photo"].augment.replace(resized_crop=0.35, mixup=0.0, cutmix=0.0),
+    augment=_PRESETS["photo"].augment.replace(resized_crop=0.35),
     plan=PlanConfig(images_seen=24000, min_epochs=4, freeze_epochs=2, backbone_lr=0.1),
     epochs=30,
     out_dir="runs/photo-finetune",

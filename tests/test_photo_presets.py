@@ -105,7 +105,7 @@ def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
     from shopee_tpu.inference.tta import predict
     from shopee_tpu.training import train
 
-    # The photo recipe (AdamW, cosine, EMA, MixUp/CutMix, colour, progressive
+    # The photo recipe (AdamW, cosine, EMA, resized crops, colour, progressive
     # resizing 32 -> 48 -> 64) on the smallest backbone, for 144 training images:
     # 20 steps an epoch, and an EMA that forgets the random start within the run.
     # phi-2's structure is covered by test_each_preset_builds_and_trains_one_step.
@@ -265,3 +265,5 @@ def test_bench_accuracy_quick_reports_both_contenders(tmp_path):
         result
     )
     assert "test_accuracy_flip_tta" in result["peer"]
+    # Like the peer, ours trains on every training crop (no hold-out).
+    assert result["ours"]["train_images"] == result["task"]["train_images"]

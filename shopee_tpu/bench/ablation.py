@@ -19,7 +19,10 @@ import tempfile
 VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("photo preset", ()),
     ("no progressive resizing", ("plan.sizes=",)),
-    ("no MixUp/CutMix", ("augment.mixup=0", "augment.cutmix=0")),
+    (
+        "with MixUp 0.2/CutMix 1.0 on half the batches",
+        ("augment.mixup=0.2", "augment.cutmix=1.0", "augment.mix_prob=0.5"),
+    ),
     ("no random resized crop", ("augment.resized_crop=0",)),
     (
         "no colour jitter",
