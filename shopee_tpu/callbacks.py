@@ -95,17 +95,25 @@ class TimeBudget(keras.callbacks.Callback):
     """Stops before the session limit.
 
     After each epoch it stops when the next epoch (as long as the longest so far)
-    would not fit. Mid-epoch it stops only once the limit has passed and an earlier
-    epoch is already committed, so the partial epoch is dropped and the checkpoint
-    is kept; the first epoch always finishes, else nothing would be saved at all.
+    would not fit. The first epoch of each ``fit`` (each phase) also traces the
+    model, at several times a steady epoch's cost on CPU, so it counts only until
+    a steady epoch has been seen. Mid-epoch it stops only once the limit has passed
+    and an earlier epoch is already committed, so the partial epoch is dropped and
+    the checkpoint is kept; the first epoch always finishes, else nothing would be
+    saved at all.
     """
 
     def __init__(self, run: RunFolder, start: float, limit: float | None, agree=None):
         super().__init__()
         self.run, self.start, self.limit, self.reason = run, start, limit, None
-        self.longest = 0.0
+        self.longest = 0.0  # longest steady epoch (else the first, traced one)
+        self.steady = self.first = 0.0
+        self.traced = False  # the current fit has traced its first epoch
         # Several processes must stop at the same step: the chief's clock decides.
         self.agree = agree or (lambda flag: flag)
+
+    def on_train_begin(self, logs=None):
+        self.traced = False
 
     def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.monotonic()
@@ -119,7 +127,12 @@ class TimeBudget(keras.callbacks.Callback):
             self.reason = f"time limit {self.limit:.0f}s reached mid-epoch; kept epoch {self.run.epoch}"
 
     def on_epoch_end(self, epoch, logs=None):
-        self.longest = max(self.longest, time.monotonic() - self.t0)
+        took = time.monotonic() - self.t0
+        if self.traced:
+            self.steady = max(self.steady, took)
+        else:
+            self.first, self.traced = max(self.first, took), True
+        self.longest = self.steady or self.first
         if self.limit is None or self.reason:
             return
         elapsed = time.monotonic() - self.start

@@ -151,7 +151,7 @@ _PRESETS["photo"] = RunConfig(
         contrast=0.2,
         saturation=0.2,
     ),
-    plan=PlanConfig(images_seen=48000, min_epochs=8, sizes=(32, 48)),
+    plan=PlanConfig(images_seen=36000, min_epochs=8, sizes=(32, 48)),
     predict=PredictConfig(tta=("identity", "flip_lr"), reduce="mean"),
     epochs=60,
     batch_size=32,
