@@ -106,11 +106,15 @@ class TimeBudget(keras.callbacks.Callback):
     def __init__(self, run: RunFolder, start: float, limit: float | None, agree=None):
         super().__init__()
         self.run, self.start, self.limit, self.reason = run, start, limit, None
-        self.longest = 0.0  # longest steady epoch (else the first, traced one)
-        self.steady = self.first = 0.0
+        self.steady = self.first = 0.0  # longest steady / first (traced) epoch
         self.traced = False  # the current fit has traced its first epoch
         # Several processes must stop at the same step: the chief's clock decides.
         self.agree = agree or (lambda flag: flag)
+
+    @property
+    def longest(self) -> float:
+        """The next epoch's expected length."""
+        return self.steady or self.first
 
     def on_train_begin(self, logs=None):
         self.traced = False
@@ -132,7 +136,6 @@ class TimeBudget(keras.callbacks.Callback):
             self.steady = max(self.steady, took)
         else:
             self.first, self.traced = max(self.first, took), True
-        self.longest = self.steady or self.first
         if self.limit is None or self.reason:
             return
         elapsed = time.monotonic() - self.start

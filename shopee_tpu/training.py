@@ -187,22 +187,15 @@ def train(
     # valid_fraction=0 trains on every record: nothing to pick a best epoch by, so
     # each epoch's (EMA) weights become `best` and the last epoch's are returned.
     validate = bool(keep or valid_files)
-    n_valid = (
-        (len(keep["valid"]) if keep else pipeline.count_records(valid_files))
-        if validate
-        else 0
-    )
     steps, per_call = _epoch_steps(config, n_train, global_batch, verbose)
     host_batch = acc.host_batch_size(config.batch_size)
-    valid_rows = (
-        global_batch
-        * pipeline.eval_batches(
+    n_valid = valid_rows = 0
+    if validate:
+        n_valid = len(keep["valid"]) if keep else pipeline.count_records(valid_files)
+        valid_rows = global_batch * pipeline.eval_batches(
             valid_files, host_batch, acc.num_workers, keep.get("valid")
         )
-        if validate
-        else 0
-    )
-    if verbose and not validate:
+    elif verbose:
         print(
             f"{out_dir}: no validation hold-out (data.valid_fraction=0): training on "
             f"all {n_train} records and keeping the last epoch's weights"
