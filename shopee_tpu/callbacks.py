@@ -1,8 +1,8 @@
-"""The Keras callbacks of ``train()``: the per-epoch commit to the run folder, the
-time budget, the validation loss without padding rows, and progress lines.
+"""The Keras callbacks of ``train()``: the epoch commits to the run folder, the time
+budget, the validation loss without padding rows, and progress lines.
 
-Each one keeps a promise of ``train()``: an epoch is on disk once it completes (and
-only then), a Kaggle session ends with a loadable checkpoint instead of a killed
+Each one keeps a promise of ``train()``: completed epochs (and only those) reach the
+disk at least every minute and whenever a fit ends, a Kaggle session ends with a loadable checkpoint instead of a killed
 kernel, metrics count real images only, and a log stays readable in a notebook and
 in a committed kernel's output alike.
 """
@@ -22,7 +22,18 @@ __all__ = ["EpochCommit", "TimeBudget", "UnpaddedValidationLoss", "Progress"]
 
 
 class EpochCommit(keras.callbacks.Callback):
-    """Commits each completed epoch to the run folder (weights, optimizer, history)."""
+    """Commits completed epochs to the run folder (weights, optimizer, history).
+
+    A commit writes the weights with the optimizer state (about 2-3 s for a small
+    EfficientNet on 2 CPU cores), a large share of an epoch of a few seconds. So an
+    epoch is committed once ``every`` seconds have passed since the last commit,
+    when it is the new best by ``monitor`` (its weights would be lost otherwise),
+    and when it ends the ``fit`` (the run's or a phase's last epoch, or a stop
+    asked by a callback before this one, such as ``TimeBudget``): after its last
+    epoch ``fit`` replaces the weights with their EMA, so nothing can be committed
+    later. The epochs in between join the history at the next commit. A crash
+    loses at most ``every`` seconds of training; ``every=0`` commits each epoch.
+    """
 
     def __init__(
         self,
@@ -34,11 +45,19 @@ class EpochCommit(keras.callbacks.Callback):
         write,
         ema=None,
         monitor: str | None = "val_accuracy",
+        every: float = 0.0,
+        agree=None,
     ):
         super().__init__()
         self.run, self.steps, self.global_batch = run, steps, global_batch
         self.schedule, self.write, self.ema = schedule, write, ema
-        self.monitor = monitor
+        self.monitor, self.every = monitor, every
+        # Every process must save at the same epoch: the chief's clock decides.
+        self.agree = agree or (lambda flag: flag)
+        self.pending: list[dict] = []  # rows of completed, uncommitted epochs
+        # The phase's side (progressive resizing): set by train() for a model with
+        # an open input side; else the model's own.
+        self.image_size: int | None = None
 
     @contextlib.contextmanager
     def _ema_weights(self):
@@ -49,6 +68,10 @@ class EpochCommit(keras.callbacks.Callback):
             yield
         finally:
             self.ema.on_test_end()
+
+    def on_train_begin(self, logs=None):
+        self.last_commit = time.monotonic()
+        self.pending = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.monotonic()
@@ -63,32 +86,48 @@ class EpochCommit(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.steps_done < self.steps:
-            return  # stopped mid-epoch (time budget): this epoch is not complete
+            # Stopped mid-epoch (time budget): this epoch is not complete, and the
+            # weights have moved past any uncommitted epochs before it.
+            return
         now = time.monotonic()
+        row = self._row(epoch, logs or {}, now)
+        self.pending.append(row)
+        improved = self.monitor is not None and self.run.improves(row, self.monitor)
+        due = now - self.last_commit >= self.every
+        ending = self.model.stop_training or epoch + 1 >= self.params["epochs"]
+        if self.agree(float(improved or due or ending)):
+            self._commit()
+
+    def _row(self, epoch: int, logs: dict, now: float) -> dict:
         train_time = (self.t_train or now) - self.t0
         iterations = int(np.asarray(self.model.optimizer.iterations))
         row = {"epoch": epoch + 1}
-        row.update({k: float(v) for k, v in (logs or {}).items()})
+        row.update({k: float(v) for k, v in logs.items()})
         row.update(
             lr=float(np.asarray(self.schedule(iterations - 1)))
             if callable(self.schedule)
             else float(self.schedule),
             iterations=iterations,
-            # The phase's side (progressive resizing builds a model per size).
-            image_size=int(self.model.input_shape[1]),
+            image_size=int(self.image_size or self.model.input_shape[1]),
             images_per_sec=round(
                 self.steps * self.global_batch / max(train_time, 1e-9), 2
             ),
             epoch_time_sec=round(now - self.t0, 2),
         )
+        return row
+
+    def _commit(self) -> None:
+        *earlier, row = self.pending
         self.run.commit_epoch(
             self.model,
-            epoch + 1,
+            row["epoch"],
             row,
             monitor=self.monitor,
             write=self.write,
             evaluated_weights=self._ema_weights if self.ema is not None else None,
+            earlier=earlier,
         )
+        self.pending, self.last_commit = [], time.monotonic()
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -100,7 +139,9 @@ class TimeBudget(keras.callbacks.Callback):
     a steady epoch has been seen. Mid-epoch it stops only once the limit has passed
     and an earlier epoch is already committed, so the partial epoch is dropped and
     the checkpoint is kept; the first epoch always finishes, else nothing would be
-    saved at all.
+    saved at all. Place it before ``EpochCommit``, which commits the epoch it stops
+    at; an epoch is timed from the end of the one before, so a commit counts in
+    the next epoch's time.
     """
 
     def __init__(self, run: RunFolder, start: float, limit: float | None, agree=None):
@@ -118,8 +159,6 @@ class TimeBudget(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.traced = False
-
-    def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -131,7 +170,8 @@ class TimeBudget(keras.callbacks.Callback):
             self.reason = f"time limit {self.limit:.0f}s reached mid-epoch; kept epoch {self.run.epoch}"
 
     def on_epoch_end(self, epoch, logs=None):
-        took = time.monotonic() - self.t0
+        now = time.monotonic()
+        took, self.t0 = now - self.t0, now
         if self.traced:
             self.steady = max(self.steady, took)
         else:

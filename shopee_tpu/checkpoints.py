@@ -1,7 +1,8 @@
 """A run folder that survives interruption: checkpoints, history and resume state.
 
 Kaggle sessions end without warning (the 9-12 h limit, a preempted TPU, a closed
-browser), so every finished epoch is committed as one unit:
+browser), so finished epochs are committed as one unit (every epoch, or at most every
+minute of training: see ``EpochCommit``):
 
 1. the model weights with the optimizer state (Keras' own ``save_weights`` format,
    which stores a compiled model's optimizer next to its layers) and, if improved,
@@ -140,8 +141,14 @@ class RunFolder:
         mode: str = "max",
         write: bool = True,
         evaluated_weights=None,
+        earlier: list[dict[str, Any]] = (),
     ) -> bool:
         """Commits a completed epoch (1-based); returns whether it is the new best.
+
+        ``earlier`` holds the history rows of epochs trained since the last commit
+        and not committed themselves (``EpochCommit`` commits at most every so
+        many seconds); they join the history with ``row``, and resuming starts
+        after ``epoch``.
 
         ``write=False`` (non-chief workers of a multi-worker run) updates nothing on
         disk, so only one process writes the shared folder; it still saves (to a
@@ -152,16 +159,7 @@ class RunFolder:
         training weights that the optimizer state belongs to. ``monitor=None`` (a
         run without validation) makes every epoch the new best.
         """
-        value = row.get(monitor) if monitor else None
-        best = self.state.get("best")
-        # Without a monitor (no validation) the latest epoch is the one kept.
-        improved = monitor is None or (
-            value is not None
-            and (
-                best is None
-                or (value > best["value"] if mode == "max" else value < best["value"])
-            )
-        )
+        improved = self.improves(row, monitor, mode)
         pending = {}
         with tempfile.TemporaryDirectory() as tmp:
             staged = {
@@ -177,10 +175,17 @@ class RunFolder:
                 src = f".pending-{epoch}-{dst}"
                 self._fs().put(local, self.file(src))
                 pending[src] = dst
-        history = [r for r in self.history if r["epoch"] < epoch] + [row]
+        rows = [*earlier, row]
+        first = rows[0]["epoch"]
+        history = [r for r in self.history if r["epoch"] < first] + rows
         self.state.update(epoch=epoch, history=history)
         if improved:
-            self.state["best"] = {"epoch": epoch, "monitor": monitor, "value": value}
+            self.state["best"] = {
+                "epoch": epoch,
+                "monitor": monitor,
+                "value": row.get(monitor) if monitor else None,
+                "image_size": row.get("image_size"),
+            }
         if not write:
             return improved
         self.state["pending"] = pending
@@ -188,6 +193,23 @@ class RunFolder:
         self._finish_pending()
         self.write_history_csv()
         return improved
+
+    def improves(self, row: dict[str, Any], monitor: str | None, mode: str = "max"):
+        """Whether the epoch of ``row`` replaces the best one.
+
+        Without a monitor (no validation) the latest epoch is the one kept. An
+        epoch at another image size than the best one's replaces it: accuracy
+        measured at a smaller size of progressive resizing says little about
+        those weights at the full size (a 48 px best can score chance at 64 px).
+        """
+        if monitor is None:
+            return True
+        value, best = row.get(monitor), self.state.get("best")
+        if value is None:
+            return False
+        if best is None or best.get("image_size") != row.get("image_size"):
+            return True
+        return value > best["value"] if mode == "max" else value < best["value"]
 
     def mark_finished(self, finished: bool, **extra: Any) -> None:
         self.state.update(finished=finished, **extra)

@@ -160,6 +160,7 @@ def _cmd_train(args) -> int:
         cfg,
         out_dir=args.out,
         time_limit=args.time_limit,
+        checkpoint_every=args.checkpoint_every,
         device=args.device,
         folds=args.folds,
         fold=args.fold,
@@ -323,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="run folder (default: the config's out_dir)"
     )
     p.add_argument("--time-limit", type=parse_duration, default=None, help="e.g. 8h45m")
+    p.add_argument(
+        "--checkpoint-every",
+        type=parse_duration,
+        default=60.0,
+        help="training time between checkpoints (each fit's end always commits; "
+        "0: every epoch)",
+    )
     p.add_argument("--device", choices=DEVICES, default=None)
     p.add_argument(
         "--folds", type=int, default=None, help="k-fold: one run per fold + oof.npz"

@@ -10,10 +10,13 @@ A run is cut into phases by two settings of ``RunConfig.plan`` (``PlanConfig``):
   inference mode), then the backbone is unfrozen at ``plan.backbone_lr`` times
   the learning rate.
 
-Every phase rebuilds the model at its image size and continues from the run
-folder's last checkpoint (convolution weights do not depend on the image size),
-so a phase change is exactly a resume, and a run killed anywhere, in any phase,
-resumes the same way. The learning-rate schedule runs over the whole run by
+A phase that changes the trainable set rebuilds the model and continues from the
+run folder's last checkpoint, so that phase change is exactly a resume, and a run
+killed anywhere, in any phase, resumes the same way. Size changes keep one model
+with an open input side on TensorFlow CPUs and GPUs (fed by datasets whose image
+side is left open, ``any_image_size``: one traced graph for every size); on TPUs
+and JAX every size gets its own model, rebuilt from the checkpoint (convolution
+weights do not depend on the image size). The learning-rate schedule runs over the whole run by
 optimizer step, unaffected by the phases. ``plan.images_seen`` picks the epoch
 count from the size of the training set.
 """
@@ -35,6 +38,7 @@ __all__ = [
     "prepare_phase",
     "resume_phase",
     "describe_phase",
+    "any_image_size",
 ]
 
 
@@ -188,3 +192,21 @@ def resume_phase(
     for average, variable in zip(averages, model.trainable_variables, strict=False):
         if average is not None:
             average.assign(variable)
+
+
+def any_image_size(dataset):
+    """``dataset`` with the image side of its first element left open.
+
+    Keras traces its training step once per input signature; batches whose side
+    is unknown to the signature share one traced graph across the sizes of
+    progressive resizing. The values are unchanged. ``None`` passes through.
+    """
+    if dataset is None:
+        return None
+    import tensorflow as tf
+
+    def relax(images, *rest):
+        shape = [images.shape[0], None, None, images.shape[-1]]
+        return (tf.compat.v1.placeholder_with_default(images, shape), *rest)
+
+    return dataset.map(relax)

@@ -70,6 +70,7 @@ def train(
     *,
     out_dir: str | None = None,
     time_limit: float | None = None,
+    checkpoint_every: float = 60.0,
     device: str | None = None,
     accelerator=None,
     verbose: int | None = None,
@@ -83,6 +84,10 @@ def train(
         out_dir: Run folder; defaults to ``config.out_dir``.
         time_limit: Seconds of wall time this call may use (``--time-limit 8h45m``).
             Training stops after the last epoch that fits, with its checkpoint.
+        checkpoint_every: Seconds of training between checkpoints: an epoch is
+            committed once this much time has passed since the last commit, when
+            it is the best so far, and at the end of each fit (phase, run, time
+            limit). A crash loses at most this much; 0 commits every epoch.
         device: Overrides ``config.device`` for ``connect()``.
         accelerator: An ``Accelerator`` from ``shopee_tpu.connect()`` to reuse.
         verbose: 1 shows progress bars, 0 is silent; ``None`` picks 1.
@@ -106,9 +111,11 @@ def train(
         compile_model,
         input_spec,
         make_schedule,
+        supports_any_size,
     )
     from shopee_tpu.models.finetune import scale_backbone_lr
     from shopee_tpu.plan import (
+        any_image_size,
         describe_phase,
         make_plan,
         phase_at,
@@ -126,6 +133,7 @@ def train(
             fold=fold,
             out_dir=out_dir,
             time_limit=time_limit,
+            checkpoint_every=checkpoint_every,
             device=device,
             accelerator=accelerator,
             verbose=verbose,
@@ -205,8 +213,21 @@ def train(
     epochs, phases = make_plan(config, n_train, image_size)
     config = config.replace(epochs=epochs)
 
-    def build(phase, resume_from: int):
-        """Datasets and compiled model of one phase, resumed from the run folder."""
+    # Progressive resizing on TensorFlow (CPU, GPU) trains one model with an open
+    # input side, fed through datasets without a static image side: one traced
+    # graph serves every size, where a model per size costs a trace per phase
+    # (~40 s for a small EfficientNet on 2 cores) and a rebuild and restore. TPUs
+    # need static shapes, and JAX compiles per shape anyway: a model per phase.
+    sizes = {p.image_size for p in phases}
+    one_model = (
+        len(sizes) > 1
+        and acc.backend == "tensorflow"
+        and acc.kind != "tpu"
+        and supports_any_size(config.model.backbone)
+    )
+
+    def datasets(phase):
+        """The training and validation datasets of one phase."""
         common = dict(
             schema=config.data.schema,
             image_size=phase.image_size,
@@ -239,9 +260,18 @@ def train(
             if validate
             else None
         )
+        if one_model:
+            train_ds, valid_ds = any_image_size(train_ds), any_image_size(valid_ds)
+        return train_ds, valid_ds
+
+    def build(phase, resume_from: int, *, any_size: bool = one_model):
+        """The compiled model of one phase, resumed from the run folder."""
         with acc.scope():
             model = build_from_config(
-                config.model, num_classes, image_size=phase.image_size
+                config.model,
+                num_classes,
+                image_size=image_size if any_size else phase.image_size,
+                any_size=any_size,
             )
             prepare_phase(model, phase, config.plan)
             compile_model(
@@ -255,10 +285,11 @@ def train(
                 scale_backbone_lr(model.optimizer, model, config.plan.backbone_lr)
             if resume_from > 0:
                 resume_phase(run, model, phases, phase, steps, resume_from)
-        return train_ds, valid_ds, model
+        return model
 
     phase = phase_at(phases, run.epoch)
-    train_ds, valid_ds, model = build(phase, run.epoch)
+    train_ds, valid_ds = datasets(phase)
+    model = build(phase, run.epoch)
 
     # The same pure function the optimizer uses, for the LR column and plot.
     schedule = make_schedule(config.optim, steps, config.epochs, acc.replicas)
@@ -275,18 +306,22 @@ def train(
         # weights as `last` (they belong with the optimizer state) and the EMA
         # weights, which were scored, as `best`.
         swapper = keras.callbacks.SwapEMAWeights() if config.optim.ema else None
+        commit = EpochCommit(
+            run,
+            steps,
+            global_batch,
+            schedule,
+            write=chief,
+            ema=swapper,
+            monitor="val_accuracy" if validate else None,
+            every=checkpoint_every,
+            agree=acc.from_chief,
+        )
+        # The budget decides first: the commit saves the epoch it stops at.
         callbacks = [
             UnpaddedValidationLoss(valid_rows / max(1, n_valid)),
-            EpochCommit(
-                run,
-                steps,
-                global_batch,
-                schedule,
-                write=chief,
-                ema=swapper,
-                monitor="val_accuracy" if validate else None,
-            ),
             budget,
+            commit,
         ]
         if swapper is not None:
             callbacks.insert(0, swapper)
@@ -294,6 +329,7 @@ def train(
             callbacks.append(Progress(config.epochs, steps))
         epoch = done
         while True:  # one fit per phase; the next phase resumes from its checkpoint
+            commit.image_size = phase.image_size
             model.fit(
                 train_ds,
                 epochs=phase.end,
@@ -306,14 +342,21 @@ def train(
             )
             if budget.reason or phase.end >= config.epochs:
                 break
-            epoch, phase = phase.end, phase_at(phases, phase.end)
+            epoch, before, phase = phase.end, phase, phase_at(phases, phase.end)
             if verbose:
                 print(f"epoch {epoch + 1}: {describe_phase(phase)}")
-            train_ds, valid_ds, model = build(phase, epoch)
+            train_ds, valid_ds = datasets(phase)
+            if not one_model or phase.frozen != before.frozen:
+                model = build(phase, epoch)
+            else:  # `fit` left the EMA weights in: back to the committed state
+                run.restore(model)
         stop_reason = budget.reason
-    if phase is not phases[-1]:  # stopped early: report at the full size
+    if one_model or phase is not phases[-1]:
+        # The model returned (and reported) takes the full size, fixed: stopped
+        # early, or trained with an open side.
         phase = phases[-1]
-        train_ds, valid_ds, model = build(phase, 0)
+        train_ds, valid_ds = datasets(phase)
+        model = build(phase, 0, any_size=False)
     finished = run.epoch >= config.epochs
     if chief:
         run.mark_finished(finished, stop_reason=stop_reason)

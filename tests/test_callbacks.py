@@ -1,9 +1,14 @@
-"""The time budget's estimate of the next epoch, on a fake clock."""
+"""The time budget's estimate of the next epoch and when epochs are committed, on a
+fake clock."""
 
 from types import SimpleNamespace
 
+import keras
+import numpy as np
+
 from shopee_tpu import callbacks
-from shopee_tpu.callbacks import TimeBudget
+from shopee_tpu.callbacks import EpochCommit, TimeBudget
+from shopee_tpu.checkpoints import RunFolder
 
 
 def _epochs(budget, clock, durations):
@@ -41,3 +46,81 @@ def test_the_traced_first_epoch_of_a_fit_does_not_stand_for_the_next(monkeypatch
     budget.set_model(SimpleNamespace(stop_training=False))
     budget.on_train_begin()
     assert _epochs(budget, clock, [20, 5]) == 1 and budget.longest == 20
+
+
+class _Clock(keras.callbacks.Callback):
+    """Advances the fake clock by a fixed time per training step."""
+
+    def __init__(self, clock, per_step):
+        super().__init__()
+        self.clock, self.per_step = clock, per_step
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.clock.now += self.per_step
+
+
+def _commit_run(tmp_path, monkeypatch, *, every, epochs, fits=1, monitor=None):
+    """Fits a tiny model with EpochCommit on a fake clock (5 s an epoch); returns
+    the run folder and the epochs committed, one list per commit."""
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock.now)
+    run = RunFolder(tmp_path / "run")
+    commits = []
+    real_commit = run.commit_epoch
+
+    def spy(model, epoch, row, *, earlier=(), **kw):
+        commits.append([r["epoch"] for r in [*earlier, row]])
+        return real_commit(model, epoch, row, earlier=earlier, **kw)
+
+    run.commit_epoch = spy
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse", metrics=["accuracy"])
+    x = np.random.default_rng(0).normal(size=(20, 4)).astype("float32")
+    y = np.eye(2, dtype="float32")[np.arange(20) % 2]
+    commit = EpochCommit(run, 5, 4, 0.01, write=True, monitor=monitor, every=every)
+    done = 0
+    for end in np.linspace(epochs / fits, epochs, fits).astype(int):
+        model.fit(
+            x,
+            y,
+            batch_size=4,
+            epochs=int(end),
+            initial_epoch=done,
+            validation_data=(x, y) if monitor else None,
+            callbacks=[_Clock(clock, 1.0), commit],
+            verbose=0,
+        )
+        done = int(end)
+    return RunFolder(tmp_path / "run"), commits
+
+
+def test_epochs_are_committed_every_so_often_and_at_the_end_of_each_fit(
+    tmp_path, monkeypatch
+):
+    # 5 s epochs, a commit due every 12 s: epochs 3 (15 s), 6 (30 s), then the
+    # end of the fit at epoch 7. Every epoch's row reaches the history.
+    run, commits = _commit_run(tmp_path, monkeypatch, every=12, epochs=7)
+    assert commits == [[1, 2, 3], [4, 5, 6], [7]]
+    assert run.epoch == 7 and [r["epoch"] for r in run.history] == list(range(1, 8))
+    assert run.state["best"]["epoch"] == 7  # no monitor: the latest epoch
+    # Two fits (two phases): each one's end commits.
+    run, commits = _commit_run(tmp_path / "b", monkeypatch, every=100, epochs=6, fits=2)
+    assert commits == [[1, 2, 3], [4, 5, 6]] and run.epoch == 6
+    # every=0: each epoch.
+    _, commits = _commit_run(tmp_path / "c", monkeypatch, every=0, epochs=3)
+    assert commits == [[1], [2], [3]]
+
+
+def test_a_new_best_epoch_is_committed_at_once(tmp_path, monkeypatch):
+    run, commits = _commit_run(
+        tmp_path, monkeypatch, every=1000, epochs=8, monitor="val_accuracy"
+    )
+    values = [r["val_accuracy"] for r in run.history]
+    # No commit is due by the clock: each one before the fit's end is at an epoch
+    # that beat every earlier one, starting with the first.
+    assert commits[0] == [1] and commits[-1][-1] == 8
+    for group in commits[:-1]:
+        epoch = group[-1]
+        assert values[epoch - 1] > max(values[: epoch - 1], default=-1.0)
+    assert sum(map(len, commits)) == 8 and run.state["best"]["value"] == max(values)

@@ -145,3 +145,25 @@ def test_damaged_state_is_named(tmp_path):
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(ValueError, match="state.json"):
         RunFolder(tmp_path)
+
+
+def test_the_best_epoch_is_chosen_among_epochs_at_the_latest_image_size(tmp_path):
+    model = _model()
+    _fit(model)
+    run = RunFolder(tmp_path)
+
+    def commit(epoch, size, accuracy):
+        row = {"epoch": epoch, "image_size": size, "val_accuracy": accuracy}
+        return run.commit_epoch(model, epoch, row, monitor="val_accuracy")
+
+    assert commit(1, 48, 0.9)
+    # 0.6 at 64 px replaces 0.9 at 48 px: the smaller size's score does not carry.
+    assert commit(2, 64, 0.6) and run.state["best"]["epoch"] == 2
+    assert not commit(3, 64, 0.5)
+    assert commit(4, 64, 0.7)
+    assert run.state["best"] == {
+        "epoch": 4,
+        "monitor": "val_accuracy",
+        "value": 0.7,
+        "image_size": 64,
+    }

@@ -286,3 +286,19 @@ def test_freeze_and_unfreeze_keep_batchnorm_frozen():
     assert 2 < n_quarter < n_all
     with pytest.raises(ValueError, match="matches no"):
         unfreeze_backbone(model, from_block="nothing_")
+
+
+@pytest.mark.parametrize("size", [64, 40])  # 40: a stride-2 block sees side 5
+def test_an_open_size_model_is_the_fixed_model_at_its_nominal_size(size):
+    fixed = efficientnet("phi-6", 5, input_size=size)
+    open_ = efficientnet("phi-6", 5, input_size=size, any_size=True)
+    assert open_.input_shape == (None, None, None, 3)
+    open_.set_weights(fixed.get_weights())
+    x = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
+    np.testing.assert_allclose(
+        open_.predict_on_batch(x), fixed.predict_on_batch(x), rtol=1e-5, atol=1e-6
+    )
+    # The same weights run at the smaller sides of progressive resizing.
+    small = x[:, : size // 2, : size // 2]
+    probs = open_.predict_on_batch(small)
+    assert probs.shape == (2, 5) and np.allclose(probs.sum(-1), 1, atol=1e-5)

@@ -99,11 +99,20 @@ def test_a_holdout_of_few_classes_is_named(photo_task):
 
 
 def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
-    photo_task, tmp_path
+    photo_task, tmp_path, monkeypatch
 ):
+    import shopee_tpu.models as models
     from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
     from shopee_tpu.inference.tta import predict
     from shopee_tpu.training import train
+
+    built, build = [], models.build_from_config
+
+    def spy(*args, **kwargs):
+        built.append(kwargs.get("any_size", False))
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(models, "build_from_config", spy)
 
     # The photo recipe (AdamW, cosine, EMA, resized crops, colour, progressive
     # resizing 32 -> 48 -> 64) on the smallest backbone, for 144 training images:
@@ -130,6 +139,9 @@ def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
     assert history[0] == first.history[0]  # epoch 1 was kept, not trained again
     assert [r["epoch"] for r in history] == list(range(1, 17))
     assert [r["image_size"] for r in history] == [32] * 4 + [48] * 4 + [64] * 8
+    # On TF's CPU every size trained one model with an open input side (one traced
+    # graph); each call then returned a model fixed at the full size.
+    assert built == [True, False, True, False]
     steps = history[0]["iterations"]
     assert steps == 20  # 160 training images in batches of 8
     # The optimizer's step count carried over the resume and every phase change.

@@ -33,9 +33,10 @@ VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Adam, no weight decay", ("optim.optimizer=adam", "optim.weight_decay=0")),
     ("no EMA", ("optim.ema=false",)),
     ("BatchNorm momentum 0.99", ("model.batchnorm_momentum=0.99",)),
-    ("half the epochs", ("plan.images_seen=18000",)),
+    ("half the epochs", ("plan.images_seen=24000",)),
     ("EfficientNet-B0 backbone", ("model.backbone=efficientnet-b0",)),
     ("no TTA", ("predict.tta=identity",)),
+    ("flip TTA only", ("predict.tta=identity,flip_lr",)),
 )
 
 

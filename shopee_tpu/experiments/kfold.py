@@ -185,6 +185,7 @@ def train_folds(
     fold: int | None = None,
     out_dir: str | None = None,
     time_limit: float | None = None,
+    checkpoint_every: float = 60.0,
     device: str | None = None,
     accelerator=None,
     verbose: int | None = None,
@@ -198,6 +199,7 @@ def train_folds(
         out_dir: The k-fold run folder; defaults to ``config.out_dir``.
         time_limit: Seconds for this call across folds; a fold that does not finish
             in time stops the run (rerun to continue).
+        checkpoint_every: Seconds between a fold's checkpoints (see ``train``).
         device: Overrides ``config.device``.
         accelerator: An ``Accelerator`` to reuse.
         verbose: 1 shows progress, 0 is silent.
@@ -258,6 +260,7 @@ def train_folds(
             fold_cfg,
             out_dir=where,
             time_limit=remaining,
+            checkpoint_every=checkpoint_every,
             accelerator=acc,
             verbose=verbose,
         )

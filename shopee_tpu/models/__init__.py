@@ -25,6 +25,7 @@ _EXPORTS = {
     "input_spec": "shopee_tpu.models.registry",
     "InputSpec": "shopee_tpu.models.registry",
     "available_models": "shopee_tpu.models.registry",
+    "supports_any_size": "shopee_tpu.models.registry",
     "compile_model": "shopee_tpu.models.recipe",
     "make_schedule": "shopee_tpu.models.recipe",
     "make_optimizer": "shopee_tpu.models.recipe",

@@ -58,6 +58,7 @@ def efficientnet(
     batchnorm_epsilon: float = 1e-3,
     name: str | None = None,
     weights_preprocessing: str = "auto",
+    any_size: bool = False,
 ) -> keras.Model:
     """Builds EfficientNet-B0..B7 or a compound-scaled variant.
 
@@ -75,6 +76,10 @@ def efficientnet(
             ``best.weights.h5``). A file with another classifier (1000 classes, or
             none) loads the backbone and keeps the fresh classifier.
         input_size: Side of the square input; ``None`` uses the native resolution.
+        any_size: Leave the input side open (``[batch, None, None, 3]``), for one
+            model trained at several sizes; the strided convolutions pad as they
+            do at ``input_size``, so the weights behave the same in a model built
+            at that size.
         activation: Backbone activation (``swish`` = ``silu``).
         drop_connect_rate: Stochastic-depth rate reached at the last block.
         dropout: Dropout before the classifier. ``None`` or 0: none (best for the
@@ -114,7 +119,8 @@ def efficientnet(
             axis=-1, momentum=batchnorm_momentum, epsilon=batchnorm_epsilon, name=name
         )
 
-    inputs = keras.Input((size, size, 3), name="input_layer")
+    side = None if any_size else size
+    inputs = keras.Input((side, side, 3), name="input_layer")
     # float32 so bfloat16 policies never round raw pixels before normalising.
     x = layers.Rescaling(1.0 / 255.0, name="rescaling", dtype="float32")(inputs)
     norm = layers.Normalization(axis=-1, name="normalization", dtype="float32")
@@ -134,6 +140,7 @@ def efficientnet(
 
     rates = drop_connect_rates(variant, drop_connect_rate)
     b = 0
+    side = (size + 1) // 2  # the side at `input_size` (it sets the pads)
     for i, (kernel, repeats, f_in, f_out, expand, stride, se) in enumerate(B0_STAGES):
         f_in, f_out = round_filters(f_in, sc.width), round_filters(f_out, sc.width)
         for j in range(round_repeats(repeats, sc.depth)):
@@ -149,7 +156,9 @@ def efficientnet(
                 drop_rate=rates[b],
                 activation=activation,
                 bn=bn,
+                side=side,
             )
+            side = (side + 1) // 2 if stride == 2 and j == 0 else side
             b += 1
 
     x = layers.Conv2D(
@@ -223,8 +232,10 @@ def _mbconv(
     drop_rate: float,
     activation: str,
     bn,
+    side: int,
 ):
-    """Inverted-residual (MBConv) block with squeeze-and-excitation."""
+    """Inverted-residual (MBConv) block with squeeze-and-excitation; ``side`` is
+    the input's side at the model's nominal size."""
     filters = filters_in * expand_ratio
     x = inputs
     if expand_ratio != 1:
@@ -239,7 +250,7 @@ def _mbconv(
         x = bn(f"{prefix}expand_bn")(x)
         x = layers.Activation(activation, name=f"{prefix}expand_activation")(x)
     if strides == 2:
-        pad = _correct_pad(int(x.shape[1]), kernel_size)
+        pad = _correct_pad(side, kernel_size)
         x = layers.ZeroPadding2D(pad, name=f"{prefix}dwconv_pad")(x)
     x = layers.DepthwiseConv2D(
         kernel_size,

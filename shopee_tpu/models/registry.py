@@ -159,6 +159,7 @@ def build_model(
     include_top: bool = True,
     weights_preprocessing: str = "auto",
     pretrained: bool = True,
+    any_size: bool = False,
 ) -> keras.Model:
     """Builds a registry backbone with our head (see the module docstring).
 
@@ -184,6 +185,8 @@ def build_model(
         pretrained: ``False`` builds the architecture only: ``weights`` is ignored
             and a KerasHub preset's weights are not read (before loading a run's
             own weights).
+        any_size: EfficientNet only (see ``supports_any_size``): leave the input
+            side open, for one model trained at several sizes.
 
     Raises:
         ValueError: unknown name, or an option the family cannot honour.
@@ -204,8 +207,11 @@ def build_model(
             include_top=include_top,
             batchnorm_momentum=batchnorm_momentum,
             weights_preprocessing=weights_preprocessing,
+            any_size=any_size,
         )
     label = what.name if kind == "family" else f"kerashub:{what}"
+    if any_size:
+        raise ValueError(f"{label}: any_size is for EfficientNet backbones only")
     if activation != "swish":
         raise ValueError(
             f"{label}: activation={activation!r} cannot be changed for this "
@@ -306,17 +312,27 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
+def supports_any_size(name: str) -> bool:
+    """Whether ``build_model(name, any_size=True)`` works: our EfficientNet builder
+    pads its strided convolutions for a nominal size, so its weights behave the
+    same at any input side; other families (position embeddings, pads from the
+    input shape) keep one model per size."""
+    return resolve(name)[0] == "efficientnet"
+
+
 def build_from_config(
     model_cfg: ModelConfig,
     num_classes: int,
     image_size: int | None = None,
     *,
     pretrained: bool = True,
+    any_size: bool = False,
 ) -> keras.Model:
     """``build_model`` with the settings of a run config's ``model`` section.
 
     ``pretrained=False`` builds the architecture only, for loading a run's own
     weights: no download, no pretrained file or run folder needs to be attached.
+    ``any_size`` leaves the input side open (see ``build_model``).
     """
     return build_model(
         model_cfg.backbone,
@@ -329,4 +345,5 @@ def build_from_config(
         batchnorm_momentum=model_cfg.batchnorm_momentum,
         weights_preprocessing=model_cfg.weights_preprocessing,
         pretrained=pretrained,
+        any_size=any_size,
     )
