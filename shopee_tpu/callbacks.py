@@ -2,9 +2,9 @@
 budget, the validation loss without padding rows, and progress lines.
 
 Each one keeps a promise of ``train()``: completed epochs (and only those) reach the
-disk at least every minute and whenever a fit ends, a Kaggle session ends with a loadable checkpoint instead of a killed
-kernel, metrics count real images only, and a log stays readable in a notebook and
-in a committed kernel's output alike.
+disk at least every minute and whenever a fit ends, a Kaggle session ends with a
+loadable checkpoint instead of a killed kernel, metrics count real images only, and
+a log stays readable in a notebook and in a committed kernel's output alike.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 from shopee_tpu.config import RunConfig, config_diff
@@ -141,7 +142,7 @@ class RunFolder:
         mode: str = "max",
         write: bool = True,
         evaluated_weights=None,
-        earlier: list[dict[str, Any]] = (),
+        earlier: Sequence[dict[str, Any]] = (),
     ) -> bool:
         """Commits a completed epoch (1-based); returns whether it is the new best.
 
@@ -194,7 +195,9 @@ class RunFolder:
         self.write_history_csv()
         return improved
 
-    def improves(self, row: dict[str, Any], monitor: str | None, mode: str = "max"):
+    def improves(
+        self, row: dict[str, Any], monitor: str | None, mode: str = "max"
+    ) -> bool:
         """Whether the epoch of ``row`` replaces the best one.
 
         Without a monitor (no validation) the latest epoch is the one kept. An

@@ -218,9 +218,8 @@ def train(
     # graph serves every size, where a model per size costs a trace per phase
     # (~40 s for a small EfficientNet on 2 cores) and a rebuild and restore. TPUs
     # need static shapes, and JAX compiles per shape anyway: a model per phase.
-    sizes = {p.image_size for p in phases}
     one_model = (
-        len(sizes) > 1
+        len({p.image_size for p in phases}) > 1
         and acc.backend == "tensorflow"
         and acc.kind != "tpu"
         and supports_any_size(config.model.backbone)
@@ -355,7 +354,7 @@ def train(
         # The model returned (and reported) takes the full size, fixed: stopped
         # early, or trained with an open side.
         phase = phases[-1]
-        train_ds, valid_ds = datasets(phase)
+        _, valid_ds = datasets(phase)
         model = build(phase, 0, any_size=False)
     finished = run.epoch >= config.epochs
     if chief:
