@@ -167,23 +167,7 @@ def train(
             f"{config.data.train}: no manifest.json with a label map next to the records; "
             "write them with `shopee-tpu tfrecords`"
         )
-    keep = {}
-    if config.data.folds or config.data.fold is not None:
-        # One fold of a k-fold run: its products are held out of all the records.
-        from shopee_tpu.experiments.kfold import fold_ids
-
-        train_files = valid_files = files
-        keep = fold_ids(config, files)
-    elif config.data.valid:
-        train_files, valid_files = files, pipeline.list_files(config.data.valid)
-    elif (manifest or {}).get("valid"):
-        # Records that carry their own split (`shopee-tpu cdiscount prepare`).
-        valid_dir = os.path.join(os.path.dirname(files[0]), manifest["valid"])
-        train_files, valid_files = files, pipeline.list_files(valid_dir)
-    else:
-        train_files, valid_files = pipeline.holdout_files(
-            files, config.data.valid_fraction, config.seed
-        )
+    train_files, valid_files, keep = _split(config, files, manifest)
     if chief:
         atomic_write_text(
             run.file("label_map.json"), json.dumps(label_map, indent=1) + "\n"
@@ -401,6 +385,34 @@ def _open_run(out_dir: str, config: RunConfig, acc) -> RunFolder:
         run = RunFolder(out_dir)
         run.check_config(config, write=False)
     return run
+
+
+def _split(config: RunConfig, files: list[str], manifest: dict | None):
+    """The training and validation records of a run, in the order of precedence:
+    a k-fold run's fold, ``data.valid``, the records' own split, a hold-out.
+
+    Returns:
+        ``(train_files, valid_files, keep)``; ``keep`` is empty, or for one fold of
+        a k-fold run maps "train" and "valid" to the record ids each side keeps
+        (both read every file).
+    """
+    from shopee_tpu.data import pipeline
+
+    if config.data.folds or config.data.fold is not None:
+        # One fold of a k-fold run: its products are held out of all the records.
+        from shopee_tpu.experiments.kfold import fold_ids
+
+        return files, files, fold_ids(config, files)
+    if config.data.valid:
+        return files, pipeline.list_files(config.data.valid), {}
+    if (manifest or {}).get("valid"):
+        # Records that carry their own split (`shopee-tpu cdiscount prepare`).
+        valid_dir = os.path.join(os.path.dirname(files[0]), manifest["valid"])
+        return files, pipeline.list_files(valid_dir), {}
+    train_files, valid_files = pipeline.holdout_files(
+        files, config.data.valid_fraction, config.seed
+    )
+    return train_files, valid_files, {}
 
 
 def _epoch_steps(

@@ -212,9 +212,12 @@ def test_oof_and_fold_ensemble_equal_the_fold_models_predictions(
         )
         test_probs.append(p)
     np.testing.assert_allclose(oof.probs, recomputed, atol=2e-3)
-    accuracy = float((recomputed.argmax(-1) == oof.labels).mean())
+    # The reported accuracy is that of the stored probabilities. Not compared with
+    # the recomputed argmax: this near-chance model has top-two near-ties that a
+    # different batching flips within the tolerance above (a CI run saw 2 of 245).
     metrics = json.loads((run / "metrics.json").read_text())
-    assert abs(metrics["oof_accuracy"] - accuracy) <= 1.0 / len(oof.ids) + 1e-9
+    stored = float((oof.probs.argmax(-1) == oof.labels).mean())
+    assert metrics["oof_accuracy"] == round(stored, 4)
 
     # predict --run on the k-fold folder averages the three fold models.
     out = tmp_path / "sub.csv"
