@@ -387,7 +387,9 @@ def _open_run(out_dir: str, config: RunConfig, acc) -> RunFolder:
     return run
 
 
-def _split(config: RunConfig, files: list[str], manifest: dict | None):
+def _split(
+    config: RunConfig, files: list[str], manifest: dict | None
+) -> tuple[list[str], list[str], dict[str, list[str]]]:
     """The training and validation records of a run, in the order of precedence:
     a k-fold run's fold, ``data.valid``, the records' own split, a hold-out.
 

@@ -214,7 +214,7 @@ def test_oof_and_fold_ensemble_equal_the_fold_models_predictions(
     np.testing.assert_allclose(oof.probs, recomputed, atol=2e-3)
     # The reported accuracy is that of the stored probabilities. Not compared with
     # the recomputed argmax: this near-chance model has top-two near-ties that a
-    # different batching flips within the tolerance above (a CI run saw 2 of 245).
+    # different batching flips within the tolerance above (a suite run saw 2 of 245).
     metrics = json.loads((run / "metrics.json").read_text())
     stored = float((oof.probs.argmax(-1) == oof.labels).mean())
     assert metrics["oof_accuracy"] == round(stored, 4)
