@@ -10,7 +10,7 @@ import sys
 from shopee_tpu import __version__
 from shopee_tpu.accelerator import _DEVICES as DEVICES
 from shopee_tpu.config import PRESETS, ConfigError, RunConfig
-from shopee_tpu.console import error_line, one_line_warnings, quiet_native_logs
+from shopee_tpu.console import error_line, one_line_warnings, show_native_logs
 from shopee_tpu.inference.views import REDUCERS
 
 
@@ -505,8 +505,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.verbose:
-        quiet_native_logs()
+    if args.verbose:
+        show_native_logs()
+    else:
         one_line_warnings(f"shopee-tpu {args.command}")
     try:
         return args.func(args)

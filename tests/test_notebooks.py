@@ -130,13 +130,23 @@ def _execute(name, tmp_path):
     injected = nbformat.v4.new_code_cell("SMOKE = True")
     injected.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(at, injected)
-    env = dict(os.environ, PYTHONPATH=REPO)
+    # A user's kernel: TensorFlow's C++ logging at its default level, and what the
+    # process writes to its file descriptors shown in the notebook (ipykernel
+    # stops forwarding them when it sees PYTEST_CURRENT_TEST).
+    hidden = ("TF_CPP_MIN_LOG_LEVEL", "PYTEST_CURRENT_TEST")
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
+    env["PYTHONPATH"] = REPO
     NotebookClient(
         nb,
         timeout=900,
         kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},
     ).execute(env=env)
+    # Clean outputs: no TensorFlow C++ lines (abseil's, oneDNN's, tf.data's INFO).
+    for cell in _code(nb):
+        for out in cell.outputs:
+            text = out.get("text", "")
+            assert not re.search(r"^[IW]\d{4} |absl::InitializeLog", text, re.M), text
     return nb
 
 
