@@ -13,6 +13,32 @@ import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The test backbone for runs that prove plumbing (resume, time budgets, k-fold,
+# sweeps, several processes): tiny-cnn traces in a second or two where even the
+# smallest EfficientNet takes tens of seconds (shopee_tpu.models.tiny). The
+# EfficientNet itself is trained by the demo, the photo-preset and the 8-device
+# JAX tests.
+TINY = ("model.backbone=tiny-cnn", "data.image_size=32")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+    """One persistent JAX compilation cache for every process of the session
+    (xdist workers and the JAX children they start), kept for programs of any
+    compile time: a resumed run, a second host or a later test then loads what
+    an earlier one compiled instead of compiling it again. The size limit turns
+    on JAX's file lock, so processes that write and read it at once are safe."""
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    path = shared / "jax_cache"
+    path.mkdir(exist_ok=True)
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=str(path),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30),
+    )
+    return str(path)
+
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):

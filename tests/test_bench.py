@@ -1,50 +1,92 @@
-"""Every benchmark runs at its ``--quick`` size through the CLI and prints the JSON
-keys the README names. Speed is never asserted: only that each figure is there,
-is a finite positive number, and comes with its spread over the rounds."""
+"""Every benchmark runs once at its ``--quick`` size through the CLI. Speed is never
+asserted; the figures are: each reported ratio, fraction and gain is recomputed
+from the rounds (or runs) the JSON carries, so an inverted ratio or a wrong
+formula fails, and each verdict follows from its figure."""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
+
+import pytest
 
 from shopee_tpu.cli import main
 
 
 def _bench(capsys, what: str, *extra: str) -> dict:
-    assert main(["bench", what, "--quick", "--json", "--rounds", "2", *extra]) == 0
+    assert main(["bench", what, "--quick", "--json", *extra]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["machine"]["cores"] >= 1
     assert len(out["machine"]["load_average"]) == 3
     return out
 
 
-def _spread(fig: dict, rounds: int = 2) -> float:
-    """A median/min/max/rounds figure; returns its median."""
-    assert len(fig["rounds"]) == rounds
-    assert all(math.isfinite(v) and v > 0 for v in fig["rounds"])
-    assert fig["min"] <= fig["median"] <= fig["max"]
-    return fig["median"]
+def _rounds(fig: dict, digits: int, rounds: int = 2) -> list[float]:
+    """A median/min/max/rounds figure reported to ``digits`` decimals: its rounds,
+    checked against its summary."""
+    values = fig["rounds"]
+    assert len(values) == rounds
+    assert all(math.isfinite(v) and v > 0 for v in values)
+    assert (fig["min"], fig["max"]) == (min(values), max(values))
+    # The median of the unrounded rounds, rounded: within one unit of the last
+    # digit of the median of the rounded ones.
+    assert abs(fig["median"] - statistics.median(values)) <= 10.0**-digits + 1e-12
+    return values
 
 
-def test_bench_predict_reports_both_groupings_and_the_chosen_one(capsys):
-    out = _bench(capsys, "predict")
+def _is_product(fig: dict, digits: int, *factors) -> None:
+    """Each round of ``fig`` (``digits`` decimals) is the product of the factors'
+    rounds, each factor ``(rounds, power, decimals or None when exact)``, within
+    what the rounding of every figure allows."""
+    for i, got in enumerate(_rounds(fig, digits, len(factors[0][0]))):
+        want, rel = 1.0, 0.0
+        for rounds, power, decimals in factors:
+            value = rounds[i]
+            want *= value**power
+            if decimals is not None:
+                rel += abs(power) * 0.5 * 10.0**-decimals / abs(value)
+        slack = abs(want) * rel * 1.01 + 0.5 * 10.0**-digits + 1e-12
+        assert abs(got - want) <= slack, (i, got, want)
+
+
+@pytest.mark.slow
+def test_bench_predict_ratios_are_the_rounds_quotients(capsys):
+    out = _bench(capsys, "predict", "--rounds", "2")
     assert out["device_kind"] == "cpu" and out["chosen"] == "per_view"
     assert out["views_per_call_chosen"] == 1
+    secs, cpu = out["seconds_per_round"], out["cpu_seconds_per_round"]
+    single = _rounds(secs["k_single"], 3)
+    for name in ("batched", "per_view"):
+        _is_product(
+            out["ratios"][name], 4, (_rounds(secs[name], 3), 1, 3), (single, -1, 3)
+        )
+        _is_product(
+            out["cpu_seconds_ratios"][name],
+            4,
+            (_rounds(cpu[name], 3), 1, 3),
+            (_rounds(cpu["k_single"], 3), -1, 3),
+        )
+        median = out[f"ratio_{name}_over_k_single_median"]
+        assert median == out["ratios"][name]["median"]
     ratio = out["ratio_chosen_over_k_single_median"]
-    assert ratio == out["ratio_per_view_over_k_single_median"] > 0
-    assert out["ratio_batched_over_k_single_median"] > 0
-    for name in ("batched", "per_view"):
-        _spread(out["ratios"][name])
-    for name in ("batched", "per_view", "k_single"):
-        _spread(out["seconds_per_round"][name])
-    _spread(out["end_to_end_ratios"])
-    for name in ("batched", "per_view"):
-        _spread(out["cpu_seconds_ratios"][name])
+    assert ratio == out["ratio_per_view_over_k_single_median"]
+    e2e = out["end_to_end_seconds"]
+    _is_product(
+        out["end_to_end_ratios"],
+        4,
+        (_rounds(e2e["chosen"], 3), 1, 3),
+        (_rounds(e2e["k_passes"], 3), -1, 3),
+    )
+    # K views of every image over the median time of K one-view passes.
+    rate = out["k"] * out["images"] / secs["k_single"]["median"]
+    assert out["images_per_sec_one_view_median"] == pytest.approx(rate, rel=2e-3)
     assert out["meets_target"] == (ratio <= 1.1)
 
 
-def test_bench_input_reports_the_decode_limit_and_end_to_end(capsys):
-    out = _bench(capsys, "input", "--seconds", "0.2")
+@pytest.mark.slow
+def test_bench_input_ratios_and_break_even_follow_from_the_rounds(capsys):
+    out = _bench(capsys, "input", "--rounds", "2", "--seconds", "0.2")
     assert out["records"] == out["images"] == 64
     limit = out["decode_limit"]
     names = {
@@ -55,12 +97,28 @@ def test_bench_input_reports_the_decode_limit_and_end_to_end(capsys):
         "ours_no_augment",
         "ours_private_pool",
     }
-    assert set(limit["images_per_sec"]) == set(limit["cores_used"]) == names
-    for name in names:
-        _spread(limit["images_per_sec"][name])
+    rates, used = limit["images_per_sec"], limit["cores_used"]
+    assert set(rates) == set(used) == names
+    single, cores = _rounds(rates["single_thread"], 1), out["cores"]
     for name in ("ours", "ours_no_augment", "ours_private_pool", "parallel_decode"):
-        _spread(limit[f"{name}_over_cores_x_single_thread"])
-    assert set(limit["per_cpu_second_over_single_thread"]) == names - {"single_thread"}
+        _is_product(
+            limit[f"{name}_over_cores_x_single_thread"],
+            3,
+            (_rounds(rates[name], 1), 1, 1),
+            ([cores, cores], -1, None),
+            (single, -1, 1),
+        )
+    work = limit["per_cpu_second_over_single_thread"]
+    assert set(work) == names - {"single_thread"}
+    for name in work:  # (images / CPU second) over the single thread's
+        _is_product(
+            work[name],
+            3,
+            (_rounds(rates[name], 1), 1, 1),
+            (_rounds(used[name], 2), -1, 2),
+            (single, -1, 1),
+            (_rounds(used["single_thread"], 2), 1, 2),
+        )
     goal = out["ours_over_cores_x_single_thread_median"]
     assert goal == limit["ours_over_cores_x_single_thread"]["median"]
     assert out["meets_target"] == (goal >= 0.85)
@@ -69,32 +127,106 @@ def test_bench_input_reports_the_decode_limit_and_end_to_end(capsys):
     assert e2e["epochs"] == [1, 3, 10]
     # The same images on each side: 64 = 4 whole batches of 16.
     assert e2e["images_per_epoch"] == {"ours": 64, "directory": 64}
+    write = _rounds(e2e["write_seconds"], 3)
     for e in (1, 3, 10):
-        for key in ("ours_write_plus_read_seconds", "directory_seconds"):
-            _spread(e2e[f"epochs_{e}"][key])
-        _spread(e2e[f"epochs_{e}"]["directory_over_ours"])
+        fig = e2e[f"epochs_{e}"]
+        ours = _rounds(fig["ours_write_plus_read_seconds"], 3)
+        directory = _rounds(fig["directory_seconds"], 3)
+        _is_product(fig["directory_over_ours"], 3, (directory, 1, 3), (ours, -1, 3))
+        assert all(o > w for o, w in zip(ours, write))  # ours includes the write
     # More epochs take longer on both sides.
     assert (
         e2e["epochs_10"]["directory_seconds"]["median"]
         > e2e["epochs_1"]["directory_seconds"]["median"]
     )
-    _spread(e2e["writer_n_over_1"])
+    _is_product(
+        e2e["writer_n_over_1"],
+        3,
+        (_rounds(e2e["write_1_process_seconds"], 3), 1, 3),
+        (write, -1, 3),
+    )
+    # Write once, then save (directory - ours) seconds an epoch.
+    per_epoch = e2e["seconds_per_epoch"]
+    saved = per_epoch["directory"] - per_epoch["ours"]
     be = out["break_even_epochs"]
-    assert be is None or be > 0
+    assert be == e2e["break_even_epochs"]
+    if saved > 0:
+        assert be == round(e2e["write_seconds"]["median"] / saved, 2)
+    else:
+        assert be is None
 
 
-def test_bench_train_reports_fraction_of_peak_on_both_backends(capsys):
-    out = _bench(capsys, "train")
+@pytest.mark.slow
+def test_bench_train_fractions_and_ratios_follow_from_the_rounds(capsys):
+    out = _bench(capsys, "train", "--rounds", "2")
+    assert out["model"] == "tiny-cnn"
     assert out["replicas"] == {"tensorflow": 1, "jax": 1, "jax_8_devices": 8}
-    assert out["forward_gflops_per_image"]["ours"] > 0
+    flops = out["forward_flops_per_image"]
+    assert flops["ours"] > 0 and flops["plain"] > flops["ours"]
+    img, matmul = out["img_per_sec"], out["matmul_gflops_per_sec"]
+    # The machine's peak of each round: the best matmul of any worker.
+    peaks = [max(r) for r in zip(*(_rounds(matmul[n], 1) for n in matmul))]
     for key in ("tensorflow", "tensorflow_keras_applications", "jax", "jax_8_devices"):
-        _spread(out["img_per_sec"][key])
-        assert 0 < _spread(out["fraction_of_peak"][key]) < 1
-    for name in ("tensorflow", "jax", "jax_8_devices"):
-        _spread(out["matmul_gflops_per_sec"][name])
-    _spread(out["ours_over_keras_applications"])
-    _spread(out["jax_8_devices_over_1"])
+        per_image = 3 * flops["plain" if "keras" in key else "ours"] / 1e9
+        _is_product(
+            out["fraction_of_peak"][key],
+            5,
+            (_rounds(img[key], 2), 1, 2),
+            ([per_image, per_image], 1, None),
+            (peaks, -1, 1),
+        )
+        assert 0 < out["fraction_of_peak"][key]["median"] < 1
+    tf = _rounds(img["tensorflow"], 2)
+    plain = _rounds(img["tensorflow_keras_applications"], 2)
+    jax1, jax8 = _rounds(img["jax"], 2), _rounds(img["jax_8_devices"], 2)
+    _is_product(out["ours_over_keras_applications"], 3, (tf, 1, 2), (plain, -1, 2))
+    _is_product(out["jax_over_tensorflow"], 3, (jax1, 1, 2), (tf, -1, 2))
+    _is_product(out["jax_8_devices_over_1"], 3, (jax8, 1, 2), (jax1, -1, 2))
     assert "overhead" in out["note"] and "not TPU speed" in out["note"]
+
+
+@pytest.mark.slow
+def test_bench_cdiscount_throughput_and_memory_ratios(capsys):
+    out = _bench(capsys, "cdiscount")
+    assert (out["quick"], out["products"], out["rounds"]) == (True, 100, 2)
+    through = out["throughput"]
+    one, many = (_rounds_list(through[k]["rounds"]) for k in ("workers_1", "workers_n"))
+    for name, rounds in (("workers_1", one), ("workers_n", many)):
+        assert through[name]["products_per_sec"] == pytest.approx(
+            statistics.median(rounds), abs=0.1
+        )
+        per_product = out["images"] / out["products"]
+        assert through[name]["images_per_sec"] == pytest.approx(
+            through[name]["products_per_sec"] * per_product, rel=2e-3, abs=0.2
+        )
+    n_over_1 = statistics.median(a / b for a, b in zip(many, one, strict=True))
+    assert out["n_over_1"] == pytest.approx(n_over_1, rel=5e-3)
+    rss = out["peak_rss"]
+    small, large = rss["products_100"], rss["products_1000"]
+    assert large["images"] > 5 * small["images"]
+    for key in ("parent_mb", "worker_mb"):
+        assert rss["ratio_10x_over_1x"][key] == pytest.approx(
+            large[key] / small[key], abs=2e-3
+        )
+    assert out["rss_target_met"] == (max(rss["ratio_10x_over_1x"].values()) <= 1.2)
+
+
+def _rounds_list(values: list[float]) -> list[float]:
+    assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
+    return values
+
+
+@pytest.mark.slow
+def test_bench_ablation_changes_are_each_variant_minus_the_preset(capsys, tmp_path):
+    out = _bench(capsys, "ablation", "--seed", "1", "--out", str(tmp_path))
+    assert (out["benchmark"], out["quick"], out["seed"]) == ("ablation", True, 1)
+    rows = out["rows"]
+    assert [r["variant"] for r in rows] == ["photo preset", "no progressive resizing"]
+    assert rows[1]["sets"] == ["plan.sizes="] and rows[0]["sets"] == []
+    base = rows[0]["test_accuracy"]
+    for row in rows:
+        assert 0 <= row["test_accuracy"] <= 1 and row["epochs"] == 1
+        assert row["change_vs_preset"] == round(row["test_accuracy"] - base, 4)
 
 
 def test_forward_flops_counts_convolutions_and_dense_layers():

@@ -357,6 +357,7 @@ def test_test_file_lists_every_product_and_ignores_categories(sample, tmp_path):
     assert set(_records(tmp_path / "t")["label"]) == {-1}
 
 
+@pytest.mark.slow
 def test_end_to_end_cli_from_train_bson_to_a_valid_submission(sample, tmp_path):
     from shopee_tpu.cli import main
     from shopee_tpu.inference.submission import validate_cdiscount_submission
@@ -373,7 +374,7 @@ def test_end_to_end_cli_from_train_bson_to_a_valid_submission(sample, tmp_path):
         ["train", "--preset", "cdiscount", "--set", f"data.train={rec}",
          "--out", str(run),
          # A tiny model and a few steps: this checks the flow, not accuracy.
-         "--set", "model.weights=none", "--set", "model.backbone=efficientnet-phi-6",
+         "--set", "model.weights=none", "--set", "model.backbone=tiny-cnn",
          "--set", f"data.image_size={SIZE}", "--set", "batch_size=16",
          "--set", "epochs=1", "--set", "steps_per_epoch=3"],
         ["predict", "--run", str(run), "--data", str(testrec),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 import shopee_tpu
 from shopee_tpu.cli import main, parse_duration
@@ -119,6 +120,7 @@ def test_device_and_reduce_are_checked_against_their_choices(capsys):
         assert "invalid choice" in err and "choose from" in err
 
 
+@pytest.mark.slow
 def test_missing_tpu_is_one_line_with_the_way_out(tmp_path):
     proc = _run(
         "train",
@@ -155,27 +157,28 @@ def test_missing_demo_extra_names_the_extra(tmp_path):
     assert not (tmp_path / "demo").exists()  # refused before doing any work
 
 
-def test_unavailable_weights_are_one_line(
-    digits_records, tmp_path, capsys, monkeypatch
-):
-    from shopee_tpu.models import weights
-
-    # Nothing listens on port 9: the download fails at once, as offline.
-    monkeypatch.setattr(weights, "KERAS_WEIGHTS_URL", "http://127.0.0.1:9/")
+@pytest.mark.slow
+def test_unavailable_weights_are_one_line(digits_records, tmp_path):
+    # Offline, as on a Kaggle kernel with internet off: nothing listens on port 9,
+    # and an empty Keras cache (KERAS_HOME) holds no copy of the file.
     argv = ["train", "--preset", "demo", "--out", str(tmp_path / "run")]
     argv += ["--set", f"data.train={digits_records['train']}"]
-    argv += [
-        "--set",
-        "model.backbone=efficientnet-b0",
-        "--set",
-        "model.weights=imagenet",
-    ]
-    if weights.os.path.exists(
-        os.path.expanduser("~/.keras/models/efficientnetb0_notop.h5")
-    ):
-        pytest.skip("a cached copy of the weights exists")
-    assert main(argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    argv += ["--set", "model.backbone=efficientnet-b0"]
+    argv += ["--set", "model.weights=imagenet"]
+    code = (
+        "import sys\n"
+        "from shopee_tpu.models import weights\n"
+        "weights.KERAS_WEIGHTS_URL = 'http://127.0.0.1:9/'\n"
+        "from shopee_tpu.cli import main\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.update(KERAS_HOME=str(tmp_path / "keras"), PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()
     # One error line, last; before it at most one-line notes (the hold-out's).
     assert err[-1].startswith("shopee-tpu train: error: ")
     assert all(line.startswith("shopee-tpu train: note: ") for line in err[:-1])

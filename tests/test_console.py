@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from shopee_tpu.console import _hidden
@@ -27,6 +28,7 @@ def _stderr(code: str, **env: str) -> str:
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_importing_tensorflow_after_the_package_prints_no_native_lines():
     raw = _stderr("import tensorflow")
     # On CPUs where oneDNN is on (AMD EPYC with AVX512_BF16, Kaggle's hosts) the

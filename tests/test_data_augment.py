@@ -334,6 +334,7 @@ def test_augment_batch_draws_per_image(photo):
         assert len({img.tobytes() for img in x.numpy()}) == 16
 
 
+@pytest.mark.slow
 def test_pipeline_and_affine_ops_run_in_tf_data_on_the_jax_backend(
     digits_dir, tmp_path
 ):

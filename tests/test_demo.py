@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from conftest import REPO
 
 # Chance is 0.1. The quick demo's 8 epochs stop while the model is still learning,
@@ -15,6 +16,7 @@ from conftest import REPO
 QUICK_LEVEL = 0.6
 
 
+@pytest.mark.slow
 def test_quick_demo_scores_far_above_chance_with_clean_logs(tmp_path):
     out = tmp_path / "demo"
     # The user's environment: TensorFlow's C++ logging at its default level.

@@ -8,12 +8,12 @@ import os
 
 import pandas as pd
 import pytest
+from conftest import TINY
 
 from shopee_tpu.config import ConfigError, RunConfig
 
 SETS = (
-    "model.backbone=efficientnet-phi-7",
-    "data.image_size=32",
+    *TINY,
     "batch_size=16",
     "optim.warmup_epochs=0.5",
     "epochs=2",
@@ -22,6 +22,7 @@ SETS = (
 GRID = ["model.dropout=0,0.5", "optim.label_smoothing=0,0.1"]
 
 
+@pytest.mark.slow
 def test_sweep_of_2x2_points_writes_the_table_and_a_rerun_trains_nothing(
     digits_records, tmp_path, capsys
 ):
@@ -56,7 +57,7 @@ def test_sweep_of_2x2_points_writes_the_table_and_a_rerun_trains_nothing(
         dropout, smoothing = name.split("_label_smoothing-")
         assert cfg["model"]["dropout"] == float(dropout.removeprefix("dropout-"))
         assert cfg["optim"]["label_smoothing"] == float(smoothing)
-        assert cfg["epochs"] == 2 and cfg["model"]["backbone"] == "efficientnet-phi-7"
+        assert cfg["epochs"] == 2 and cfg["model"]["backbone"] == "tiny-cnn"
 
     results = pd.read_csv(out / "results.csv")
     assert len(results) == 4 and set(results.run) == names

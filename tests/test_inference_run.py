@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 # One worker runs this module: its module fixture trains once, not once per worker.
-pytestmark = pytest.mark.xdist_group("inference_run")
+pytestmark = [pytest.mark.xdist_group("inference_run"), pytest.mark.slow]
 
 SIZE = 32
 

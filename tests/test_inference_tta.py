@@ -208,6 +208,7 @@ print(json.dumps({"replicas": acc.replicas, "runner": runner.replicas, "ids": id
 
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.slow
 def test_multi_replica_ragged_batches(backend):
     """Two replicas (TF MirroredStrategy over 2 logical CPUs; JAX DataParallel over
     2 host devices): a 3-image batch is padded to 4 and the padding stripped."""

@@ -299,6 +299,7 @@ def _site_packages() -> str:
     return sysconfig.get_paths()["purelib"]
 
 
+@pytest.mark.slow
 def test_built_notebook_runs_its_smoke_path_without_the_package_installed(tmp_path):
     built = build_kernel(
         TFRECORDS, tmp_path / "kernel", sets=["id=me/shopee-tpu-records"]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
+from unittest import mock
 
 import keras
 import numpy as np
 import pytest
-from conftest import photo_crops
+from conftest import photo_crops, run_python
 
 from shopee_tpu.models import (
     WeightsUnavailableError,
@@ -19,6 +19,7 @@ from shopee_tpu.models import (
     freeze_backbone,
     scaling,
     unfreeze_backbone,
+    weights,
 )
 from shopee_tpu.models.efficientnet_scaling import block_count, round_filters
 from shopee_tpu.models.weights import fetch_efficientnet_imagenet
@@ -47,27 +48,28 @@ def _block_prefixes(model) -> list[str]:
     return seen
 
 
-def test_golden_param_counts_and_drop_connect_b0_to_b7():
-    for n in range(8):
-        model = efficientnet(n, 1000)
-        assert model.count_params() == GOLDEN_PARAMS[n], f"B{n}"
-        assert model.input_shape == (None, *(scaling(n).resolution,) * 2, 3)
-        blocks = _block_prefixes(model)
-        assert len(blocks) == GOLDEN_BLOCKS[n] == block_count(n)
-        # Every drop-connect layer has rate 0.2 * b / (scaled block count).
-        drops = {
-            layer.name[: -len("_drop")]: layer.rate
-            for layer in model.layers
-            if layer.name.endswith("_drop")
-        }
-        assert drops, f"B{n} has no drop-connect layers"
-        for name, rate in drops.items():
-            b = blocks.index(name)
-            assert rate == pytest.approx(0.2 * b / len(blocks)), name
-        if n == 7:
-            last = blocks[-1]  # block7d: a residual block, so it has the layer
-            assert drops[last] == pytest.approx(0.2 * 54 / 55)  # not 0.675
-        keras.backend.clear_session()
+@pytest.mark.parametrize("n", range(8))
+@pytest.mark.slow
+def test_golden_param_counts_and_drop_connect_b0_to_b7(n):
+    model = efficientnet(n, 1000)
+    assert model.count_params() == GOLDEN_PARAMS[n], f"B{n}"
+    assert model.input_shape == (None, *(scaling(n).resolution,) * 2, 3)
+    blocks = _block_prefixes(model)
+    assert len(blocks) == GOLDEN_BLOCKS[n] == block_count(n)
+    # Every drop-connect layer has rate 0.2 * b / (scaled block count).
+    drops = {
+        layer.name[: -len("_drop")]: layer.rate
+        for layer in model.layers
+        if layer.name.endswith("_drop")
+    }
+    assert drops, f"B{n} has no drop-connect layers"
+    for name, rate in drops.items():
+        b = blocks.index(name)
+        assert rate == pytest.approx(0.2 * b / len(blocks)), name
+    if n == 7:
+        last = blocks[-1]  # block7d: a residual block, so it has the layer
+        assert drops[last] == pytest.approx(0.2 * 54 / 55)  # not 0.675
+    keras.backend.clear_session()
 
 
 def test_same_as_keras_applications_b0():
@@ -105,6 +107,7 @@ def test_rounding_rules():
     assert round_filters(8, 0.1) == 8  # never below the divisor
 
 
+@pytest.mark.slow
 def test_phi_variants_build_and_grow_with_phi():
     sizes, params = [], []
     for phi in (-3.0, 0.0, 0.5):
@@ -129,6 +132,7 @@ def _run(model, x):
     return np.asarray(model(x, training=False))
 
 
+@pytest.mark.slow
 def test_weight_transplant_from_keras_applications(tmp_path):
     keras.utils.set_random_seed(3)
     ref = keras.applications.EfficientNetB0(weights=None, input_shape=(64, 64, 3))
@@ -185,26 +189,27 @@ def test_imagenet_normalization_quirk_is_fixed_on_load(tmp_path):
     )
 
 
-def _cached(file_name: str) -> bool:
-    home = os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras"))
-    return os.path.exists(os.path.join(home, "models", file_name))
-
-
+@pytest.mark.slow
 def test_imagenet_offline_error_says_how_to_attach_the_file(tmp_path):
-    try:
-        fetch_efficientnet_imagenet(
-            0, include_top=False, cache_dir=str(tmp_path), timeout=5
-        )
-    except WeightsUnavailableError as e:
-        message = str(e)
-    else:
-        pytest.skip("network available: the download worked")
+    # Offline: nothing listens on port 9, and the caches are empty folders.
+    dead = "http://127.0.0.1:9/"
+    with pytest.raises(WeightsUnavailableError) as e:
+        with mock.patch.object(weights, "KERAS_WEIGHTS_URL", dead):
+            fetch_efficientnet_imagenet(0, include_top=False, cache_dir=str(tmp_path))
+    message = str(e.value)
     assert "efficientnetb0_notop.h5" in message
     assert "Kaggle dataset" in message and "weights=" in message
-    if _cached("efficientnetb0_notop.h5"):
-        pytest.skip("a cached copy exists")
-    with pytest.raises(WeightsUnavailableError, match="Kaggle dataset"):
-        efficientnet(0, 10, input_size=32, weights="imagenet")
+    # Through the builder, with Keras's own cache (KERAS_HOME) empty.
+    code = (
+        "from shopee_tpu.models import efficientnet, weights\n"
+        f"weights.KERAS_WEIGHTS_URL = {dead!r}\n"
+        "try:\n"
+        "    efficientnet(0, 10, input_size=32, weights='imagenet')\n"
+        "except weights.WeightsUnavailableError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    out = run_python(code, env={"KERAS_HOME": str(tmp_path / "keras")})
+    assert "REFUSED" in out and "Kaggle dataset" in out
     with pytest.raises(ValueError, match="B0..B7"):
         efficientnet(-1.0, 10, weights="imagenet")
 
@@ -289,6 +294,7 @@ def test_freeze_and_unfreeze_keep_batchnorm_frozen():
 
 
 @pytest.mark.parametrize("size", [64, 40])  # 40: a stride-2 block sees side 5
+@pytest.mark.slow
 def test_an_open_size_model_is_the_fixed_model_at_its_nominal_size(size):
     fixed = efficientnet("phi-6", 5, input_size=size)
     open_ = efficientnet("phi-6", 5, input_size=size, any_size=True)

@@ -26,7 +26,7 @@ from shopee_tpu.models import (
 )
 
 # One worker runs this module: its module fixture trains once, not once per worker.
-pytestmark = pytest.mark.xdist_group("kerashub")
+pytestmark = [pytest.mark.xdist_group("kerashub"), pytest.mark.slow]
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -21,7 +21,9 @@ from shopee_tpu.models.layers import ImageNetPreprocess
 from shopee_tpu.models.registry import resolve
 
 FAMILY_NAMES = [
-    n for n in available_models() if not n.startswith(("efficientnet-", "kerashub:"))
+    n
+    for n in available_models()
+    if not n.startswith(("efficientnet-", "kerashub:")) and n != "tiny-cnn"
 ]
 
 
@@ -38,6 +40,7 @@ BUILT = [
     "xception",
     "efficientnetv2-b0",
     "convnext-tiny",
+    "tiny-cnn",
 ]
 
 
@@ -50,6 +53,7 @@ def test_every_name_resolves_to_a_keras_constructor():
         assert input_spec(name).size == family.size
 
 
+@pytest.mark.slow
 def test_one_of_each_family_builds_with_our_head():
     for name in BUILT:
         size = 72 if name == "xception" else 32
@@ -110,6 +114,7 @@ def test_resnet_takes_0_255_and_loads_keras_weights(tmp_path):
     assert ten.output.shape == (None, 10)
 
 
+@pytest.mark.slow
 def test_convnext_head_matches_keras_top_model(tmp_path):
     ref = keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3))
     path = str(tmp_path / "convnext.weights.h5")
@@ -187,3 +192,23 @@ def test_models_round_trip_through_keras_files(tmp_path):
         model.save(path)
         again = keras.models.load_model(path)
         np.testing.assert_allclose(_run(again, x), _run(model, x), atol=1e-6)
+
+
+def test_tiny_cnn_keeps_the_input_contract_at_any_size():
+    from shopee_tpu.models import supports_any_size
+
+    fixed = build_model("tiny-cnn", 4, input_size=40)
+    open_ = build_model("tiny-cnn", 4, any_size=True)
+    assert supports_any_size("tiny-cnn") and open_.input_shape == (None, None, None, 3)
+    assert input_spec("tiny-cnn") == (32, (0.0, 255.0))
+    open_.set_weights(fixed.get_weights())
+    x = photo_crops(2, 40, seed=1).astype("float32")
+    np.testing.assert_allclose(
+        open_.predict_on_batch(x), fixed.predict_on_batch(x), rtol=1e-5, atol=1e-6
+    )
+    # ImageNet statistics inside the model: 0..255 pixels in, as every backbone.
+    probe = keras.Model(fixed.input, fixed.get_layer("normalization").output)
+    mean = np.asarray(probe.predict_on_batch(x)).mean()
+    assert abs(mean) < 1.5
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        build_model("tiny-cnn", 4, weights="imagenet")

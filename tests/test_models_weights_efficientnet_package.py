@@ -26,6 +26,9 @@ from shopee_tpu.models import (
     load_weights,
 )
 
+# One worker runs this module: its module fixture makes the files once.
+pytestmark = [pytest.mark.xdist_group("efficientnet_package"), pytest.mark.slow]
+
 B0_IMAGENET = "efficientnet-b0_weights_tf_dim_ordering_tf_kernels_autoaugment_notop.h5"
 B0_ADVPROP = "efficientnet-b0_advprop_notop.h5"
 B0_NS_TOP = "efficientnet-b0_noisy-student.h5"

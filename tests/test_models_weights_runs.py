@@ -14,10 +14,10 @@ from shopee_tpu.config import RunConfig
 from shopee_tpu.models import WeightsError, build_from_config, build_model
 
 # One worker runs this module: its module fixture trains once, not once per worker.
-pytestmark = pytest.mark.xdist_group("weights_runs")
+pytestmark = [pytest.mark.xdist_group("weights_runs"), pytest.mark.slow]
 
 SETS = (
-    "model.backbone=efficientnet-phi-6",
+    "model.backbone=tiny-cnn",
     "batch_size=16",
     "epochs=1",
     "steps_per_epoch=3",
@@ -53,7 +53,7 @@ def test_run_folder_loads_at_a_larger_size_and_fresh_head(first_run):
     expected = _backbone_weights(source)
     # The same classes at 48 px instead of 32: everything loads.
     model = build_model(
-        "efficientnet-phi-6",
+        "tiny-cnn",
         first_run["classes"],
         input_size=48,
         weights=str(first_run["dir"]),
@@ -68,13 +68,11 @@ def test_run_folder_loads_at_a_larger_size_and_fresh_head(first_run):
     )
     # Another class count: the backbone loads, the classifier starts fresh.
     with pytest.warns(UserWarning, match="10-class classifier.*4 classes"):
-        four = build_model(
-            "efficientnet-phi-6", 4, input_size=48, weights=str(first_run["dir"])
-        )
+        four = build_model("tiny-cnn", 4, input_size=48, weights=str(first_run["dir"]))
     assert four.output_shape == (None, 4)
     np.testing.assert_array_equal(
-        four.get_layer("top_conv").get_weights()[0],
-        source.get_layer("top_conv").get_weights()[0],
+        four.get_layer("conv3").get_weights()[0],
+        source.get_layer("conv3").get_weights()[0],
     )
 
 
@@ -99,8 +97,8 @@ def test_fine_tune_a_run_at_higher_resolution_then_predict_without_it(
     )
     ref.load_weights(str(source / "best.weights.h5"))
     np.testing.assert_array_equal(
-        start.get_layer("stem_conv").get_weights()[0],
-        ref.get_layer("stem_conv").get_weights()[0],
+        start.get_layer("conv1").get_weights()[0],
+        ref.get_layer("conv1").get_weights()[0],
     )
     result = train(cfg, out_dir=str(tmp_path / "run48"), verbose=0)
     assert result.metrics["finished"] and result.model.input_shape[1] == 48
@@ -122,7 +120,7 @@ def test_run_folder_errors_name_what_differs(first_run, tmp_path):
     # A run of another backbone: both names, one line.
     with pytest.raises(WeightsError) as e:
         build_model("efficientnet-b0", 10, input_size=32, weights=str(first_run["dir"]))
-    assert "model.backbone=efficientnet-phi-6" in str(e.value)
+    assert "model.backbone=tiny-cnn" in str(e.value)
     assert "efficientnet-b0" in str(e.value) and "\n" not in str(e.value)
     # A run whose label map does not fit its weights: strict when predicting.
     broken = tmp_path / "broken"

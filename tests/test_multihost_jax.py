@@ -42,25 +42,26 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_jax_processes_over_loopback_train_one_model(
-    digits_records, tmp_path, tmp_path_factory
-):
+def test_two_jax_processes_over_loopback_train_one_model(digits_records, tmp_path):
     out = tmp_path / "run"
     # Global batch 8 replicas x 2 = 16; each process feeds 8 rows per step.
     cfg = shopee_b0_tiny(
-        digits_records, out, "epochs=2", "batch_size=2", "optim.steps_per_execution=4"
+        digits_records,
+        out,
+        "model.backbone=tiny-cnn",
+        "epochs=2",
+        "batch_size=2",
+        "optim.steps_per_execution=4",
     )
     cfg.save(tmp_path / "cfg.json")
     script = tmp_path / "host.py"
     script.write_text(HOST)
-    cache = str(tmp_path_factory.mktemp("jax_cache_hosts"))
     address = f"127.0.0.1:{_free_port()}"
     procs = []
     try:
         for index in range(2):
             env = jax_env(
                 4,
-                cache,
                 KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
                 KERAS_DISTRIBUTION_NUM_PROCESSES="2",
                 KERAS_DISTRIBUTION_PROCESS_ID=str(index),

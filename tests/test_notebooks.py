@@ -99,6 +99,7 @@ def test_cells_before_connect_leave_the_keras_backend_open(name):
 
 
 @pytest.mark.parametrize("name", [n for n in NOTEBOOKS if n != "tfrecords.ipynb"])
+@pytest.mark.slow
 def test_on_a_kaggle_tpu_vm_connect_picks_jax(name, tmp_path):
     """The cells up to ``connect()`` in a real kernel that looks like Kaggle's TPU
     VM (``ISTPUVM``; 8 host devices stand in for the v5e-8's chips)."""

@@ -1,5 +1,5 @@
-"""Presets on real photographs: the photo task, every preset's first step, a short
-``photo`` run well above chance, progressive resizing across a resume, fine-tuning
+"""Presets on real photographs: the photo task, where each preset is trained and
+its own model built, a short ``photo`` run well above chance, progressive resizing across a resume, fine-tuning
 from our own saved weights (frozen, then unfrozen), and ``bench accuracy --quick``."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import warnings
 import h5py
 import numpy as np
 import pytest
+from conftest import TINY
 
 from shopee_tpu.config import PRESETS, RunConfig
 from shopee_tpu.data.photos import _regions, prepare_photo_records
@@ -56,32 +57,43 @@ def _tiny(preset: str, records: str, out, *sets: str) -> RunConfig:
     )
 
 
+# Where each preset is trained end to end. Those runs keep the preset's recipe
+# (optimizer, schedule, augmentation, EMA, plan) but train a smaller backbone at a
+# smaller size than the preset's own, which is built and compiled below instead.
 # shopee-b1..b7 are shopee-b0's recipe with bigger models (their structure is
 # checked against golden parameter counts in test_models_efficientnet.py).
-RECIPES = sorted(n for n in PRESETS if not n.startswith("shopee-b") or n == "shopee-b0")
+TRAINED_IN = {
+    "demo": "test_demo.py: the quick demo, the preset's own backbone and size",
+    "smoke": "test_notebooks.py: every notebook's SMOKE run, the preset as it is",
+    "photo": "this file: test_photo_run_beats_chance_and_resumes_across_...",
+    "photo-finetune": "this file: test_finetune_freezes_then_unfreezes_...",
+    "shopee-b0": "test_training_jax.py: 8 JAX devices, killed and resumed",
+    "cdiscount": "test_cdiscount.py: BSON to submission through the CLI",
+}
 
 
-@pytest.mark.parametrize("name", RECIPES)
-def test_each_preset_builds_and_trains_one_step(name, digits_records, tmp_path):
-    from shopee_tpu.training import train
+def test_every_preset_is_trained_somewhere():
+    named = {n for n in PRESETS if not n.startswith("shopee-b") or n == "shopee-b0"}
+    assert set(TRAINED_IN) == named
 
-    cfg = _tiny(
-        name,
-        digits_records["train"],
-        tmp_path / "run",
-        "model.weights=none",  # no downloads: the structure and recipe are tested
-        "data.image_size=32",
-        "plan.sizes=",
-        "plan.images_seen=0",
-        "epochs=1",
-        "steps_per_epoch=1",
-        "batch_size=4",
-        "mixed_precision=false",
-    )
-    result = train(cfg, verbose=0)
-    assert result.metrics["epochs_completed"] == 1
-    assert result.history[0]["iterations"] == 1
-    assert np.isfinite(result.history[0]["loss"])
+
+@pytest.mark.parametrize("name", sorted(TRAINED_IN))
+def test_each_preset_builds_its_own_model_and_optimizer(name):
+    import keras
+
+    from shopee_tpu.models import build_from_config, compile_model, input_spec
+
+    cfg = PRESETS[name]
+    size = cfg.data.image_size or input_spec(cfg.model.backbone).size
+    # No downloads: the architecture at the preset's size, the recipe's optimizer.
+    model = build_from_config(cfg.model, 10, image_size=size, pretrained=False)
+    assert model.input_shape == (None, size, size, 3)
+    compile_model(model, cfg.optim, steps_per_epoch=10, epochs=cfg.epochs)
+    kind = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW}
+    kind["nadam"] = keras.optimizers.Nadam
+    assert type(model.optimizer) is kind[cfg.optim.optimizer]
+    assert model.optimizer.use_ema == cfg.optim.ema
+    assert model.loss.get_config()["label_smoothing"] == cfg.optim.label_smoothing
 
 
 def test_a_holdout_of_few_classes_is_named(photo_task):
@@ -98,6 +110,7 @@ def test_a_holdout_of_few_classes_is_named(photo_task):
     assert len(valid) == 4
 
 
+@pytest.mark.slow
 def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
     photo_task, tmp_path, monkeypatch
 ):
@@ -115,9 +128,9 @@ def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
     monkeypatch.setattr(models, "build_from_config", spy)
 
     # The photo recipe (AdamW, cosine, EMA, resized crops, colour, progressive
-    # resizing 32 -> 48 -> 64) on the smallest backbone, for 144 training images:
-    # 20 steps an epoch, and an EMA that forgets the random start within the run.
-    # phi-2's structure is covered by test_each_preset_builds_and_trains_one_step.
+    # resizing 32 -> 48 -> 64) on the smallest EfficientNet, for 160 training
+    # images: 20 steps an epoch, and an EMA that forgets the random start within
+    # the run. phi-2 itself is built by test_each_preset_builds_its_own_model_...
     # Validation is the test band (all 4 classes), so the best epoch is chosen on a
     # set an untrained model cannot score well on.
     cfg = _tiny(
@@ -177,14 +190,11 @@ def _backbone_arrays(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.slow
 def test_finetune_freezes_then_unfreezes_our_own_weights(digits_records, tmp_path):
     from shopee_tpu.training import train
 
-    common = (
-        "model.backbone=efficientnet-phi-6",
-        "data.image_size=32",
-        "batch_size=16",
-    )
+    common = (*TINY, "batch_size=16")
     source = _tiny(
         "demo",
         digits_records["train"],
@@ -228,7 +238,7 @@ def test_finetune_freezes_then_unfreezes_our_own_weights(digits_records, tmp_pat
 def test_backbone_learning_rate_is_scaled_and_the_head_is_not():
     import keras
 
-    from shopee_tpu.models import efficientnet
+    from shopee_tpu.models import build_model
     from shopee_tpu.models.finetune import scale_backbone_lr
 
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
@@ -236,7 +246,7 @@ def test_backbone_learning_rate_is_scaled_and_the_head_is_not():
 
     def step(factor):
         keras.utils.set_random_seed(1)
-        model = efficientnet("phi-6", 3, input_size=32, drop_connect_rate=0.0)
+        model = build_model("tiny-cnn", 3, input_size=32)
         start = [v.numpy().copy() for v in model.trainable_variables]
         optimizer = keras.optimizers.SGD(0.1)
         if factor is not None:
@@ -253,6 +263,7 @@ def test_backbone_learning_rate_is_scaled_and_the_head_is_not():
         np.testing.assert_allclose(scaled[name], want, rtol=1e-3, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bench_accuracy_quick_reports_both_contenders(tmp_path):
     import subprocess
     import sys
@@ -273,9 +284,15 @@ def test_bench_accuracy_quick_reports_both_contenders(tmp_path):
     for side in ("ours", "peer"):
         assert {"test_accuracy", "wall_time_sec", "epochs"} <= result[side].keys()
         assert 0 <= result[side]["test_accuracy"] <= 1
-    assert {"gain_vs_peer", "time_ratio_ours_vs_peer", "goal_met", "task"} <= set(
-        result
+    peer, ours = result["peer"], result["ours"]
+    best_peer = max(peer["test_accuracy"], peer["test_accuracy_flip_tta"])
+    assert result["gain_vs_peer"] == round(ours["test_accuracy"] - best_peer, 4)
+    ratio = ours["wall_time_sec"] / peer["wall_time_sec"]  # walls to 0.1 s
+    slack = ratio * 0.05 * (1 / ours["wall_time_sec"] + 1 / peer["wall_time_sec"])
+    assert abs(result["time_ratio_ours_vs_peer"] - ratio) <= slack + 5e-4
+    assert result["goal_met"] == (
+        result["gain_vs_peer"] >= result["target_gain"]
+        and ours["wall_time_sec"] <= peer["wall_time_sec"]
     )
-    assert "test_accuracy_flip_tta" in result["peer"]
     # Like the peer, ours trains on every training crop (no hold-out).
     assert result["ours"]["train_images"] == result["task"]["train_images"]

@@ -1,5 +1,5 @@
 """Training that survives interruption: resume after SIGKILL, time budget, refusal of a
-changed config, and the run folder's outputs. Small real data (digits), tiny model."""
+changed config, and the run folder's outputs. Small real data (digits), tiny-cnn."""
 
 import json
 import os
@@ -11,15 +11,13 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, photo_crops
+from conftest import REPO, TINY, photo_crops
 
 from shopee_tpu.checkpoints import ConfigMismatch
 from shopee_tpu.config import RunConfig
 
-# A tiny EfficientNet at the records' 32 px: a few seconds per epoch on 2 cores.
 SETS = (
-    "model.backbone=efficientnet-phi-6",
-    "data.image_size=32",
+    *TINY,
     "batch_size=16",
     "optim.warmup_epochs=0.5",
 )
@@ -31,11 +29,12 @@ def _config(records, out, *extra):
     )
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_exact_history_and_optimizer_count(
     digits_records, tmp_path
 ):
     out = tmp_path / "run"
-    steps = 12
+    steps = 120  # about a second an epoch: the kill lands before the run ends
     cfg = _config(digits_records, out, "epochs=3", f"steps_per_epoch={steps}")
     cfg_path = tmp_path / "cfg.json"
     cfg.save(cfg_path)
@@ -48,30 +47,32 @@ def test_killed_run_resumes_with_exact_history_and_optimizer_count(
         state_path = out / "state.json"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if state_path.exists() and json.loads(state_path.read_text())["epoch"] == 1:
+            if state_path.exists() and json.loads(state_path.read_text())["epoch"]:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        time.sleep(0.3)  # into epoch 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    # Killed during epoch 2: exactly one epoch is committed.
+    # Killed after a commit and before the end (epoch 2 commits too when it is a
+    # new best, so the kill may find 1 or 2 epochs committed).
     state = json.loads((out / "state.json").read_text())
-    assert state["epoch"] == 1 and not state["finished"]
+    killed_at = state["epoch"]
+    assert killed_at in (1, 2) and not state["finished"]
 
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming after epoch 1 of 3" in result.stdout
+    assert f"resuming after epoch {killed_at} of 3" in result.stdout
     history = pd.read_csv(out / "history.csv")
     assert history.epoch.tolist() == [1, 2, 3]
-    # The optimizer's step count continued (12, 24, 36) instead of restarting.
+    # The optimizer's step count continued (120, 240, 360) instead of restarting.
     assert history.iterations.tolist() == [steps, 2 * steps, 3 * steps]
     assert json.loads((out / "state.json").read_text())["finished"]
 
 
+@pytest.mark.slow
 def test_time_budget_stops_with_a_loadable_checkpoint_and_config_is_locked(
     digits_records, tmp_path
 ):
@@ -122,6 +123,7 @@ def test_time_budget_stops_with_a_loadable_checkpoint_and_config_is_locked(
     }
 
 
+@pytest.mark.slow
 def test_without_a_holdout_trains_on_every_record_and_returns_the_last_ema_weights(
     digits_records, tmp_path
 ):

@@ -240,7 +240,7 @@ def run(args) -> dict:
             "epochs=1",
             "plan.images_seen=0",
             "plan.min_epochs=1",
-            "model.backbone=efficientnet-phi-6",
+            "model.backbone=tiny-cnn",
         )
     peer = run_peer(
         task,

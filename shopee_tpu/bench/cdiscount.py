@@ -13,6 +13,8 @@ On a generated Cdiscount-format ``train.bson`` (``make_cdiscount_sample``: real
   writer process, each run in a fresh subprocess, at 1x and 10x the products
   (default 2,000 and 20,000). The target is ``ratio <= 1.2``: memory does not grow
   with the file (the index costs about 30 bytes a product and 17 an image).
+
+``--quick`` (100 and 1,000 products, 2 rounds) only exercises the code.
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ def run(args) -> dict:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     n_workers = max(2, cores)
-    rounds = max(1, int(getattr(args, "rounds", 5) or 5))
-    small = int(getattr(args, "products", None) or 2000)
+    quick = bool(getattr(args, "quick", False))
+    rounds = max(1, int(getattr(args, "rounds", None) or (2 if quick else 5)))
+    small = int(getattr(args, "products", None) or (100 if quick else 2000))
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-cdiscount-") as tmp:
         t0 = time.perf_counter()
@@ -122,6 +125,7 @@ def run(args) -> dict:
     # What the extra products cost, extrapolated to train.bson's 12.4 M images.
     per_image = (b["parent_mb"] - a["parent_mb"]) * 2**20 / (b["images"] - a["images"])
     return {
+        "quick": quick,
         "products": small,
         "images": one["train_images"],
         "image_size": IMAGE_SIZE,

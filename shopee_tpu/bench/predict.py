@@ -156,6 +156,7 @@ def run(args) -> dict:
         "k": k,
         "rounds": rounds,
         "seconds_per_round": {n: spread(v) for n, v in secs.items()},
+        "cpu_seconds_per_round": {n: spread(v) for n, v in cpu.items()},
         "images_per_sec_one_view_median": round(
             k * len(images) / med(secs["k_single"]), 2
         ),

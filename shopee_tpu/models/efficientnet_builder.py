@@ -121,10 +121,7 @@ def efficientnet(
 
     side = None if any_size else size
     inputs = keras.Input((side, side, 3), name="input_layer")
-    # float32 so bfloat16 policies never round raw pixels before normalising.
-    x = layers.Rescaling(1.0 / 255.0, name="rescaling", dtype="float32")(inputs)
-    norm = layers.Normalization(axis=-1, name="normalization", dtype="float32")
-    x = norm(x)
+    x = common.normalized_pixels(inputs)
     x = layers.ZeroPadding2D(_correct_pad(size, 3), name="stem_conv_pad")(x)
     x = layers.Conv2D(
         round_filters(STEM_FILTERS, sc.width),
@@ -176,10 +173,6 @@ def efficientnet(
     else:
         outputs = layers.GlobalAveragePooling2D(name=common.POOL_NAME)(x)
     model = keras.Model(inputs, outputs, name=name or sc.name)
-    # Unadapted, Normalization would be the identity (keras.applications' weights=None
-    # case); ImageNet statistics centre the input for from-scratch training too.
-    norm.set_weights(_imagenet_normalization_weights())
-    norm.finalize_state()  # Normalization caches mean/variance; refresh them
 
     from shopee_tpu.models import weights as wmod
 
@@ -301,11 +294,3 @@ def _mbconv(
             )(x)
         x = layers.add([x, inputs], name=f"{prefix}add")
     return x
-
-
-def _imagenet_normalization_weights():
-    import numpy as np
-
-    mean = np.asarray(common.IMAGENET_MEAN_RGB, "float32")
-    var = np.square(np.asarray(common.IMAGENET_STDDEV_RGB, "float32"))
-    return [mean, var, np.asarray(0, "int64")]

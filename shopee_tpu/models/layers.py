@@ -9,6 +9,7 @@ place is what lets the registry promise one contract for every family.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 # ImageNet statistics as keras.applications uses them (RGB order, 0..1 scale).
@@ -69,6 +70,25 @@ class ImageNetPreprocess(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+def normalized_pixels(inputs):
+    """0..255 RGB pixels -> ImageNet-normalised float32, in the layers named
+    ``rescaling`` and ``normalization`` (the mean and variance there are what
+    weights files and ``weights_preprocessing`` set).
+
+    float32 whatever the dtype policy, so bfloat16 never rounds raw pixels.
+    """
+    x = layers.Rescaling(1.0 / 255.0, name="rescaling", dtype="float32")(inputs)
+    norm = layers.Normalization(axis=-1, name="normalization", dtype="float32")
+    x = norm(x)
+    mean = np.asarray(IMAGENET_MEAN_RGB, "float32")
+    variance = np.square(np.asarray(IMAGENET_STDDEV_RGB, "float32"))
+    # Unadapted, Normalization would be the identity (keras.applications'
+    # weights=None case); ImageNet statistics centre from-scratch inputs too.
+    norm.set_weights([mean, variance, np.asarray(0, "int64")])
+    norm.finalize_state()  # Normalization caches mean/variance; refresh them
+    return x
 
 
 def classifier_head(x, num_classes: int, *, dropout: float = 0.0, pool: bool = True):

@@ -9,6 +9,8 @@ Names (case-insensitive; ``-``/``_`` optional outside the EfficientNet ones):
   ``efficientnetv2-b0/b1/b2/b3/s/m/l``, ``convnext-tiny/small/base``.
 * ``kerashub:PATH_OR_NAME``: a KerasHub preset (a Kaggle Models folder) with its
   weights, normalised by its image converter (``shopee_tpu.models.kerashub``).
+* ``tiny-cnn``: three convolutions, for smoke runs and tests
+  (``shopee_tpu.models.tiny``).
 
 Every model takes float RGB pixels in 0..255. Where keras.applications expects its
 ``preprocess_input`` outside the model (ResNet v1 "caffe", ResNet v2 and Xception
@@ -29,7 +31,7 @@ from typing import NamedTuple
 import keras
 
 from shopee_tpu.config import ModelConfig
-from shopee_tpu.models import kerashub
+from shopee_tpu.models import kerashub, tiny
 from shopee_tpu.models import layers as common
 from shopee_tpu.models.efficientnet_builder import efficientnet
 from shopee_tpu.models.efficientnet_scaling import scaling
@@ -100,12 +102,13 @@ class InputSpec(NamedTuple):
 def available_models() -> list[str]:
     """Every registry name (EfficientNet phi variants accept any value)."""
     names = [f"efficientnet-b{n}" for n in range(8)] + ["efficientnet-phi<value>"]
-    return names + [f.name for f in FAMILIES.values()] + ["kerashub:<preset>"]
+    names += [f.name for f in FAMILIES.values()]
+    return names + [tiny.NAME, "kerashub:<preset>"]
 
 
 def resolve(name: str):
-    """Parses a registry name: ``("efficientnet", variant)``, ``("family", Family)``
-    or ``("kerashub", preset)``.
+    """Parses a registry name: ``("efficientnet", variant)``, ``("family", Family)``,
+    ``("kerashub", preset)`` or ``("tiny", None)``.
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
@@ -118,6 +121,8 @@ def resolve(name: str):
     if m := _EFFNET_PHI.fullmatch(text):
         return "efficientnet", float(m["v"])
     key = re.sub(r"[-_ ]", "", text)
+    if key == re.sub(r"[-_ ]", "", tiny.NAME):
+        return "tiny", None
     if key in FAMILIES:
         return "family", FAMILIES[key]
     raise ValueError(
@@ -135,6 +140,8 @@ def input_spec(name_or_model) -> InputSpec:
         kind, what = resolve(name_or_model)
         if kind == "kerashub":
             size = kerashub.native_size(what)
+        elif kind == "tiny":
+            size = tiny.NATIVE_SIZE
         else:
             size = scaling(what).resolution if kind == "efficientnet" else what.size
         return InputSpec(int(size), common.VALUE_RANGE)
@@ -185,8 +192,8 @@ def build_model(
         pretrained: ``False`` builds the architecture only: ``weights`` is ignored
             and a KerasHub preset's weights are not read (before loading a run's
             own weights).
-        any_size: EfficientNet only (see ``supports_any_size``): leave the input
-            side open, for one model trained at several sizes.
+        any_size: EfficientNet and ``tiny-cnn`` (see ``supports_any_size``):
+            leave the input side open, for one model trained at several sizes.
 
     Raises:
         ValueError: unknown name, or an option the family cannot honour.
@@ -203,6 +210,19 @@ def build_model(
             input_size=input_size,
             activation=activation,
             drop_connect_rate=drop_connect_rate,
+            dropout=dropout,
+            include_top=include_top,
+            batchnorm_momentum=batchnorm_momentum,
+            weights_preprocessing=weights_preprocessing,
+            any_size=any_size,
+        )
+    if kind == "tiny":
+        # No residual branches: drop_connect_rate has nothing to drop.
+        return tiny.tiny_cnn(
+            num_classes,
+            weights=weights,
+            input_size=input_size,
+            activation=activation,
             dropout=dropout,
             include_top=include_top,
             batchnorm_momentum=batchnorm_momentum,
@@ -315,9 +335,10 @@ def _all_layers(model):
 def supports_any_size(name: str) -> bool:
     """Whether ``build_model(name, any_size=True)`` works: our EfficientNet builder
     pads its strided convolutions for a nominal size, so its weights behave the
-    same at any input side; other families (position embeddings, pads from the
-    input shape) keep one model per size."""
-    return resolve(name)[0] == "efficientnet"
+    same at any input side, and ``tiny-cnn`` pads the same at every side; other
+    families (position embeddings, pads from the input shape) keep one model per
+    size."""
+    return resolve(name)[0] in ("efficientnet", "tiny")
 
 
 def build_from_config(
