@@ -14,12 +14,14 @@ without TensorFlow installed, and before the Keras backend is chosen.
 
 from __future__ import annotations
 
+from shopee_tpu import frameworks
 from shopee_tpu.console import quiet_native_logs
 from shopee_tpu.utils import lazy_exports
 
 __version__ = "0.1.0"
 
 quiet_native_logs()  # TensorFlow's C++ INFO and WARNING lines (TF_CPP_MIN_LOG_LEVEL)
+frameworks.watch()  # who imports Keras before connect() chooses its backend
 
 _EXPORTS = {
     "connect": "shopee_tpu.accelerator",

@@ -20,7 +20,10 @@ Otherwise     default strategy                                  default
 Kaggle's TPU v5e-8 image ships ``tensorflow-cpu``, so TensorFlow sees no TPU there
 while JAX does. When Keras has not been imported yet (note: ``import tensorflow``
 imports it), ``KERAS_BACKEND`` is unset and the machine is a TPU VM, ``connect()``
-picks the JAX backend by itself.
+picks the JAX backend by itself. On a TPU VM whose backend cannot use the TPU
+(Keras imported too early, or a JAX without TPU support), auto mode refuses with
+one line naming the cause instead of training on the CPU for hours;
+``device="cpu"`` (or ``JAX_PLATFORMS=cpu``) asks for the CPU on purpose.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from shopee_tpu import multihost
+from shopee_tpu import frameworks, multihost
 from shopee_tpu.multihost import initialize_hosts
 
 __all__ = ["Accelerator", "AcceleratorNotFound", "connect"]
@@ -46,7 +49,8 @@ _POLICIES = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16"}
 
 
 class AcceleratorNotFound(RuntimeError):
-    """A forced device (``connect(device="tpu")``) is not there."""
+    """A forced device (``connect(device="tpu")``) is not there, or a TPU VM's TPU
+    is out of the active backend's reach."""
 
 
 @dataclass
@@ -65,6 +69,8 @@ class Accelerator:
         note: Why the setup differs from what was asked (auto-mode fallbacks).
         devices: Names of this host's devices in use.
         local_replicas: Replicas on this host (``replicas`` over all hosts).
+        max_steps_per_execution: The most training steps one compiled call may
+            run here (``None``: no limit).
     """
 
     kind: str
@@ -78,6 +84,7 @@ class Accelerator:
     note: str = ""
     devices: list[str] = field(default_factory=list)
     local_replicas: int = 1
+    max_steps_per_execution: int | None = None
 
     def scope(self):
         """Context manager in which models, optimizers and metrics are created."""
@@ -153,10 +160,11 @@ def connect(
     """Detects the hardware and sets up distribution for it.
 
     Args:
-        device: ``"auto"`` (default), ``"tpu"``, ``"gpu"`` or ``"cpu"``. Falls back
-            to the ``SHOPEE_TPU_DEVICE`` environment variable. A forced device that
-            is absent raises ``AcceleratorNotFound``; auto mode falls back quietly
-            and says so in the summary line.
+        device: ``"tpu"``, ``"gpu"`` or ``"cpu"`` force a device; ``None`` or
+            ``"auto"`` take the ``SHOPEE_TPU_DEVICE`` environment variable when it
+            is set, else detect. A forced device that is absent raises
+            ``AcceleratorNotFound``; auto mode falls back to the CPU and says so in
+            the summary line, except on a TPU VM (see the module docstring).
         strategy: ``None`` picks by the module docstring's table; ``"mirrored"``
             forces a ``MirroredStrategy`` over all local devices of the chosen kind
             (e.g. logical CPUs); ``"default"`` forces no distribution.
@@ -170,7 +178,8 @@ def connect(
         The ``Accelerator``.
 
     Raises:
-        AcceleratorNotFound: A forced device is not present.
+        AcceleratorNotFound: A forced device is not present, or a TPU VM's TPU
+            is out of the backend's reach in auto mode.
         ImportError: The TensorFlow backend is needed but TensorFlow is missing.
         ValueError: Unknown ``device`` or ``strategy``, or a backend mismatch.
 
@@ -181,7 +190,9 @@ def connect(
             model = build_model(...)
         ds = load_dataset(..., batch_size=acc.batch_size(64))
     """
-    device = (device or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    if device is None or device.strip().lower() == "auto":
+        device = os.environ.get(DEVICE_ENV) or "auto"
+    device = device.strip().lower()
     if device not in _DEVICES:
         raise ValueError(
             f"device must be one of {_DEVICES} (argument or ${DEVICE_ENV}), "
@@ -190,10 +201,11 @@ def connect(
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
 
+    early = frameworks.first_import()  # what fixed Keras's backend, if anything
     if _choose_backend(backend, device) == "jax":
         acc = _connect_jax(device, strategy)
     else:
-        acc = _connect_tf(device, strategy)
+        acc = _connect_tf(device, strategy, early)
     _set_precision(acc, mixed_precision)
     if verbose:
         print(acc.summary)
@@ -206,9 +218,11 @@ def connect(
 
 def _tpu_vm_hints() -> list[str]:
     """Signs of a TPU VM (the TPU is attached to this host), without importing a
-    framework: Kaggle sets ISTPUVM; TPU chips show up as /dev/accel* (v2-v4) or
+    framework: Kaggle sets ISTPUVM and TPU_PROCESS_ADDRESSES, Cloud TPU VMs
+    TPU_ACCELERATOR_TYPE; TPU chips show up as /dev/accel* (v2-v4) or
     /dev/vfio/N (v5e and later) when libtpu is installed to drive them."""
-    hints = [k for k in ("ISTPUVM", "TPU_ACCELERATOR_TYPE") if os.environ.get(k)]
+    markers = ("ISTPUVM", "TPU_PROCESS_ADDRESSES", "TPU_ACCELERATOR_TYPE")
+    hints = [f"{k}={os.environ[k]}" for k in markers if os.environ.get(k)]
     if importlib.util.find_spec("libtpu") is not None and (
         glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
     ):
@@ -257,11 +271,42 @@ def _choose_backend(requested: str | None, device: str) -> str:
     return keras.backend.backend()
 
 
+def _tpu_out_of_reach(
+    backend: str, problem: str, early: str | None = None
+) -> AcceleratorNotFound:
+    """The one-line refusal of auto mode on a TPU VM whose TPU the backend cannot
+    use: what says it is a TPU VM, why the backend cannot, what chose it, and the
+    ways out."""
+    hints = ", ".join(_tpu_vm_hints())
+    if backend == "tensorflow":
+        chose = (
+            f"{early} before connect() could choose JAX"
+            if early
+            else f"KERAS_BACKEND={os.environ.get('KERAS_BACKEND')} chose it"
+        )
+        why = (
+            f"Keras runs on TensorFlow, which cannot use the TPU ({problem}; "
+            f"Kaggle's TPU image ships tensorflow-cpu): {chose}. Restart the "
+            "kernel and call shopee_tpu.connect() (or set "
+            "os.environ['KERAS_BACKEND'] = 'jax') before anything imports keras "
+            "or tensorflow"
+        )
+    else:
+        why = (
+            f"JAX sees no TPU ({problem}): is jax[tpu] installed, or another "
+            "process holding the TPU?"
+        )
+    return AcceleratorNotFound(
+        f"connect(): this is a TPU VM ({hints}) but {why}; to train on the CPU "
+        "on purpose, pass device='cpu' (--device cpu)"
+    )
+
+
 # ---------------------------------------------------------------------------
 # TensorFlow backend
 
 
-def _connect_tf(device: str, strategy: str | None) -> Accelerator:
+def _connect_tf(device: str, strategy: str | None, early: str | None) -> Accelerator:
     from shopee_tpu.utils import require_tensorflow
 
     tf = require_tensorflow()
@@ -301,6 +346,8 @@ def _connect_tf(device: str, strategy: str | None) -> Accelerator:
                 "TPU image TensorFlow is CPU-only: set os.environ['KERAS_BACKEND'] "
                 "= 'jax' before importing keras or tensorflow."
             )
+        if _tpu_vm_hints():
+            raise _tpu_out_of_reach("tensorflow", problem, early)
         notes.append(f"TensorFlow cannot use the TPU here: {problem}; try JAX")
     if device == "auto" and kind == "cpu":
         notes.append("auto: no TPU or GPU found, fell back to CPU")
@@ -322,6 +369,10 @@ def _tf_accelerator(tf, kind: str, strat, **extra) -> Accelerator:
         devices = list(strat.extended.worker_devices)
     except RuntimeError:  # the default strategy: the first local device
         devices = [d.name for d in tf.config.list_logical_devices(kind.upper())[:1]]
+    # Keras 3 (checked with 3.15) fails to run several steps per call under a
+    # TensorFlow strategy with several replicas ("You must feed a value for
+    # placeholder tensor ... while/cond/Placeholder", keras-team/keras#19246).
+    several = strat.num_replicas_in_sync > 1 and kind != "tpu"
     return Accelerator(
         kind,
         strat.num_replicas_in_sync,
@@ -329,6 +380,7 @@ def _tf_accelerator(tf, kind: str, strat, **extra) -> Accelerator:
         strat,
         devices=devices,
         local_replicas=len(devices),
+        max_steps_per_execution=1 if several else None,
         **extra,
     )
 
@@ -398,6 +450,10 @@ def _connect_jax(device: str, strategy: str | None) -> Accelerator:
             f"(is `pip install '{install}'` done, and the {device.upper()} attached?)"
         )
     if device == "auto" and kind == "cpu":
+        if _tpu_vm_hints() and os.environ.get("JAX_PLATFORMS", "") != "cpu":
+            raise _tpu_out_of_reach(
+                "jax", f"jax.devices() lists {len(devices)} {platform} device(s)"
+            )
         note = "auto: no TPU or GPU found, fell back to CPU"
 
     # DataParallel: one replica per device of every host, the global batch split
@@ -409,8 +465,12 @@ def _connect_jax(device: str, strategy: str | None) -> Accelerator:
             "process would train its own model; drop the strategy argument"
         )
     if strategy != "default" and len(devices) > 1:
+        # Each host's pipeline already reads its own records at the host batch
+        # (load_dataset's num_workers/worker_index): Keras must not shard and
+        # rebatch them again (its default would halve both on 2 hosts).
         distribution = keras.distribution.DataParallel(
-            devices=[f"{d.platform}:{d.id}" for d in devices]
+            devices=[f"{d.platform}:{d.id}" for d in devices],
+            auto_shard_dataset=False,
         )
     keras.distribution.set_distribution(distribution)
     local = [d for d in devices if d.process_index == jax.process_index()]

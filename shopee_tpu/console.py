@@ -176,10 +176,16 @@ class _QuietImport(importlib.abc.MetaPathFinder):
     the user) inside ``_filtered_stderr``; then steps aside."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        if name != "tensorflow" or "tensorflow" in sys.modules:
             return None
+        # The regular finders' spec, with the loader wrapped (this finder is
+        # skipped meanwhile: removing it from sys.meta_path during the import
+        # system's walk of the list would make the walk skip its neighbour).
         sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
-        spec = importlib.util.find_spec(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
             spec.loader = _QuietLoader(spec.loader)
         return spec

@@ -171,6 +171,7 @@ def run_demo(
         ValueError: ``out`` holds the demo of another seed.
     """
     require_extra("sklearn", "demo", "the demo's bundled data (scikit-learn's digits)")
+    from shopee_tpu.accelerator import connect
     from shopee_tpu.inference.run import predict_run
     from shopee_tpu.training import train
 
@@ -183,11 +184,13 @@ def run_demo(
         # A third of the epochs, and an EMA that forgets faster, so that it follows
         # a run of ~300 steps (held out: 0.85-0.90 over seeds, about 2 minutes).
         cfg = cfg.override("epochs=8", "optim.ema_momentum=0.95")
+    cfg = cfg.override(list(sets))
+    # Before the records are read: tf.data would start Keras on TensorFlow, and on
+    # a TPU VM only JAX reaches the TPU.
+    acc = connect(cfg.device, mixed_precision=cfg.mixed_precision, verbose=verbose > 0)
     data = prepare_demo_data(out, seed=cfg.seed)
-    cfg = cfg.override(
-        f"data.train={data['train_records']}", f"out_dir={out}/run"
-    ).override(list(sets))
-    result = train(cfg, verbose=verbose)
+    cfg = cfg.override(f"data.train={data['train_records']}", f"out_dir={out}/run")
+    result = train(cfg, accelerator=acc, verbose=verbose)
     submission_path = os.path.join(out, "submission.csv")
     submission = predict_run(
         cfg.out_dir,
@@ -195,6 +198,7 @@ def run_demo(
         out=submission_path,
         md5_dict=data["md5_dict"],
         expected=data["test_csv"],
+        accelerator=acc,
         verbose=bool(verbose),
     )
     scores = score_submission(

@@ -10,8 +10,15 @@ of its own devices. ``connect()`` joins when:
   coordinator's ``host:port`` first), ``KERAS_DISTRIBUTION_NUM_PROCESSES`` and
   ``KERAS_DISTRIBUTION_PROCESS_ID`` (any launcher, or processes on one machine);
 - or the TPU runtime names several hosts (``TPU_WORKER_HOSTNAMES`` or
-  ``TPU_PROCESS_ADDRESSES`` with more than one entry, or ``MEGASCALE_NUM_SLICES``
-  above 1), where JAX finds its peers by itself.
+  ``TPU_PROCESS_ADDRESSES`` with more than one entry, as GKE sets them, or
+  ``MEGASCALE_NUM_SLICES`` above 1);
+- or the slice has more chips than one host holds: ``TPU_ACCELERATOR_TYPE`` or,
+  on a TPU VM without it (slices made with ``gcloud``), the GCE metadata server's
+  ``accelerator-type``, e.g. ``v5litepod-16``. A single host holds at most 8 of
+  what the type counts (chips for v5e and v6e, TensorCores for v2-v4 and v5p).
+
+In the last two cases JAX finds its peers itself (TPU environment or metadata).
+Kaggle's single-host v5e-8 (``TPU_PROCESS_ADDRESSES=local``) never waits for peers.
 
 The other helpers (``barrier``, ``broadcast_from_chief``, ``gather``) are what
 ``Accelerator.sync``/``from_chief`` and the training loop use so that every process
@@ -20,7 +27,10 @@ takes the same decisions and only process 0 writes.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import urllib.request
 
 import numpy as np
 
@@ -42,8 +52,17 @@ KERAS_ENV = (
 _TPU_HOST_LISTS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
 
 
-def multi_host_reason(environ: dict[str, str] | None = None) -> str | None:
-    """Why this process should join others (from the environment), or ``None``."""
+def multi_host_reason(
+    environ: dict[str, str] | None = None, *, metadata=None
+) -> str | None:
+    """Why this process should join others, or ``None``.
+
+    Args:
+        environ: The environment (default ``os.environ``).
+        metadata: A function returning the slice's accelerator type from the GCE
+            metadata server, asked only on a TPU VM without the variables
+            (default: ``gce_accelerator_type``).
+    """
     env = os.environ if environ is None else environ
     if any(env.get(k) for k in KERAS_ENV):
         n = env.get("KERAS_DISTRIBUTION_NUM_PROCESSES")
@@ -56,7 +75,43 @@ def multi_host_reason(environ: dict[str, str] | None = None) -> str | None:
             return f"TPU slice of {len(hosts)} hosts ({key})"
     if int(env.get("MEGASCALE_NUM_SLICES") or 1) > 1:
         return "multislice TPU (MEGASCALE_NUM_SLICES)"
+    if env.get("TPU_PROCESS_ADDRESSES", "").strip() == "local":
+        return None  # the runtime says: this host alone (Kaggle's v5e-8)
+    kind, source = env.get("TPU_ACCELERATOR_TYPE"), "TPU_ACCELERATOR_TYPE"
+    if not kind and _tpu_device_files():
+        kind, source = (metadata or gce_accelerator_type)(), "GCE metadata"
+    if kind and _slice_size(kind) > HOST_SLICE_SIZE:
+        return f"TPU slice {kind} ({source}), more than one host"
     return None
+
+
+# What an accelerator type counts (chips, or TensorCores before v5e): one host
+# holds at most 8 of them (v2-8 .. v5p-8, v5litepod-8, v6e-8).
+HOST_SLICE_SIZE = 8
+
+
+def _slice_size(accelerator_type: str) -> int:
+    match = re.fullmatch(r"\s*[a-z0-9]+-(\d+)\s*", accelerator_type.lower())
+    return int(match[1]) if match else 0
+
+
+def _tpu_device_files() -> bool:
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def gce_accelerator_type(timeout: float = 2.0) -> str | None:
+    """This TPU VM's accelerator type from the GCE metadata server (``None`` when
+    it cannot be had: not on Google Cloud, or no answer within ``timeout``)."""
+    url = (
+        "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+        "accelerator-type"
+    )
+    request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.read().decode().strip() or None
+    except OSError:
+        return None
 
 
 def initialize_hosts() -> None:

@@ -20,12 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shopee_tpu.callbacks import (
-    EpochCommit,
-    Progress,
-    TimeBudget,
-    UnpaddedValidationLoss,
-)
 from shopee_tpu.checkpoints import RunFolder
 from shopee_tpu.config import RunConfig
 from shopee_tpu.utils import atomic_write_text
@@ -102,26 +96,7 @@ def train(
         ConfigMismatch: ``out_dir`` holds a run trained with a different config.
         ValueError: ``config.data.train`` is unset or holds no records.
     """
-    import keras
-
     from shopee_tpu.accelerator import connect
-    from shopee_tpu.data import pipeline
-    from shopee_tpu.models import (
-        build_from_config,
-        compile_model,
-        input_spec,
-        make_schedule,
-        supports_any_size,
-    )
-    from shopee_tpu.models.finetune import scale_backbone_lr
-    from shopee_tpu.plan import (
-        any_image_size,
-        describe_phase,
-        make_plan,
-        phase_at,
-        prepare_phase,
-        resume_phase,
-    )
 
     whole_kfold_run = config.data.folds and config.data.fold is None
     if folds is not None or fold is not None or whole_kfold_run:
@@ -151,10 +126,37 @@ def train(
         mixed_precision=config.mixed_precision,
         verbose=verbose > 0,
     )
+    # Keras (and the modules that import it) only now: connect() chose its
+    # backend, JAX on a TPU VM.
+    import keras
+
+    from shopee_tpu.callbacks import (
+        EpochCommit,
+        Progress,
+        TimeBudget,
+        UnpaddedValidationLoss,
+    )
+    from shopee_tpu.data import pipeline
+    from shopee_tpu.models import (
+        build_from_config,
+        compile_model,
+        input_spec,
+        make_schedule,
+        supports_any_size,
+    )
+    from shopee_tpu.models.finetune import scale_backbone_lr
+    from shopee_tpu.plan import (
+        any_image_size,
+        describe_phase,
+        make_plan,
+        phase_at,
+        prepare_phase,
+        resume_phase,
+    )
+
     chief = acc.worker_index == 0
     run = _open_run(out_dir, config, acc)
     verbose = verbose if chief else 0  # one progress bar per run, not per host
-    keras.utils.set_random_seed(config.seed)
 
     files = pipeline.list_files(config.data.train)
     manifest = _manifest_near(files)
@@ -179,7 +181,9 @@ def train(
     # valid_fraction=0 trains on every record: nothing to pick a best epoch by, so
     # each epoch's (EMA) weights become `best` and the last epoch's are returned.
     validate = bool(keep or valid_files)
-    steps, per_call = _epoch_steps(config, n_train, global_batch, verbose)
+    steps, per_call = _epoch_steps(
+        config, n_train, global_batch, verbose, limit=acc.max_steps_per_execution
+    )
     host_batch = acc.host_batch_size(config.batch_size)
     n_valid = valid_rows = 0
     if validate:
@@ -249,6 +253,9 @@ def train(
 
     def build(phase, resume_from: int, *, any_size: bool = one_model):
         """The compiled model of one phase, resumed from the run folder."""
+        # Seeded right before building: every process draws the same initial
+        # weights whatever it did before (several JAX hosts must agree on them).
+        keras.utils.set_random_seed(config.seed)
         with acc.scope():
             model = build_from_config(
                 config.model,
@@ -418,7 +425,12 @@ def _split(
 
 
 def _epoch_steps(
-    config: RunConfig, n_train: int, global_batch: int, verbose: int
+    config: RunConfig,
+    n_train: int,
+    global_batch: int,
+    verbose: int,
+    *,
+    limit: int | None = None,
 ) -> tuple[int, int]:
     """Steps per epoch, and steps per compiled call that divide them.
 
@@ -428,9 +440,17 @@ def _epoch_steps(
     longer a multiple of the epoch, and a schedule that drifts. A derived epoch is
     rounded down to a multiple of the calls (less than one call's worth of
     batches); an explicit ``steps_per_epoch`` is kept and the call shrinks to its
-    largest divisor. An epoch shorter than one call is one call.
+    largest divisor. An epoch shorter than one call is one call. ``limit`` caps
+    the steps per call where the accelerator cannot run more.
     """
     asked = max(1, int(config.optim.steps_per_execution))
+    if limit is not None and asked > limit:
+        if verbose:
+            print(
+                f"shopee_tpu: steps_per_execution {limit} instead of {asked}: more "
+                "steps per call fail under this strategy (keras-team/keras#19246)"
+            )
+        asked = limit
     if config.steps_per_epoch:
         steps = int(config.steps_per_epoch)
         per_call = max(d for d in range(1, min(asked, steps) + 1) if steps % d == 0)
@@ -505,6 +525,7 @@ def _report(
     together with the others; the chief gathers the parts and writes.
     """
     from shopee_tpu import multihost, plots
+    from shopee_tpu.inference.tta import tta_step
 
     names = class_names(label_map)
     if acc.chief:
@@ -516,10 +537,14 @@ def _report(
             run.file("lr_schedule.png"),
             steps_per_epoch=steps,
         )
+    # Split over the devices (and, on several JAX hosts, over the hosts), as fit
+    # splits its batches.
     several = acc.backend == "jax" and acc.num_workers > 1
-    predict = (
-        multihost.predict_function(acc, model) if several else model.predict_on_batch
-    )
+    if several:
+        predict = multihost.predict_function(acc, model)
+    else:
+        one_view = tta_step(model, "identity")
+        predict = lambda x: one_view(x)[:, 0]  # noqa: E731
     labels, probs = [], []
     samples = plots.PredictionSamples(16)
     for x, y, weight in valid_ds if valid_ds is not None else ():

@@ -137,6 +137,41 @@ def test_missing_tpu_is_one_line_with_the_way_out(tmp_path):
     assert "I0000" not in proc.stderr and "W0000" not in proc.stderr
 
 
+@pytest.mark.slow
+def test_the_device_variable_is_the_default_of_train(tmp_path):
+    # One rule: --device (or a config's device), then SHOPEE_TPU_DEVICE, then auto.
+    args = ["train", "--preset", "demo", "--set", f"data.train={tmp_path}"]
+    args += ["--out", str(tmp_path / "run")]
+    proc = _run(*args, env={"SHOPEE_TPU_DEVICE": "tpu"})
+    _one_line_error(proc, "connect(device='tpu')", "no TPU found")
+    # --device wins over the variable: the CPU, then the (empty) records' error.
+    proc = _run(*args, "--device", "cpu", env={"SHOPEE_TPU_DEVICE": "tpu"})
+    _one_line_error(proc, str(tmp_path))
+    assert "no TPU" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_tpu_vm_never_trains_on_the_cpu_quietly(tmp_path):
+    # Kaggle's TPU VM markers, and Keras fixed on TensorFlow (KERAS_BACKEND here;
+    # in a notebook, an import before connect()): TensorFlow cannot use the TPU.
+    args = ["train", "--preset", "demo", "--set", f"data.train={tmp_path}"]
+    args += ["--out", str(tmp_path / "run")]
+    tpu_vm = {"ISTPUVM": "1", "TPU_PROCESS_ADDRESSES": "local"}
+    proc = _run(*args, env={**tpu_vm, "KERAS_BACKEND": "tensorflow"})
+    line = _one_line_error(proc, "this is a TPU VM (ISTPUVM=1", "KERAS_BACKEND")
+    assert "tensorflow-cpu" in line and "device='cpu'" in line
+    # Asked for on purpose, the CPU trains (here: up to the empty records' error).
+    proc = _run(*args, "--device", "cpu", env={**tpu_vm, "KERAS_BACKEND": "tensorflow"})
+    _one_line_error(proc, str(tmp_path))
+    assert "TPU VM" not in proc.stderr
+    # No backend chosen: the command line picks JAX before anything starts Keras
+    # (8 CPU devices stand in for the chips, asked for with JAX_PLATFORMS=cpu).
+    stand_in = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = _run(*args, env={**tpu_vm, **stand_in, "JAX_PLATFORMS": "cpu"})
+    _one_line_error(proc, str(tmp_path))
+    assert "CPU x8 replica(s), backend=jax" in proc.stdout
+
+
 def test_missing_files_are_one_line(tmp_path):
     proc = _run("predict", "--run", str(tmp_path / "nope"), "--data", str(tmp_path))
     _one_line_error(proc, "config.json", "training run folder")

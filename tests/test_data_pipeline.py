@@ -45,7 +45,7 @@ def test_eval_round_trip_every_record_once_ids_aligned(digits_dir, records):
     ds = load_dataset(out, image_size=32, batch_size=64, training=False)
     sizes, ids, images = [], [], []
     for x, i in ds:
-        assert x.dtype.name == "float32" and x.shape[1:] == (32, 32, 3)
+        assert x.dtype.name == "uint8" and x.shape[1:] == (32, 32, 3)  # 0..255
         sizes.append(int(x.shape[0]))
         ids.extend(v.decode() for v in i.numpy())
         images.append(x.numpy())
@@ -246,7 +246,7 @@ def test_named_schemas_read_kaggle_layouts(name, tmp_path):
         tmp_path / "test", schema=name, image_size=32, batch_size=4, training=False
     )
     test_ids = [v for _, i in ds for v in i.numpy()]
-    first = next(iter(ds))[0].numpy()[0]
+    first = next(iter(ds))[0].numpy()[0].astype(np.float32)  # uint8 pixels
     expected = np.asarray(Image.fromarray(arrays[0]).resize((32, 32), Image.BILINEAR))
     assert np.abs(first - expected).mean() < 12  # same picture, smaller
     assert test_ids == ids

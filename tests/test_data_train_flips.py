@@ -63,7 +63,7 @@ def test_training_images_are_stored_images_or_their_mirrors(digits_records):
     )
     flipped = kept = 0
     for x, _ in ds.take(6):
-        assert x.dtype.name == "float32" and x.shape == (32, 32, 32, 3)
+        assert x.dtype.name == "uint8" and x.shape == (32, 32, 32, 3)
         for image in x.numpy():
             key = image.tobytes()
             assert key in plain or key in mirror, "neither stored nor its mirror"

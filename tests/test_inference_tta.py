@@ -199,7 +199,21 @@ runner = _Runner(model, ViewPlan.parse(["identity"]), None)
 tta = ("identity", "flip_lr", "shift_1", "zoom_90")
 grouped = {str(g): predict(model, batches, tta=tta, views_per_call=g) for g in (None, 1, 3, "auto")}
 base = grouped["None"][1]
+# uint8 pixels, as the pipeline yields them: what crosses to the devices is uint8
+# (a quarter of float32's bytes), and the probabilities equal the float input's.
+x8 = np.clip(np.round(x), 0, 255).astype(np.uint8)
+sent = []
+if backend == "jax":
+    distribute = keras.distribution.distribute_tensor
+    def recorded(t, layout):
+        sent.append(str(t.dtype))
+        return distribute(t, layout)
+    keras.distribution.distribute_tensor = recorded
+_, p8 = predict(model, [(x8[:4], names[:4]), (x8[4:], names[4:])], tta=("identity",))
+keras.distribution.distribute_tensor = distribute if backend == "jax" else None
+_, pf = predict(model, [x8.astype(np.float32)], tta=("identity",))
 print(json.dumps({"replicas": acc.replicas, "runner": runner.replicas, "ids": ids.tolist(),
+    "err_uint8": float(np.abs(p8 - pf).max()), "sent": sorted(set(sent)),
     "err_ref": float(np.abs(probs - ref).max()), "err_hand": float(np.abs(ref - hand).max()),
     "group_ids": {g: v[0].tolist() for g, v in grouped.items()},
     "group_err": {g: float(np.abs(v[1] - base).max()) for g, v in grouped.items()},
@@ -220,6 +234,9 @@ def test_multi_replica_ragged_batches(backend):
     assert out["replicas"] == out["runner"] == 2
     assert out["ids"] == [f"img{i:03d}.jpg" for i in range(7)]
     assert out["err_ref"] < 1e-5 and out["err_hand"] < 1e-5
+    # From uint8 pixels (ragged batches) = from the same pixels as float32.
+    assert out["err_uint8"] < 1e-5
+    assert out["sent"] == (["uint8"] if backend == "jax" else [])
     # Views in one call, one per call, in chunks of 3, or as the device chooses
     # (one per call on CPU): the same probabilities, ids and order.
     assert out["kind"] == "cpu" and out["auto"] == 1

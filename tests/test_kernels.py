@@ -29,6 +29,7 @@ from shopee_tpu.kernels.build import (
 )
 from shopee_tpu.kernels.client import parse_status
 from shopee_tpu.kernels.metadata import (
+    KernelError,
     KernelMetadataError,
     load_metadata,
     slugify,
@@ -135,19 +136,26 @@ def test_build_embeds_the_package_after_the_parameters_and_applies_overrides(tmp
     ] == [_source(c) for c in source]
     assert all(not c["outputs"] and c["execution_count"] is None for c in code)
 
-    # The archive is exactly the package's Python source.
+    # The archive holds the package's Python source, the modules the notebook can
+    # import: what it names, what they import, and the lazy exports of each.
     with zipfile.ZipFile(io.BytesIO(_embedded_archive(nb))) as zf:
         names = sorted(zf.namelist())
         for name in names:
             with open(os.path.join(REPO, name), "rb") as f:
                 assert zf.read(name) == f.read(), name
-    expected = sorted(
+    everything = {
         os.path.relpath(os.path.join(d, f), REPO)
         for d, _, files in os.walk(PACKAGE)
         for f in files
         if f.endswith(".py") and "__pycache__" not in d
-    )
-    assert names == expected
+    }
+    assert set(names) < everything
+    needed = ("__init__", "accelerator", "training", "data/pipeline", "plots")
+    assert {f"shopee_tpu/{m}.py" for m in needed} <= set(names)
+    assert {"shopee_tpu/inference/run.py", "shopee_tpu/runtime.py"} <= set(names)
+    left_out = everything - set(names)
+    assert {"shopee_tpu/cli.py", "shopee_tpu/kernels/build.py"} <= left_out
+    assert not any(n.startswith("shopee_tpu/bench/") for n in names)
     assert (
         built["package"]["sha256"] == hashlib.sha256(_embedded_archive(nb)).hexdigest()
     )
@@ -192,7 +200,8 @@ BAD_SETS = [
     (["competition_sources=[1]"], "competition_sources", "competition-slug"),
     (["machine_shape=TPUv5"], "machine_shape", "unknown accelerator"),
     (["machine_shape=TpuV38"], "machine_shape", "retired"),
-    (["machine_shape=", "enable_tpu=true"], "machine_shape", "kaggle-cli#1197"),
+    (["machine_shape=", "enable_tpu=true"], "machine_shape", "needs a TPU"),
+    (["docker_image=gcr.io/kaggle-images/python"], "docker_image", "kaggle-cli#1197"),
     (["machine_shape=", "enable_gpu=true"], "machine_shape", "P100"),
     (["machine_shape=TpuV5E8", "enable_tpu=false"], "enable_tpu", "must be true"),
     (["docker_image_pinning_type=newest"], "docker_image_pinning_type", "newest"),
@@ -507,7 +516,8 @@ def test_push_sends_the_built_kernel_with_the_real_client(kaggle_api, tmp_path):
     archive = _embedded_archive(notebook)
     assert hashlib.sha256(archive).hexdigest() == built["package"]["sha256"]
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:
-        assert "shopee_tpu/kernels/build.py" in zf.namelist()
+        assert "shopee_tpu/training.py" in zf.namelist()
+        assert "shopee_tpu/kernels/build.py" not in zf.namelist()
     # The client authenticated with the username and key from the environment, and
     # the key travels only in the Authorization header.
     token = base64.b64encode(f"{USER}:{KEY}".encode()).decode()
@@ -654,3 +664,60 @@ def test_status_with_the_real_client(kaggle_api, tmp_path):
 
     proc = _kernel_cli(tmp_path, "status", "not-a-slug")
     assert proc.returncode == 1 and "owner/slug" in proc.stderr
+
+
+def test_a_tpu_kernel_drops_the_editors_metadata_and_checks_the_image(tmp_path):
+    # A notebook saved by Kaggle's editor: its metadata.kaggle block would put the
+    # kernel on its own image, the CPU one (kaggle-cli#1197).
+    nb = json.loads(open(BASELINE).read())
+    nb["metadata"]["kaggle"] = {
+        "accelerator": "none",
+        "dockerImageVersionId": 31040,
+        "isInternetEnabled": False,
+    }
+    source = tmp_path / "notebook.ipynb"
+    source.write_text(json.dumps(nb))
+    built = build_kernel(source, tmp_path / "kernel", sets=["id=me/shopee-tpu-tpu"])
+    assert built["metadata"]["machine_shape"] == "TpuV5E8"
+    out = json.loads((tmp_path / "kernel" / "notebook.ipynb").read_text())
+    assert "kaggle" not in out["metadata"]
+    size = (tmp_path / "kernel" / "notebook.ipynb").stat().st_size
+    assert built["package"]["notebook_bytes"] == size < 1_000_000
+
+    # The bootstrap cell, run by a Python whose keras is older than the package
+    # needs: one line naming the package and both versions, before any import.
+    (cell,) = [c for c in out["cells"] if EMBED_TAG in c["metadata"].get("tags", [])]
+    old = tmp_path / "old" / "keras-3.0.1.dist-info"
+    old.mkdir(parents=True)
+    (old / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: keras\nVersion: 3.0.1\n"
+    )
+    script = tmp_path / "bootstrap.py"
+    script.write_text(_source(cell))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "old"))
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "shopee_tpu needs keras>=3.12; this image has keras 3.0.1: pick a newer "
+        "Kaggle image, or pip install 'keras>=3.12' with the internet on"
+    ]
+    # A TPU kernel also needs JAX; the image's versions pass here.
+    assert "'jax': '0.4.30'" in _source(cell)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_kernel_source_over_one_megabyte_is_refused_with_its_size(tmp_path):
+    nb = json.loads(open(BASELINE).read())
+    nb["cells"].append(
+        {"cell_type": "markdown", "metadata": {}, "source": "x" * 1_100_000}
+    )
+    source = tmp_path / "big.ipynb"
+    source.write_text(json.dumps(nb))
+    with pytest.raises(KernelError, match=r"big.ipynb: the built kernel is 1\.\d\d MB"):
+        build_kernel(source, tmp_path / "kernel", sets=["id=me/shopee-tpu-big"])
+    assert not (tmp_path / "kernel").exists()

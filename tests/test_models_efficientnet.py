@@ -308,3 +308,27 @@ def test_an_open_size_model_is_the_fixed_model_at_its_nominal_size(size):
     small = x[:, : size // 2, : size // 2]
     probs = open_.predict_on_batch(small)
     assert probs.shape == (2, 5) and np.allclose(probs.sum(-1), 1, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_each_kernel_draws_its_own_start_and_the_seed_alone_decides_it():
+    keras.utils.set_random_seed(3)
+    model = efficientnet(-6.0, 10, input_size=32)
+    same_shape = [model.get_layer(f"block{b}a_expand_conv") for b in (2, 3)]
+    kernels = [layer.kernel.numpy() for layer in same_shape]
+    assert kernels[0].shape == kernels[1].shape
+    assert not np.array_equal(*kernels)
+    # Another process, which imported the builder before seeding: the same weights
+    # (on several JAX hosts a difference stops the run at the first layer).
+    code = (
+        "import hashlib, keras\n"
+        "from shopee_tpu.models import build_model\n"
+        "build_model('tiny-cnn', 3)\n"  # imports everything, draws from the RNGs
+        "for name in ('efficientnet-phi-6', 'tiny-cnn'):\n"
+        "    keras.utils.set_random_seed(3)\n"
+        "    m = build_model(name, 10, input_size=32)\n"
+        "    print(hashlib.md5(b''.join(w.tobytes() for w in m.get_weights()))"
+        ".hexdigest())\n"
+    )
+    first, second = (run_python(code).split() for _ in range(2))
+    assert first == second and len(first) == 2

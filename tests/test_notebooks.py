@@ -113,6 +113,9 @@ def test_on_a_kaggle_tpu_vm_connect_picks_jax(name, tmp_path):
         PYTHONPATH=REPO,
         ISTPUVM="1",
         XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        # 8 CPU devices stand in for the chips: asked for on purpose, else auto
+        # mode refuses to train a TPU VM on its CPU.
+        JAX_PLATFORMS="cpu",
     )
     NotebookClient(
         nb,

@@ -26,6 +26,19 @@ def test_import_needs_neither_tensorflow_nor_keras():
     assert out.strip() == "[]"
 
 
+def test_the_modules_behind_commands_leave_the_backend_open():
+    # connect() picks JAX on a TPU VM only while Keras is not imported: importing
+    # what a command or a notebook calls must not start it.
+    out = run_python(
+        "import sys\n"
+        "import shopee_tpu.cli, shopee_tpu.training, shopee_tpu.demo\n"
+        "import shopee_tpu.inference.run, shopee_tpu.experiments.kfold\n"
+        "import shopee_tpu.experiments.sweep\n"
+        "print(sorted(m for m in ('tensorflow', 'keras', 'jax') if m in sys.modules))"
+    )
+    assert out.strip() == "[]"
+
+
 def test_without_tensorflow_the_package_works_and_says_how_to_install_it(tmp_path):
     # A directory first on PYTHONPATH whose `tensorflow` fails to import, exactly
     # like a machine without TensorFlow; Keras itself runs on JAX there.

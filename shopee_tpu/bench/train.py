@@ -8,7 +8,10 @@ fixes its device count when it starts), each build the models once and then wait
 - ``jax``: our model on the JAX backend, one device;
 - ``jax_8_devices``: the same over 8 forced host devices with ``DataParallel`` (the
   stand-in for a v5e-8). **On CPU this measures the overhead of the 8-way split
-  only, not TPU speed**: the 8 "devices" share the same cores.
+  only, not TPU speed**: the 8 "devices" share the same cores. It also trains on
+  the same pixels sent as float32 (``jax_8_devices_float32``, the pipeline's
+  output before it sent uint8), and reports the bytes each sends to the devices
+  a step.
 
 Each worker also times a dense float32 matmul (the machine's reachable FLOP/s).
 Rounds send one measurement (``--seconds`` long) to each contender in turn, the
@@ -102,10 +105,17 @@ def _worker(name: str, quick: bool, seconds: float) -> None:
     backbone, applications, size, batch, side = QUICK if quick else FULL
     acc = connect(device="cpu", verbose=False)
     keras.utils.set_random_seed(0)
-    images = photo_crops(64, size)
+    # uint8 pixels, as load_dataset yields them.
+    images = np.clip(np.round(photo_crops(64, size)), 0, 255).astype(np.uint8)
     labels = np.eye(CLASSES, dtype=np.float32)[np.arange(64) % CLASSES]
-    ds = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
-    ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    def batches(pixels):
+        ds = tf.data.Dataset.from_tensor_slices((pixels, labels)).repeat()
+        return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    datasets = {"ours": batches(images), "plain": batches(images)}
+    if name == "jax_8_devices":
+        datasets["ours_float32"] = batches(images.astype(np.float32))
 
     models = {}
     with acc.scope():
@@ -119,8 +129,11 @@ def _worker(name: str, quick: bool, seconds: float) -> None:
                 optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"]
             )
             models["plain"] = plain
+    if "ours_float32" in datasets:
+        models["ours_float32"] = models["ours"]
     chunks = {}
     for key, model in models.items():
+        ds = datasets[key]
         model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)  # trace, compile
         start = time.perf_counter()
         model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
@@ -146,9 +159,9 @@ def _worker(name: str, quick: bool, seconds: float) -> None:
         if what == "peak":
             rate = timed_rate(lambda: (matmul(), 1)[1], seconds) * 2 * side**3
         else:
-            model, steps = models[what], chunks[what]
+            model, steps, ds = models[what], chunks[what], datasets[what]
 
-            def fit_chunk(model=model, steps=steps) -> int:
+            def fit_chunk(model=model, steps=steps, ds=ds) -> int:
                 model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
                 return steps * batch
 
@@ -238,6 +251,7 @@ def run(args) -> dict:
         ready = {name: w.read() for name, w in workers.items()}
         contenders = [("tensorflow", "ours"), ("tensorflow", "plain")]
         contenders += [("jax", "ours"), ("jax_8_devices", "ours")]
+        contenders += [("jax_8_devices", "ours_float32")]
         contenders += [(name, "peak") for name in WORKERS]
         rates = {c: [] for c in contenders}
         for order in round_orders(contenders, rounds):
@@ -256,7 +270,12 @@ def run(args) -> dict:
         "tensorflow_keras_applications": rates[("tensorflow", "plain")],
         "jax": rates[("jax", "ours")],
         "jax_8_devices": rates[("jax_8_devices", "ours")],
+        "jax_8_devices_float32": rates[("jax_8_devices", "ours_float32")],
     }
+
+    # Per step: the images (uint8 or float32 pixels) and the float32 one-hot labels.
+    pixels, label_bytes = batch * size * size * 3, batch * CLASSES * 4
+    moved = {"uint8": pixels + label_bytes, "float32": 4 * pixels + label_bytes}
 
     def fraction(key: str) -> list[float]:
         per_image = train_flops["plain" if "keras" in key else "ours"]
@@ -284,6 +303,10 @@ def run(args) -> dict:
         ),
         "jax_over_tensorflow": spread(ratios(img["jax"], img["tensorflow"])),
         "jax_8_devices_over_1": spread(ratios(img["jax_8_devices"], img["jax"])),
+        "bytes_to_device_per_step": moved,
+        "jax_8_devices_uint8_over_float32": spread(
+            ratios(img["jax_8_devices"], img["jax_8_devices_float32"])
+        ),
         "note": (
             "jax_8_devices runs on 8 forced host devices of the same CPU: it "
             "measures the overhead of the 8-way split only, not TPU speed"

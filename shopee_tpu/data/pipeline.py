@@ -9,6 +9,12 @@ augmentations per batch (``shopee-tpu bench input`` measures what each costs).
 Evaluation reads the files in order, once, and keeps ids aligned with images; it
 keeps the last partial batch, or with ``pad=True`` fills it with blank rows of
 sample weight 0 (validation on N replicas: full batches, each record counted once).
+
+Images leave the pipeline as uint8 pixels (the model input contract's 0..255): a
+quarter of the bytes of float32 on their way to the device, where the model casts
+and normalises them. On several hosts each training pipeline keeps every N-th
+record of one stream that all hosts read in the same order, so the hosts' rows are
+disjoint and together cover the records once per pass, whatever the shard sizes.
 """
 
 from __future__ import annotations
@@ -136,12 +142,18 @@ def _parser(schema: Schema, found: dict[str, str], roles: tuple[str, ...]):
     return parse
 
 
-def _to_float(images, value_range):
-    """uint8 batch -> float32 in ``value_range``."""
-    images = _tf().cast(images, "float32")
+def _to_output(images, value_range):
+    """A batch of pixels (uint8, or float from augmentation) in 0..255 -> what
+    ``load_dataset`` yields: uint8 for the model input contract's 0..255 (rounded
+    and clipped), else float32 scaled to ``value_range``."""
+    tf = _tf()
     lo, hi = value_range
     if (lo, hi) == (0, 255):
-        return images
+        if images.dtype == tf.uint8:
+            return images
+        return tf.saturate_cast(tf.round(images), tf.uint8)
+    # Interpolating augmentations may overshoot 0..255 by a rounding error.
+    images = tf.clip_by_value(tf.cast(images, "float32"), 0.0, 255.0)
     return images * ((hi - lo) / 255.0) + lo
 
 
@@ -263,15 +275,20 @@ def load_dataset(
             ``"<file name>:<index>"``.
         num_classes: One-hot width; default: the manifest's ``num_classes``.
         augment: An ``AugmentConfig`` for training (``None``: no augmentation).
-        seed: Seed for file order, shuffling and augmentation.
+        seed: Seed for file order, shuffling and augmentation (with several
+            workers the file order is shared, and each worker shuffles and
+            augments with its own seed derived from it).
         shuffle_buffer: Records in the shuffle buffer.
         cache: Training: keep the raw records in memory after the first pass.
             Evaluation: keep the decoded batches.
-        num_workers: Input pipelines (hosts) sharing the data; each reads its part:
-            whole files when there are at least as many files, else every
-            ``num_workers``-th record.
+        num_workers: Input pipelines (hosts) sharing the data; each reads its part.
+            Training: every ``num_workers``-th record of a stream all workers
+            read in the same order (disjoint rows, balanced whatever the file
+            sizes). Evaluation: whole files when there are at least as many
+            files, else every ``num_workers``-th record.
         worker_index: This pipeline's index, ``0 <= worker_index < num_workers``.
-        value_range: Output pixel range; ``(0, 255)`` is the model input contract.
+        value_range: Output pixel range; ``(0, 255)``, the model input contract,
+            yields uint8 pixels, any other range float32.
         pad: Evaluation only: fill the last batch with blank records and yield a
             third element, the sample weight (1 real, 0 padding), so every batch
             has ``batch_size`` rows (static shapes that split over any number of
@@ -313,7 +330,9 @@ def load_dataset(
             )
     if not 0 <= worker_index < num_workers:
         raise ValueError(f"worker_index {worker_index} not in [0, {num_workers})")
-    by_file = num_workers > 1 and len(files) >= num_workers
+    # Evaluation splits whole files where it can (counts come from names or the
+    # manifest); training splits the record stream (see the module docstring).
+    by_file = not training and num_workers > 1 and len(files) >= num_workers
     if by_file:
         files = files[worker_index::num_workers]
     roles = ("image", "label") if need_label else ("image", "id")
@@ -375,32 +394,41 @@ def load_dataset(
             ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
         if cache:
             ds = ds.cache()  # uint8: a quarter of the memory of float batches
-        ds = ds.map(_plain(lambda x, *rest: (_to_float(x, value_range), *rest)))
+        ds = ds.map(_plain(lambda x, *rest: (_to_output(x, value_range), *rest)))
         return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
 
     names = tf.data.Dataset.from_tensor_slices(files)
+    shared = num_workers > 1  # the stream before the shard must match on every host
     read = dict(
         cycle_length=min(len(files), 16),
         num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=deterministic,
+        deterministic=deterministic or shared,
     )
 
     def reader(f):
         return tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER)
 
+    if shared and seed is None:
+        raise ValueError(
+            f"training on {num_workers} workers needs a seed: every worker must "
+            "read the files in the same order to keep disjoint records"
+        )
+    if not cache:  # a new file order each pass (the cache keeps the first)
+        names = names.shuffle(len(files), seed=seed)
+    records = names.interleave(reader, **read)
+    if shared:
+        records = records.shard(num_workers, worker_index)
     if cache:
-        records = names.interleave(reader, **read)
-        if num_workers > 1 and not by_file:
-            records = records.shard(num_workers, worker_index)
-        records = records.cache().repeat()
-    else:
-        names = names.shuffle(len(files), seed=seed).repeat()
-        records = names.interleave(reader, **read)
-        if num_workers > 1 and not by_file:
-            records = records.shard(num_workers, worker_index)
+        records = records.cache()
     if keep_ids is not None:
         records = records.filter(_id_filter(keep_ids, schema, found, files[0]))
-    records = records.shuffle(shuffle_buffer, seed=seed)
+    # This worker's own draws: shuffling and augmentation differ between hosts.
+    if shared:
+        seed = seed * num_workers + worker_index
+    # Shuffled one pass at a time: an epoch holds each record once (give or take
+    # a batch), where a shuffle after the repeat would mix several passes when
+    # the buffer is larger than the data.
+    records = records.shuffle(shuffle_buffer, seed=seed).repeat()
     flips, per_batch = _split_flips(augment)
     # One draw per stream position: flips need no zipped seed dataset.
     flip_seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -418,14 +446,12 @@ def load_dataset(
         # The other augmentations run on whole batches: one vectorised op per
         # batch costs far less in tf.data than one small op per image.
         images, onehot = batch[0], tf.one_hot(batch[1], num_classes)
-        if per_batch is None:
-            images = tf.cast(images, tf.float32)
-        else:
+        if per_batch is not None:
             s = tf.random.experimental.stateless_split(batch_seed, 2)
             images = augment_batch(images, per_batch, seed=s[0], dtype=tf.float32)
             if needs_mixing(per_batch):
                 images, onehot = mix_batch(images, onehot, per_batch, seed=s[1])
-        return _to_float(images, value_range), onehot
+        return _to_output(images, value_range), onehot
 
     ds = records.enumerate().map(
         _plain(decode_train),

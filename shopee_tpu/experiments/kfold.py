@@ -228,14 +228,15 @@ def train_folds(
         raise ValueError(f"{out_dir}: a k-fold run folder must be a local path")
     if fold is not None and not 0 <= fold < k:
         raise ValueError(f"fold {fold} is not one of the {k} folds (0..{k - 1})")
-    files = list_files(config.data.train)
-    assignment = fold_assignment(files, config.data.schema, k, config.seed)
-
+    # Before the records are read: tf.data would start Keras on TensorFlow, and on
+    # a TPU VM only JAX reaches the TPU.
     acc = accelerator or connect(
         device or config.device,
         mixed_precision=config.mixed_precision,
         verbose=verbose > 0,
     )
+    files = list_files(config.data.train)
+    assignment = fold_assignment(files, config.data.schema, k, config.seed)
     chief = acc.worker_index == 0
     if chief:
         _save_run_config(out_dir, config)

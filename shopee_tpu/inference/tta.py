@@ -67,6 +67,9 @@ def _tta_model(model, members: Sequence[str]):
             self.base = base
 
         def call(self, images, training=False):
+            # Pixels arrive as they left the pipeline (uint8: a quarter of the
+            # bytes of float32); the views are built from them on the device.
+            images = ops.cast(images, "float32")
             b = ops.shape(images)[0]
             stacked = ops.concatenate([fn(images) for fn in fns], axis=0)
             probs = ops.cast(self.base(stacked, training=False), "float32")
@@ -224,6 +227,7 @@ class _Runner:
             images = np.concatenate([images, pad], axis=0)
         if self.per_view:
             step = self.steps[0]
+            images = images.astype(np.float32)  # the views run here, on the host
             outs = [step(view(images)) for view in self.views]
         else:
             outs = [step(images) for step in self.steps]
@@ -261,7 +265,7 @@ def tta_step(model, tta: str | Sequence[str], *, views_per_call: ViewsPerCall = 
     runner = _cached_runner(model, plan, views_per_call)
 
     def step(images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images, np.float32)
+        images = np.asarray(images)
         r = runner.replicas
         return runner(images, -(-len(images) // r) * r)
 
@@ -310,7 +314,7 @@ def iter_view_probs(
     largest = 0
     for batch in dataset:
         images, extra = _split_batch(batch)
-        images = np.asarray(_to_numpy(images), dtype=np.float32)
+        images = np.asarray(_to_numpy(images))  # uint8 stays uint8 (fewer bytes)
         if images.ndim != 4:
             raise ValueError(
                 f"predict expects image batches [b, h, w, c], got shape {images.shape}"

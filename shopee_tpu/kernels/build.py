@@ -7,14 +7,25 @@ temp folder and puts it first on ``sys.path``. The kernel then imports exactly t
 code that was built and tested, with no install and no dataset to attach, even when
 the image has another ``shopee_tpu`` installed.
 
+Only the modules the notebook can reach go in (its ``shopee_tpu`` imports and
+theirs, lazy exports included: no benchmarks, no command line), and the cell first
+checks that the image's Keras, TensorFlow and (on a TPU) JAX are recent enough,
+stopping with one line that names the package otherwise: Kaggle's images move on
+their own schedule.
+
 The folder holds the notebook and ``kernel-metadata.json`` made from a template
 (the repository's ``kernel-metadata.json``, or the built-in copy of it) with the
-``--set`` overrides applied and checked before anything is written. Credentials are
-never read: pushing is a separate step (``shopee_tpu.kernels.client``).
+``--set`` overrides applied and checked before anything is written. The notebook's
+own ``metadata.kaggle`` block (``accelerator``, ``dockerImageVersionId``) is
+dropped: it would override the metadata file and put a TPU kernel on the CPU image
+(kaggle-cli#1197). Kaggle refuses kernel sources over 1 MB, so a larger build is an
+error. Credentials are never read: pushing is a separate step
+(``shopee_tpu.kernels.client``).
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import copy
 import hashlib
@@ -27,6 +38,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from shopee_tpu.kernels.metadata import (
+    MACHINE_SHAPES,
     METADATA_FILE,
     KernelError,
     apply_overrides,
@@ -45,6 +57,11 @@ __all__ = [
 ]
 
 EMBED_TAG = "shopee-tpu-embedded"
+MAX_SOURCE_BYTES = 1 << 20  # Kaggle refuses larger kernel sources
+# The oldest versions the package runs on (setup.cfg's floors), by what the kernel
+# imports: TensorFlow feeds every accelerator (tf.data), JAX drives the TPU.
+REQUIRED = {"keras": "3.12", "tensorflow": "2.16"}
+REQUIRED_TPU = {"jax": "0.4.30"}
 
 # The repository's kernel-metadata.json, for users who installed the package and have
 # only a notebook (a test keeps the two identical).
@@ -72,7 +89,32 @@ _EMBED_CELL = '''\
 # shopee_tpu {version}, embedded by `shopee-tpu kernel build` ({files} files, sha256 {short}).
 # This cell makes `import shopee_tpu` load the copy below: no pip install, no internet, no
 # dataset to attach, and an installed shopee_tpu cannot shadow the code that was built.
-import base64, hashlib, importlib, io, os, shutil, sys, tempfile, zipfile
+import base64, hashlib, importlib, importlib.metadata, io, os, shutil, sys, tempfile, zipfile
+
+
+def _st_version(dist):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _st_tuple(version):
+    return tuple(int(p) for p in (version.split("+")[0].split(".") + ["0", "0"])[:3]
+                 if p.isdigit()) or (0,)
+
+
+# The image's packages, read from their metadata (importing them would fix Keras's
+# backend before shopee_tpu.connect() chooses it).
+for _st_name, _st_floor in {required!r}.items():
+    _st_dists = [_st_name] + [_st_name + s for s in ("-cpu", "-tpu", "-gpu")]
+    _st_found = next((v for v in (_st_version(d) for d in _st_dists) if v), None)
+    if _st_found is None or _st_tuple(_st_found) < _st_tuple(_st_floor):
+        raise SystemExit(
+            f"shopee_tpu needs {{_st_name}}>={{_st_floor}}; this image has "
+            f"{{_st_name}} {{_st_found or 'not installed'}}: pick a newer Kaggle image, "
+            f"or pip install '{{_st_name}}>={{_st_floor}}' with the internet on"
+        )
 
 _st_archive = base64.b64decode("""
 {payload}""")
@@ -94,7 +136,7 @@ import shopee_tpu
 
 assert shopee_tpu.__file__.startswith(_st_dir), shopee_tpu.__file__
 print(f"shopee_tpu {{shopee_tpu.__version__}} embedded (sha256 {short}) in {{_st_dir}}")
-del _st_archive
+del _st_archive, _st_version, _st_tuple
 '''
 
 
@@ -104,11 +146,18 @@ def _package_dir() -> str:
     return os.path.dirname(os.path.abspath(shopee_tpu.__file__))
 
 
-def package_archive(package_dir: str | os.PathLike | None = None) -> tuple[bytes, str]:
+def package_archive(
+    package_dir: str | os.PathLike | None = None, modules: Iterable[str] | None = None
+) -> tuple[bytes, str]:
     """A reproducible zip of the package's Python source.
 
-    Only ``*.py`` files (and ``py.typed``) go in, under ``shopee_tpu/``, sorted and
-    with fixed timestamps, so the same source always gives the same bytes and hash.
+    ``*.py`` files (and ``py.typed``) go in, under ``shopee_tpu/``, sorted and with
+    fixed timestamps, so the same source always gives the same bytes and hash.
+
+    Args:
+        package_dir: The package folder (default: this ``shopee_tpu``).
+        modules: The files to include, relative to the package (see
+            ``reachable_modules``); default: all.
 
     Returns:
         ``(zip_bytes, sha256_hex)``.
@@ -122,6 +171,9 @@ def package_archive(package_dir: str | os.PathLike | None = None) -> tuple[bytes
                 names.append(os.path.relpath(os.path.join(folder, name), root))
     if "__init__.py" not in names:
         raise KernelError(f"{root}: not a package (no __init__.py)")
+    if modules is not None:
+        wanted = {m.replace(os.sep, "/") for m in modules}
+        names = [n for n in names if n.replace(os.sep, "/") in wanted]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
         for rel in sorted(names):
@@ -136,25 +188,91 @@ def package_archive(package_dir: str | os.PathLike | None = None) -> tuple[bytes
     return data, hashlib.sha256(data).hexdigest()
 
 
+_MODULE_NAME = re.compile(r"^shopee_tpu(\.[A-Za-z_]\w*)*$")
+
+
+def reachable_modules(
+    sources: Iterable[str], package_dir: str | os.PathLike | None = None
+) -> set[str]:
+    """The files (relative to the package) of the ``shopee_tpu`` modules that code
+    importing as ``sources`` can load: its imports, theirs (in any scope), the
+    modules named by lazy exports (string constants such as
+    ``"shopee_tpu.accelerator"``), and each one's package."""
+    root = os.fspath(package_dir or _package_dir())
+
+    def exists(module: str) -> str | None:
+        rel = module.split(".")[1:]
+        for path in (
+            os.path.join(root, *rel) + ".py",
+            os.path.join(root, *rel, "__init__.py"),
+        ):
+            if os.path.isfile(path):
+                return path
+        return None
+
+    def named(tree: ast.AST) -> set[str]:
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module)
+                # `from shopee_tpu.data import pipeline` names a module too
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found.add(node.value)
+        return {m for m in found if _MODULE_NAME.match(m) and exists(m)}
+
+    todo = {"shopee_tpu"}
+    for source in sources:
+        todo |= named(ast.parse(source))
+    seen: set[str] = set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        todo |= {".".join(parts[:i]) for i in range(1, len(parts))}  # its packages
+        with open(exists(module), encoding="utf-8") as f:
+            todo |= named(ast.parse(f.read()))
+    return {os.path.relpath(exists(m), root) for m in seen}
+
+
 def _source(cell: dict) -> str:
     src = cell.get("source", "")
     return "".join(src) if isinstance(src, list) else str(src)
 
 
 def embed_package(
-    notebook: dict, package_dir: str | os.PathLike | None = None
+    notebook: dict,
+    package_dir: str | os.PathLike | None = None,
+    *,
+    accelerator: str | None = None,
 ) -> tuple[dict, dict]:
     """Returns a copy of ``notebook`` (nbformat 4 JSON) that carries the package.
 
     The generated cell goes right before the first code cell that imports
     ``shopee_tpu`` (after the ``parameters`` cell in our notebooks), or replaces the
-    one a previous build put there. Outputs are stripped.
+    one a previous build put there. Outputs and the notebook's ``metadata.kaggle``
+    block are dropped.
+
+    Args:
+        notebook: The notebook's JSON.
+        package_dir: The package source (default: this ``shopee_tpu``).
+        accelerator: ``"tpu"`` also requires JAX in the image.
 
     Returns:
         ``(notebook, info)`` with the package ``version``, ``sha256``, ``files`` and
         archive ``bytes``.
     """
-    archive, digest = package_archive(package_dir)
+    code = [
+        _source(c) for c in notebook.get("cells", []) if c.get("cell_type") == "code"
+    ]
+    code = [c for c in code if EMBED_TAG not in c]  # not a previous build's cell
+    modules = reachable_modules(code, package_dir)
+    archive, digest = package_archive(package_dir, modules)
+    required = {**REQUIRED, **(REQUIRED_TPU if accelerator == "tpu" else {})}
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:
         files = len(zf.namelist())
         init = zf.read("shopee_tpu/__init__.py").decode()
@@ -166,8 +284,12 @@ def embed_package(
         short=digest[:12],
         digest=digest,
         payload=base64.encodebytes(archive).decode("ascii").rstrip("\n"),
+        required=required,
     )
     nb = copy.deepcopy(notebook)
+    # Kaggle's editor writes it; pushed, it overrides kernel-metadata.json
+    # (kaggle-cli#1197: a TPU kernel on the CPU image).
+    nb.get("metadata", {}).pop("kaggle", None)
     cells = [c for c in nb.get("cells", []) if EMBED_TAG not in _tags(c)]
     for cell in cells:
         if cell.get("cell_type") == "code":
@@ -272,11 +394,22 @@ def build_kernel(
             ) from None
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         raise KernelError(f"{notebook}: not a Jupyter notebook (no cells)")
-    built, info = embed_package(nb, package_dir)
+    built, info = embed_package(
+        nb, package_dir, accelerator=MACHINE_SHAPES.get(meta["machine_shape"])
+    )
+    text = json.dumps(built, indent=1, ensure_ascii=False) + "\n"
+    size = len(text.encode("utf-8"))
+    if size > MAX_SOURCE_BYTES:
+        raise KernelError(
+            f"{notebook}: the built kernel is {size / 1e6:.2f} MB ({info['files']} "
+            f"embedded modules); Kaggle refuses kernel sources over 1 MB: move data "
+            "or outputs out of the notebook"
+        )
+    info["notebook_bytes"] = size
 
     os.makedirs(out, exist_ok=True)
     written = {
-        target: json.dumps(built, indent=1, ensure_ascii=False) + "\n",
+        target: text,
         os.path.join(out, METADATA_FILE): json.dumps(meta, indent=2) + "\n",
     }
     for path, text in written.items():

@@ -13,8 +13,11 @@ client leaves to the server or only warns about:
 - sources shaped ``owner/slug`` (datasets, kernels) and
   ``owner/model/framework/variation/version`` (models);
 - ``machine_shape`` one of the accelerator ids, consistent with ``enable_gpu`` /
-  ``enable_tpu``: ``enable_tpu`` without ``machine_shape: TpuV5E8`` lands on a
-  non-TPU image (kaggle-cli#1197), ``enable_gpu`` alone on a retired P100.
+  ``enable_tpu`` (``enable_gpu`` alone gets a retired P100);
+- no ``docker_image`` with a TPU ``machine_shape``: a TPU v5e-8 session has no
+  image of its own, so a pinned one wins and the kernel runs on the CPU image
+  (kaggle-cli#1197; the notebook's own ``metadata.kaggle`` block does the same,
+  and ``kernel build`` drops it).
 
 Every error names the key. Unknown keys are errors too, so a typo is not ignored.
 """
@@ -340,8 +343,7 @@ def _check_accelerator(meta: dict[str, Any]) -> None:
     if tpu and kind != "tpu":
         raise KernelMetadataError(
             "machine_shape",
-            f"enable_tpu needs a TPU machine_shape (TpuV5E8), got {shape or 'none'}; "
-            "without it the kernel runs on a non-TPU image (kaggle-cli#1197)",
+            f"enable_tpu needs a TPU machine_shape (TpuV5E8), got {shape or 'none'}",
         )
     if gpu and kind != "gpu":
         raise KernelMetadataError(
@@ -351,6 +353,13 @@ def _check_accelerator(meta: dict[str, Any]) -> None:
         )
     if kind == "tpu" and not tpu:
         raise KernelMetadataError("enable_tpu", f"must be true for {shape}")
+    if kind == "tpu" and meta.get("docker_image"):
+        raise KernelMetadataError(
+            "docker_image",
+            f"pins {meta['docker_image']!r}, and a {shape} session has no image of "
+            "its own: the pinned one wins and the kernel runs on the CPU image "
+            "(kaggle-cli#1197); remove docker_image",
+        )
     if kind == "gpu" and not gpu:
         raise KernelMetadataError("enable_gpu", f"must be true for {shape}")
 

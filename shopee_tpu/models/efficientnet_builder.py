@@ -39,9 +39,14 @@ from shopee_tpu.models.efficientnet_scaling import (
     scaling,
 )
 
-CONV_KERNEL_INITIALIZER = keras.initializers.VarianceScaling(
-    scale=2.0, mode="fan_out", distribution="truncated_normal"
-)
+# A config, not an instance, as keras.applications passes it: each layer builds its
+# own initializer and so draws its own seed. One shared instance holds one seed,
+# fixed when this module is imported: every kernel of a shape would start equal,
+# and from a seed that differs between processes (fatal on several JAX hosts).
+CONV_KERNEL_INITIALIZER = {
+    "class_name": "VarianceScaling",
+    "config": {"scale": 2.0, "mode": "fan_out", "distribution": "truncated_normal"},
+}
 
 
 def efficientnet(

@@ -1,7 +1,8 @@
 """Pieces every backbone shares: the 0..255 input contract and the classifier head.
 
-Every model from ``shopee_tpu.models`` takes float pixels in 0..255 and normalises
-them inside itself, and ends in the same head (global average pooling, optional
+Every model from ``shopee_tpu.models`` takes pixels in 0..255 (uint8 as the
+pipeline yields them, or float) and casts and normalises them inside itself, so
+the cast runs on the device, and ends in the same head (global average pooling, optional
 dropout, ``Dense(num_classes, softmax)`` computed in float32). Keeping both in one
 place is what lets the registry promise one contract for every family.
 """
@@ -26,9 +27,11 @@ HEAD_SUFFIXES = ("_head_layernorm",)  # ConvNeXt's pooled-feature LayerNorm
 
 VALUE_RANGE = (0.0, 255.0)
 
-DENSE_KERNEL_INITIALIZER = keras.initializers.VarianceScaling(
-    scale=1.0 / 3.0, mode="fan_out", distribution="uniform"
-)
+# A config, so that each classifier draws its own seed (see efficientnet_builder).
+DENSE_KERNEL_INITIALIZER = {
+    "class_name": "VarianceScaling",
+    "config": {"scale": 1.0 / 3.0, "mode": "fan_out", "distribution": "uniform"},
+}
 
 
 @keras.saving.register_keras_serializable(package="shopee_tpu")
