@@ -14,7 +14,7 @@ without TensorFlow installed, and before the Keras backend is chosen.
 
 from __future__ import annotations
 
-from shopee_tpu import frameworks
+from shopee_tpu import frameworks, presets  # noqa: F401  (registers the presets)
 from shopee_tpu.console import quiet_native_logs
 from shopee_tpu.utils import lazy_exports
 
@@ -29,7 +29,7 @@ _EXPORTS = {
     "AcceleratorNotFound": "shopee_tpu.accelerator",
     "RunConfig": "shopee_tpu.config",
     "ConfigError": "shopee_tpu.config",
-    "PRESETS": "shopee_tpu.presets",
+    "PRESETS": "shopee_tpu.config",
     "train": "shopee_tpu.training",
     "predict": "shopee_tpu.inference.tta",
 }

@@ -17,10 +17,23 @@ import dataclasses
 import json
 import os
 import types
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from shopee_tpu import fs
+from shopee_tpu.config_values import (
+    ConfigError,
+    deep_update,
+    field_of,
+    flatten,
+    get_field,
+    hints,
+    nest,
+    parse,
+    read_mapping,
+    section_from_dict,
+)
 
 __all__ = [
     "AugmentConfig",
@@ -31,12 +44,10 @@ __all__ = [
     "PlanConfig",
     "RunConfig",
     "ConfigError",
+    "PRESETS",
     "config_diff",
+    "register_preset",
 ]
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names it."""
 
 
 class _Section:
@@ -53,7 +64,7 @@ class _Section:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, where: str = ""):
         """Builds the section from a mapping, rejecting keys the section lacks."""
-        return _from_dict(cls, values, where)
+        return section_from_dict(cls, values, where)
 
 
 @dataclass(frozen=True)
@@ -134,8 +145,8 @@ class ModelConfig(_Section):
 
 @dataclass(frozen=True)
 class AugmentConfig(_Section):
-    """Training-time augmentation. Everything but ``flip_lr`` is off by default:
-    the Cdiscount 3rd-place team measured that flip alone beat flip plus colour.
+    """Training-time augmentation. Everything but ``flip_lr`` is off by default, as
+    in the Cdiscount 3rd-place recipe, where flip alone beat flip plus colour.
 
     Attributes:
         flip_lr: Random horizontal flip.
@@ -180,7 +191,7 @@ class AugmentConfig(_Section):
 
 @dataclass(frozen=True)
 class OptimConfig(_Section):
-    """Optimizer, loss and learning-rate schedule (see ``shopee_tpu.models.recipe``).
+    """Optimizer, loss and learning-rate schedule (see ``shopee_tpu.models.optim``).
 
     Attributes:
         optimizer: ``adam``, ``adamw``, ``nadam`` or ``sgd`` (with momentum).
@@ -246,7 +257,7 @@ class PredictConfig(_Section):
 
 @dataclass(frozen=True)
 class PlanConfig(_Section):
-    """How a run is laid out over its epochs (see ``shopee_tpu.plan``).
+    """How a run is laid out over its epochs (see ``shopee_tpu.training.plan``).
 
     Attributes:
         images_seen: When > 0, the epoch count comes from the training-set size:
@@ -312,8 +323,6 @@ class RunConfig(_Section):
     @classmethod
     def preset(cls, name: str) -> RunConfig:
         """Returns the named preset (see ``PRESETS``)."""
-        from shopee_tpu.presets import PRESETS
-
         try:
             return PRESETS[name]
         except KeyError:
@@ -346,7 +355,7 @@ class RunConfig(_Section):
             ConfigError: Unreadable file, unknown key or bad value (both named).
         """
         path = os.fspath(path)
-        values = _read_mapping(path)
+        values = read_mapping(path)
         try:
             preset = values.pop("preset", None)
             if preset and base is not None and base != cls.preset(preset):
@@ -363,7 +372,7 @@ class RunConfig(_Section):
 
     def merge(self, values: Mapping[str, Any]) -> RunConfig:
         """Returns a copy with a nested mapping of values applied."""
-        merged = _deep_update(self.to_dict(), values, "")
+        merged = deep_update(self.to_dict(), values, "")
         return RunConfig.from_dict(merged)
 
     def override(self, *assignments: str | Iterable[str]) -> RunConfig:
@@ -387,18 +396,17 @@ class RunConfig(_Section):
         parts = key.split(".")
         owner: Any = self
         for p in parts[:-1]:
-            owner = _get_field(owner, p, key)
+            owner = get_field(owner, p, key)
             if not dataclasses.is_dataclass(owner):
                 raise ConfigError(f"unknown config key {key!r}")
-        f = _field_of(type(owner), parts[-1], key)
-        value = _parse(raw, _hints(type(owner))[f.name], key)
-        return self.merge(_nest(parts, value))
+        f = field_of(type(owner), parts[-1], key)
+        value = parse(raw, hints(type(owner))[f.name], key)
+        return self.merge(nest(parts, value))
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the config as JSON, atomically."""
-        from shopee_tpu.utils import atomic_write_text
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        fs.write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def global_batch_size(self, replicas: int) -> int:
         """The batch size across all replicas."""
@@ -407,7 +415,7 @@ class RunConfig(_Section):
 
 def config_diff(a: RunConfig, b: RunConfig, *, ignore: Iterable[str] = ()) -> list[str]:
     """Lists the dotted keys whose values differ, as ``key: a -> b`` lines."""
-    fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
+    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
     skip = tuple(ignore)
     out = []
     for k in sorted(set(fa) | set(fb)):
@@ -418,158 +426,15 @@ def config_diff(a: RunConfig, b: RunConfig, *, ignore: Iterable[str] = ()) -> li
     return out
 
 
-def __getattr__(name: str):
-    # The presets live in their own module, which imports this one.
-    if name == "PRESETS":
-        from shopee_tpu.presets import PRESETS
-
-        return PRESETS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_PRESETS: dict[str, RunConfig] = {}
+# Read-only: a notebook that wants changes overrides a copy, never the registry.
+PRESETS: Mapping[str, RunConfig] = types.MappingProxyType(_PRESETS)
 
 
-# ---------------------------------------------------------------------------
-# Plumbing: strict dict → dataclass conversion and --set value parsing.
-
-
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _field_of(cls, name: str, key: str):
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f
-    known = ", ".join(f.name for f in dataclasses.fields(cls))
-    raise ConfigError(f"unknown config key {key!r} (known here: {known})")
-
-
-def _get_field(obj, name: str, key: str):
-    _field_of(type(obj), name, key)
-    return getattr(obj, name)
-
-
-def _from_dict(cls, values: Mapping[str, Any], where: str):
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
-    hints = _hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{where}.{key}" if where else key
-        f = _field_of(cls, key, dotted)
-        kwargs[key] = _coerce(value, hints[f.name], dotted)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Checks and converts a JSON/YAML value to the field's declared type."""
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return _from_dict(hint, value, key)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint)[:1]
-        return tuple(_coerce(v, item, key) for v in value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _BOOLS:
-            return _BOOLS[value.lower()]
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-_BOOLS = {"true": True, "1": True, "yes": True, "on": True}
-_BOOLS.update({"false": False, "0": False, "no": False, "off": False})
-
-
-def _parse(raw: str, hint: Any, key: str) -> Any:
-    """Parses a --set string by the field's type."""
-    origin = typing.get_origin(hint)
-    optional = origin in (typing.Union, types.UnionType) and type(None) in (
-        typing.get_args(hint)
-    )
-    if optional and raw.lower() in ("none", "null", ""):
-        return None
-    return _coerce(raw, hint, key)
-
-
-def _read_mapping(path: str) -> dict[str, Any]:
-    """Reads a JSON or YAML (by suffix) file that must hold a mapping."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        try:
-            values = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    else:
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return dict(values)
-
-
-def _nest(parts: list[str], value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {parts[-1]: value}
-    for p in reversed(parts[:-1]):
-        out = {p: out}
-    return out
-
-
-def _deep_update(base: dict, values: Mapping[str, Any], where: str) -> dict:
-    out = dict(base)
-    for key, value in values.items():
-        dotted = f"{where}.{key}" if where else key
-        if key not in out:
-            raise ConfigError(f"unknown config key {dotted!r}")
-        if isinstance(out[key], dict) and isinstance(value, Mapping):
-            out[key] = _deep_update(out[key], value, dotted)
-        elif dataclasses.is_dataclass(value):
-            out[key] = dataclasses.asdict(value)
-        else:
-            out[key] = value
-    return out
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def register_preset(config: RunConfig) -> RunConfig:
+    """Adds ``config`` to ``PRESETS`` under its name. The shipped recipes are the
+    files of ``shopee_tpu.presets``, which ``import shopee_tpu`` registers."""
+    if config.name in _PRESETS:
+        raise ValueError(f"preset {config.name!r} is registered twice")
+    _PRESETS[config.name] = config
+    return config

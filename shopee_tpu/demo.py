@@ -22,8 +22,17 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
+from shopee_tpu import fs
+from shopee_tpu.accelerator import connect
 from shopee_tpu.config import RunConfig
-from shopee_tpu.utils import atomic_write_text, require_extra
+from shopee_tpu.data.manifests import read_manifest
+from shopee_tpu.data.pipeline import read_ids_labels
+from shopee_tpu.data.records import write_records_from_csv
+from shopee_tpu.data.sources import class_names
+from shopee_tpu.inference.ensemble import aggregate_products, load_probs
+from shopee_tpu.inference.md5 import build_from_records
+from shopee_tpu.training import train
+from shopee_tpu.utils import require_extra
 
 __all__ = ["prepare_demo_data", "run_demo", "score_submission"]
 
@@ -43,8 +52,6 @@ def prepare_demo_data(
         ``md5_dict`` and the digits summary.
     """
     from shopee_tpu.data.digits import make_digits_dataset
-    from shopee_tpu.data.records import write_records_from_csv
-    from shopee_tpu.inference.md5 import build_from_records
 
     out = os.fspath(out)
     raw = os.path.join(out, "data")
@@ -60,7 +67,7 @@ def prepare_demo_data(
     else:
         info = make_digits_dataset(raw, image_size=image_size, limit=limit, seed=seed)
         info["seed"] = seed
-        atomic_write_text(summary_path, json.dumps(info, indent=1))
+        fs.write_text(summary_path, json.dumps(info, indent=1))
     records = os.path.join(out, "records")
     options = dict(
         image_size=None,
@@ -125,11 +132,6 @@ def score_submission(
         ),
     }
     if probs_path and test_records:
-        from shopee_tpu.data.pipeline import read_ids_labels
-        from shopee_tpu.data.records import read_manifest
-        from shopee_tpu.inference.ensemble import aggregate_products, load_probs
-        from shopee_tpu.training import class_names
-
         probs = load_probs(probs_path)
         names = np.array(class_names(read_manifest(test_records)["label_map"]))
         ids = np.asarray(probs.ids).astype(str)
@@ -171,9 +173,7 @@ def run_demo(
         ValueError: ``out`` holds the demo of another seed.
     """
     require_extra("sklearn", "demo", "the demo's bundled data (scikit-learn's digits)")
-    from shopee_tpu.accelerator import connect
     from shopee_tpu.inference.run import predict_run
-    from shopee_tpu.training import train
 
     start = time.monotonic()
     out = os.fspath(out)
@@ -219,7 +219,7 @@ def run_demo(
         "submission": submission_path,
         "wall_time_sec": round(time.monotonic() - start, 1),
     }
-    atomic_write_text(
+    fs.write_text(
         os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1) + "\n"
     )
     return metrics

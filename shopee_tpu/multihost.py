@@ -34,6 +34,8 @@ import urllib.request
 
 import numpy as np
 
+from shopee_tpu.utils import require_tensorflow
+
 __all__ = [
     "KERAS_ENV",
     "multi_host_reason",
@@ -180,8 +182,6 @@ def broadcast_from_chief(acc, value: float) -> float:
 def _tf_first_replica(strategy, value: float) -> float:
     """The value of replica 0 (the chief's first) on every worker: an all-reduce
     to which the other replicas add zero."""
-    from shopee_tpu.utils import require_tensorflow
-
     tf = require_tensorflow()
 
     def offer():

@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from shopee_tpu import fs
+
 
 def _plt():
     import matplotlib
@@ -30,9 +32,7 @@ def _plt():
 def _finish(fig, path: str | os.PathLike | None):
     fig.tight_layout()
     if path is not None:
-        from shopee_tpu.utils import atomic_path
-
-        with atomic_path(os.fspath(path)) as tmp:
+        with fs.atomic_path(os.fspath(path)) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         _plt().close(fig)  # still displayable when returned to a notebook
     return fig

@@ -292,7 +292,7 @@ def test_mixed_float16_trains_resumes_and_keeps_its_loss_scale(
         + _recipe(digits_records, tmp_path / "run", "epochs=2", "batch_size=8")
         + r"""
 import shopee_tpu
-from shopee_tpu.checkpoints import RunFolder
+from shopee_tpu.run_folder import RunFolder
 from shopee_tpu.models import build_from_config, compile_model
 from shopee_tpu.training import train
 acc = shopee_tpu.connect(mixed_precision="mixed_float16", verbose=False)

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import keras
 import numpy as np
 
-from shopee_tpu import callbacks
-from shopee_tpu.callbacks import EpochCommit, TimeBudget
-from shopee_tpu.checkpoints import RunFolder
+from shopee_tpu.run_folder import RunFolder
+from shopee_tpu.training import callbacks
+from shopee_tpu.training.callbacks import EpochCommit, TimeBudget
 
 
 def _epochs(budget, clock, durations):

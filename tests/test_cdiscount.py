@@ -20,18 +20,18 @@ from conftest import REPO
 
 bson = pytest.importorskip("bson")
 
-from shopee_tpu.data.bson_reader import (  # noqa: E402
+from shopee_tpu.cdiscount.bson_reader import (  # noqa: E402
     BsonFormatError,
     iter_products,
     read_product,
 )
-from shopee_tpu.data.cdiscount import (  # noqa: E402
+from shopee_tpu.cdiscount.plan import split_products  # noqa: E402
+from shopee_tpu.cdiscount.prepare import (  # noqa: E402
     prepare_cdiscount,
     prepare_cdiscount_test,
     read_categories,
 )
-from shopee_tpu.data.cdiscount_plan import split_products  # noqa: E402
-from shopee_tpu.data.cdiscount_sample import (  # noqa: E402
+from shopee_tpu.cdiscount.sample import (  # noqa: E402
     SAMPLE_CATEGORY_IDS,
     make_cdiscount_sample,
 )
@@ -93,7 +93,7 @@ def test_reader_streams_products_with_offsets_for_random_access(sample):
 def test_saved_index_gives_random_access_and_goes_stale_with_the_file(
     sample, prepared, tmp_path
 ):
-    from shopee_tpu.data.cdiscount_plan import BsonIndex
+    from shopee_tpu.cdiscount.plan import BsonIndex
 
     out, _ = prepared
     index = BsonIndex.load_for(out / "index.npz", sample["train"])
@@ -250,8 +250,8 @@ def test_cli_reports_truncation_as_an_error(sample, tmp_path, capsys):
 
 _KILL = """
 import os, signal, sys
-import shopee_tpu.data.cdiscount as c
-import shopee_tpu.data.cdiscount_shards as shards
+import shopee_tpu.cdiscount.prepare as c
+import shopee_tpu.cdiscount.shards as shards
 
 class Dies(shards.ShardWriter):
     def add(self, *args):

@@ -335,7 +335,7 @@ def test_augment_batch_draws_per_image(photo):
 
 
 @pytest.mark.slow
-def test_pipeline_and_affine_ops_run_in_tf_data_on_the_jax_backend(
+def test_pipeline_and_affine_warp_run_in_tf_data_on_the_jax_backend(
     digits_dir, tmp_path
 ):
     code = (

@@ -12,7 +12,8 @@ import pytest
 from conftest import photo_crops, run_python
 from PIL import Image
 
-from shopee_tpu.data.records import read_manifest, write_records, write_records_from_csv
+from shopee_tpu.data.manifests import read_manifest
+from shopee_tpu.data.records import write_records, write_records_from_csv
 from shopee_tpu.data.tfrecord import crc32c, encode_example, read_records
 
 
@@ -193,8 +194,8 @@ def test_iterable_source_streams_into_balanced_shards(tmp_path):
 
 
 def test_progress_counts_every_image_across_worker_processes(tmp_path, capsys):
-    from shopee_tpu.data.procs import WorkerPool
     from shopee_tpu.data.shard_writer import ShardParams
+    from shopee_tpu.data.writer_pool import WorkerPool
 
     paths = []
     for i in range(24):

@@ -18,7 +18,8 @@ import time
 import pandas as pd
 from conftest import REPO
 
-from shopee_tpu.data.records import read_manifest, write_records
+from shopee_tpu.data.manifests import read_manifest
+from shopee_tpu.data.records import write_records
 
 
 def _table(digits_dir) -> pd.DataFrame:

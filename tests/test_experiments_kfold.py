@@ -52,7 +52,7 @@ def _build_kfold_run(records, root) -> dict:
     """Fold 2 trains alone (as in another Kaggle session); the full run, in a
     subprocess, is killed during fold 1; fold 2's folder is copied in, and the run
     is resumed."""
-    from shopee_tpu.training import train
+    from shopee_tpu.experiments.kfold import train_folds
 
     cfg = _config(records, *RUN)
     cfg_path = root / "cfg.json"
@@ -61,7 +61,7 @@ def _build_kfold_run(records, root) -> dict:
     other, run = root / "other_session", root / "run"
     common = ["train", "--config", str(cfg_path), "--folds", "3"]
 
-    alone = train(cfg, folds=3, fold=2, out_dir=str(other), verbose=0)
+    alone = train_folds(cfg, folds=3, fold=2, out_dir=str(other), verbose=0)
     assert not alone.complete and alone.folds_done == [2]
 
     proc = subprocess.Popen(
@@ -95,7 +95,7 @@ def _build_kfold_run(records, root) -> dict:
     }
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        result = train(cfg, folds=3, out_dir=str(run), verbose=1)
+        result = train_folds(cfg, folds=3, out_dir=str(run), verbose=1)
     return {
         "cfg": cfg,
         "run": run,
@@ -234,7 +234,7 @@ def test_oof_and_fold_ensemble_equal_the_fold_models_predictions(
 
 def test_bad_fold_counts_are_named(digits_records, tmp_path, capsys):
     from shopee_tpu.cli import main
-    from shopee_tpu.training import train
+    from shopee_tpu.experiments.kfold import train_folds
 
     args = [
         "train",
@@ -250,7 +250,7 @@ def test_bad_fold_counts_are_named(digits_records, tmp_path, capsys):
     assert main([*args, "--folds", "3", "--fold", "3", "--out", str(tmp_path)]) == 1
     assert "fold 3 is not one of the 3 folds" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least 2 folds"):
-        train(_config(digits_records), folds=1, out_dir=str(tmp_path / "r"))
+        train_folds(_config(digits_records), folds=1, out_dir=str(tmp_path / "r"))
 
 
 # ---------------------------------------------------------------------------
@@ -259,15 +259,15 @@ def test_bad_fold_counts_are_named(digits_records, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def two_runs(kfold, digits_records, tmp_path_factory):
+    from shopee_tpu.experiments.kfold import train_folds
     from shopee_tpu.inference.run import predict_run
-    from shopee_tpu.training import train
 
     root = tmp_path_factory.mktemp("stack")
     cfg_b = _config(
         digits_records, "model.activation=relu", "epochs=1",
         "steps_per_epoch=3",
     )  # fmt: skip
-    train(cfg_b, folds=2, out_dir=str(root / "b"), verbose=0)
+    train_folds(cfg_b, folds=2, out_dir=str(root / "b"), verbose=0)
     for name, run in (("a", kfold["run"]), ("b", root / "b")):
         predict_run(
             run, digits_records["test"], out=root / f"{name}.csv", verbose=False

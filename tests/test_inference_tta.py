@@ -107,7 +107,7 @@ def test_shift_family_is_mean_of_four_directions():
 
 
 def test_zoom_crops_the_centre():
-    from shopee_tpu.inference.views import view_function
+    from shopee_tpu.inference.tta_views import view_function
 
     x = np.zeros((1, 20, 20, 3), np.float32)
     x[:, 5:15, 5:15] = 100.0  # the central half is flat
@@ -253,17 +253,17 @@ def test_repeated_calls_reuse_one_compiled_step_outside_the_model():
     model, x = _model(), _images(3)
     layers, weights = len(model.layers), len(model.weights)
     predict(model, [x], tta=("identity", "flip_lr"))  # on CPU: one view per call
-    runner = model._shopee_tta_runners[(("identity", "flip_lr"), 1)]
+    runner = model.shopee_tta_runners[(("identity", "flip_lr"), 1)]
     predict(model, [x], tta=("identity", "flip_lr"))
     predict(model, [x], tta=("identity",))
-    assert model._shopee_tta_runners[(("identity", "flip_lr"), 1)] is runner
-    assert len(model._shopee_tta_runners) == 2
+    assert model.shopee_tta_runners[(("identity", "flip_lr"), 1)] is runner
+    assert len(model.shopee_tta_runners) == 2
     assert (len(model.layers), len(model.weights)) == (layers, weights)
 
 
 def test_tta_step_returns_every_member_view():
     from shopee_tpu.inference.tta import tta_step
-    from shopee_tpu.inference.views import ViewPlan
+    from shopee_tpu.inference.tta_views import ViewPlan
 
     model, x = _model(), _images(3)
     plan = ViewPlan.parse(("identity", "shift_1"))
@@ -300,9 +300,9 @@ def test_every_grouping_of_views_gives_the_same_probabilities():
         np.testing.assert_allclose(probs, ref, atol=1e-5)
         assert ids.tolist() == ref_ids.tolist()
     members = ViewPlan.parse(tta).members
-    per_view = model._shopee_tta_runners[(members, 1)]
+    per_view = model.shopee_tta_runners[(members, 1)]
     assert per_view.per_view and len(per_view.models) == 1
-    assert len(model._shopee_tta_runners[(members, 3)].models) == 3
-    assert (members, 7) not in model._shopee_tta_runners  # 7 of 7 is all in one call
+    assert len(model.shopee_tta_runners[(members, 3)].models) == 3
+    assert (members, 7) not in model.shopee_tta_runners  # 7 of 7 is all in one call
     with pytest.raises(ValueError, match="views_per_call"):
         predict(model, _dataset(x, 4), tta=tta, views_per_call="fast")

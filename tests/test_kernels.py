@@ -150,11 +150,11 @@ def test_build_embeds_the_package_after_the_parameters_and_applies_overrides(tmp
         if f.endswith(".py") and "__pycache__" not in d
     }
     assert set(names) < everything
-    needed = ("__init__", "accelerator", "training", "data/pipeline", "plots")
+    needed = ("__init__", "accelerator", "training/loop", "data/pipeline", "plots")
     assert {f"shopee_tpu/{m}.py" for m in needed} <= set(names)
     assert {"shopee_tpu/inference/run.py", "shopee_tpu/runtime.py"} <= set(names)
     left_out = everything - set(names)
-    assert {"shopee_tpu/cli.py", "shopee_tpu/kernels/build.py"} <= left_out
+    assert {"shopee_tpu/cli/parser.py", "shopee_tpu/kernels/build.py"} <= left_out
     assert not any(n.startswith("shopee_tpu/bench/") for n in names)
     assert (
         built["package"]["sha256"] == hashlib.sha256(_embedded_archive(nb)).hexdigest()
@@ -516,7 +516,7 @@ def test_push_sends_the_built_kernel_with_the_real_client(kaggle_api, tmp_path):
     archive = _embedded_archive(notebook)
     assert hashlib.sha256(archive).hexdigest() == built["package"]["sha256"]
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:
-        assert "shopee_tpu/training.py" in zf.namelist()
+        assert "shopee_tpu/training/loop.py" in zf.namelist()
         assert "shopee_tpu/kernels/build.py" not in zf.namelist()
     # The client authenticated with the username and key from the environment, and
     # the key travels only in the Authorization header.

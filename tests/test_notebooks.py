@@ -204,7 +204,7 @@ def test_inference_smoke_run_ensembles_runs_into_a_valid_submission(tmp_path):
 
 @pytest.mark.slow
 def test_cdiscount_smoke_run_goes_from_bson_to_one_row_per_product(tmp_path):
-    from shopee_tpu.data.cdiscount_sample import SAMPLE_CATEGORY_IDS
+    from shopee_tpu.cdiscount.sample import SAMPLE_CATEGORY_IDS
 
     nb = _execute("cdiscount.ipynb", tmp_path)
     # The notebook converted the BSON files it made: split by product, deduplicated.

@@ -238,8 +238,9 @@ def test_finetune_freezes_then_unfreezes_our_own_weights(digits_records, tmp_pat
 def test_backbone_learning_rate_is_scaled_and_the_head_is_not():
     import keras
 
+    from shopee_tpu.config import OptimConfig
     from shopee_tpu.models import build_model
-    from shopee_tpu.models.finetune import scale_backbone_lr
+    from shopee_tpu.models.optim import make_optimizer
 
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     y = np.eye(3, dtype="float32")[[0, 1, 2, 0]]
@@ -248,9 +249,13 @@ def test_backbone_learning_rate_is_scaled_and_the_head_is_not():
         keras.utils.set_random_seed(1)
         model = build_model("tiny-cnn", 3, input_size=32)
         start = [v.numpy().copy() for v in model.trainable_variables]
-        optimizer = keras.optimizers.SGD(0.1)
-        if factor is not None:
-            scale_backbone_lr(optimizer, model, factor)
+        head = [v.path for v in model.get_layer("predictions").weights]
+        optimizer = make_optimizer(
+            OptimConfig(optimizer="sgd", momentum=0.0),
+            0.1,
+            backbone_lr=1.0 if factor is None else factor,
+            head=head,
+        )
         model.compile(optimizer=optimizer, loss="categorical_crossentropy")
         model.train_on_batch(x, y)
         names = [v.path for v in model.trainable_variables]

@@ -3,8 +3,8 @@
 import pytest
 
 from shopee_tpu.config import PlanConfig, RunConfig
-from shopee_tpu.plan import Phase, phase_at, plan_epochs, plan_phases
-from shopee_tpu.validation import validation_warnings
+from shopee_tpu.training.checks import validation_warnings
+from shopee_tpu.training.plan import Phase, phase_at, plan_epochs, plan_phases
 
 
 def test_epochs_follow_the_data_size_between_the_floor_and_the_cap():

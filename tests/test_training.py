@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from conftest import REPO, TINY, photo_crops
 
-from shopee_tpu.checkpoints import ConfigMismatch
 from shopee_tpu.config import RunConfig
+from shopee_tpu.run_folder import ConfigMismatch
 
 SETS = (
     *TINY,

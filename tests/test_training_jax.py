@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO
 
 from shopee_tpu.config import RunConfig
-from shopee_tpu.training import _epoch_steps
+from shopee_tpu.training.plan import epoch_steps as _epoch_steps
 
 OUTER_ENV = ("TF_CONFIG", "SHOPEE_TPU_DEVICE", "ISTPUVM", "TPU_NAME", "KERAS_BACKEND")
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+from shopee_tpu.bench.accuracy import make_task, run_ours
+
 # (name, --set overrides that undo one choice of the photo preset)
 VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("photo preset", ()),
@@ -44,8 +46,6 @@ def run_variants(
     variants, *, seed: int, quick: bool, out: str | None = None
 ) -> list[dict]:
     """Trains each ``(name, sets)`` variant on the seed's task; one row each."""
-    from shopee_tpu.bench.accuracy import make_task, run_ours
-
     out = out or tempfile.mkdtemp(prefix="bench-ablation-")
     task = make_task(os.path.join(out, f"task-{seed}"), seed, quick)
     extra = ()

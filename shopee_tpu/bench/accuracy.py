@@ -28,11 +28,19 @@ The goal is a gain of at least ``TARGET_GAIN`` over the peer in no more time.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 
 import numpy as np
+
+from shopee_tpu import fs
+from shopee_tpu.config import RunConfig
+from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
+from shopee_tpu.data.records import write_records_from_csv
+from shopee_tpu.inference.tta import predict
+from shopee_tpu.training import train
 
 FULL = dict(classes=10, train_per_class=120, test_per_class=40, image_size=64)
 QUICK = dict(classes=4, train_per_class=24, test_per_class=8, image_size=64)
@@ -43,17 +51,14 @@ TARGET_GAIN = 0.05
 
 def make_task(out: str, seed: int, quick: bool = False) -> dict:
     """The photo task for ``seed`` in the Shopee layout under ``out``."""
-    import json
-
     from shopee_tpu.data.photos import make_photo_dataset
-    from shopee_tpu.utils import atomic_write_text
 
     summary = os.path.join(out, "summary.json")
     if os.path.exists(summary):
         with open(summary) as f:
             return json.load(f)
     info = make_photo_dataset(out, seed=seed, **(QUICK if quick else FULL))
-    atomic_write_text(summary, json.dumps(info, indent=1))
+    fs.write_text(summary, json.dumps(info, indent=1))
     return info
 
 
@@ -103,7 +108,7 @@ def run_peer(
         loss="categorical_crossentropy",
         metrics=["accuracy"],
     )
-    stop = _StopAt(start, time_limit)
+    stop = _stop_at(start, time_limit)
     history = model.fit(train_ds, epochs=epochs, callbacks=[stop], verbose=0)
     names, labels = _test_labels(task)
     test_ds = keras.utils.image_dataset_from_directory(
@@ -141,12 +146,6 @@ def run_ours(
     time_limit: float | None = None,
 ) -> dict:
     """Records, ``train`` with the preset, ``predict`` with its TTA; accuracy, time."""
-    from shopee_tpu.config import RunConfig
-    from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
-    from shopee_tpu.data.records import write_records_from_csv
-    from shopee_tpu.inference.tta import predict
-    from shopee_tpu.training import train
-
     start, cpu = time.perf_counter(), time.process_time()
     records = os.path.join(out, "records")
     options = dict(image_size=None, resize="square", quality=95, workers=1, seed=0)
@@ -202,27 +201,26 @@ def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return round(float((np.argmax(probs, -1) == labels).mean()), 4)
 
 
-def _callback_base():
+def _stop_at(start: float, limit: float | None):
+    """A callback that stops ``fit`` before an epoch that would end past ``limit``
+    seconds from ``start`` (as long as the longest epoch so far)."""
     import keras
 
-    return keras.callbacks.Callback
+    longest, began = [0.0], [0.0]
 
+    def on_epoch_begin(epoch, logs=None):
+        began[0] = time.perf_counter()
 
-class _StopAt(_callback_base()):
-    """Stops ``fit`` before an epoch that would end past the time limit."""
-
-    def __init__(self, start: float, limit: float | None):
-        super().__init__()
-        self.start, self.limit, self.longest = start, limit, 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.t0 = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(epoch, logs=None):
         now = time.perf_counter()
-        self.longest = max(self.longest, now - self.t0)
-        if self.limit is not None and now - self.start + self.longest > self.limit:
-            self.model.stop_training = True
+        longest[0] = max(longest[0], now - began[0])
+        if limit is not None and now - start + longest[0] > limit:
+            callback.model.stop_training = True
+
+    callback = keras.callbacks.LambdaCallback(
+        on_epoch_begin=on_epoch_begin, on_epoch_end=on_epoch_end
+    )
+    return callback
 
 
 def run(args) -> dict:

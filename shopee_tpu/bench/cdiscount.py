@@ -28,7 +28,10 @@ import sys
 import tempfile
 import time
 
+import shopee_tpu
 from shopee_tpu.bench import alternate, median_ratio
+from shopee_tpu.cdiscount.prepare import prepare_cdiscount
+from shopee_tpu.cdiscount.sample import make_cdiscount_sample
 
 IMAGE_SIZE = 180
 RSS_TARGET = 1.2
@@ -38,7 +41,7 @@ RSS_TARGET = 1.2
 # each writer process it starts.
 _RSS_CODE = """
 import json, os, sys, threading, time
-from shopee_tpu.data.cdiscount import prepare_cdiscount
+from shopee_tpu.cdiscount.prepare import prepare_cdiscount
 
 def hwm(pid):
     try:
@@ -78,9 +81,6 @@ print(json.dumps({
 
 def run(args) -> dict:
     """Runs the converter benchmark; returns the figures as a dict."""
-    from shopee_tpu.data.cdiscount import prepare_cdiscount
-    from shopee_tpu.data.cdiscount_sample import make_cdiscount_sample
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     n_workers = max(2, cores)
     quick = bool(getattr(args, "quick", False))
@@ -98,32 +98,13 @@ def run(args) -> dict:
             image_size=IMAGE_SIZE, seed=1,
         )  # fmt: skip
         generate_s = time.perf_counter() - t0
-
-        def convert(name: str, workers: int):
-            def go() -> float:
-                out = os.path.join(tmp, f"rec{workers}")
-                shutil.rmtree(out, ignore_errors=True)
-                start, cpu = time.perf_counter(), _cpu_seconds()
-                prepare_cdiscount(one["train"], out, workers=workers, verbose=False)
-                seconds = time.perf_counter() - start
-                cores_used.setdefault(name, []).append((_cpu_seconds() - cpu) / seconds)
-                return one["train_products"] / seconds
-
-            return go
-
-        cores_used: dict[str, list[float]] = {}
-        contenders = {"workers_1": convert("workers_1", 1)}
-        contenders["workers_n"] = convert("workers_n", n_workers)
-        rates = alternate(contenders, rounds)
+        rates, cores_used = _throughput(one, tmp, n_workers, rounds)
         rss = {
             f"products_{n}": _peak_rss(info["train"], tmp, n_workers)
             for n, info in ((small, one), (10 * small, ten))
         }
     images_per_product = one["train_images"] / one["train_products"]
-    a, b = rss[f"products_{small}"], rss[f"products_{10 * small}"]
-    ratio = {k: round(b[k] / a[k], 3) for k in ("parent_mb", "worker_mb")}
-    # What the extra products cost, extrapolated to train.bson's 12.4 M images.
-    per_image = (b["parent_mb"] - a["parent_mb"]) * 2**20 / (b["images"] - a["images"])
+    peak_rss = _memory_growth(rss[f"products_{small}"], rss[f"products_{10 * small}"])
     return {
         "quick": quick,
         "products": small,
@@ -136,30 +117,66 @@ def run(args) -> dict:
         "load_avg_after": round(os.getloadavg()[0], 2),
         "generate_seconds": round(generate_s, 1),
         "throughput": {
-            name: {
-                "products_per_sec": round(statistics.median(r), 1),
-                "images_per_sec": round(statistics.median(r) * images_per_product, 1),
-                "rounds": [round(x, 1) for x in r],
-                "median_cores_used": round(statistics.median(cores_used[name]), 2),
-                "median_images_per_cpu_second": round(
-                    statistics.median(
-                        x * images_per_product / c
-                        for x, c in zip(r, cores_used[name], strict=True)
-                    ),
-                    1,
-                ),
-            }
+            name: _rate_figures(r, cores_used[name], images_per_product)
             for name, r in rates.items()
         },
         "n_over_1": round(median_ratio(rates["workers_n"], rates["workers_1"]), 3),
-        "peak_rss": {
-            **rss,
-            "ratio_10x_over_1x": ratio,
-            "target": RSS_TARGET,
-            "parent_growth_bytes_per_image": round(per_image, 1),
-            "parent_growth_at_12_4M_images_gb": round(per_image * 12.4e6 / 2**30, 2),
-        },
-        "rss_target_met": max(ratio.values()) <= RSS_TARGET,
+        "peak_rss": {**rss, **peak_rss},
+        "rss_target_met": max(peak_rss["ratio_10x_over_1x"].values()) <= RSS_TARGET,
+    }
+
+
+def _throughput(one: dict, tmp: str, n_workers: int, rounds: int) -> tuple:
+    """Products/s per round of converting ``one`` with 1 and ``n_workers`` writers,
+    rounds alternated, and the cores each run used: ``(rates, cores_used)``."""
+    cores_used: dict[str, list[float]] = {}
+
+    def convert(name: str, workers: int):
+        def go() -> float:
+            out = os.path.join(tmp, f"rec{workers}")
+            shutil.rmtree(out, ignore_errors=True)
+            start, cpu = time.perf_counter(), _cpu_seconds()
+            prepare_cdiscount(one["train"], out, workers=workers, verbose=False)
+            seconds = time.perf_counter() - start
+            cores_used.setdefault(name, []).append((_cpu_seconds() - cpu) / seconds)
+            return one["train_products"] / seconds
+
+        return go
+
+    contenders = {"workers_1": convert("workers_1", 1)}
+    contenders["workers_n"] = convert("workers_n", n_workers)
+    return alternate(contenders, rounds), cores_used
+
+
+def _rate_figures(
+    rates: list[float], cores_used: list[float], images_per_product: float
+) -> dict:
+    """Medians over one contender's rounds (``rates``: products/s per round)."""
+    return {
+        "products_per_sec": round(statistics.median(rates), 1),
+        "images_per_sec": round(statistics.median(rates) * images_per_product, 1),
+        "rounds": [round(x, 1) for x in rates],
+        "median_cores_used": round(statistics.median(cores_used), 2),
+        "median_images_per_cpu_second": round(
+            statistics.median(
+                x * images_per_product / c
+                for x, c in zip(rates, cores_used, strict=True)
+            ),
+            1,
+        ),
+    }
+
+
+def _memory_growth(a: dict, b: dict) -> dict:
+    """How peak RSS grows from run ``a`` (1x the products) to run ``b`` (10x)."""
+    ratio = {k: round(b[k] / a[k], 3) for k in ("parent_mb", "worker_mb")}
+    # What the extra products cost, extrapolated to train.bson's 12.4 M images.
+    per_image = (b["parent_mb"] - a["parent_mb"]) * 2**20 / (b["images"] - a["images"])
+    return {
+        "ratio_10x_over_1x": ratio,
+        "target": RSS_TARGET,
+        "parent_growth_bytes_per_image": round(per_image, 1),
+        "parent_growth_at_12_4M_images_gb": round(per_image * 12.4e6 / 2**30, 2),
     }
 
 
@@ -174,8 +191,6 @@ def _cpu_seconds() -> float:
 
 def _peak_rss(bson_path: str, tmp: str, workers: int) -> dict:
     """Peak RSS of a conversion run in a fresh interpreter (and of its workers)."""
-    import shopee_tpu
-
     out = tempfile.mkdtemp(dir=tmp)
     root = os.path.dirname(os.path.dirname(os.path.abspath(shopee_tpu.__file__)))
     env = dict(os.environ)

@@ -42,11 +42,16 @@ import time
 import numpy as np
 
 from shopee_tpu.bench import machine, ratios, round_orders, spread, timed_rate
+from shopee_tpu.config import AugmentConfig
+from shopee_tpu.data.decode import decode_image
+from shopee_tpu.data.files import list_files
+from shopee_tpu.data.pipeline import load_dataset
+from shopee_tpu.data.records import write_records
 
 CLASSES = 10
 SUFFIXES = (".jpg", ".jpeg")
 EPOCHS = (1, 3, 10)
-# (images made, their side, training size, batch): measured and --quick settings.
+# (images made, their side, training size, batch): full and --quick settings.
 FULL = (1920, 500, 224, 64)
 QUICK = (64, 96, 32, 16)
 
@@ -121,8 +126,6 @@ def _reader(make_ds, seconds: float, warmup: int = 2):
 
 def _decode_limit(tf, files, size, batch, cores, seconds, rounds, augment_cfg):
     """Part 1: the contenders over the same records; returns rates and cores."""
-    from shopee_tpu.data.pipeline import decode_image, load_dataset
-
     plain = tf.autograph.experimental.do_not_convert
     features = {
         "image": tf.io.FixedLenFeature([], tf.string),
@@ -202,70 +205,71 @@ def _epochs_timer(iterate_epoch, start: float) -> tuple[list[float], int]:
     return marks, per_epoch
 
 
+def _timed_write(table, out: str, size: int, workers: int) -> float:
+    """Seconds to write ``table`` as records into ``out`` with ``workers`` processes."""
+    # The writer resumes finished shards of the same dataset: start empty, so
+    # every call times a whole write.
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    write_records(
+        table,
+        out,
+        shards=8,
+        image_size=size,
+        workers=workers,
+        overwrite=True,
+        seed=0,
+    )
+    return time.perf_counter() - start
+
+
+def _ours_epochs(files, size: int, batch: int, steps: int):
+    """Epochs of ``ours`` over the records, ``steps`` batches each (see
+    :func:`_epochs_timer`)."""
+    start = time.perf_counter()
+    it = iter(
+        load_dataset(
+            files,
+            image_size=size,
+            batch_size=batch,
+            training=True,
+            augment=AugmentConfig(),
+            seed=0,
+        )
+    )
+    return _epochs_timer(
+        lambda: sum(int(next(it)[0].shape[0]) for _ in range(steps)), start
+    )
+
+
+def _directory_epochs(keras, by_class: str, size: int, batch: int):
+    """Epochs of ``image_dataset_from_directory`` over the original JPEGs (see
+    :func:`_epochs_timer`)."""
+    start = time.perf_counter()
+    ds = keras.utils.image_dataset_from_directory(
+        by_class,
+        image_size=(size, size),
+        batch_size=batch,
+        shuffle=True,
+        seed=0,
+        verbose=False,
+    )
+    return _epochs_timer(lambda: sum(int(x.shape[0]) for x, _ in ds), start)
+
+
 def _end_to_end(tf, keras, table, tmp, by_class, size, batch, cores, rounds):
     """Part 2: write once + E epochs of ours vs E epochs of the directory loader."""
-    from shopee_tpu.config import AugmentConfig
-    from shopee_tpu.data.files import list_files
-    from shopee_tpu.data.pipeline import load_dataset
-    from shopee_tpu.data.records import write_records
-
     n = len(table)
     steps = -(-n // batch)  # ours: whole batches covering every image once
-
-    def write(workers: int, out: str) -> float:
-        # The writer resumes finished shards of the same dataset: start empty, so
-        # every round times a whole write.
-        shutil.rmtree(out, ignore_errors=True)
-        start = time.perf_counter()
-        write_records(
-            table,
-            out,
-            shards=8,
-            image_size=size,
-            workers=workers,
-            overwrite=True,
-            seed=0,
-        )
-        return time.perf_counter() - start
-
     records = os.path.join(tmp, "e2e_records")
-    write(cores, records)
+    _timed_write(table, records, size, cores)
     files = list_files(records)
-
-    def ours():
-        start = time.perf_counter()
-        it = iter(
-            load_dataset(
-                files,
-                image_size=size,
-                batch_size=batch,
-                training=True,
-                augment=AugmentConfig(),
-                seed=0,
-            )
-        )
-        return _epochs_timer(
-            lambda: sum(int(next(it)[0].shape[0]) for _ in range(steps)), start
-        )
-
-    def directory():
-        start = time.perf_counter()
-        ds = keras.utils.image_dataset_from_directory(
-            by_class,
-            image_size=(size, size),
-            batch_size=batch,
-            shuffle=True,
-            seed=0,
-            verbose=False,
-        )
-        return _epochs_timer(lambda: sum(int(x.shape[0]) for x, _ in ds), start)
-
     scratch = os.path.join(tmp, "e2e_scratch")
     contenders = {
-        "write": lambda: write(cores, scratch),
-        "write_1_process": lambda: write(1, scratch),
-        "ours": ours,
-        "directory": directory,
+        "write": lambda: _timed_write(table, scratch, size, cores),
+        "write_1_process": lambda: _timed_write(table, scratch, size, 1),
+        "ours": lambda: _ours_epochs(files, size, batch, steps),
+        "directory": lambda: _directory_epochs(keras, by_class, size, batch),
     }
     out: dict[str, list] = {name: [] for name in contenders}
     per_epoch = {}
@@ -275,10 +279,14 @@ def _end_to_end(tf, keras, table, tmp, by_class, size, batch, cores, rounds):
             if isinstance(got, tuple):
                 got, per_epoch[name] = got
             out[name].append(got)
+    return _end_to_end_figures(out, per_epoch["ours"], n)
 
+
+def _end_to_end_figures(out: dict, ours_per_epoch: int, n: int) -> dict:
+    """Part 2's figures from each contender's rounds in ``out``."""
     result: dict = {
         "epochs": list(EPOCHS),
-        "images_per_epoch": {"ours": per_epoch["ours"], "directory": n},
+        "images_per_epoch": {"ours": ours_per_epoch, "directory": n},
         "write_seconds": spread(out["write"]),
         "write_1_process_seconds": spread(out["write_1_process"]),
         "writer_n_over_1": spread(ratios(out["write_1_process"], out["write"])),
@@ -307,10 +315,6 @@ def run(args) -> dict:
     """Runs the input benchmark; returns the figures as a dict."""
     import keras
     import tensorflow as tf
-
-    from shopee_tpu.config import AugmentConfig
-    from shopee_tpu.data.files import list_files
-    from shopee_tpu.data.records import write_records
 
     quick = bool(getattr(args, "quick", False))
     n_make, side, size, batch = QUICK if quick else FULL

@@ -28,10 +28,16 @@ import time
 import numpy as np
 
 from shopee_tpu.bench import photo_crops, ratios, round_orders, spread
+from shopee_tpu.inference.tta import (
+    auto_views_per_call,
+    device_kind,
+    predict,
+    tta_step,
+)
 
 VIEWS = ("identity", "flip_lr", "flip_ud", "rot180")
 CLASSES = 10
-# (backbone, image size, batch): the measured setting and the --quick one.
+# (backbone, image size, batch): the full setting and the --quick one.
 FULL = ("efficientnet-b0", 96, 16)
 QUICK = ("efficientnet-phi-6", 32, 8)
 
@@ -69,25 +75,8 @@ def _interleaved(steps: dict, batches, rounds: int):
     return wall, cpu
 
 
-def run(args) -> dict:
-    """Runs the benchmark; ``args`` may carry ``rounds``, ``seconds`` and ``quick``."""
-    import keras
-    import tensorflow as tf
-
-    from shopee_tpu.inference.tta import (
-        auto_views_per_call,
-        device_kind,
-        predict,
-        tta_step,
-    )
-
-    quick = bool(getattr(args, "quick", False))
-    backbone, size, batch = QUICK if quick else FULL
-    rounds = max(int(getattr(args, "rounds", None) or (2 if quick else 5)), 1)
-    seconds = float(getattr(args, "seconds", None) or (0.2 if quick else 10.0))
-    k = len(VIEWS)
-    keras.utils.set_random_seed(0)
-    model = _model(backbone, size)
+def _steps(model, k: int) -> dict:
+    """The three contenders, each classifying a batch with the K views."""
     batched = tta_step(model, VIEWS, views_per_call=None)
     per_view = tta_step(model, VIEWS, views_per_call=1)
     one = tta_step(model, ("identity",))
@@ -96,31 +85,25 @@ def run(args) -> dict:
         for _ in range(k):
             one(x)
 
-    steps = {"batched": batched, "per_view": per_view, "k_single": k_single}
-    chosen = "batched" if auto_views_per_call(model) is None else "per_view"
+    return {"batched": batched, "per_view": per_view, "k_single": k_single}
 
-    # Warm up (trace every call), then size a round so that each contender's share
-    # of it lasts about `seconds`.
+
+def _round_images(steps: dict, batch: int, size: int, seconds: float):
+    """Warms every contender up (traces every call), then makes enough images for
+    each contender's share of a round to last about ``seconds``."""
     probe = photo_crops(batch, size)
     for step in steps.values():
         step(probe), step(probe)
     start = time.perf_counter()
-    k_single(probe)
+    steps["k_single"](probe)
     per_batch = time.perf_counter() - start
     n_batches = max(2, int(np.ceil(seconds / max(per_batch, 1e-6))))
-    images = photo_crops(n_batches * batch, size)
-    batches = [images[i : i + batch] for i in range(0, len(images), batch)]
-    secs, cpu = _interleaved(steps, batches, rounds)
-    by_strategy = {
-        name: ratios(secs[name], secs["k_single"]) for name in ("batched", "per_view")
-    }
-    # CPU seconds: the work each does, whatever share of a busy machine it got.
-    by_cpu = {
-        name: ratios(cpu[name], cpu["k_single"]) for name in ("batched", "per_view")
-    }
+    return photo_crops(n_batches * batch, size)
 
-    # End to end: whole predict() passes with the chosen grouping against K passes
-    # of predict() with one view, alternating.
+
+def _end_to_end(tf, model, images, batch: int, k: int, rounds: int) -> dict:
+    """Whole predict() passes with the chosen grouping against K passes of
+    predict() with one view, alternating; returns each side's seconds per round."""
     ids = np.array([f"{i}.jpg" for i in range(len(images))])
     ds = tf.data.Dataset.from_tensor_slices((images, ids)).batch(batch).cache()
     predict(model, ds, tta=VIEWS), predict(model, ds, tta=("identity",))
@@ -138,6 +121,34 @@ def run(args) -> dict:
     for order in round_orders(list(passes), rounds):
         for name in order:
             passes[name].append(timed_pass(name))
+    return passes
+
+
+def run(args) -> dict:
+    """Runs the benchmark; ``args`` may carry ``rounds``, ``seconds`` and ``quick``."""
+    import keras
+    import tensorflow as tf
+
+    quick = bool(getattr(args, "quick", False))
+    backbone, size, batch = QUICK if quick else FULL
+    rounds = max(int(getattr(args, "rounds", None) or (2 if quick else 5)), 1)
+    seconds = float(getattr(args, "seconds", None) or (0.2 if quick else 10.0))
+    k = len(VIEWS)
+    keras.utils.set_random_seed(0)
+    model = _model(backbone, size)
+    steps = _steps(model, k)
+    chosen = "batched" if auto_views_per_call(model) is None else "per_view"
+    images = _round_images(steps, batch, size, seconds)
+    batches = [images[i : i + batch] for i in range(0, len(images), batch)]
+    secs, cpu = _interleaved(steps, batches, rounds)
+    by_strategy = {
+        name: ratios(secs[name], secs["k_single"]) for name in ("batched", "per_view")
+    }
+    # CPU seconds: the work each does, whatever share of a busy machine it got.
+    by_cpu = {
+        name: ratios(cpu[name], cpu["k_single"]) for name in ("batched", "per_view")
+    }
+    passes = _end_to_end(tf, model, images, batch, k, rounds)
     e2e = ratios(passes["chosen"], passes["k_passes"])
 
     med = lambda v: float(np.median(v))  # noqa: E731

@@ -38,7 +38,11 @@ import sys
 import tempfile
 import time
 
-from shopee_tpu.bench import ratios, round_orders, spread, timed_rate
+import numpy as np
+
+from shopee_tpu import connect
+from shopee_tpu.bench import photo_crops, ratios, round_orders, spread, timed_rate
+from shopee_tpu.config import OptimConfig
 
 CLASSES = 10
 _MARK = "@@bench "
@@ -64,10 +68,11 @@ def forward_flops(model) -> int:
     layers (2 per multiply-add); normalisation, activations and pooling, a few
     per cent of the total, are not counted."""
     import keras
-    import numpy as np
+
+    from shopee_tpu.models.layers import sublayers  # Keras
 
     total = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in sublayers(model):
         if not isinstance(
             layer,
             keras.layers.Conv2D | keras.layers.DepthwiseConv2D | keras.layers.Dense,
@@ -94,12 +99,8 @@ def _worker(name: str, quick: bool, seconds: float) -> None:
     """Builds the models of one setting, then answers ``ours``/``plain``/``peak``
     commands on stdin with one JSON line each, until ``quit``."""
     import keras
-    import numpy as np
     import tensorflow as tf
 
-    from shopee_tpu import connect
-    from shopee_tpu.bench import photo_crops
-    from shopee_tpu.config import OptimConfig
     from shopee_tpu.models import build_model, compile_model
 
     backbone, applications, size, batch, side = QUICK if quick else FULL
@@ -171,8 +172,6 @@ def _worker(name: str, quick: bool, seconds: float) -> None:
 
 def _matmul(backend: str, side: int):
     """A function running one ``side`` x ``side`` float32 matmul to completion."""
-    import numpy as np
-
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((side, side), dtype=np.float32) for _ in range(2))
     if backend == "jax":

@@ -2,8 +2,8 @@
 
 Per image, applied to whole batches at once (:func:`augment_batch`, or
 :func:`augment_image` for one image): flips, an Inception-style random resized
-crop, one affine warp combining rotation, shear, zoom and shift
-(``keras.ops.image.affine_transform``, a single resampling), random crop, colour
+crop, one affine warp combining rotation, shear, zoom and shift (a single
+resampling, TensorFlow's ``ImageProjectiveTransformV3``), random crop, colour
 jitter and cutout, each drawn independently for every image.
 Per batch (:func:`mix_batch`): MixUp and CutMix with soft labels. Each is switched
 on and tuned by ``shopee_tpu.config.AugmentConfig``; the default is a horizontal
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 from shopee_tpu.config import AugmentConfig
-from shopee_tpu.data._tf import tf as require_tensorflow
+from shopee_tpu.data.decode import tf as require_tensorflow
 
 __all__ = [
     "augment_batch",
@@ -32,25 +32,9 @@ __all__ = [
     "flip_image",
     "mix_batch",
     "needs_mixing",
-    "affine_ops",
     "random_resized_crop",
     "resized_crop_boxes",
 ]
-
-
-def affine_ops():
-    """``keras.ops.image`` on the TF backend; Keras's TF image ops on any other.
-
-    Inside ``tf.data`` tensors are TensorFlow graph tensors, which JAX or torch ops
-    cannot take.
-    """
-    import keras
-
-    if keras.backend.backend() == "tensorflow":
-        return keras.ops.image
-    from keras.src.backend.tensorflow import image as tf_image
-
-    return tf_image
 
 
 def _uniform(seed, low, high, n):
@@ -94,9 +78,18 @@ def _affine(x, cfg: AugmentConfig, seed):
         ],
         axis=1,
     )
-    return affine_ops().affine_transform(
-        x, transforms, interpolation="bilinear", fill_mode="nearest"
+    # The op behind keras.ops.image.affine_transform on TensorFlow, called
+    # directly: inside tf.data the tensors are TensorFlow's whatever Keras's
+    # backend, and keras.ops would hand them to JAX there.
+    warped = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x,
+        transforms=transforms,
+        output_shape=tf.shape(x)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="NEAREST",
     )
+    return tf.ensure_shape(warped, x.shape)
 
 
 def _random_crop(x, amount: float, seed):
@@ -200,9 +193,9 @@ def _cutout(x, size: float, seed):
 def _flip(x, axis: int, seed):
     """Flips a random half of the batch along ``axis`` (2: left-right, 1: up-down).
 
-    Measured on 64 x 224^2 uint8 images: ``tf.where`` over a broadcast mask takes
-    ~30 ms and a 4-D ``tf.reverse`` ~14 ms; partitioning the batch and reversing a
-    3-D view takes ~4 ms, so the pipeline keeps up with JPEG decoding.
+    Partitioning the batch and reversing the flipped part is several times cheaper
+    than ``tf.where`` over a broadcast mask or a 4-D ``tf.reverse``, so the pipeline
+    keeps up with JPEG decoding (docs/benchmarks.md).
     """
     tf = require_tensorflow()
     b = tf.shape(x)[0]

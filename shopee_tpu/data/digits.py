@@ -57,6 +57,72 @@ def _write(path: str, data: bytes) -> None:
         f.write(data)
 
 
+def _products(targets: np.ndarray, rng: np.random.Generator):
+    """Shuffles the scans of each class and cuts them into products of 1-4 scans;
+    returns ``[(class, [scan index, ...]), ...]``."""
+    products: list[tuple[int, list[int]]] = []
+    for cls in np.unique(targets):
+        idx = rng.permutation(np.flatnonzero(targets == cls))
+        start = 0
+        while start < len(idx):
+            n = int(rng.integers(1, 5))
+            products.append((int(cls), [int(i) for i in idx[start : start + n]]))
+            start += n
+    return products
+
+
+def _write_products(out_dir, products, test_products, images, image_size, rng):
+    """Renders every product's scans into the train or test folder; returns the
+    train rows, the test rows and the training ``(jpeg, category)`` pairs."""
+    train_rows, test_rows = [], []
+    train_blobs: list[tuple[bytes, str]] = []
+    for p, (cls, members) in enumerate(products):
+        group = f"p{p:05d}"
+        category = f"{cls:02d}"
+        for i in members:
+            blob = _render(images[i], image_size, rng)
+            name = hashlib.md5(blob).hexdigest() + ".jpg"
+            if p in test_products:
+                _write(os.path.join(out_dir, "test", "test", "test", name), blob)
+                test_rows.append((name, category, group))
+            else:
+                _write(
+                    os.path.join(out_dir, "train", "train", "train", category, name),
+                    blob,
+                )
+                train_rows.append((name, category, group))
+                train_blobs.append((blob, category))
+    return train_rows, test_rows, train_blobs
+
+
+def _add_duplicates(out_dir, test_rows, train_blobs, fraction, rng) -> None:
+    """Copies training images into the test set as new products (MD5 hits),
+    appending their rows to ``test_rows``."""
+    n_dup = int(round(fraction * len(test_rows)))
+    for k, j in enumerate(rng.choice(len(train_blobs), size=n_dup, replace=False)):
+        blob, category = train_blobs[int(j)]
+        name = hashlib.md5(blob).hexdigest() + ".jpg"
+        if any(r[0] == name for r in test_rows):
+            continue
+        _write(os.path.join(out_dir, "test", "test", "test", name), blob)
+        test_rows.append((name, category, f"d{k:05d}"))
+
+
+def _write_tables(out_dir: str, train_rows, test_rows):
+    """Writes ``train.csv``, ``test.csv`` and ``test_labels.csv``; returns the train
+    and the truth tables."""
+    cols = ["filename", "category", "group"]
+    train = pd.DataFrame(train_rows, columns=cols)
+    truth = pd.DataFrame(test_rows, columns=cols)
+    # The real Shopee test.csv has no product column; ours keeps it so product-level
+    # averaging can be shown. Readers ignore the placeholder category.
+    test = truth[["filename", "group"]].assign(category=TEST_PLACEHOLDER)[cols]
+    train.to_csv(os.path.join(out_dir, "train.csv"), index=False)
+    test.to_csv(os.path.join(out_dir, "test.csv"), index=False)
+    truth.to_csv(os.path.join(out_dir, "test_labels.csv"), index=False)
+    return train, truth
+
+
 def make_digits_dataset(
     out_dir: str | os.PathLike,
     *,
@@ -89,57 +155,15 @@ def make_digits_dataset(
     if limit is not None:
         images, targets = images[:limit], targets[:limit]
 
-    # Products: shuffle the scans of each class and cut them into runs of 1-4.
-    products: list[tuple[int, list[int]]] = []
-    for cls in np.unique(targets):
-        idx = rng.permutation(np.flatnonzero(targets == cls))
-        start = 0
-        while start < len(idx):
-            n = int(rng.integers(1, 5))
-            products.append((int(cls), [int(i) for i in idx[start : start + n]]))
-            start += n
+    products = _products(targets, rng)
     order = rng.permutation(len(products))
     n_test = max(1, int(round(test_fraction * len(products))))
     test_products = set(order[:n_test].tolist())
-
-    train_rows, test_rows = [], []
-    train_blobs: list[tuple[bytes, str]] = []
-    for p, (cls, members) in enumerate(products):
-        group = f"p{p:05d}"
-        category = f"{cls:02d}"
-        for i in members:
-            blob = _render(images[i], image_size, rng)
-            name = hashlib.md5(blob).hexdigest() + ".jpg"
-            if p in test_products:
-                _write(os.path.join(out_dir, "test", "test", "test", name), blob)
-                test_rows.append((name, category, group))
-            else:
-                _write(
-                    os.path.join(out_dir, "train", "train", "train", category, name),
-                    blob,
-                )
-                train_rows.append((name, category, group))
-                train_blobs.append((blob, category))
-
-    # Exact duplicates of training images inside the test set, as new products.
-    n_dup = int(round(duplicate_fraction * len(test_rows)))
-    for k, j in enumerate(rng.choice(len(train_blobs), size=n_dup, replace=False)):
-        blob, category = train_blobs[int(j)]
-        name = hashlib.md5(blob).hexdigest() + ".jpg"
-        if any(r[0] == name for r in test_rows):
-            continue
-        _write(os.path.join(out_dir, "test", "test", "test", name), blob)
-        test_rows.append((name, category, f"d{k:05d}"))
-
-    cols = ["filename", "category", "group"]
-    train = pd.DataFrame(train_rows, columns=cols)
-    truth = pd.DataFrame(test_rows, columns=cols)
-    # The real Shopee test.csv has no product column; ours keeps it so product-level
-    # averaging can be shown. Readers ignore the placeholder category.
-    test = truth[["filename", "group"]].assign(category=TEST_PLACEHOLDER)[cols]
-    train.to_csv(os.path.join(out_dir, "train.csv"), index=False)
-    test.to_csv(os.path.join(out_dir, "test.csv"), index=False)
-    truth.to_csv(os.path.join(out_dir, "test_labels.csv"), index=False)
+    train_rows, test_rows, train_blobs = _write_products(
+        out_dir, products, test_products, images, image_size, rng
+    )
+    _add_duplicates(out_dir, test_rows, train_blobs, duplicate_fraction, rng)
+    train, truth = _write_tables(out_dir, train_rows, test_rows)
     return {
         "root": out_dir,
         "train_csv": os.path.join(out_dir, "train.csv"),

@@ -8,7 +8,6 @@ takes minutes, so it is never done implicitly.
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import re
@@ -17,28 +16,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shopee_tpu.utils import is_remote
+from shopee_tpu import fs
+from shopee_tpu.data.manifests import manifests_of
 
 __all__ = ["list_files", "count_records", "holdout_files", "HoldoutWarning"]
 
 _COUNT = re.compile(r"-(\d+)\.tfrec(?:ord)?$")
 _SUFFIXES = ("*.tfrec", "*.tfrecord", "*.tfrecords")
-
-
-def _glob(pattern: str) -> list[str]:
-    if is_remote(pattern):
-        from shopee_tpu.utils import require_tensorflow
-
-        return list(require_tensorflow().io.gfile.glob(pattern))
-    return glob.glob(pattern)
-
-
-def _isdir(path: str) -> bool:
-    if is_remote(path):
-        from shopee_tpu.utils import require_tensorflow
-
-        return require_tensorflow().io.gfile.isdir(path)
-    return os.path.isdir(path)
 
 
 def list_files(files_or_pattern: str | os.PathLike | Sequence) -> list[str]:
@@ -56,11 +40,11 @@ def list_files(files_or_pattern: str | os.PathLike | Sequence) -> list[str]:
     out: list[str] = []
     for item in items:
         if any(c in item for c in "*?["):
-            out.extend(_glob(item))
-        elif _isdir(item):
+            out.extend(fs.glob(item))
+        elif fs.isdir(item):
             for suffix in _SUFFIXES:
-                out.extend(_glob(item.rstrip("/") + "/" + suffix))
-        elif is_remote(item) or os.path.exists(item):
+                out.extend(fs.glob(item.rstrip("/") + "/" + suffix))
+        elif fs.is_remote(item) or os.path.exists(item):
             out.append(item)
     files = sorted(set(out))
     if not files:
@@ -73,23 +57,6 @@ def _split(path: str) -> tuple[str, str]:
     return tuple(path.rsplit("/", 1)) if "/" in path else ("", path)
 
 
-def _manifest(folder: str, cache: dict) -> dict:
-    """The ``manifest.json`` of a records folder, read once per ``cache``; ``{}``
-    when there is none."""
-    if folder not in cache:
-        from shopee_tpu.data.manifests import read_manifest
-
-        try:
-            cache[folder] = read_manifest(folder or ".")
-        except FileNotFoundError:
-            cache[folder] = {}
-    return cache[folder]
-
-
-def _manifest_counts(folder: str, cache: dict) -> dict[str, int]:
-    return dict(_manifest(folder, cache).get("shards", {}))
-
-
 def count_records(files: str | os.PathLike | Sequence) -> int:
     """Total records, from the file names or the manifest (never a scan).
 
@@ -97,10 +64,11 @@ def count_records(files: str | os.PathLike | Sequence) -> int:
         ValueError: A file has no count in its name and no manifest lists it.
     """
     total = 0
-    manifests: dict[str, dict[str, int]] = {}
-    for path in list_files(files):
+    paths = list_files(files)
+    manifests = manifests_of(paths)
+    for path in paths:
         folder, name = _split(path)
-        counts = _manifest_counts(folder, manifests)
+        counts = manifests[folder or "."].get("shards", {})
         if name in counts:
             total += int(counts[name])
             continue
@@ -170,13 +138,13 @@ def _coverage_note(files: list[str], valid: list[str]) -> str | None:
     first. The per-shard class counts come from our writer's manifest; without
     them nothing is said.
     """
-    manifests: dict[str, dict] = {}
+    manifests = manifests_of(files)
 
     def classes(paths: list[str]) -> dict[str, int] | None:
         out: dict[str, int] = {}
         for path in paths:
             folder, name = _split(path)
-            shard = _manifest(folder, manifests).get("shard_class_counts", {}).get(name)
+            shard = manifests[folder or "."].get("shard_class_counts", {}).get(name)
             if shard is None:
                 return None
             for label, n in shard.items():

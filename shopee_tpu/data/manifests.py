@@ -13,11 +13,19 @@ import glob
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
-from shopee_tpu.utils import atomic_write_text, is_remote
+from shopee_tpu import fs
 
-__all__ = ["MANIFEST", "FORMAT", "FEATURES", "read_manifest"]
+__all__ = [
+    "MANIFEST",
+    "FORMAT",
+    "FEATURES",
+    "read_manifest",
+    "manifest_beside",
+    "manifests_of",
+]
 
 MANIFEST = "manifest.json"
 FORMAT = "shopee_tpu.records/1"
@@ -40,22 +48,41 @@ _PARAM_KEYS = (
 
 
 def read_manifest(dir_or_file: str | os.PathLike) -> dict:
-    """Reads ``manifest.json`` from a records folder (local or gs://) or its path."""
+    """Reads ``manifest.json`` from a records folder (local or gs://) or its path.
+
+    Raises:
+        FileNotFoundError: There is none.
+    """
     path = os.fspath(dir_or_file)
     if not path.endswith(".json"):
-        path = path.rstrip("/") + "/" + MANIFEST
-    if is_remote(path):
-        from shopee_tpu.utils import require_tensorflow
-
-        gfile = require_tensorflow().io.gfile
-        if not gfile.exists(path):
-            raise FileNotFoundError(f"no {MANIFEST} at {path}")
-        with gfile.GFile(path) as f:
-            return json.load(f)
-    if not os.path.exists(path):
+        path = fs.join(path or ".", MANIFEST)
+    if not fs.exists(path):
         raise FileNotFoundError(f"no {MANIFEST} at {path}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return fs.read_json(path)
+
+
+def manifest_beside(record_file: str | os.PathLike) -> dict:
+    """The manifest of the folder holding ``record_file``; ``{}`` when that folder
+    has none (records written by other tools)."""
+    return manifests_of([os.fspath(record_file)])[_folder(os.fspath(record_file))]
+
+
+def manifests_of(record_files: Sequence[str]) -> dict[str, dict]:
+    """``{folder: manifest}`` for the folders holding ``record_files``, each read
+    once; ``{}`` for a folder without one."""
+    out: dict[str, dict] = {}
+    for path in record_files:
+        folder = _folder(path)
+        if folder not in out:
+            try:
+                out[folder] = read_manifest(folder)
+            except FileNotFoundError:
+                out[folder] = {}
+    return out
+
+
+def _folder(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else "."
 
 
 def fingerprint(params: dict, label_map, plan) -> str:
@@ -184,6 +211,6 @@ def finish(out_dir: str, manifest: dict) -> dict:
 
 
 def _save(out_dir: str, manifest: dict[str, Any]) -> None:
-    atomic_write_text(
+    fs.write_text(
         os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n"
     )

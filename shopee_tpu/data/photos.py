@@ -35,7 +35,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from shopee_tpu.utils import atomic_write_bytes, atomic_write_text
+from shopee_tpu import fs
+from shopee_tpu.data.records import write_records_from_csv
 
 __all__ = [
     "PHOTOS",
@@ -136,6 +137,80 @@ def _crop(photo, box, scale, size, rng, quality) -> bytes:
     return buf.getvalue()
 
 
+def _photo_names(classes, holdout: float, scale) -> tuple[str, ...]:
+    """The photographs of the task, once the settings are known to leave room for
+    a crop.
+
+    Raises:
+        ValueError: A setting out of range (named).
+    """
+    names = PHOTOS[:classes] if isinstance(classes, int) else tuple(classes)
+    if not 2 <= len(names) <= len(PHOTOS) or len(set(names)) != len(names):
+        raise ValueError(
+            f"classes: pick 2..{len(PHOTOS)} distinct photos, got {classes!r}"
+        )
+    if not 0.05 <= holdout <= 0.5:
+        raise ValueError(f"holdout must be in [0.05, 0.5], got {holdout}")
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
+    return names
+
+
+def _save_crop(photo, box, folder: str, rng, crop: dict) -> str:
+    """Writes one crop inside ``box`` into ``folder`` as ``<md5>.jpg``; returns the
+    file name. ``crop`` holds ``scale``, ``size`` and ``quality`` of :func:`_crop`."""
+    blob = _crop(photo, box, crop["scale"], crop["size"], rng, crop["quality"])
+    file = hashlib.md5(blob).hexdigest() + ".jpg"
+    fs.write_bytes(os.path.join(folder, file), blob)
+    return file
+
+
+def _write_class(name, category, roots, counts, holdout, tiles, crop, rng):
+    """Draws the held-out edge of photograph ``name`` and writes its crops: the
+    training ones tile by tile, the test ones from the band along that edge.
+
+    Returns:
+        ``(edge, train_rows, test_rows)``.
+    """
+    from PIL import Image
+
+    train_root, test_root = roots
+    train_per_class, test_per_class = counts
+    pixels = load_photo(name)
+    photo = Image.fromarray(pixels)
+    side = _SIDES[int(rng.integers(len(_SIDES)))]
+    test_box, tile_boxes = _regions(*pixels.shape[:2], side, holdout, tiles)
+    os.makedirs(os.path.join(train_root, category), exist_ok=True)
+    os.makedirs(test_root, exist_ok=True)
+    train_rows, test_rows = [], []
+    for i in range(train_per_class):
+        t = i % len(tile_boxes)
+        folder = os.path.join(train_root, category)
+        file = _save_crop(photo, tile_boxes[t], folder, rng, crop)
+        train_rows.append((file, category, f"{name}-tile{t}"))
+    for _ in range(test_per_class):
+        file = _save_crop(photo, test_box, test_root, rng, crop)
+        test_rows.append((file, category, f"{name}-test"))
+    return side, train_rows, test_rows
+
+
+def _write_tables(out_dir: str, train_rows, test_rows):
+    """Writes the three CSVs (one row per distinct file); returns the train and
+    truth tables and ``{"train_csv", "test_csv", "test_labels_csv"}`` paths."""
+    cols = ["filename", "category", "group"]
+    train = pd.DataFrame(train_rows, columns=cols).drop_duplicates("filename")
+    truth = pd.DataFrame(test_rows, columns=cols).drop_duplicates("filename")
+    test = truth.assign(category=TEST_PLACEHOLDER)
+    paths = {
+        "train_csv": os.path.join(out_dir, "train.csv"),
+        "test_csv": os.path.join(out_dir, "test.csv"),
+        "test_labels_csv": os.path.join(out_dir, "test_labels.csv"),
+    }
+    for key, table in zip(paths, (train, test, truth), strict=True):
+        fs.write_text(paths[key], table.to_csv(index=False))
+    return train, truth, paths
+
+
 def make_photo_dataset(
     out_dir: str | os.PathLike,
     *,
@@ -170,54 +245,20 @@ def make_photo_dataset(
     Raises:
         ValueError: A setting that leaves no room for a crop (named).
     """
-    names = PHOTOS[:classes] if isinstance(classes, int) else tuple(classes)
-    if not 2 <= len(names) <= len(PHOTOS) or len(set(names)) != len(names):
-        raise ValueError(
-            f"classes: pick 2..{len(PHOTOS)} distinct photos, got {classes!r}"
-        )
-    if not 0.05 <= holdout <= 0.5:
-        raise ValueError(f"holdout must be in [0.05, 0.5], got {holdout}")
-    if not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
+    names = _photo_names(classes, holdout, scale)
     out_dir = os.fspath(out_dir)
     rng = np.random.default_rng(seed)
-    train_root = os.path.join(out_dir, "train", "train", "train")
-    test_root = os.path.join(out_dir, "test", "test", "test")
+    train_root, test_root = (os.path.join(out_dir, d, d, d) for d in ("train", "test"))
+    counts = (train_per_class, test_per_class)
+    crop = {"scale": scale, "size": image_size, "quality": quality}
     train_rows, test_rows, edges = [], [], {}
     for k, name in enumerate(names):
-        from PIL import Image
-
-        pixels = load_photo(name)
-        photo = Image.fromarray(pixels)
-        side = _SIDES[int(rng.integers(len(_SIDES)))]
-        edges[name] = side
-        test_box, tile_boxes = _regions(*pixels.shape[:2], side, holdout, tiles)
-        category = f"{k:02d}"
-        os.makedirs(os.path.join(train_root, category), exist_ok=True)
-        os.makedirs(test_root, exist_ok=True)
-        for i in range(train_per_class):
-            t = i % len(tile_boxes)
-            blob = _crop(photo, tile_boxes[t], scale, image_size, rng, quality)
-            file = hashlib.md5(blob).hexdigest() + ".jpg"
-            atomic_write_bytes(os.path.join(train_root, category, file), blob)
-            train_rows.append((file, category, f"{name}-tile{t}"))
-        for _ in range(test_per_class):
-            blob = _crop(photo, test_box, scale, image_size, rng, quality)
-            file = hashlib.md5(blob).hexdigest() + ".jpg"
-            atomic_write_bytes(os.path.join(test_root, file), blob)
-            test_rows.append((file, category, f"{name}-test"))
-
-    cols = ["filename", "category", "group"]
-    train = pd.DataFrame(train_rows, columns=cols).drop_duplicates("filename")
-    truth = pd.DataFrame(test_rows, columns=cols).drop_duplicates("filename")
-    test = truth.assign(category=TEST_PLACEHOLDER)
-    paths = {
-        "train_csv": os.path.join(out_dir, "train.csv"),
-        "test_csv": os.path.join(out_dir, "test.csv"),
-        "test_labels_csv": os.path.join(out_dir, "test_labels.csv"),
-    }
-    for key, table in zip(paths, (train, test, truth), strict=True):
-        atomic_write_text(paths[key], table.to_csv(index=False))
+        edges[name], train, test = _write_class(
+            name, f"{k:02d}", (train_root, test_root), counts, holdout, tiles, crop, rng
+        )
+        train_rows += train
+        test_rows += test
+    train, truth, paths = _write_tables(out_dir, train_rows, test_rows)
     return {
         "root": out_dir,
         **paths,
@@ -256,8 +297,6 @@ def prepare_photo_records(
         The summary of :func:`make_photo_dataset` plus ``train_records`` and
         ``test_records`` (labelled, with the training label map).
     """
-    from shopee_tpu.data.records import write_records_from_csv
-
     out_dir = os.fspath(out_dir)
     raw = os.path.join(out_dir, "data")
     summary_path = os.path.join(raw, "summary.json")
@@ -272,7 +311,7 @@ def prepare_photo_records(
             )
     else:
         info = {**make_photo_dataset(raw, **task), "task": wanted}
-        atomic_write_text(summary_path, json.dumps(info, indent=1))
+        fs.write_text(summary_path, json.dumps(info, indent=1))
     records = os.path.join(out_dir, "records")
     options = dict(
         image_size=None, resize="square", quality=95, workers=workers, seed=0

@@ -13,16 +13,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
+import numpy as np
+
+from shopee_tpu import fs
 from shopee_tpu.console import progress_bar
 from shopee_tpu.data import manifests, sources
 from shopee_tpu.data.images import RESIZE_MODES
-from shopee_tpu.data.manifests import MANIFEST, read_manifest
-from shopee_tpu.data.procs import WorkerPool
 from shopee_tpu.data.shard_writer import ShardParams, ShardWriter, write_shard
 from shopee_tpu.data.splits import stratified_group_kfold
-from shopee_tpu.utils import is_remote
+from shopee_tpu.data.writer_pool import WorkerPool
 
-__all__ = ["MANIFEST", "write_records", "write_records_from_csv", "read_manifest"]
+__all__ = ["write_records", "write_records_from_csv"]
 
 
 def write_records_from_csv(
@@ -122,15 +123,24 @@ def write_records(
             holding another dataset while ``overwrite`` is false.
     """
     out_dir = os.fspath(out_dir)
-    if is_remote(out_dir):
+    params = _params(out_dir, shards, image_size, resize, quality, test, seed, prefix)
+    workers = max(1, workers or _cpu_count())
+    label_map = sources.load_label_map(label_map)
+    return _write_source(
+        source, out_dir, params, label_map, workers, overwrite, verbose, _where
+    )
+
+
+def _params(out_dir, shards, image_size, resize, quality, test, seed, prefix) -> dict:
+    """The settings the manifest records, once checked."""
+    if fs.is_remote(out_dir):
         raise ValueError(f"write records locally, then upload them: {out_dir}")
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    prefix = prefix or ("test" if test else "train")
-    params = {
-        "prefix": prefix,
+    return {
+        "prefix": prefix or ("test" if test else "train"),
         "test": bool(test),
         "image_size": image_size,
         "resize": resize,
@@ -138,20 +148,25 @@ def write_records(
         "seed": int(seed),
         "num_shards": int(shards),
     }
-    workers = max(1, workers or _cpu_count())
-    label_map = sources.load_label_map(label_map)
+
+
+def _write_source(
+    source, out_dir, params, label_map, workers, overwrite, verbose, where
+):
+    """Writes a table (a DataFrame or a CSV path) or a stream of items, under a
+    progress bar."""
     import pandas as pd
 
     if isinstance(source, str | os.PathLike):  # a CSV path
-        _where = os.fspath(source)
+        where = os.fspath(source)
         source = sources.read_table(source)
     total = len(source) if hasattr(source, "__len__") else None
     with progress_bar(
-        total, f"records {prefix}", unit="img", disable=not verbose
+        total, f"records {params['prefix']}", unit="img", disable=not verbose
     ) as bar:
         if isinstance(source, pd.DataFrame):
             return _write_table(
-                source, out_dir, params, label_map, workers, overwrite, _where, bar
+                source, out_dir, params, label_map, workers, overwrite, where, bar
             )
         return _write_stream(
             iter(source), out_dir, params, label_map, workers, overwrite, bar
@@ -275,8 +290,6 @@ class _OnlineAssigner:
     """Puts each new group in the shard with the fewest images of its class."""
 
     def __init__(self, n_shards: int, seed: int):
-        import numpy as np
-
         self.rng = np.random.default_rng(seed)
         self.n = n_shards
         self.group_shard: dict[str, int] = {}

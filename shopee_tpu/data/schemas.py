@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from shopee_tpu.utils import require_tensorflow
+
 __all__ = ["Schema", "SCHEMAS", "get_schema", "probe_features", "check_features"]
 
 
@@ -74,8 +76,6 @@ def get_schema(schema: str | Schema) -> Schema:
 
 def probe_features(path: str) -> dict[str, str]:
     """Feature names and kinds (``bytes``, ``int64``, ``float``) of a file's first record."""
-    from shopee_tpu.utils import require_tensorflow
-
     tf = require_tensorflow()
     for raw in tf.data.TFRecordDataset(path).take(1):
         example = tf.train.Example.FromString(raw.numpy())

@@ -24,6 +24,7 @@ __all__ = [
     "fill_labels_from_folders",
     "build_label_map",
     "load_label_map",
+    "class_names",
     "check_labels",
 ]
 
@@ -172,6 +173,11 @@ def build_label_map(labels: Iterable[str]) -> dict[str, int]:
     """Class ids for categories in sorted order (numeric order for digit strings)."""
     unique = {str(v) for v in labels if str(v) != ""}
     return {name: i for i, name in enumerate(_sort_key(unique))}
+
+
+def class_names(label_map: dict[str, int]) -> list[str]:
+    """Category names in class-id order, from a ``{category: class_id}`` map."""
+    return [k for k, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
 
 
 def load_label_map(

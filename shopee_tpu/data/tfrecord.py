@@ -13,6 +13,7 @@ numpy tables in blocks (about 0.3 ms for a 30 KB record).
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Mapping, Sequence
 
@@ -150,8 +151,6 @@ class RecordWriter:
 
     def close(self) -> None:
         """Flushes and closes the file (fsync so a rename after it is durable)."""
-        import os
-
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

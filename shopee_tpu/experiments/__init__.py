@@ -2,8 +2,10 @@
 ``train()`` and the inference package.
 
 =============== ==============================================================
-``kfold``       ``train_folds`` (``st.train(cfg, folds=K)``): a run folder per fold,
+``kfold``       ``train_folds(cfg, folds=K)``: a run folder per fold,
                 ``oof.npz`` with out-of-fold probabilities, a fold ensemble
+``oof``         gathering a k-fold run's folds: ``oof.npz``, the per-fold table
+                and the hold-out scores
 ``stack``       ``stack_runs``: the meta-learner over several runs' out-of-fold
                 probabilities, applied to their test probabilities
 ``sweep``       ``run_sweep``: one run per grid point, a results table and plot

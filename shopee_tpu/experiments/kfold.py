@@ -1,6 +1,6 @@
 """K-fold training: out-of-fold probabilities for stacking, and fold ensembles.
 
-``st.train(cfg, folds=5)`` (``shopee-tpu train --folds 5``) splits the training
+``train_folds(cfg, folds=5)`` (``shopee-tpu train --folds 5``) splits the training
 records into K folds by product, stratified by class and seeded by ``cfg.seed``
 (``data.splits.stratified_group_kfold``), and trains one full run per fold::
 
@@ -11,12 +11,13 @@ records into K folds by product, stratified by class and seeded by ``cfg.seed``
     RUN/oof.npz            every training record once: ids, labels, folds, probs
     RUN/metrics.json       out-of-fold accuracy and a per-fold table
 
-Fold i trains on the other folds' records and picks its best epoch on its own. The
-records are chosen inside ``tf.data`` by id (``load_dataset(keep_ids=...)``), so
-nothing is copied. Rerunning resumes fold by fold: finished folds are skipped and an
-interrupted fold continues from its last epoch. ``fold=i`` (``--fold i``) trains one
-fold only, so folds can train in parallel Kaggle sessions; copy the ``fold-<i>``
-folders into one RUN and run again without ``--fold`` to gather them.
+Fold i trains on the other folds' records and picks its best epoch on its own: the
+driver hands ``train()`` the ids of both sides, chosen inside ``tf.data``, so
+nothing is copied. Rerunning resumes fold by fold: finished folds are skipped and
+an interrupted fold continues from its last epoch. ``fold=i`` (``--fold i``) trains
+one fold only, so folds can train in parallel Kaggle sessions; copy the
+``fold-<i>`` folders into one RUN and run again without ``--fold`` to gather them
+(``experiments.oof``).
 
 With ``data.valid`` set, those records are an external hold-out: every fold model
 and the fold ensemble are scored on them (``metrics.json["holdout"]``), which shows
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -37,22 +37,26 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from shopee_tpu.checkpoints import RESUME_IGNORES, ConfigMismatch
-from shopee_tpu.config import RunConfig, config_diff
-from shopee_tpu.utils import atomic_write_text, is_remote
+from shopee_tpu import fs
+from shopee_tpu.accelerator import connect
+from shopee_tpu.config import RunConfig
+from shopee_tpu.data.decode import read_ids_labels
+from shopee_tpu.data.files import list_files
+from shopee_tpu.data.pipeline import eval_dataset  # TensorFlow
+from shopee_tpu.data.splits import stratified_group_kfold
+from shopee_tpu.experiments.oof import (
+    HOLDOUT,
+    OOF,
+    format_fold_table,
+    gather_folds,
+    product_keys,
+)
+from shopee_tpu.inference.ensemble import first_difference, save_probs
+from shopee_tpu.inference.tta import predict
+from shopee_tpu.run_folder import RunFolder, fold_path
+from shopee_tpu.training import train
 
-__all__ = [
-    "KFoldResult",
-    "train_folds",
-    "fold_assignment",
-    "fold_ids",
-    "fold_dir",
-    "fold_members",
-    "is_kfold",
-]
-
-OOF = "oof.npz"
-HOLDOUT = "holdout.npz"
+__all__ = ["KFoldResult", "train_folds", "fold_assignment", "fold_ids"]
 
 
 @dataclass
@@ -73,24 +77,6 @@ class KFoldResult:
     @property
     def complete(self) -> bool:
         return bool(self.metrics.get("complete"))
-
-
-def is_kfold(config: RunConfig) -> bool:
-    """True for the config of a whole k-fold run (not of one of its folds)."""
-    return config.data.folds > 0 and config.data.fold is None
-
-
-def fold_dir(run_dir: str | os.PathLike, fold: int) -> str:
-    return os.path.join(os.fspath(run_dir), f"fold-{fold}")
-
-
-def fold_members(run_dir: str, saved_config: dict) -> list[str]:
-    """The fold folders of a k-fold run from its saved config dict; ``[]`` otherwise."""
-    data = saved_config.get("data") or {}
-    if not data.get("folds") or data.get("fold") is not None:
-        return []
-    sep = "/" if "://" in run_dir else os.sep
-    return [f"{run_dir.rstrip('/')}{sep}fold-{i}" for i in range(int(data["folds"]))]
 
 
 # ---------------------------------------------------------------------------
@@ -114,11 +100,8 @@ def fold_assignment(files: Sequence[str], schema, folds: int, seed: int):
 
 @functools.lru_cache(maxsize=4)
 def _assignment(files: tuple[str, ...], schema, folds: int, seed: int):
-    # Cached: train() of each fold and the driver ask for the same split, and a
-    # scan of a large record set takes a while.
-    from shopee_tpu.data.pipeline import read_ids_labels
-    from shopee_tpu.data.splits import stratified_group_kfold
-
+    # Cached: the driver asks again for each fold, and a scan of a large record
+    # set takes a while.
     where = os.path.dirname(files[0]) or files[0]
     if folds < 2:
         raise ValueError(f"k-fold needs at least 2 folds, got {folds}")
@@ -137,7 +120,7 @@ def _assignment(files: tuple[str, ...], schema, folds: int, seed: int):
             "records by id, so ids must be unique"
         )
     group = info["group"].astype(str)
-    products = _products(info["id"].astype(str), group)
+    products = product_keys(info["id"].astype(str), group)
     n_products = len(set(products.tolist()))
     if folds > n_products:
         raise ValueError(
@@ -155,23 +138,13 @@ def _assignment(files: tuple[str, ...], schema, folds: int, seed: int):
     )
 
 
-def _products(ids: pd.Series, groups: pd.Series) -> np.ndarray:
-    """Product keys; an image without a product is its own product."""
-    return np.where(groups != "", "g:" + groups, "i:" + ids)
-
-
-def fold_ids(config: RunConfig, files: Sequence[str]) -> dict[str, list[str]]:
-    """Ids of one fold's training and held-out records (what ``train()`` reads for a
-    fold config: ``data.folds`` = K and ``data.fold`` = i)."""
-    k, i = config.data.folds, config.data.fold
-    if i is None or k < 2 or not 0 <= i < k:
-        raise ValueError(
-            "a fold run needs data.folds >= 2 and 0 <= data.fold < data.folds, got "
-            f"data.folds={k}, data.fold={i}"
-        )
-    a = fold_assignment(files, config.data.schema, k, config.seed)
-    held_out = a["fold"] == i
-    return {"train": a["id"][~held_out].tolist(), "valid": a["id"][held_out].tolist()}
+def fold_ids(assignment: pd.DataFrame, i: int) -> dict[str, list[str]]:
+    """Ids of fold ``i``'s training and held-out records (``train(record_ids=)``)."""
+    held_out = assignment["fold"] == i
+    return {
+        "train": assignment["id"][~held_out].tolist(),
+        "valid": assignment["id"][held_out].tolist(),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -209,25 +182,9 @@ def train_folds(
         ConfigMismatch: ``out_dir`` (or a gathered fold folder) holds a run with a
             different config.
     """
-    from shopee_tpu.accelerator import connect
-    from shopee_tpu.data.pipeline import list_files
-    from shopee_tpu.training import train
-
     start = time.monotonic()
     verbose = 1 if verbose is None else verbose
-    k = config.data.folds if folds is None else int(folds)
-    out_dir = os.fspath(out_dir or config.out_dir)
-    config = config.replace(
-        out_dir=out_dir, data=config.data.replace(folds=k, fold=None)
-    )
-    if not config.data.train:
-        raise ValueError("config.data.train is not set: point it at a TFRecord folder")
-    if k < 2:
-        raise ValueError(f"k-fold needs at least 2 folds (folds=K), got {k}")
-    if is_remote(out_dir):
-        raise ValueError(f"{out_dir}: a k-fold run folder must be a local path")
-    if fold is not None and not 0 <= fold < k:
-        raise ValueError(f"fold {fold} is not one of the {k} folds (0..{k - 1})")
+    config, k = _kfold_config(config, folds, fold, out_dir)
     # Before the records are read: tf.data would start Keras on TensorFlow, and on
     # a TPU VM only JAX reaches the TPU.
     acc = accelerator or connect(
@@ -237,17 +194,13 @@ def train_folds(
     )
     files = list_files(config.data.train)
     assignment = fold_assignment(files, config.data.schema, k, config.seed)
-    chief = acc.worker_index == 0
-    if chief:
-        _save_run_config(out_dir, config)
-        _save_assignment(out_dir, assignment)
-
+    run = RunFolder(config.out_dir, writable=acc.chief)
+    if acc.chief:
+        _save_run_config(run, config)
+        _save_assignment(run, assignment)
     stop_reason = None
     for i in [fold] if fold is not None else range(k):
-        fold_cfg = _fold_config(config, i)
-        where = fold_dir(out_dir, i)
-        if _fold_done(where):
-            _check_fold_config(where, fold_cfg)
+        if _fold_done(run, i, _fold_config(config, i)):
             continue
         remaining = (
             None if time_limit is None else time_limit - (time.monotonic() - start)
@@ -256,307 +209,163 @@ def train_folds(
             stop_reason = f"time limit reached before fold {i}"
             break
         if verbose:
-            print(f"{out_dir}: training fold-{i} ({k} folds)")
-        result = train(
-            fold_cfg,
-            out_dir=where,
-            time_limit=remaining,
-            checkpoint_every=checkpoint_every,
-            accelerator=acc,
-            verbose=verbose,
+            print(f"{config.out_dir}: training fold-{i} ({k} folds)")
+        stop_reason = _train_fold(
+            config, i, files, assignment, remaining, checkpoint_every, acc, verbose
         )
-        if not result.metrics["finished"]:
-            stop_reason = f"fold {i}: {result.metrics.get('stop_reason')}"
+        if stop_reason is not None:
             break
-        if chief:
-            _predict_fold(result.model, fold_cfg, files, assignment, i, acc, where)
-        del result
-        gc.collect()
+    return _conclude(run, config, assignment, stop_reason, acc.chief, verbose)
 
-    done = [i for i in range(k) if _fold_done(fold_dir(out_dir, i))]
-    if len(done) < k:
-        metrics = {
-            "complete": False,
-            "folds": k,
-            "folds_done": done,
-            "stop_reason": stop_reason,
-        }
-        if verbose:
-            missing = sorted(set(range(k)) - set(done))
-            print(
-                f"{out_dir}: folds {done} of {k} done; to finish, train folds {missing} "
-                "(here or in other sessions, then copy their fold-<i> folders here) "
-                "and run again without --fold"
-            )
-        return KFoldResult(metrics, out_dir, done)
 
-    for i in range(k):
-        _check_fold_config(fold_dir(out_dir, i), _fold_config(config, i))
-    metrics = _gather(out_dir, config, assignment, write=chief)
-    if chief:
-        atomic_write_text(
-            os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=1) + "\n"
-        )
-    if verbose:
-        print(format_fold_table(metrics))
-    return KFoldResult(metrics, out_dir, done)
+def _train_fold(
+    config, i, files, assignment, remaining, checkpoint_every, acc, verbose
+) -> str | None:
+    """Trains fold ``i`` and writes its out-of-fold file; why it stopped, if it did
+    not finish."""
+    result = train(
+        _fold_config(config, i),
+        time_limit=remaining,
+        checkpoint_every=checkpoint_every,
+        accelerator=acc,
+        verbose=verbose,
+        record_ids=fold_ids(assignment, i),
+    )
+    if not result.metrics["finished"]:
+        return f"fold {i}: {result.metrics.get('stop_reason')}"
+    if acc.chief:
+        _predict_fold(result.model, _fold_config(config, i), files, assignment, i, acc)
+    del result
+    gc.collect()
+    return None
+
+
+def _kfold_config(config, folds, fold, out_dir) -> tuple[RunConfig, int]:
+    k = config.data.folds if folds is None else int(folds)
+    out_dir = os.fspath(out_dir or config.out_dir)
+    config = config.replace(
+        out_dir=out_dir, data=config.data.replace(folds=k, fold=None)
+    )
+    if not config.data.train:
+        raise ValueError("config.data.train is not set: point it at a TFRecord folder")
+    if k < 2:
+        raise ValueError(f"k-fold needs at least 2 folds (folds=K), got {k}")
+    if fs.is_remote(out_dir):
+        raise ValueError(f"{out_dir}: a k-fold run folder must be a local path")
+    if fold is not None and not 0 <= fold < k:
+        raise ValueError(f"fold {fold} is not one of the {k} folds (0..{k - 1})")
+    return config, k
 
 
 def _fold_config(config: RunConfig, i: int) -> RunConfig:
     return config.replace(
         name=f"{config.name}-fold{i}",
-        out_dir=fold_dir(config.out_dir, i),
+        out_dir=fold_path(config.out_dir, i),
         data=config.data.replace(fold=i),
     )
 
 
-def _fold_done(where: str) -> bool:
-    state = os.path.join(where, "state.json")
-    if not (os.path.exists(state) and os.path.exists(os.path.join(where, OOF))):
+def _fold_done(run: RunFolder, i: int, fold_cfg: RunConfig) -> bool:
+    """Whether fold ``i`` finished (with its out-of-fold file), checking that it
+    trained with ``fold_cfg``."""
+    folder = run.fold(i)
+    if not fs.exists(fs.join(folder, OOF)):
         return False
-    with open(state, encoding="utf-8") as f:
-        return bool(json.load(f).get("finished"))
+    done = RunFolder(folder, writable=False)
+    if not done.finished:
+        return False
+    saved = done.saved_config()
+    if saved is not None:
+        done.refuse_other(saved, fold_cfg)
+    return True
 
 
-def check_saved_config(folder: str, config: RunConfig) -> RunConfig | None:
-    """Returns the config saved in a run folder (None if there is none), refusing
-    one that differs from ``config`` in anything that changes training.
-
-    Raises:
-        ConfigMismatch: The differences, one ``key: saved -> new`` line each.
-    """
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        saved = RunConfig.from_dict(json.load(f))
-    diff = config_diff(saved, config, ignore=RESUME_IGNORES)
-    if diff:
-        raise ConfigMismatch(
-            f"{folder} holds a run with a different config. Use a new --out "
-            "folder, or undo these changes:\n  " + "\n  ".join(diff)
-        )
-    return saved
-
-
-def _check_fold_config(where: str, fold_cfg: RunConfig) -> None:
-    check_saved_config(where, fold_cfg)
-
-
-def _save_run_config(out_dir: str, config: RunConfig) -> None:
+def _save_run_config(run: RunFolder, config: RunConfig) -> None:
     """Saves the k-fold config; refuses a different one once a fold has started."""
     started = any(
-        os.path.exists(os.path.join(fold_dir(out_dir, i), "state.json"))
+        fs.exists(fs.join(run.fold(i), RunFolder.STATE))
         for i in range(config.data.folds)
     )
-    if started:
-        check_saved_config(out_dir, config)
-    config.save(os.path.join(out_dir, "config.json"))
+    saved = run.saved_config() if started else None
+    if saved is not None:
+        run.refuse_other(saved, config)
+    config.save(run.file(RunFolder.CONFIG))
 
 
-def _save_assignment(out_dir: str, assignment: pd.DataFrame) -> None:
+def _save_assignment(run: RunFolder, assignment: pd.DataFrame) -> None:
     """Writes folds.csv; a different saved split (the records changed) is an error."""
-    from shopee_tpu.inference.ensemble import first_difference
-
-    path = os.path.join(out_dir, "folds.csv")
-    if os.path.exists(path):
-        saved = pd.read_csv(
-            path, dtype={"id": str, "group": str}, keep_default_na=False
-        )
-        for i in sorted(set(saved["fold"]) | set(assignment["fold"])):
-            a = saved["id"][saved["fold"] == i].tolist()
-            b = assignment["id"][assignment["fold"] == i].tolist()
-            if sorted(a) != sorted(b):
-                raise ValueError(
-                    f"{path}: fold {i} of the saved split differs from the split of "
-                    "the records now (first differing id "
-                    f"{first_difference(a, b, ('folds.csv', 'the records'))}); "
-                    "the records changed since the run started: use a new --out folder"
-                )
+    path = run.file("folds.csv")
+    if not fs.exists(path):
+        fs.write_text(path, assignment.to_csv(index=False))
         return
-    atomic_write_text(path, assignment.to_csv(index=False))
+    saved = pd.read_csv(path, dtype={"id": str, "group": str}, keep_default_na=False)
+    for i in sorted(set(saved["fold"]) | set(assignment["fold"])):
+        a = saved["id"][saved["fold"] == i].tolist()
+        b = assignment["id"][assignment["fold"] == i].tolist()
+        if sorted(a) != sorted(b):
+            raise ValueError(
+                f"{path}: fold {i} of the saved split differs from the split of "
+                "the records now (first differing id "
+                f"{first_difference(a, b, ('folds.csv', 'the records'))}); "
+                "the records changed since the run started: use a new --out folder"
+            )
 
 
-def _predict_fold(model, fold_cfg, files, assignment, i, acc, where) -> None:
+def _predict_fold(model, cfg: RunConfig, files, assignment, i: int, acc) -> None:
     """Writes the fold model's TTA probabilities of its held-out records (and of the
     external hold-out, when ``data.valid`` is set)."""
-    from shopee_tpu.data.pipeline import list_files, load_dataset
-    from shopee_tpu.inference.ensemble import first_difference, save_probs
-    from shopee_tpu.inference.tta import predict
     from shopee_tpu.models import input_spec
 
-    cfg = fold_cfg
-    with open(os.path.join(where, "label_map.json"), encoding="utf-8") as f:
-        label_map = {str(k): int(v) for k, v in json.load(f).items()}
-    size = cfg.data.image_size or input_spec(cfg.model.backbone).size
-    per_replica = cfg.predict.batch_size or cfg.batch_size
+    folder = RunFolder(cfg.out_dir, writable=False)
+    label_map = folder.label_map()
     common = dict(
         schema=cfg.data.schema,
-        image_size=size,
-        batch_size=acc.batch_size(per_replica),
-        training=False,
+        image_size=cfg.data.image_size or input_spec(cfg.model.backbone).size,
+        batch_size=acc.batch_size(cfg.predict.batch_size or cfg.batch_size),
         num_classes=len(label_map),
     )
     tta, reduce, beta = cfg.predict.tta, cfg.predict.reduce, cfg.predict.beta
     meta = {"fold": i, "tta": list(tta), "reduce": reduce, "label_map": label_map}
-
     held_out = assignment[assignment["fold"] == i]
-    ds = load_dataset(files, keep_ids=held_out["id"].tolist(), **common)
+    ds = eval_dataset(files, keep_ids=held_out["id"].tolist(), **common)
     ids, probs = predict(model, ds, tta, reduce, beta)
     if len(ids) != len(held_out) or set(ids.tolist()) != set(held_out["id"]):
         raise ValueError(
-            f"{where}: predicted {len(ids)} rows for the {len(held_out)} held-out "
-            "records (first differing id "
+            f"{folder.path}: predicted {len(ids)} rows for the {len(held_out)} "
+            "held-out records (first differing id "
             f"{first_difference(held_out['id'], ids, ('the fold', 'the predictions'))})"
         )
     labels = held_out.set_index("id")["label"].reindex(ids).to_numpy()
     rows = {"labels": labels, "folds": np.full(len(ids), i)}
-    save_probs(os.path.join(where, OOF), ids, probs, meta=meta, rows=rows)
+    save_probs(folder.file(OOF), ids, probs, meta=meta, rows=rows)
     if cfg.data.valid:
-        ds = load_dataset(list_files(cfg.data.valid), **common)
+        ds = eval_dataset(list_files(cfg.data.valid), **common)
         ids, probs = predict(model, ds, tta, reduce, beta)
-        save_probs(os.path.join(where, HOLDOUT), ids, probs, meta=meta)
+        save_probs(folder.file(HOLDOUT), ids, probs, meta=meta)
 
 
 # ---------------------------------------------------------------------------
 # Gathering the folds
 
 
-def _gather(out_dir: str, config: RunConfig, assignment, *, write: bool) -> dict:
-    from shopee_tpu.inference.ensemble import first_difference, load_probs, save_probs
-
+def _conclude(run: RunFolder, config, assignment, stop_reason, chief: bool, verbose):
+    """Gathers the folds when all are done (``metrics.json``); says what is left
+    otherwise."""
     k = config.data.folds
-    parts = [load_probs(os.path.join(fold_dir(out_dir, i), OOF)) for i in range(k)]
-    ids = np.concatenate([p.ids.astype(str) for p in parts])
-    want = assignment["id"].to_numpy(str)
-    if len(ids) != len(want) or set(ids.tolist()) != set(want.tolist()):
-        raise ValueError(
-            f"{out_dir}: the folds' out-of-fold files do not cover the records once "
-            f"({len(ids)} rows for {len(want)} records; first differing id "
-            f"{first_difference(want, ids, ('the records', 'the folds'))})"
-        )
-    # Rows in record order, so oof.npz lines up with folds.csv.
-    position = {key: n for n, key in enumerate(ids.tolist())}
-    order = np.array([position[key] for key in want.tolist()])
-    probs = np.concatenate([p.probs for p in parts])[order]
-    labels = np.concatenate([p.labels for p in parts])[order]
-    fold_of = np.concatenate([p.rows["folds"] for p in parts])[order]
-    if not np.array_equal(fold_of, assignment["fold"].to_numpy()):
-        raise ValueError(f"{out_dir}: an out-of-fold file holds another fold's records")
-    correct = probs.argmax(-1) == labels
-    meta = {**parts[0].meta, "folds": k, "run": out_dir}
-    meta.pop("fold", None)
-    if write:
-        with open(os.path.join(fold_dir(out_dir, 0), "label_map.json")) as f:
-            atomic_write_text(os.path.join(out_dir, "label_map.json"), f.read())
-        save_probs(
-            os.path.join(out_dir, OOF),
-            want,
-            probs,
-            meta=meta,
-            rows={"labels": labels, "folds": fold_of},
-        )
-
-    products = _products(assignment["id"], assignment["group"])
-    per_fold = []
-    for i in range(k):
-        with open(os.path.join(fold_dir(out_dir, i), "metrics.json")) as f:
-            m = json.load(f)
-        history = pd.read_csv(os.path.join(fold_dir(out_dir, i), "history.csv"))
-        mine = fold_of == i
-        per_fold.append(
-            {
-                "fold": i,
-                "train_images": m.get("train_images"),
-                "valid_images": int(mine.sum()),
-                "products": len(set(products[mine].tolist())),
-                "epochs": m.get("epochs_completed"),
-                "best_epoch": m.get("best_epoch"),
-                "best_val_accuracy": _round(m.get("best_val_accuracy")),
-                "oof_accuracy": round(float(correct[mine].mean()), 4),
-                "train_time_sec": round(float(history["epoch_time_sec"].sum()), 1),
-            }
-        )
-    metrics = {
-        "complete": True,
-        "folds": k,
-        "seed": config.seed,
-        "oof_images": len(want),
-        "oof_accuracy": round(float(correct.mean()), 4),
-        "tta": list(config.predict.tta),
-        "reduce": config.predict.reduce,
-        "per_fold": per_fold,
-        "train_time_sec": round(sum(r["train_time_sec"] for r in per_fold), 1),
-    }
-    if config.data.valid:
-        metrics["holdout"] = _score_holdout(out_dir, config)
-    return metrics
-
-
-def _score_holdout(out_dir: str, config: RunConfig) -> dict:
-    """Each fold model alone and the fold ensemble on the external hold-out."""
-    from shopee_tpu.data.pipeline import read_ids_labels
-    from shopee_tpu.inference.ensemble import align_probs, load_probs
-
-    k = config.data.folds
-    paths = [os.path.join(fold_dir(out_dir, i), HOLDOUT) for i in range(k)]
-    ids, stacked = align_probs([load_probs(p) for p in paths], names=paths)
-    info = read_ids_labels(config.data.valid, schema=config.data.schema)
-    truth = info.set_index(info["id"].astype(str))["label"]
-    labels = truth.reindex(ids.astype(str)).to_numpy()
-    if np.any(pd.isna(labels)) or np.any(labels < 0):
-        raise ValueError(f"{config.data.valid}: the hold-out records need labels")
-    singles = [float((p.argmax(-1) == labels).mean()) for p in stacked]
-    ensemble = combine_folds(stacked, config.predict.reduce)
-    return {
-        "records": config.data.valid,
-        "images": len(ids),
-        "fold_ensemble_accuracy": round(
-            float((ensemble.argmax(-1) == labels).mean()), 4
-        ),
-        "single_fold_accuracy": [round(a, 4) for a in singles],
-        "single_fold_accuracy_mean": round(float(np.mean(singles)), 4),
-    }
-
-
-def _round(value, digits: int = 4):
-    return None if value is None else round(float(value), digits)
-
-
-def combine_folds(stacked: np.ndarray, reduce: str) -> np.ndarray:
-    """Averages fold models' ``[folds, n, classes]`` probabilities: geometrically
-    for ``reduce="geometric"``, else arithmetically (``beta`` weights TTA views, not
-    models)."""
-    from shopee_tpu.inference.ensemble import arithmetic_mean, geometric_mean
-
-    mean = geometric_mean if reduce == "geometric" else arithmetic_mean
-    return mean(np.asarray(stacked, np.float32), axis=0)
-
-
-def format_fold_table(metrics: dict) -> str:
-    """The per-fold table of a finished k-fold run as Markdown."""
-    cols = [
-        "fold",
-        "train_images",
-        "valid_images",
-        "epochs",
-        "best_epoch",
-        "best_val_accuracy",
-        "oof_accuracy",
-        "train_time_sec",
-    ]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in metrics["per_fold"]:
-        lines.append("| " + " | ".join(str(row.get(c)) for c in cols) + " |")
-    lines.append(
-        f"\nout-of-fold accuracy {metrics['oof_accuracy']} over "
-        f"{metrics['oof_images']} records ({metrics['folds']} folds)"
-    )
-    hold = metrics.get("holdout")
-    if hold:
-        lines.append(
-            f"hold-out ({hold['images']} images): fold ensemble "
-            f"{hold['fold_ensemble_accuracy']}, single fold models "
-            f"{hold['single_fold_accuracy']} (mean {hold['single_fold_accuracy_mean']})"
-        )
-    return "\n".join(lines)
+    done = [i for i in range(k) if _fold_done(run, i, _fold_config(config, i))]
+    if len(done) < k:
+        if verbose:
+            missing = sorted(set(range(k)) - set(done))
+            print(
+                f"{run.path}: folds {done} of {k} done; to finish, train folds "
+                f"{missing} (here or in other sessions, then copy their fold-<i> "
+                "folders here) and run again without --fold"
+            )
+        metrics = {"complete": False, "folds": k, "folds_done": done}
+        return KFoldResult({**metrics, "stop_reason": stop_reason}, run.path, done)
+    metrics = gather_folds(run, config, assignment, write=chief)
+    if chief:
+        run.save_metrics(metrics)
+    if verbose:
+        print(format_fold_table(metrics))
+    return KFoldResult(metrics, run.path, done)

@@ -19,11 +19,21 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from shopee_tpu.utils import atomic_write_text
+from shopee_tpu import fs
+from shopee_tpu.data.pipeline import read_ids_labels
+from shopee_tpu.inference.ensemble import (
+    aggregate_products,
+    align_probs,
+    arithmetic_mean,
+    load_probs,
+    save_probs,
+)
+from shopee_tpu.inference.stacking import fit_stacker
 
 __all__ = ["stack_runs", "format_stack_report"]
 
@@ -74,8 +84,6 @@ def _cv_stacked(
     x: np.ndarray, labels: np.ndarray, folds: np.ndarray, **fit
 ) -> np.ndarray:
     """Out-of-fold predictions of the meta-learner itself."""
-    from shopee_tpu.inference.stacking import fit_stacker
-
     out = np.zeros(x.shape[1:], np.float32)
     for f in np.unique(folds):
         held = folds == f
@@ -122,19 +130,30 @@ def stack_runs(
     Returns:
         The report: accuracy (and log loss) of each model, the mean and the stack.
     """
-    from shopee_tpu.inference.ensemble import (
-        align_probs,
-        arithmetic_mean,
-        load_probs,
-        save_probs,
-    )
-    from shopee_tpu.inference.stacking import fit_stacker
-    from shopee_tpu.inference.submission import (
-        write_cdiscount_submission,
-        write_shopee_submission,
-    )
-
     oof_names, test_names = [os.fspath(p) for p in oof], [os.fspath(p) for p in test]
+    _check_arguments(oof_names, test_names, format, data)
+    runs = _load_runs(oof_names, test_names)
+    x, labels = runs.x, runs.labels
+    folds = _cv_folds(runs.oof_files[0], runs.ids, seed)
+    fit = dict(kind=kind, l2=l2, steps=steps)
+    cv = _cv_stacked(x, labels, folds, **fit)
+    stacker = fit_stacker(list(x), labels, **fit)
+    report = _report(runs, folds, cv, stacker.predict(list(x)), kind, out)
+
+    out = os.fspath(out)
+    stem = out[: -len(".csv")] if out.endswith(".csv") else out
+    stacked = stacker.predict(list(runs.t))
+    _write_submission(out, format, runs, stacked, data, expected, product_reduce)
+    meta = {"stacked": test_names, "label_map": runs.label_map, "kind": kind}
+    save_probs(f"{stem}.probs.npz", runs.test_ids, stacked, meta=meta)
+    stacker.save(f"{stem}.stacker.npz")
+    fs.write_text(f"{stem}.stack.json", json.dumps(report, indent=1) + "\n")
+    if verbose:
+        print(format_stack_report(report))
+    return report
+
+
+def _check_arguments(oof_names, test_names, format, data) -> None:
     if len(oof_names) < 2:
         raise ValueError(f"stacking needs at least two runs, got {len(oof_names)}")
     if len(oof_names) != len(test_names):
@@ -148,6 +167,27 @@ def stack_runs(
         raise ValueError(
             "the cdiscount format needs the test records (data) for products"
         )
+
+
+@dataclass
+class _Runs:
+    """The runs' probabilities, rows matched by id: ``x`` (models, OOF rows,
+    classes) with its ``labels``, and ``t`` (models, test rows, classes)."""
+
+    oof_names: list[str]
+    test_names: list[str]
+    oof_files: list
+    ids: np.ndarray
+    x: np.ndarray
+    labels: np.ndarray
+    test_ids: np.ndarray
+    t: np.ndarray
+    label_map: dict[str, int]
+
+
+def _load_runs(oof_names: list[str], test_names: list[str]) -> _Runs:
+    """Loads and aligns the files; refuses ids, labels, classes or label maps that
+    differ between them."""
     oof_files = [load_probs(p) for p in oof_names]
     test_files = [load_probs(p) for p in test_names]
     ids, x = align_probs(oof_files, names=oof_names)
@@ -163,18 +203,27 @@ def stack_runs(
         raise ValueError(
             f"{oof_names[0]}: {x.shape[2]} classes but its label map has {len(label_map)}"
         )
+    return _Runs(
+        oof_names, test_names, oof_files, ids, x, labels, test_ids, t, label_map
+    )
 
-    folds = oof_files[0].rows.get("folds")
+
+def _cv_folds(first, ids: np.ndarray, seed: int) -> np.ndarray:
+    """The meta-learner's cross-validation folds: the first run's k-fold split, or
+    five seeded random folds when its file carries none."""
+    folds = first.rows.get("folds")
     if folds is not None:
-        folds = pd.Series(folds, index=oof_files[0].ids.astype(str)).reindex(ids)
-        folds = folds.to_numpy()
-    else:
-        folds = np.random.default_rng(seed).permutation(len(ids)) % 5
-    fit = dict(kind=kind, l2=l2, steps=steps)
-    cv = _cv_stacked(x, labels, folds, **fit)
-    stacker = fit_stacker(list(x), labels, **fit)
-    mean = arithmetic_mean(x, axis=0)
-    report = {
+        folds = pd.Series(folds, index=first.ids.astype(str)).reindex(ids)
+        return folds.to_numpy()
+    return np.random.default_rng(seed).permutation(len(ids)) % 5
+
+
+def _report(runs: _Runs, folds, cv, fitted, kind: str, out) -> dict:
+    """Accuracy and log loss of each model, their mean, the cross-validated stack
+    and the stack fitted on every row (``fitted``)."""
+    labels = runs.labels
+    mean = arithmetic_mean(runs.x, axis=0)
+    return {
         "models": [
             {
                 "oof": o,
@@ -182,45 +231,42 @@ def stack_runs(
                 "oof_accuracy": _accuracy(p, labels),
                 "oof_log_loss": _log_loss(p, labels),
             }
-            for o, s, p in zip(oof_names, test_names, x, strict=True)
+            for o, s, p in zip(runs.oof_names, runs.test_names, runs.x, strict=True)
         ],
         "mean_oof_accuracy": _accuracy(mean, labels),
         "mean_oof_log_loss": _log_loss(mean, labels),
         "stacked_oof_accuracy": _accuracy(cv, labels),
         "stacked_oof_log_loss": _log_loss(cv, labels),
-        "stacked_fit_accuracy": _accuracy(stacker.predict(list(x)), labels),
+        "stacked_fit_accuracy": _accuracy(fitted, labels),
         "stacker_cv_folds": int(len(np.unique(folds))),
-        "oof_images": len(ids),
-        "test_images": len(test_ids),
+        "oof_images": len(runs.ids),
+        "test_images": len(runs.test_ids),
         "kind": kind,
         "submission": os.fspath(out),
     }
 
-    out = os.fspath(out)
-    stem = out[: -len(".csv")] if out.endswith(".csv") else out
-    stacked = stacker.predict(list(t))
+
+def _write_submission(
+    out: str, format: str, runs: _Runs, stacked, data, expected, product_reduce
+) -> None:
+    """Writes (and validates) the submission of the stacked test probabilities: one
+    row per image for ``shopee``, per product for ``cdiscount``."""
+    from shopee_tpu.inference.submission import (
+        write_cdiscount_submission,
+        write_shopee_submission,
+    )
+
+    test_ids, label_map = runs.test_ids, runs.label_map
     if format == "shopee":
         want = test_ids if expected is None else expected
         write_shopee_submission(out, test_ids, stacked, label_map, expected=want)
-    else:
-        from shopee_tpu.data.pipeline import read_ids_labels
-        from shopee_tpu.inference.ensemble import aggregate_products
-
-        info = read_ids_labels(data)
-        group = info.set_index(info["id"].astype(str))["group"].astype(str)
-        groups = group.reindex(test_ids.astype(str)).fillna("").to_numpy()
-        groups = np.where(groups == "", test_ids.astype(str), groups)
-        keys, product_probs = aggregate_products(groups, stacked, product_reduce)
-        write_cdiscount_submission(
-            out, keys, product_probs, label_map, expected=expected
-        )
-    meta = {"stacked": test_names, "label_map": label_map, "kind": kind}
-    save_probs(f"{stem}.probs.npz", test_ids, stacked, meta=meta)
-    stacker.save(f"{stem}.stacker.npz")
-    atomic_write_text(f"{stem}.stack.json", json.dumps(report, indent=1) + "\n")
-    if verbose:
-        print(format_stack_report(report))
-    return report
+        return
+    info = read_ids_labels(data)
+    group = info.set_index(info["id"].astype(str))["group"].astype(str)
+    groups = group.reindex(test_ids.astype(str)).fillna("").to_numpy()
+    groups = np.where(groups == "", test_ids.astype(str), groups)
+    keys, product_probs = aggregate_products(groups, stacked, product_reduce)
+    write_cdiscount_submission(out, keys, product_probs, label_map, expected=expected)
 
 
 def format_stack_report(report: dict) -> str:

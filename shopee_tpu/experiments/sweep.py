@@ -27,8 +27,15 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from shopee_tpu import (
+    fs,
+    plots,  # matplotlib
+)
+from shopee_tpu.accelerator import connect
 from shopee_tpu.config import ConfigError, RunConfig
-from shopee_tpu.utils import atomic_write_text
+from shopee_tpu.experiments.kfold import train_folds
+from shopee_tpu.run_folder import RunFolder
+from shopee_tpu.training import train
 
 __all__ = ["parse_grid", "grid_points", "run_sweep", "results_markdown"]
 
@@ -126,18 +133,17 @@ def grid_points(
 def _finished_metrics(where: str, cfg: RunConfig) -> dict | None:
     """The metrics of a finished point, or None; a point trained with another config
     is refused (as ``train()`` refuses to resume it)."""
-    from shopee_tpu.experiments.kfold import check_saved_config, is_kfold
-
-    saved = check_saved_config(where, cfg)
-    metrics_path = os.path.join(where, "metrics.json")
-    if saved is None or not os.path.exists(metrics_path):
+    if not fs.exists(where):
         return None
-    with open(metrics_path, encoding="utf-8") as f:
-        metrics = json.load(f)
-    if is_kfold(cfg):
+    run = RunFolder(where, writable=False)
+    saved = run.saved_config()
+    if saved is None or not run.exists(RunFolder.METRICS):
+        return None
+    run.refuse_other(saved, cfg)
+    metrics = run.metrics()
+    if cfg.data.folds:
         return metrics if metrics.get("complete") else None
-    with open(os.path.join(where, "state.json"), encoding="utf-8") as f:
-        return metrics if json.load(f).get("finished") else None
+    return metrics if run.finished else None
 
 
 def _row(changes: dict, metrics: dict | None, where: str, status: str) -> dict:
@@ -153,10 +159,8 @@ def _row(changes: dict, metrics: dict | None, where: str, status: str) -> dict:
             train_time_sec=metrics.get("train_time_sec"),
         )
     else:
-        time_sec = None
-        history = os.path.join(where, "history.csv")
-        if os.path.exists(history):
-            time_sec = round(float(pd.read_csv(history)["epoch_time_sec"].sum()), 1)
+        history = RunFolder(where, writable=False).history if fs.exists(where) else []
+        time_sec = round(sum(r.get("epoch_time_sec", 0.0) for r in history), 1)
         best = metrics.get("best_val_accuracy")
         row.update(
             best_val_accuracy=round(best, 4) if best is not None else None,
@@ -196,10 +200,6 @@ def run_sweep(
     Returns:
         The results table, one row per point.
     """
-    from shopee_tpu import plots
-    from shopee_tpu.accelerator import connect
-    from shopee_tpu.training import train
-
     start = time.monotonic()
     out = os.fspath(out)
     if folds is not None:
@@ -207,6 +207,24 @@ def run_sweep(
     axes = parse_grid(grid, base)
     points = grid_points(base, axes)
     os.makedirs(out, exist_ok=True)
+    rows, trained = _run_points(
+        points, out, start, time_limit, device, accelerator, verbose
+    )
+    results = pd.DataFrame(rows)
+    keys = [k for k, _ in axes]
+    _write_results(out, results, axes, base)
+    if verbose:
+        print(results_markdown(results, keys, base))
+        print(f"{out}: {trained} of {len(points)} points trained in this call")
+    results.attrs["trained"] = trained
+    return results
+
+
+def _run_points(
+    points, out: str, start: float, time_limit, device, accelerator, verbose
+) -> tuple[list[dict], int]:
+    """Trains the points that are not finished while time is left; one results row
+    per point, and how many points trained."""
     acc = None
     rows, trained = [], 0
     for n, (name, changes, cfg) in enumerate(points):
@@ -235,33 +253,37 @@ def run_sweep(
                 verbose=verbose > 0,
             )
         )
-        result = train(
-            cfg, out_dir=where, time_limit=remaining, accelerator=acc, verbose=verbose
-        )
+        rows.append(_train_point(cfg, changes, where, remaining, acc, verbose))
         trained += 1
-        finished = result.metrics.get("finished", result.metrics.get("complete"))
-        status = "finished" if finished else "stopped (time limit); rerun to resume"
-        rows.append(_row(changes, result.metrics, where, status))
-        del result
-        gc.collect()
+    return rows, trained
 
-    results = pd.DataFrame(rows)
+
+def _train_point(cfg: RunConfig, changes, where, remaining, acc, verbose) -> dict:
+    """Trains (or resumes) one point, as a k-fold run when ``data.folds`` is set."""
+    run = train_folds if cfg.data.folds else train
+    result = run(
+        cfg, out_dir=where, time_limit=remaining, accelerator=acc, verbose=verbose
+    )
+    finished = result.metrics.get("finished", result.metrics.get("complete"))
+    status = "finished" if finished else "stopped (time limit); rerun to resume"
+    row = _row(changes, result.metrics, where, status)
+    del result
+    gc.collect()
+    return row
+
+
+def _write_results(out: str, results: pd.DataFrame, axes, base: RunConfig) -> None:
+    """``sweep.json`` (the grid and its base), ``results.csv``, ``results.md`` and
+    the plot ``results.png``."""
     keys = [k for k, _ in axes]
     sweep = {"grid": dict(axes), "base": base.to_dict()}
-    atomic_write_text(
-        os.path.join(out, "sweep.json"), json.dumps(sweep, indent=1) + "\n"
-    )
-    atomic_write_text(os.path.join(out, "results.csv"), results.to_csv(index=False))
-    atomic_write_text(
+    fs.write_text(os.path.join(out, "sweep.json"), json.dumps(sweep, indent=1) + "\n")
+    fs.write_text(os.path.join(out, "results.csv"), results.to_csv(index=False))
+    fs.write_text(
         os.path.join(out, "results.md"), results_markdown(results, keys, base) + "\n"
     )
     metric = _metric(results)
     plots.plot_sweep(results, keys, metric, os.path.join(out, "results.png"))
-    if verbose:
-        print(results_markdown(results, keys, base))
-        print(f"{out}: {trained} of {len(points)} points trained in this call")
-    results.attrs["trained"] = trained
-    return results
 
 
 def _metric(results: pd.DataFrame) -> str:

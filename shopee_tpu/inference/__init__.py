@@ -18,34 +18,32 @@ from __future__ import annotations
 from shopee_tpu.utils import lazy_exports
 
 _EXPORTS = {
-    "predict": "tta",
-    "reduce_views": "views",
-    "ViewPlan": "views",
-    "aggregate_products": "ensemble",
-    "combine_models": "ensemble",
-    "save_probs": "ensemble",
-    "load_probs": "ensemble",
-    "arithmetic_mean": "ensemble",
-    "geometric_mean": "ensemble",
-    "power_mean": "ensemble",
-    "fit_stacker": "stacking",
-    "concat_folds": "stacking",
-    "build_md5_dictionary": "md5",
-    "Md5Dictionary": "md5",
-    "apply_image_overrides": "md5",
-    "apply_product_overrides": "md5",
-    "write_shopee_submission": "submission",
-    "write_cdiscount_submission": "submission",
-    "validate_shopee_submission": "submission",
-    "validate_cdiscount_submission": "submission",
-    "SubmissionError": "submission",
-    "tta_report": "report",
-    "predict_run": "run",
+    "predict": "shopee_tpu.inference.tta",
+    "reduce_views": "shopee_tpu.inference.tta_views",
+    "ViewPlan": "shopee_tpu.inference.tta_views",
+    "aggregate_products": "shopee_tpu.inference.ensemble",
+    "combine_models": "shopee_tpu.inference.ensemble",
+    "save_probs": "shopee_tpu.inference.ensemble",
+    "load_probs": "shopee_tpu.inference.ensemble",
+    "arithmetic_mean": "shopee_tpu.inference.ensemble",
+    "geometric_mean": "shopee_tpu.inference.ensemble",
+    "power_mean": "shopee_tpu.inference.ensemble",
+    "fit_stacker": "shopee_tpu.inference.stacking",
+    "concat_folds": "shopee_tpu.inference.stacking",
+    "build_md5_dictionary": "shopee_tpu.inference.md5",
+    "Md5Dictionary": "shopee_tpu.inference.md5",
+    "apply_image_overrides": "shopee_tpu.inference.md5",
+    "apply_product_overrides": "shopee_tpu.inference.md5",
+    "write_shopee_submission": "shopee_tpu.inference.submission",
+    "write_cdiscount_submission": "shopee_tpu.inference.submission",
+    "validate_shopee_submission": "shopee_tpu.inference.submission",
+    "validate_cdiscount_submission": "shopee_tpu.inference.submission",
+    "SubmissionError": "shopee_tpu.inference.submission",
+    "tta_report": "shopee_tpu.inference.report",
+    "predict_run": "shopee_tpu.inference.run",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-__getattr__, __dir__ = lazy_exports(
-    __name__, {k: f"{__name__}.{v}" for k, v in _EXPORTS.items()}
-)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

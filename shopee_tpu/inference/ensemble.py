@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shopee_tpu import fs
+
 __all__ = [
     "arithmetic_mean",
     "geometric_mean",
@@ -27,6 +29,7 @@ __all__ = [
     "load_probs",
     "align_probs",
     "first_difference",
+    "combine_folds",
 ]
 
 _EPS = 1e-12
@@ -47,6 +50,14 @@ def _weighted(p: np.ndarray, axis: int, weights) -> np.ndarray:
     shape = [1] * p.ndim
     shape[axis] = -1
     return (p * w.reshape(shape)).sum(axis=axis)
+
+
+def combine_folds(stacked: np.ndarray, reduce: str) -> np.ndarray:
+    """Averages fold models' ``[folds, n, classes]`` probabilities: geometrically
+    for ``reduce="geometric"``, else arithmetically (``beta`` weights TTA views, not
+    models)."""
+    mean = geometric_mean if reduce == "geometric" else arithmetic_mean
+    return mean(np.asarray(stacked, np.float32), axis=0)
 
 
 def arithmetic_mean(p, axis: int = 0, weights=None) -> np.ndarray:
@@ -151,7 +162,6 @@ def save_probs(
         meta: JSON-able notes stored beside (run, views, reducer...).
         rows: Other arrays with one entry per row, e.g. ``labels`` and ``folds``.
     """
-    from shopee_tpu.utils import atomic_write_bytes
 
     probs = np.asarray(probs, np.float32)
     ids = np.asarray(ids)
@@ -178,7 +188,7 @@ def save_probs(
         meta=np.array(json.dumps(meta or {})),
         **extra,
     )
-    atomic_write_bytes(path, buf.getvalue())
+    fs.write_bytes(path, buf.getvalue())
 
 
 def load_probs(path: str | os.PathLike) -> ProbFile:

@@ -26,6 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shopee_tpu import fs
+from shopee_tpu.data import pipeline
+from shopee_tpu.data.manifests import read_manifest
+
 __all__ = [
     "Md5Dictionary",
     "build_md5_dictionary",
@@ -133,7 +137,6 @@ class Md5Dictionary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the dictionary to a compressed ``.npz``, atomically."""
-        from shopee_tpu.utils import atomic_write_bytes
 
         buf = io.BytesIO()
         np.savez_compressed(
@@ -145,7 +148,7 @@ class Md5Dictionary:
             stats=np.array(json.dumps(self.stats)),
             label_map=np.array(json.dumps(self.label_map)),
         )
-        atomic_write_bytes(path, buf.getvalue())
+        fs.write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Md5Dictionary:
@@ -332,13 +335,9 @@ def build_from_records(
     """The dictionary of a set of training TFRecords (one scan, no image decode),
     with the label map of their manifest when there is one; ``verbose`` shows the
     scan's progress."""
-    from shopee_tpu.data import pipeline
-
     files = pipeline.list_files(files)
     label_map = None
     try:
-        from shopee_tpu.data.records import read_manifest
-
         label_map = read_manifest(os.path.dirname(files[0]) or ".").get("label_map")
     except (FileNotFoundError, IndexError):
         pass

@@ -2,9 +2,9 @@
 
 One pass over labelled validation data with all candidate views in the batched call;
 from the same outputs it scores each view alone, each reducer over all views, and the
-growing view sets (identity, identity + flip_lr, ...) under the mean. The Cdiscount
-3rd place found that flip helped and more views hurt; the Shopee 4th place measured
-TTA as noise (+0.0024 public, -0.0010 private). So measure before turning it on.
+growing view sets (identity, identity + flip_lr, ...) under the mean. Whether TTA
+helps depends on the data (in the Cdiscount 3rd place flip helped and more views
+hurt; in the Shopee 4th place it was noise), so measure before turning it on.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pandas as pd
 
 from shopee_tpu.console import known_length, progress_bar
 from shopee_tpu.inference.tta import iter_view_probs
-from shopee_tpu.inference.views import REDUCERS, ViewPlan, reduce_views
+from shopee_tpu.inference.tta_views import REDUCERS, ViewPlan, reduce_views
+from shopee_tpu.plots import plot_tta_report
 
 __all__ = ["tta_report", "DEFAULT_REPORT_VIEWS"]
 
@@ -123,7 +124,5 @@ def tta_report(
         }
     )
     if path is not None:
-        from shopee_tpu.plots import plot_tta_report
-
         plot_tta_report(df, path)
     return df

@@ -21,52 +21,33 @@ still training.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from shopee_tpu.utils import is_remote
+from shopee_tpu import fs
+from shopee_tpu.accelerator import connect
+from shopee_tpu.data.decode import read_ids_labels
+from shopee_tpu.data.files import count_records, list_files
+from shopee_tpu.data.manifests import manifest_beside
+from shopee_tpu.data.pipeline import eval_dataset  # TensorFlow
+from shopee_tpu.inference import md5 as md5_lib
+from shopee_tpu.inference.ensemble import aggregate_products, combine_folds, save_probs
+from shopee_tpu.inference.submission import (
+    write_cdiscount_submission,
+    write_shopee_submission,
+)
+from shopee_tpu.inference.tta import predict
+from shopee_tpu.run_folder import RunFolder
 
 __all__ = ["predict_run", "load_run_model"]
 
 FORMATS = ("shopee", "cdiscount")
-
-
-def _join(folder: str, name: str) -> str:
-    return (
-        f"{folder.rstrip('/')}/{name}"
-        if is_remote(folder)
-        else os.path.join(folder, name)
-    )
-
-
-def _exists(path: str) -> bool:
-    if is_remote(path):
-        from shopee_tpu.utils import require_tensorflow
-
-        return require_tensorflow().io.gfile.exists(path)
-    return os.path.exists(path)
-
-
-def _read_json(path: str) -> dict:
-    if not _exists(path):
-        raise FileNotFoundError(f"{path}: missing; is this a training run folder?")
-    if is_remote(path):
-        from shopee_tpu.utils import require_tensorflow
-
-        with require_tensorflow().io.gfile.GFile(path) as f:
-            text = f.read()
-    else:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def load_run_model(
@@ -82,29 +63,11 @@ def load_run_model(
     Returns:
         ``(model, config, label_map, image_size)``.
     """
-    from shopee_tpu.config import RunConfig
-    from shopee_tpu.models import build_from_config, input_spec, load_weights
+    from shopee_tpu.models import build_from_config, input_spec, load_weights  # Keras
 
-    run_dir = os.fspath(run_dir)
-    config = RunConfig.from_dict(_read_json(_join(run_dir, "config.json")))
-    label_map = {
-        str(k): int(v) for k, v in _read_json(_join(run_dir, "label_map.json")).items()
-    }
-    if sorted(label_map.values()) != list(range(len(label_map))):
-        raise ValueError(
-            f"{run_dir}/label_map.json: class ids are not 0..{len(label_map) - 1}"
-        )
-    names = {
-        "best": ["best.weights.h5", "last.weights.h5"],
-        "last": ["last.weights.h5"],
-    }
-    if weights not in names:
-        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
-    found = [_join(run_dir, n) for n in names[weights] if _exists(_join(run_dir, n))]
-    if not found:
-        raise FileNotFoundError(
-            f"{run_dir}: no {' or '.join(names[weights])}; train first"
-        )
+    run = RunFolder(run_dir, writable=False)
+    config, label_map = run.config(), run.label_map()
+    path = run.weights(weights)
     image_size = config.data.image_size or input_spec(config.model.backbone).size
     scope = accelerator.scope() if accelerator is not None else _null()
     with scope:
@@ -113,57 +76,63 @@ def load_run_model(
         model = build_from_config(
             config.model, len(label_map), image_size=image_size, pretrained=False
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        local = found[0]
-        if is_remote(local):
-            from shopee_tpu.utils import require_tensorflow
-
-            local = os.path.join(tmp, os.path.basename(found[0]))
-            require_tensorflow().io.gfile.copy(found[0], local)
+    with fs.local_copy(path) as local:
         # Strict: weights of another class count than label_map.json are an error.
         load_weights(model, local, head="strict")
     return model, config, label_map, image_size
 
 
 def _null():
-    import contextlib
-
     return contextlib.nullcontext()
 
 
-def _fold_ensemble(
-    members, first, ids, dataset, label_map, tta, reduce, weights, accelerator, verbose
-):
-    """Adds the other fold models' predictions to the first fold's and averages."""
-    from shopee_tpu.experiments.kfold import combine_folds
-    from shopee_tpu.inference.tta import predict
+@dataclass
+class _Prediction:
+    """The test records' ids and (fold-averaged) probabilities, and their run."""
 
-    probs = [first]
-    for member in members[1:]:
-        model, config, other_map, _ = load_run_model(
+    ids: np.ndarray
+    probs: np.ndarray
+    config: object
+    label_map: dict[str, int]
+    tta: tuple[str, ...]
+    reduce: str
+    members: list[str]
+
+
+def _predict_members(
+    members, files, tta, reduce, batch_size, weights, accelerator, verbose
+) -> _Prediction:
+    """Every member run (one, or a k-fold run's folds) predicts the records; the
+    folds' probabilities are averaged."""
+    probs, ids, first = [], None, None
+    for member in members:
+        model, config, label_map, image_size = load_run_model(
             member, weights=weights, accelerator=accelerator
         )
-        if other_map != label_map:
+        if first is None:
+            first = (config, label_map, image_size)
+            tta = tuple(tta or config.predict.tta)
+            reduce = reduce or config.predict.reduce
+            per_replica = batch_size or config.predict.batch_size or config.batch_size
+            dataset = eval_dataset(
+                files,
+                schema=config.data.schema,
+                image_size=image_size,
+                batch_size=accelerator.batch_size(per_replica),
+                num_classes=len(label_map),
+            )
+        elif label_map != first[1]:
             raise ValueError(f"{member}: label map differs from {members[0]}'s")
-        other_ids, p = predict(
+        member_ids, p = predict(
             model, dataset, tta, reduce, config.predict.beta, verbose=verbose
         )
-        if other_ids.tolist() != ids.tolist():
+        if ids is not None and member_ids.tolist() != ids.tolist():
             raise ValueError(f"{member}: predicted the records in another order")
+        ids = member_ids
         probs.append(p)
         del model
-    return combine_folds(np.stack(probs), reduce)
-
-
-def _labelled(files: Sequence[str]) -> bool:
-    """True when our manifests say the records carry labels (not ``--test``)."""
-    from shopee_tpu.data.records import read_manifest
-
-    try:
-        manifests = [read_manifest(f.rpartition("/")[0] or ".") for f in files]
-    except FileNotFoundError:
-        return False
-    return all(m.get("test") is False and m.get("label_map") for m in manifests)
+    combined = probs[0] if len(probs) == 1 else combine_folds(np.stack(probs), reduce)
+    return _Prediction(ids, combined, first[0], first[1], tta, reduce, members)
 
 
 def _probs_path(out: str) -> str:
@@ -219,113 +188,82 @@ def predict_run(
         The submission as a DataFrame; ``df.attrs["summary"]`` counts images,
         products and MD5 hits.
     """
-    from shopee_tpu.accelerator import connect
-    from shopee_tpu.data import pipeline
-    from shopee_tpu.experiments.kfold import fold_members
-    from shopee_tpu.inference import md5 as md5_lib
-    from shopee_tpu.inference.ensemble import aggregate_products, save_probs
-    from shopee_tpu.inference.submission import (
-        write_cdiscount_submission,
-        write_shopee_submission,
-    )
-    from shopee_tpu.inference.tta import predict
-
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     out = os.fspath(out)
-    saved = _read_json(_join(os.fspath(run_dir), "config.json"))
-    members = fold_members(os.fspath(run_dir), saved) or [os.fspath(run_dir)]
+    run = RunFolder(run_dir, writable=False)
+    files, pred = _predict_records(
+        run, data, tta, reduce, batch_size, weights, device, accelerator, verbose
+    )
+    _save_probs(out, run, pred)
+    df = _submission(
+        pred, files, out, format, md5_dict, product_reduce, expected, verbose
+    )
+    if verbose:
+        print(
+            f"{out}: {len(df)} rows ({json.dumps(df.attrs['summary'])}); "
+            f"probabilities in {_probs_path(out)}"
+        )
+    return df
+
+
+def _predict_records(
+    run: RunFolder, data, tta, reduce, batch_size, weights, device, accelerator, verbose
+) -> tuple[list[str], _Prediction]:
+    """The test files, and the run's (or its fold models') prediction of each of
+    their records exactly once."""
+    saved = run.config()
+    members = run.folds() or [run.path]
     if accelerator is None:
         accelerator = connect(
-            device or saved.get("device"),
-            mixed_precision=bool(saved.get("mixed_precision", False)),
+            device or saved.device,
+            mixed_precision=saved.mixed_precision,
             verbose=verbose,
         )
-    model, config, label_map, image_size = load_run_model(
-        members[0], weights=weights, accelerator=accelerator
-    )
-    tta = tuple(tta or config.predict.tta)
-    reduce = reduce or config.predict.reduce
-    per_replica = batch_size or config.predict.batch_size or config.batch_size
-    files = pipeline.list_files(data)
+    files = list_files(data)
     if not files:
         raise FileNotFoundError(f"{data}: no TFRecord files")
-    dataset = pipeline.load_dataset(
-        files,
-        schema=config.data.schema,
-        image_size=image_size,
-        batch_size=accelerator.batch_size(per_replica),
-        training=False,
-        num_classes=len(label_map),
+    pred = _predict_members(
+        members, files, tta, reduce, batch_size, weights, accelerator, verbose
     )
-    ids, probs = predict(
-        model, dataset, tta, reduce, config.predict.beta, verbose=verbose
-    )
-    if len(members) > 1:
-        probs = _fold_ensemble(
-            members,
-            probs,
-            ids,
-            dataset,
-            label_map,
-            tta,
-            reduce,
-            weights,
-            accelerator,
-            verbose,
-        )
-    n_records = pipeline.count_records(files)
-    if len(ids) != n_records or len(set(ids.tolist())) != len(ids):
+    n_records = count_records(files)
+    if len(pred.ids) != n_records or len(set(pred.ids.tolist())) != len(pred.ids):
         raise ValueError(
-            f"{data}: predicted {len(ids)} rows ({len(set(ids.tolist()))} distinct ids) "
-            f"for {n_records} records"
+            f"{data}: predicted {len(pred.ids)} rows "
+            f"({len(set(pred.ids.tolist()))} distinct ids) for {n_records} records"
         )
-    meta = {"run": os.fspath(run_dir), "tta": list(tta), "reduce": reduce}
-    meta.update(
-        label_map=label_map, **({"folds": len(members)} if len(members) > 1 else {})
-    )
-    save_probs(_probs_path(out), ids, probs, dtype="float16", meta=meta)
+    return files, pred
 
+
+def _save_probs(out: str, run: RunFolder, pred: _Prediction) -> None:
+    """``<stem>.probs.npz``: the float16 probabilities with their ids and notes."""
+    meta = {"run": run.path, "tta": list(pred.tta), "reduce": pred.reduce}
+    meta["label_map"] = pred.label_map
+    if len(pred.members) > 1:
+        meta["folds"] = len(pred.members)
+    save_probs(_probs_path(out), pred.ids, pred.probs, dtype="float16", meta=meta)
+
+
+def _submission(pred, files, out, format, md5_dict, product_reduce, expected, verbose):
+    """Scores labelled records, applies the MD5 overrides and writes the format."""
+    config, probs, ids = pred.config, pred.probs, pred.ids
     summary = {"images": len(ids)}
+    info = read_ids_labels(files, schema=config.data.schema)
+    if info["id"].astype(str).tolist() != ids.tolist():
+        raise ValueError(f"{files[0]}: read_ids_labels order differs from the dataset")
     if _labelled(files):
         # Labelled records (a hold-out): score the probabilities, before any MD5
         # overrides, so runs and fold ensembles compare like with like.
-        truth = pipeline.read_ids_labels(files, schema=config.data.schema)["label"]
-        correct = probs.argmax(-1) == truth.to_numpy()
+        correct = probs.argmax(-1) == info["label"].to_numpy()
         summary["accuracy"] = round(float(correct.mean()), 4)
-    needs_meta = md5_dict is not None or format == "cdiscount"
-    info = (
-        pipeline.read_ids_labels(files, schema=config.data.schema)
-        if needs_meta
-        else None
-    )
-    if info is not None and info["id"].astype(str).tolist() != ids.tolist():
-        raise ValueError(
-            f"{data}: read_ids_labels order differs from the dataset order"
-        )
-    if isinstance(md5_dict, str) and md5_dict == "auto":
-        md5_dict = _declared_md5_dictionary(config.data.train)
-        if md5_dict is not None and verbose:
-            print(f"MD5 dictionary: {md5_dict} (declared by the training records)")
-    dictionary = None
-    if md5_dict is not None:
-        dictionary = (
-            md5_dict
-            if isinstance(md5_dict, md5_lib.Md5Dictionary)
-            else md5_lib.Md5Dictionary.load(md5_dict)
-        )
-        if (
-            dictionary.label_map
-            and {str(k): int(v) for k, v in dictionary.label_map.items()} != label_map
-        ):
-            raise ValueError("the MD5 dictionary was built with another label map")
+    dictionary = _md5_dictionary(md5_dict, config, pred.label_map, verbose)
+    if dictionary is not None:
         probs, summary["md5_images"] = md5_lib.apply_image_overrides(
             probs, info["md5"].tolist(), dictionary
         )
     if format == "shopee":
-        df = write_shopee_submission(
-            out, ids, probs, label_map, expected=ids if expected is None else expected
-        )
+        expected = ids if expected is None else expected
+        df = write_shopee_submission(out, ids, probs, pred.label_map, expected=expected)
     else:
         groups = [g or i for g, i in zip(info["group"].astype(str), ids, strict=True)]
         keys, product_probs = aggregate_products(groups, probs, product_reduce)
@@ -341,46 +279,58 @@ def predict_run(
             expected = products if expected is None else expected
         summary["products"] = len(keys)
         df = write_cdiscount_submission(
-            out, keys, product_probs, label_map, expected=expected
+            out, keys, product_probs, pred.label_map, expected=expected
         )
     df.attrs["summary"] = summary
-    if verbose:
-        print(
-            f"{out}: {len(df)} rows ({json.dumps(summary)}); probabilities in "
-            f"{_probs_path(out)}"
-        )
     return df
+
+
+def _labelled(files: Sequence[str]) -> bool:
+    """True when our manifest says the records carry labels (not ``--test``)."""
+    manifest = manifest_beside(files[0])
+    return manifest.get("test") is False and bool(manifest.get("label_map"))
+
+
+def _md5_dictionary(md5_dict, config, label_map, verbose):
+    """The dictionary asked for (``"auto"``: the one the training records declare)."""
+    if isinstance(md5_dict, str) and md5_dict == "auto":
+        md5_dict = _declared_md5_dictionary(config.data.train)
+        if md5_dict is not None and verbose:
+            print(f"MD5 dictionary: {md5_dict} (declared by the training records)")
+    if md5_dict is None:
+        return None
+    dictionary = (
+        md5_dict
+        if isinstance(md5_dict, md5_lib.Md5Dictionary)
+        else md5_lib.Md5Dictionary.load(md5_dict)
+    )
+    known = {str(k): int(v) for k, v in (dictionary.label_map or {}).items()}
+    if known and known != label_map:
+        raise ValueError("the MD5 dictionary was built with another label map")
+    return dictionary
 
 
 def _declared_md5_dictionary(train) -> str | None:
     """The MD5 dictionary named by the manifest of the training records, if any."""
-    from shopee_tpu.data.files import list_files
-    from shopee_tpu.data.manifests import read_manifest
-
     if not train:
         return None
     try:
-        folder = os.path.dirname(list_files(train)[0])
-        name = read_manifest(folder or ".").get("md5_dictionary")
+        first = list_files(train)[0]
     except (FileNotFoundError, ValueError):
         return None
-    path = _join(folder, name) if name else None
-    return path if path and not is_remote(path) and os.path.exists(path) else None
+    name = manifest_beside(first).get("md5_dictionary")
+    path = fs.join(first.rsplit("/", 1)[0], name) if name else None
+    return path if path and not fs.is_remote(path) and os.path.exists(path) else None
 
 
 def _declared_products(files: Sequence[str]) -> list[str] | None:
     """Every product id of test records that list them (``products.csv``)."""
-    from shopee_tpu.data.manifests import read_manifest
-
-    folder = os.path.dirname(files[0]) or "."
-    try:
-        name = read_manifest(folder).get("products")
-    except FileNotFoundError:
-        return None
+    name = manifest_beside(files[0]).get("products")
     if not name:
         return None
-    path = _join(folder, name)
-    if not _exists(path):
+    folder = files[0].rsplit("/", 1)[0] if "/" in files[0] else "."
+    path = fs.join(folder, name)
+    if not fs.exists(path):
         raise FileNotFoundError(f"{path}: listed in {folder}/manifest.json but missing")
     return pd.read_csv(path, dtype={"_id": str})["_id"].tolist()
 
@@ -388,8 +338,6 @@ def _declared_products(files: Sequence[str]) -> list[str] | None:
 def _all_products(products: list[str], keys, product_probs):
     """Rows for every listed product, in the list's order. A product without a usable
     image gets the mean prediction of all products (the test set's likeliest class)."""
-    import numpy as np
-
     row = {str(k): i for i, k in enumerate(np.asarray(keys).tolist())}
     listed = set(products)
     unknown = [k for k in row if k not in listed]

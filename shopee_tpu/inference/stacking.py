@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shopee_tpu import fs
 from shopee_tpu.inference.ensemble import ProbFile, load_probs
 
 __all__ = ["LogisticStacker", "fit_stacker", "concat_folds"]
@@ -81,11 +82,10 @@ class LogisticStacker:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the fitted parameters to an ``.npz``, atomically."""
-        from shopee_tpu.utils import atomic_write_bytes
 
         buf = io.BytesIO()
         np.savez(buf, kind=np.array(self.kind), weights=self.weights, bias=self.bias)
-        atomic_write_bytes(path, buf.getvalue())
+        fs.write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LogisticStacker:

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from shopee_tpu import fs
+
 __all__ = [
     "SubmissionError",
     "shopee_frame",
@@ -213,9 +215,8 @@ def validate_cdiscount_submission(
 
 
 def _write(path, df: pd.DataFrame) -> None:
-    from shopee_tpu.utils import atomic_write_text
 
-    atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
+    fs.write_text(path, df.to_csv(index=False, lineterminator="\n"))
 
 
 def write_shopee_submission(

@@ -8,8 +8,8 @@ device (``views_per_call="auto"``, the default; see :func:`auto_views_per_call`)
   back as ``[batch, views, classes]``: a K times larger batch fills the matrix units,
   with no extra calls, host copies or retracing.
 - **CPU: one view per call.** On a CPU a K times larger batch runs slower per image
-  (its activations outgrow the caches: ``shopee-tpu bench predict`` measured 4 views
-  in one call at 1.24-1.36 x the time of 4 one-view calls on 2 cores), so each view
+  (its activations outgrow the caches; ``shopee-tpu bench predict`` compares the
+  two, docs/benchmarks.md has the figures), so each view
   is built with ``keras.ops`` and classified by the same compiled one-view call:
   exactly K single-view passes and one trace, whatever K is.
 
@@ -19,7 +19,7 @@ of the replicas, split across them, and the padding is stripped again.
 
 The view names (``identity``, ``flip_lr``, ``shift_2``, ``zoom_90``...) and the
 reducers (``mean``, ``geometric``, ``beta``) are described in
-``shopee_tpu.inference.views``.
+``shopee_tpu.inference.tta_views``.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from shopee_tpu.inference.views import (
+from shopee_tpu.console import known_length, progress_bar
+from shopee_tpu.inference.tta_views import (
     REDUCERS,
     ViewPlan,
     reduce_views,
     view_function,
 )
+from shopee_tpu.utils import require_tensorflow
 
 __all__ = [
     "predict",
@@ -89,8 +91,6 @@ def device_kind(model=None) -> str:
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        from shopee_tpu.utils import require_tensorflow
-
         tf = require_tensorflow()
         strategy = (
             getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
@@ -162,17 +162,14 @@ class _Runner:
         self.replicas = 1
         if self.backend == "tensorflow":
             strategy = getattr(model, "distribute_strategy", None)
-            # Multi-worker strategies would hand each worker only its local
-            # replicas' share of a batch; there every worker predicts its own
-            # batches on its own device instead.
-            multi_worker = (
-                getattr(strategy, "extended", None) is not None
-                and getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)()
-            )
             if strategy is not None and strategy.num_replicas_in_sync > 1:
-                if not multi_worker:
+                # Multi-worker strategies would hand each worker only its local
+                # replicas' share of a batch (fewer local devices than replicas);
+                # there every worker predicts its own batches on its own device.
+                local = len(strategy.extended.worker_devices)
+                if local == strategy.num_replicas_in_sync:
                     self.strategy = strategy
-                    self.replicas = strategy.num_replicas_in_sync
+                    self.replicas = local
         elif self.backend == "jax":
             dist = keras.distribution.distribution()
             if dist is not None:
@@ -199,8 +196,6 @@ class _Runner:
         return step
 
     def _tf_distributed_step(self, tta_model):
-        from shopee_tpu.utils import require_tensorflow
-
         tf = require_tensorflow()
         strategy = self.strategy
 
@@ -237,14 +232,14 @@ class _Runner:
 
 def _cached_runner(model, plan: ViewPlan, views_per_call: ViewsPerCall) -> _Runner:
     """One runner (and so one traced function) per model, views and grouping:
-    calling ``predict`` again does not retrace. The cache hangs off the model with
-    ``object.__setattr__``, out of Keras' layer tracking (it never becomes part of
-    the model's layers or weights), and dies with the model."""
+    calling ``predict`` again does not retrace. The cache is an attribute of the
+    model, so it dies with it (a weak-keyed table would keep the model alive: each
+    runner holds it); Keras tracks only layers, variables and metrics, and the
+    runners are none of these, so the model's weights and config are unchanged."""
     views_per_call = _resolve(model, views_per_call, len(plan.members))
-    cache = model.__dict__.get("_shopee_tta_runners")
-    if cache is None:
-        cache = {}
-        object.__setattr__(model, "_shopee_tta_runners", cache)
+    if not hasattr(model, "shopee_tta_runners"):
+        model.shopee_tta_runners = {}
+    cache = model.shopee_tta_runners
     key = (plan.members, views_per_call)
     if key not in cache:
         cache[key] = _Runner(model, plan, views_per_call)
@@ -350,7 +345,7 @@ def predict(
         model: A Keras model mapping images to class probabilities.
         dataset: ``load_dataset(..., training=False)`` (``(images, ids)`` batches)
             or any iterable of image batches or ``(images, ids)`` pairs.
-        tta: View names (see ``shopee_tpu.inference.views``), a list or "a,b,c".
+        tta: View names (see ``shopee_tpu.inference.tta_views``), a list or "a,b,c".
         reduce: ``mean``, ``geometric`` or ``beta``.
         beta: Weight of ``identity`` when ``reduce="beta"``.
         views_per_call: How views are grouped per compiled model call.
@@ -370,8 +365,6 @@ def predict(
         raise ValueError(f"reduce must be one of {REDUCERS}, got {reduce!r}")
     if reduce == "beta" and "identity" not in plan.names:
         raise ValueError("reduce='beta' weights the plain view: add 'identity' to tta")
-    from shopee_tpu.console import known_length, progress_bar
-
     batches = iter_view_probs(model, dataset, plan, views_per_call=views_per_call)
     ids, probs = [], []
     with progress_bar(

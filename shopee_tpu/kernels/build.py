@@ -37,6 +37,8 @@ import zipfile
 from collections.abc import Iterable
 from typing import Any
 
+import shopee_tpu
+from shopee_tpu import fs
 from shopee_tpu.kernels.metadata import (
     MACHINE_SHAPES,
     METADATA_FILE,
@@ -46,7 +48,6 @@ from shopee_tpu.kernels.metadata import (
     slugify,
     validate_metadata,
 )
-from shopee_tpu.utils import atomic_write_text
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -141,8 +142,6 @@ del _st_archive, _st_version, _st_tuple
 
 
 def _package_dir() -> str:
-    import shopee_tpu
-
     return os.path.dirname(os.path.abspath(shopee_tpu.__file__))
 
 
@@ -363,6 +362,31 @@ def build_kernel(
     notebook, out = os.fspath(notebook), os.fspath(out)
     if not os.path.isfile(notebook):
         raise FileNotFoundError(f"{notebook}: notebook not found")
+    meta, template = _kernel_metadata(notebook, sets, template)
+    target = os.path.join(out, meta["code_file"])
+    if os.path.abspath(target) == os.path.abspath(notebook):
+        raise KernelError(f"--out {out}: would overwrite the source notebook")
+    text, info = _built_notebook(notebook, package_dir, meta["machine_shape"])
+
+    os.makedirs(out, exist_ok=True)
+    written = {
+        target: text,
+        os.path.join(out, METADATA_FILE): json.dumps(meta, indent=2) + "\n",
+    }
+    for path, text in written.items():
+        fs.write_text(path, text)
+        os.chmod(path, 0o644)  # a normal file, not the temp file's 0600
+    return {
+        "folder": out,
+        "notebook": target,
+        "metadata": meta,
+        "package": info,
+        "template": template or "built-in",
+    }
+
+
+def _kernel_metadata(notebook: str, sets, template) -> tuple[dict, str | None]:
+    """The checked metadata for ``notebook``, and the template it came from."""
     if template is not None and not os.path.isfile(os.fspath(template)):
         raise FileNotFoundError(f"{template}: metadata template not found")
     template = os.fspath(template) if template else _find_template(notebook)
@@ -381,10 +405,12 @@ def build_kernel(
     meta = validate_metadata(
         meta, None, given=given, where=template or "built-in template"
     )
-    target = os.path.join(out, meta["code_file"])
-    if os.path.abspath(target) == os.path.abspath(notebook):
-        raise KernelError(f"--out {out}: would overwrite the source notebook")
+    return meta, template
 
+
+def _built_notebook(notebook: str, package_dir, machine_shape: str):
+    """``(text, info)``: the notebook's JSON with the package embedded, within
+    Kaggle's size limit, and :func:`embed_package`'s info plus its size."""
     with open(notebook, encoding="utf-8") as f:
         try:
             nb = json.load(f)
@@ -395,7 +421,7 @@ def build_kernel(
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         raise KernelError(f"{notebook}: not a Jupyter notebook (no cells)")
     built, info = embed_package(
-        nb, package_dir, accelerator=MACHINE_SHAPES.get(meta["machine_shape"])
+        nb, package_dir, accelerator=MACHINE_SHAPES.get(machine_shape)
     )
     text = json.dumps(built, indent=1, ensure_ascii=False) + "\n"
     size = len(text.encode("utf-8"))
@@ -406,19 +432,4 @@ def build_kernel(
             "or outputs out of the notebook"
         )
     info["notebook_bytes"] = size
-
-    os.makedirs(out, exist_ok=True)
-    written = {
-        target: text,
-        os.path.join(out, METADATA_FILE): json.dumps(meta, indent=2) + "\n",
-    }
-    for path, text in written.items():
-        atomic_write_text(path, text)
-        os.chmod(path, 0o644)  # a normal file, not the temp file's 0600
-    return {
-        "folder": out,
-        "notebook": target,
-        "metadata": meta,
-        "package": info,
-        "template": template or "built-in",
-    }
+    return text, info

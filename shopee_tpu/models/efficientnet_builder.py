@@ -17,7 +17,7 @@ TensorFlow and JAX backends.
 
 Input contract: float pixels in 0..255 (RGB). The model rescales and normalises them
 itself (``rescaling`` then ``normalization``, as keras.applications does). Do not
-feed 0..1 or -1..1 images: the 2020-era kernels did, and mixing the two silently
+feed 0..1 or -1..1 images: the model still rescales them as 0..255, which silently
 costs accuracy.
 """
 
@@ -29,6 +29,7 @@ import keras
 from keras import layers
 
 from shopee_tpu.models import layers as common
+from shopee_tpu.models import weights as loaders
 from shopee_tpu.models.efficientnet_scaling import (
     B0_STAGES,
     STEM_FILTERS,
@@ -103,6 +104,28 @@ def efficientnet(
         (or float pooled features without the top).
     """
     sc = scaling(variant)
+    dropout, size = _checked_options(
+        sc, weights, input_size, dropout, drop_connect_rate
+    )
+    bn = _batchnorm(batchnorm_momentum, batchnorm_epsilon)
+    side = None if any_size else size
+    inputs = keras.Input((side, side, 3), name="input_layer")
+    x = _stem(inputs, size, sc.width, activation, bn)
+    x = _blocks(x, variant, sc, size, drop_connect_rate, activation, bn)
+    x = _top(x, sc.width, activation, bn)
+    if include_top:
+        outputs = common.classifier_head(x, num_classes, dropout=dropout)
+    else:
+        outputs = layers.GlobalAveragePooling2D(name=common.POOL_NAME)(x)
+    model = keras.Model(inputs, outputs, name=name or sc.name)
+    imagenet_top = include_top and num_classes == 1000
+    return _with_weights(
+        model, weights, sc, activation, weights_preprocessing, imagenet_top
+    )
+
+
+def _checked_options(sc, weights, input_size, dropout, drop_connect_rate):
+    """``(dropout, input side)`` resolved from the arguments, which are checked."""
     if dropout == "official":
         dropout = sc.dropout
     dropout = float(dropout or 0.0)
@@ -118,18 +141,26 @@ def efficientnet(
     size = int(input_size or sc.resolution)
     if size < 32:
         raise ValueError(f"input_size {size}: EfficientNet needs at least 32 pixels")
+    return dropout, size
+
+
+def _batchnorm(momentum: float, epsilon: float):
+    """A factory of the model's BatchNormalization layers, called with a name."""
 
     def bn(name):
         return layers.BatchNormalization(
-            axis=-1, momentum=batchnorm_momentum, epsilon=batchnorm_epsilon, name=name
+            axis=-1, momentum=momentum, epsilon=epsilon, name=name
         )
 
-    side = None if any_size else size
-    inputs = keras.Input((side, side, 3), name="input_layer")
+    return bn
+
+
+def _stem(inputs, size: int, width: float, activation: str, bn):
+    """Normalisation of the pixels, then the strided 3x3 stem convolution."""
     x = common.normalized_pixels(inputs)
     x = layers.ZeroPadding2D(_correct_pad(size, 3), name="stem_conv_pad")(x)
     x = layers.Conv2D(
-        round_filters(STEM_FILTERS, sc.width),
+        round_filters(STEM_FILTERS, width),
         3,
         strides=2,
         padding="valid",
@@ -138,8 +169,11 @@ def efficientnet(
         name="stem_conv",
     )(x)
     x = bn("stem_bn")(x)
-    x = layers.Activation(activation, name="stem_activation")(x)
+    return layers.Activation(activation, name="stem_activation")(x)
 
+
+def _blocks(x, variant, sc, size: int, drop_connect_rate: float, activation, bn):
+    """The MBConv stages of ``B0_STAGES``, scaled in width and depth by ``sc``."""
     rates = drop_connect_rates(variant, drop_connect_rate)
     b = 0
     side = (size + 1) // 2  # the side at `input_size` (it sets the pads)
@@ -162,9 +196,13 @@ def efficientnet(
             )
             side = (side + 1) // 2 if stride == 2 and j == 0 else side
             b += 1
+    return x
 
+
+def _top(x, width: float, activation: str, bn):
+    """The 1x1 convolution to the top width, before pooling."""
     x = layers.Conv2D(
-        round_filters(TOP_FILTERS, sc.width),
+        round_filters(TOP_FILTERS, width),
         1,
         padding="same",
         use_bias=False,
@@ -172,30 +210,30 @@ def efficientnet(
         name="top_conv",
     )(x)
     x = bn("top_bn")(x)
-    x = layers.Activation(activation, name="top_activation")(x)
-    if include_top:
-        outputs = common.classifier_head(x, num_classes, dropout=dropout)
-    else:
-        outputs = layers.GlobalAveragePooling2D(name=common.POOL_NAME)(x)
-    model = keras.Model(inputs, outputs, name=name or sc.name)
+    return layers.Activation(activation, name="top_activation")(x)
 
-    from shopee_tpu.models import weights as wmod
 
-    wmod.check_preprocessing(weights_preprocessing)
+def _with_weights(
+    model, weights, sc, activation: str, preprocessing: str, imagenet_top: bool
+):
+    """``model`` with ``weights`` loaded (or, without them, the preprocessing set).
+
+    ``imagenet_top``: whether the ImageNet file to fetch includes the classifier.
+    """
+    loaders.check_preprocessing(preprocessing)
     if weights is None:
-        wmod.set_preprocessing(model, weights_preprocessing)
+        loaders.set_preprocessing(model, preprocessing)
         return model
     if activation not in ("swish", "silu"):
         warnings.warn(
             f"loading weights trained with swish into a model using {activation!r}",
-            stacklevel=2,
+            stacklevel=3,  # the caller of `efficientnet`
         )
     if weights == "imagenet":
-        top = include_top and num_classes == 1000
-        weights = wmod.fetch_efficientnet_imagenet(sc.variant, include_top=top)
-    wmod.load_weights(
-        model, weights, preprocessing=weights_preprocessing, backbone=sc.name
-    )
+        weights = loaders.fetch_efficientnet_imagenet(
+            sc.variant, include_top=imagenet_top
+        )
+    loaders.load_weights(model, weights, preprocessing=preprocessing)
     return model
 
 
@@ -263,25 +301,7 @@ def _mbconv(
     if 0 < se_ratio <= 1:
         # The SE bottleneck is sized from the block *input*, not the expanded width.
         filters_se = max(1, int(filters_in * se_ratio))
-        se = layers.GlobalAveragePooling2D(name=f"{prefix}se_squeeze")(x)
-        se = layers.Reshape((1, 1, filters), name=f"{prefix}se_reshape")(se)
-        se = layers.Conv2D(
-            filters_se,
-            1,
-            padding="same",
-            activation=activation,
-            kernel_initializer=CONV_KERNEL_INITIALIZER,
-            name=f"{prefix}se_reduce",
-        )(se)
-        se = layers.Conv2D(
-            filters,
-            1,
-            padding="same",
-            activation="sigmoid",
-            kernel_initializer=CONV_KERNEL_INITIALIZER,
-            name=f"{prefix}se_expand",
-        )(se)
-        x = layers.multiply([x, se], name=f"{prefix}se_excite")
+        x = _squeeze_excite(x, prefix, filters, filters_se, activation)
     x = layers.Conv2D(
         filters_out,
         1,
@@ -292,10 +312,39 @@ def _mbconv(
     )(x)
     x = bn(f"{prefix}project_bn")(x)
     if strides == 1 and filters_in == filters_out:
-        if drop_rate > 0:
-            # Drop-connect: drop the whole residual branch per example.
-            x = layers.Dropout(
-                drop_rate, noise_shape=(None, 1, 1, 1), name=f"{prefix}drop"
-            )(x)
-        x = layers.add([x, inputs], name=f"{prefix}add")
+        x = _residual(x, inputs, prefix, drop_rate)
     return x
+
+
+def _squeeze_excite(x, prefix: str, filters: int, filters_se: int, activation: str):
+    """Squeeze-and-excitation: ``x`` scaled per channel by a gate computed from its
+    global average through a ``filters_se`` bottleneck."""
+    se = layers.GlobalAveragePooling2D(name=f"{prefix}se_squeeze")(x)
+    se = layers.Reshape((1, 1, filters), name=f"{prefix}se_reshape")(se)
+    se = layers.Conv2D(
+        filters_se,
+        1,
+        padding="same",
+        activation=activation,
+        kernel_initializer=CONV_KERNEL_INITIALIZER,
+        name=f"{prefix}se_reduce",
+    )(se)
+    se = layers.Conv2D(
+        filters,
+        1,
+        padding="same",
+        activation="sigmoid",
+        kernel_initializer=CONV_KERNEL_INITIALIZER,
+        name=f"{prefix}se_expand",
+    )(se)
+    return layers.multiply([x, se], name=f"{prefix}se_excite")
+
+
+def _residual(x, inputs, prefix: str, drop_rate: float):
+    """``inputs + x``, the branch ``x`` dropped per example at ``drop_rate``."""
+    if drop_rate > 0:
+        # Drop-connect: drop the whole residual branch per example.
+        x = layers.Dropout(
+            drop_rate, noise_shape=(None, 1, 1, 1), name=f"{prefix}drop"
+        )(x)
+    return layers.add([x, inputs], name=f"{prefix}add")

@@ -40,7 +40,7 @@ def _set_trainable(layer, trainable: bool, train_batchnorm: bool) -> None:
     layer.trainable = trainable
     if trainable and not train_batchnorm:
         # Composite layers (KerasHub blocks) hold BatchNorm inside: keep it frozen.
-        for sub in layer._flatten_layers(include_self=False):
+        for sub in common.sublayers(layer):
             if isinstance(sub, keras.layers.BatchNormalization):
                 sub.trainable = False
 
@@ -118,47 +118,3 @@ def _start_index(layers: list, from_block) -> int:
         f"from_block={from_block!r} matches no backbone layer (first names: "
         f"{[layer.name for layer in layers[:4]]})"
     )
-
-
-def scale_backbone_lr(optimizer, model: keras.Model, factor: float):
-    """Makes ``optimizer`` step the backbone at ``factor`` times the learning rate.
-
-    The head (classifier, pooling) keeps the full rate: after a frozen warmup it is
-    already trained, while the backbone must move gently to keep what its weights
-    learned. Works on every Keras optimizer and backend: the per-variable rate is
-    applied in ``update_step``, which all of them call once per variable. The
-    decoupled weight decay, applied by Keras before ``update_step``, is not scaled.
-
-    Works before or after the optimizer is built.
-
-    Returns:
-        The same optimizer, now of a subclass of its own class.
-    """
-    head = {
-        id(v)
-        for layer in model.layers
-        if common.is_head_layer(layer)
-        for v in layer.weights
-    }
-    base = type(optimizer)
-    factor = float(factor)
-
-    def scales(variables):
-        return tuple(1.0 if id(v) in head else factor for v in variables)
-
-    class BackboneScaled(base):
-        def build(self, variables):
-            super().build(variables)
-            self._lr_scales = scales(variables)
-
-        def update_step(self, gradient, variable, learning_rate):
-            scale = self._lr_scales[self._get_variable_index(variable)]
-            if scale != 1.0:
-                learning_rate = learning_rate * scale
-            return super().update_step(gradient, variable, learning_rate)
-
-    BackboneScaled.__name__ = base.__name__
-    optimizer.__class__ = BackboneScaled
-    if optimizer.built:  # built already (to restore a checkpoint into it)
-        optimizer._lr_scales = scales(optimizer._trainable_variables)
-    return optimizer

@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from shopee_tpu.models import layers as common
+from shopee_tpu.models import weights as loaders
 
 PREFIX = "kerashub:"
 DEFAULT_SIZE = 224  # when the preset's converter does not resize
@@ -127,12 +128,10 @@ def converter_normalization(converter) -> tuple[np.ndarray, np.ndarray]:
 
 def load_backbone(preset: str, size: int, *, pretrained: bool = True):
     """The preset's backbone built for ``size`` x ``size`` inputs."""
-    from shopee_tpu.models import weights as wmod
-
     keras_hub = import_keras_hub()
     _check_local(preset)
     try:
-        with wmod.socket_timeout(wmod.DOWNLOAD_TIMEOUT):
+        with loaders.socket_timeout(loaders.DOWNLOAD_TIMEOUT):
             try:
                 return keras_hub.models.Backbone.from_preset(
                     preset, load_weights=pretrained, image_shape=(size, size, 3)
@@ -176,9 +175,26 @@ def build(
     Raises:
         KerasHubError: keras-hub is missing, or the preset cannot be read.
     """
-    from shopee_tpu.models import weights as wmod
+    loaders.check_preprocessing(weights_preprocessing)
+    converter = _checked_converter(preset, weights, weights_preprocessing)
+    size = int(input_size or native_size(preset))
+    backbone = load_backbone(preset, size, pretrained=pretrained)
+    if batchnorm_momentum is not None:
+        for layer in common.sublayers(backbone):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = batchnorm_momentum
+    model = _assemble(
+        preset, backbone, converter, size, num_classes, dropout, include_top
+    )
+    loaders.set_preprocessing(model, weights_preprocessing)
+    if weights is not None and pretrained:
+        loaders.load_weights(model, weights, preprocessing=weights_preprocessing)
+    return model
 
-    wmod.check_preprocessing(weights_preprocessing)
+
+def _checked_converter(preset: str, weights, weights_preprocessing: str):
+    """The preset's image converter, once ``weights`` and the preprocessing are
+    known to suit a KerasHub preset."""
     if weights == "imagenet":
         raise KerasHubError(
             f"kerashub:{preset}: the preset carries its own weights; leave "
@@ -190,30 +206,17 @@ def build(
             f"kerashub:{preset}: the preset has no image converter to say how "
             "pixels are normalised; set model.weights_preprocessing=imagenet or advprop"
         )
-    size = int(input_size or native_size(preset))
-    backbone = load_backbone(preset, size, pretrained=pretrained)
-    if batchnorm_momentum is not None:
-        for layer in backbone._flatten_layers(include_self=False):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = batchnorm_momentum
+    return converter
 
+
+def _assemble(preset, backbone, converter, size, num_classes, dropout, include_top):
+    """0..255 pixels -> rescaling and normalization (from ``converter`` when there
+    is one) -> ``backbone`` -> pooling -> our head (unless ``include_top`` is off)."""
     inputs = keras.Input((size, size, 3), name="input_layer")
     # float32 so bfloat16 policies never round raw pixels before normalising.
     x = keras.layers.Rescaling(1.0 / 255.0, name="rescaling", dtype="float32")(inputs)
     norm = keras.layers.Normalization(axis=-1, name="normalization", dtype="float32")
-    features = backbone(norm(x))
-    rank = len(features.shape)
-    if rank == 4:
-        pooled = keras.layers.GlobalAveragePooling2D(name=common.POOL_NAME)(features)
-    elif rank == 3:  # token sequences (ViT-style backbones)
-        pooled = keras.layers.GlobalAveragePooling1D(name=common.POOL_NAME)(features)
-    elif rank == 2:
-        pooled = features
-    else:
-        raise KerasHubError(
-            f"kerashub:{preset}: backbone output {tuple(features.shape)} is not a "
-            "feature map, token sequence or vector"
-        )
+    pooled = _pool(preset, backbone(norm(x)))
     if include_top:
         outputs = common.classifier_head(
             pooled, num_classes, dropout=dropout, pool=False
@@ -225,12 +228,19 @@ def build(
         mean, var = converter_normalization(converter)
         norm.set_weights([mean, var, np.asarray(0, "int64")])
         norm.finalize_state()
-    wmod.set_preprocessing(model, weights_preprocessing)
-    if weights is not None and pretrained:
-        wmod.load_weights(
-            model,
-            weights,
-            preprocessing=weights_preprocessing,
-            backbone=PREFIX + preset,
-        )
     return model
+
+
+def _pool(preset: str, features):
+    """The backbone's output pooled to one vector per image."""
+    rank = len(features.shape)
+    if rank == 4:
+        return keras.layers.GlobalAveragePooling2D(name=common.POOL_NAME)(features)
+    if rank == 3:  # token sequences (ViT-style backbones)
+        return keras.layers.GlobalAveragePooling1D(name=common.POOL_NAME)(features)
+    if rank == 2:
+        return features
+    raise KerasHubError(
+        f"kerashub:{preset}: backbone output {tuple(features.shape)} is not a "
+        "feature map, token sequence or vector"
+    )

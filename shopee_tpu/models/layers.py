@@ -123,3 +123,32 @@ def is_head_layer(layer) -> bool:
     return name in (POOL_NAME, DROPOUT_NAME, CLASSIFIER_NAME) or name.endswith(
         HEAD_SUFFIXES
     )
+
+
+def sublayers(layer) -> list:
+    """Every layer inside ``layer``, depth first (not ``layer`` itself): those of a
+    model's ``layers`` and those a composite layer holds as attributes, in lists,
+    tuples or dicts (KerasHub's blocks)."""
+    found, seen = [], {id(layer)}
+
+    def children(item):
+        if isinstance(item, keras.Model):
+            return list(item.layers)
+        out = []
+        for value in vars(item).values():
+            values = value.values() if isinstance(value, dict) else value
+            if isinstance(values, list | tuple):
+                out.extend(v for v in values if isinstance(v, layers.Layer))
+            elif isinstance(value, layers.Layer):
+                out.append(value)
+        return out
+
+    def walk(item):
+        for child in children(item):
+            if id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+                walk(child)
+
+    walk(layer)
+    return found

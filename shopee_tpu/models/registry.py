@@ -33,8 +33,10 @@ import keras
 from shopee_tpu.config import ModelConfig
 from shopee_tpu.models import kerashub, tiny
 from shopee_tpu.models import layers as common
+from shopee_tpu.models import weights as loaders
 from shopee_tpu.models.efficientnet_builder import efficientnet
 from shopee_tpu.models.efficientnet_scaling import scaling
+from shopee_tpu.models.weights_h5 import WeightsError
 
 
 @dataclass(frozen=True)
@@ -202,34 +204,49 @@ def build_model(
     kind, what = resolve(name)
     if not pretrained:
         weights = None
+    if weights not in (None, "imagenet"):
+        _check_run_backbone(weights, name)
+    # The options every kind of backbone takes.
+    options = dict(
+        weights=weights,
+        input_size=input_size,
+        dropout=dropout,
+        include_top=include_top,
+        batchnorm_momentum=batchnorm_momentum,
+        weights_preprocessing=weights_preprocessing,
+    )
+    if kind in ("efficientnet", "tiny"):
+        return _build_own(
+            kind, what, num_classes, activation, drop_connect_rate, any_size, options
+        )
+    label = what.name if kind == "family" else f"kerashub:{what}"
+    _check_fixed_options(label, any_size, activation, drop_connect_rate)
+    if kind == "kerashub":
+        return kerashub.build(what, num_classes, pretrained=pretrained, **options)
+    return _build_application(what, num_classes, **options)
+
+
+def _build_own(
+    kind, what, num_classes, activation, drop_connect_rate, any_size, options
+):
+    """EfficientNet or ``tiny-cnn``: our own builders, which honour every option."""
     if kind == "efficientnet":
         return efficientnet(
             what,
             num_classes,
-            weights=weights,
-            input_size=input_size,
             activation=activation,
             drop_connect_rate=drop_connect_rate,
-            dropout=dropout,
-            include_top=include_top,
-            batchnorm_momentum=batchnorm_momentum,
-            weights_preprocessing=weights_preprocessing,
             any_size=any_size,
+            **options,
         )
-    if kind == "tiny":
-        # No residual branches: drop_connect_rate has nothing to drop.
-        return tiny.tiny_cnn(
-            num_classes,
-            weights=weights,
-            input_size=input_size,
-            activation=activation,
-            dropout=dropout,
-            include_top=include_top,
-            batchnorm_momentum=batchnorm_momentum,
-            weights_preprocessing=weights_preprocessing,
-            any_size=any_size,
-        )
-    label = what.name if kind == "family" else f"kerashub:{what}"
+    # No residual branches: drop_connect_rate has nothing to drop.
+    return tiny.tiny_cnn(
+        num_classes, activation=activation, any_size=any_size, **options
+    )
+
+
+def _check_fixed_options(label, any_size, activation, drop_connect_rate) -> None:
+    """Options only our own builders honour must keep their defaults."""
     if any_size:
         raise ValueError(f"{label}: any_size is for EfficientNet backbones only")
     if activation != "swish":
@@ -242,19 +259,20 @@ def build_model(
             f"{label}: drop_connect_rate={drop_connect_rate} cannot be set for this "
             "backbone; leave it at the default 0.2"
         )
-    if kind == "kerashub":
-        return kerashub.build(
-            what,
-            num_classes,
-            input_size=input_size,
-            weights=weights,
-            weights_preprocessing=weights_preprocessing,
-            dropout=dropout,
-            include_top=include_top,
-            batchnorm_momentum=batchnorm_momentum,
-            pretrained=pretrained,
-        )
-    fam: Family = what
+
+
+def _build_application(
+    fam: Family,
+    num_classes: int,
+    *,
+    weights,
+    input_size,
+    dropout,
+    include_top,
+    batchnorm_momentum,
+    weights_preprocessing,
+) -> keras.Model:
+    """A keras.applications family with our head, its options checked."""
     if weights_preprocessing != "auto":
         raise ValueError(
             f"{fam.name}: weights_preprocessing={weights_preprocessing!r} cannot be "
@@ -271,9 +289,23 @@ def build_model(
     return model
 
 
-def _build_family(fam, num_classes, size, weights, dropout, include_top):
-    from shopee_tpu.models import weights as wmod
+def _check_run_backbone(weights: str, backbone: str) -> None:
+    """A run folder trained with another registry backbone fails with both names."""
+    src = loaders.resolve_source(weights)
+    if not src.backbone or "kerashub:" in (src.backbone + backbone).lower():
+        return
+    try:
+        same = resolve(src.backbone) == resolve(backbone)
+    except ValueError:
+        return
+    if not same:
+        raise WeightsError(
+            f"{src.run}: the run trained model.backbone={src.backbone}, this model "
+            f"is {backbone}; set model.backbone={src.backbone}"
+        )
 
+
+def _build_family(fam, num_classes, size, weights, dropout, include_top):
     inputs = keras.Input((size, size, 3), name="input_layer")
     x = inputs
     if fam.mode:
@@ -286,15 +318,15 @@ def _build_family(fam, num_classes, size, weights, dropout, include_top):
     if weights == "imagenet":
         kw["weights"] = "imagenet"
         try:
-            with wmod.socket_timeout(wmod.DOWNLOAD_TIMEOUT):
+            with loaders.socket_timeout(loaders.DOWNLOAD_TIMEOUT):
                 backbone = getattr(keras.applications, fam.constructor)(**kw)
         except Exception as e:
             if "URL fetch failure" not in str(e) and not isinstance(e, OSError):
                 raise
             url = re.search(r"URL fetch failure on (\S+?):? ", str(e))
             url = url[1] if url else "keras.applications"
-            raise wmod.WeightsUnavailableError(
-                wmod.offline_hint(
+            raise loaders.WeightsUnavailableError(
+                loaders.offline_hint(
                     f"ImageNet weights for {fam.name}", url.rsplit("/", 1)[-1], url
                 )
                 + f" Cause: {e}"
@@ -321,7 +353,7 @@ def _build_family(fam, num_classes, size, weights, dropout, include_top):
         outputs = x
     model = keras.Model(inputs, outputs, name=fam.name)
     if weights not in (None, "imagenet"):
-        wmod.load_weights(model, weights, backbone=fam.name)
+        loaders.load_weights(model, weights)
     return model
 
 

@@ -19,6 +19,7 @@ import keras
 from keras import layers
 
 from shopee_tpu.models import layers as common
+from shopee_tpu.models import weights as loaders
 
 NAME = "tiny-cnn"
 NATIVE_SIZE = 32
@@ -52,11 +53,9 @@ def tiny_cnn(
             ``advprop``).
         any_size: Leave the input side open.
     """
-    from shopee_tpu.models import weights as wmod
-
     if weights == "imagenet":
         raise ValueError(f"{NAME} has no ImageNet weights; pass weights=None")
-    wmod.check_preprocessing(weights_preprocessing)
+    loaders.check_preprocessing(weights_preprocessing)
     side = None if any_size else int(input_size or NATIVE_SIZE)
     inputs = keras.Input((side, side, 3), name="input_layer")
     x = common.normalized_pixels(inputs)
@@ -77,9 +76,7 @@ def tiny_cnn(
         outputs = layers.GlobalAveragePooling2D(name=common.POOL_NAME)(x)
     model = keras.Model(inputs, outputs, name=NAME)
     if weights is None:
-        wmod.set_preprocessing(model, weights_preprocessing)
+        loaders.set_preprocessing(model, weights_preprocessing)
     else:
-        wmod.load_weights(
-            model, weights, preprocessing=weights_preprocessing, backbone=NAME
-        )
+        loaders.load_weights(model, weights, preprocessing=weights_preprocessing)
     return model

@@ -39,6 +39,7 @@ import numpy as np
 from shopee_tpu.models import layers as common
 from shopee_tpu.models import weights_h5
 from shopee_tpu.models.weights_h5 import WeightsError
+from shopee_tpu.run_folder import RunFolder
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/"
 # md5 of keras.applications' EfficientNet files: (top, notop), from keras' source.
@@ -205,11 +206,12 @@ def resolve_source(source: str | os.PathLike) -> WeightsSource:
     """
     path = os.path.expanduser(os.fspath(source))
     if os.path.isdir(path):
-        for name in RUN_WEIGHTS:
-            if os.path.exists(os.path.join(path, name)):
-                return WeightsSource(
-                    os.path.join(path, name), path, _run_backbone(path)
-                )
+        run = RunFolder(path, writable=False)
+        if run.exists(run.BEST) or run.exists(run.LAST):
+            saved = run.saved_config()
+            return WeightsSource(
+                run.weights("best"), path, saved.model.backbone if saved else None
+            )
         if _is_kerashub_preset(path):
             raise WeightsError(
                 f"{path}: a KerasHub preset folder; pass it as "
@@ -227,14 +229,6 @@ def resolve_source(source: str | os.PathLike) -> WeightsSource:
     return WeightsSource(path)
 
 
-def _run_backbone(folder: str) -> str | None:
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            return json.load(f)["model"]["backbone"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _is_kerashub_preset(folder: str) -> bool:
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
@@ -247,33 +241,12 @@ def _is_kerashub_preset(folder: str) -> bool:
     )
 
 
-def _check_run_backbone(src: WeightsSource, backbone: str | None) -> None:
-    """A run trained with another registry backbone fails with both names."""
-    if (
-        not (src.backbone and backbone)
-        or "kerashub:" in (src.backbone + backbone).lower()
-    ):
-        return
-    from shopee_tpu.models.registry import resolve
-
-    try:
-        same = resolve(src.backbone) == resolve(backbone)
-    except ValueError:
-        return
-    if not same:
-        raise WeightsError(
-            f"{src.run}: the run trained model.backbone={src.backbone}, this model "
-            f"is {backbone}; set model.backbone={src.backbone}"
-        )
-
-
 def load_weights(
     model,
     source: str | os.PathLike,
     *,
     preprocessing: str = "auto",
     head: str = "fresh",
-    backbone: str | None = None,
 ) -> dict:
     """Loads a weights file or a run folder into ``model`` (see the module doc).
 
@@ -284,8 +257,6 @@ def load_weights(
             ``advprop``: the input normalisation the weights were trained with.
         head: ``fresh``: a classifier that does not fit keeps its initialisation
             (with a warning); ``strict``: that is an error too.
-        backbone: The model's registry name, to name both backbones when a run
-            folder was trained with another one.
 
     Returns:
         ``{"path", "run", "loaded", "skipped", "head", "preprocessing"}``: ``head``
@@ -303,7 +274,6 @@ def load_weights(
     if head not in ("fresh", "strict"):
         raise ValueError(f"head={head!r}: expected 'fresh' or 'strict'")
     src = resolve_source(source)
-    _check_run_backbone(src, backbone)
     path = src.path
     try:
         f = h5py.File(path, "r")

@@ -16,6 +16,7 @@ replies with their results.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import selectors
@@ -24,6 +25,9 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+
+import shopee_tpu
+from shopee_tpu.data.shard_writer import ShardWriter, write_shard
 
 __all__ = ["WorkerPool"]
 
@@ -59,8 +63,6 @@ class WorkerPool:
     """A few writer subprocesses; use as a context manager."""
 
     def __init__(self, n: int, params):
-        import shopee_tpu
-
         root = os.path.dirname(os.path.dirname(os.path.abspath(shopee_tpu.__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -68,7 +70,7 @@ class WorkerPool:
         )
         self.procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "shopee_tpu.data.procs"],
+                [sys.executable, "-m", "shopee_tpu.data.writer_pool"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,
@@ -167,16 +169,12 @@ class WorkerPool:
 
 def resolve(fn: str):
     """The function named ``"module:function"``."""
-    import importlib
-
     module, _, name = fn.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
 def serve(stdin, stdout) -> None:
     """The worker loop: runs messages from ``stdin`` until it closes."""
-    from shopee_tpu.data.shard_writer import ShardWriter, write_shard
-
     params = None
     streamed: dict[int, ShardWriter] = {}
     while True:

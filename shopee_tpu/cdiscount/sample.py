@@ -22,6 +22,9 @@ import os
 
 import numpy as np
 
+from shopee_tpu import fs
+from shopee_tpu.cdiscount.bson_reader import require_bson
+
 __all__ = ["make_cdiscount_sample", "SAMPLE_CATEGORY_IDS"]
 
 # Ten 10-digit ids in the style of Cdiscount's (two are real ones).
@@ -73,20 +76,40 @@ def make_cdiscount_sample(
         Paths (``train``, ``test``, ``category_names``, ``sample_submission``,
         ``test_truth``) and counts.
     """
-    import pandas as pd
-    from sklearn.datasets import load_digits
-
-    from shopee_tpu.data.bson_reader import require_bson
-    from shopee_tpu.data.digits import _render
-    from shopee_tpu.utils import atomic_path
-
     bson = require_bson()
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
+    test_products = max(1, products // 4) if test_products is None else test_products
+    image, pool, counts = _picture_source(
+        rng, image_size, duplicate_fraction, conflict_fraction
+    )
+    train_docs, product_pool = _train_products(products, rng, image, pool)
+    test_docs, truth = _test_products(
+        test_products, rng, image, product_pool, train_docs, duplicate_fraction, counts
+    )
+    paths = _write_folder(out_dir, bson, train_docs, test_docs, truth)
+    return {
+        **paths,
+        "train_products": len(train_docs),
+        "test_products": len(test_docs),
+        "train_images": sum(len(d["imgs"]) for d in train_docs),
+        "test_images": sum(len(d["imgs"]) for d in test_docs),
+        "categories": 10,
+        **counts,
+    }
+
+
+def _picture_source(rng, image_size, duplicate_fraction, conflict_fraction):
+    """``(image, pool, counts)``: ``image(cls, train)`` makes a JPEG of digit ``cls``,
+    a new rendering or a copy of an earlier training image; ``pool`` holds the
+    training images by class (the caller adds them), ``counts`` the copies made."""
+    from sklearn.datasets import load_digits
+
+    from shopee_tpu.data.digits import _render
+
     digits = load_digits()
     by_class = [np.flatnonzero(digits.target == c) for c in range(10)]
-    test_products = max(1, products // 4) if test_products is None else test_products
     counts = {
         "duplicates": 0,
         "conflicts": 0,
@@ -109,6 +132,11 @@ def make_cdiscount_sample(
         scan = digits.images[by_class[cls][int(rng.integers(len(by_class[cls])))]]
         return _render(scan, image_size, rng)
 
+    return image, pool, counts
+
+
+def _train_products(products, rng, image, pool):
+    """The training documents (1-4 images each) and each product's pictures."""
     train_docs, product_pool = [], []
     next_id = 0
     for _ in range(products):
@@ -125,7 +153,13 @@ def make_cdiscount_sample(
             }
         )
         next_id += int(rng.integers(1, 4))  # real ids have gaps
+    return train_docs, product_pool
 
+
+def _test_products(
+    test_products, rng, image, product_pool, train_docs, duplicate_fraction, counts
+):
+    """The test documents (no ``category_id``) and ``(_id, category_id)`` answers."""
     test_docs, truth = [], []
     test_id = 10
     for _ in range(test_products):
@@ -141,6 +175,12 @@ def make_cdiscount_sample(
         test_docs.append({"_id": test_id, "imgs": [{"picture": p} for p in pictures]})
         truth.append((test_id, SAMPLE_CATEGORY_IDS[cls]))
         test_id += int(rng.integers(1, 5))
+    return test_docs, truth
+
+
+def _write_folder(out_dir, bson, train_docs, test_docs, truth) -> dict:
+    """Writes the BSON files and the CSVs; returns their paths."""
+    import pandas as pd
 
     paths = {
         "train": os.path.join(out_dir, "train.bson"),
@@ -150,7 +190,7 @@ def make_cdiscount_sample(
         "test_truth": os.path.join(out_dir, "test_truth.csv"),
     }
     for key, docs in (("train", train_docs), ("test", test_docs)):
-        with atomic_path(paths[key]) as tmp, open(tmp, "wb") as f:
+        with fs.atomic_path(paths[key]) as tmp, open(tmp, "wb") as f:
             for doc in docs:
                 f.write(bson.encode(doc))
     names = pd.DataFrame(
@@ -170,12 +210,4 @@ def make_cdiscount_sample(
     pd.DataFrame(truth, columns=["_id", "category_id"]).to_csv(
         paths["test_truth"], index=False
     )
-    return {
-        **paths,
-        "train_products": len(train_docs),
-        "test_products": len(test_docs),
-        "train_images": sum(len(d["imgs"]) for d in train_docs),
-        "test_images": sum(len(d["imgs"]) for d in test_docs),
-        "categories": 10,
-        **counts,
-    }
+    return paths

@@ -1,17 +1,15 @@
-"""The ``shopee-tpu`` command line: a thin layer over the library functions."""
+"""The ``shopee-tpu`` argument parser: one table of commands and their options."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import sys
 
 from shopee_tpu import __version__
-from shopee_tpu.accelerator import _DEVICES as DEVICES
-from shopee_tpu.config import PRESETS, ConfigError, RunConfig
-from shopee_tpu.console import error_line, one_line_warnings, show_native_logs
-from shopee_tpu.inference.views import REDUCERS
+from shopee_tpu.accelerator import DEVICES
+from shopee_tpu.cli import commands
+from shopee_tpu.config import PRESETS
+from shopee_tpu.inference.tta_views import REDUCERS
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -29,10 +27,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _config(args) -> RunConfig:
-    return RunConfig.resolve(args.preset, args.config, args.sets)
-
-
 def parse_duration(text: str) -> float:
     """Parses ``8h45m``, ``90m``, ``30s``, ``1h`` or plain seconds into seconds."""
     text = text.strip().lower()
@@ -45,66 +39,6 @@ def parse_duration(text: str) -> float:
         )
     scale = {"h": 3600, "m": 60, "s": 1}
     return sum(float(n) * scale[u] for n, u in parts)
-
-
-# ---------------------------------------------------------------------------
-# Commands. Each one parses nothing itself: it hands arguments to a library call.
-
-
-def _cmd_config(args) -> int:
-    print(json.dumps(_config(args).to_dict(), indent=2))
-    return 0
-
-
-def _cmd_tfrecords(args) -> int:
-    from shopee_tpu.data.records import write_records_from_csv
-
-    manifest = write_records_from_csv(
-        args.csv,
-        args.images,
-        args.out,
-        test=args.test,
-        shards=args.shards,
-        image_size=args.image_size,
-        resize=args.resize,
-        quality=args.quality,
-        workers=args.workers,
-        label_map=args.label_map,
-        overwrite=args.overwrite,
-        seed=args.seed,
-    )
-    print(
-        f"wrote {manifest['total']} records in {len(manifest['shards'])} shards to "
-        f"{args.out} ({len(manifest['skipped'])} skipped)"
-    )
-    return 0
-
-
-def _cmd_cdiscount(args) -> int:
-    from shopee_tpu.data.cdiscount import prepare_cdiscount, prepare_cdiscount_test
-
-    common = dict(
-        shards=args.shards,
-        workers=args.workers,
-        image_size=args.image_size,
-        resize=args.resize,
-        quality=args.quality,
-        overwrite=args.overwrite,
-    )
-    if args.action == "prepare":
-        prepare_cdiscount(
-            args.bson,
-            args.out,
-            category_names=args.category_names,
-            valid_fraction=args.valid_fraction,
-            seed=args.seed,
-            dedup=args.dedup,
-            drop_conflicts=args.drop_conflicts,
-            **common,
-        )
-    else:
-        prepare_cdiscount_test(args.bson, args.out, **common)
-    return 0
 
 
 def _add_cdiscount_parser(sub) -> None:
@@ -149,128 +83,7 @@ def _add_cdiscount_parser(sub) -> None:
         q.add_argument("--resize", choices=("longest", "square"), default="square")
         q.add_argument("--quality", type=int, default=95)
         q.add_argument("--overwrite", action="store_true", help="replace other records")
-    p.set_defaults(func=_cmd_cdiscount)
-
-
-def _cmd_train(args) -> int:
-    from shopee_tpu.training import train
-
-    cfg = _config(args)
-    result = train(
-        cfg,
-        out_dir=args.out,
-        time_limit=args.time_limit,
-        checkpoint_every=args.checkpoint_every,
-        device=args.device,
-        folds=args.folds,
-        fold=args.fold,
-    )
-    print(json.dumps(result.metrics, indent=2))
-    return 0
-
-
-def _cmd_predict(args) -> int:
-    from shopee_tpu.inference.run import predict_run
-
-    predict_run(
-        args.run,
-        args.data,
-        out=args.out,
-        tta=tuple(v for v in args.tta.split(",") if v) if args.tta else None,
-        reduce=args.reduce,
-        batch_size=args.batch_size,
-        format=args.format,
-        md5_dict=None if args.md5_dict == "none" else args.md5_dict,
-        expected=args.expected,
-        weights=args.weights,
-        device=args.device,
-    )
-    return 0
-
-
-def _cmd_stack(args) -> int:
-    from shopee_tpu.experiments.stack import stack_runs
-
-    stack_runs(
-        args.oof,
-        args.test,
-        args.out,
-        format=args.format,
-        data=args.data,
-        expected=args.expected,
-        kind=args.kind,
-    )
-    return 0
-
-
-def _cmd_sweep(args) -> int:
-    from shopee_tpu.experiments.sweep import run_sweep
-
-    run_sweep(
-        _config(args),
-        args.grid,
-        args.out,
-        folds=args.folds,
-        time_limit=args.time_limit,
-        device=args.device,
-    )
-    return 0
-
-
-def _cmd_demo(args) -> int:
-    from shopee_tpu.demo import run_demo
-
-    metrics = run_demo(args.out, quick=args.quick, sets=args.sets, seed=args.seed)
-    print(json.dumps(metrics, indent=2))
-    return 0
-
-
-def _cmd_bench(args) -> int:
-    from shopee_tpu.bench import run_bench
-
-    result = run_bench(args.what, args)
-    print(json.dumps(result, indent=2 if not args.json else None))
-    return 0
-
-
-def _cmd_kernel_build(args) -> int:
-    from shopee_tpu.kernels.build import build_kernel
-
-    built = build_kernel(
-        args.notebook, args.out, sets=args.sets, template=args.template
-    )
-    meta, pkg = built["metadata"], built["package"]
-    print(
-        f"built {built['folder']}: {meta['code_file']} carries shopee_tpu "
-        f"{pkg['version']} ({pkg['files']} files, {pkg['bytes'] // 1024} KB zipped, "
-        f"sha256 {pkg['sha256'][:12]}); kernel {meta.get('id')} "
-        f"({meta['machine_shape'] or 'CPU'}, internet "
-        f"{'on' if meta['enable_internet'] else 'off'}, metadata from "
-        f"{built['template']})"
-    )
-    return 0
-
-
-def _cmd_kernel_push(args) -> int:
-    from shopee_tpu.kernels.client import push_kernel
-
-    result = push_kernel(
-        args.folder, accelerator=args.accelerator, timeout=args.timeout
-    )
-    for kind, items in result.invalid.items():
-        print(f"warning: Kaggle did not accept these {kind}: {', '.join(items)}")
-    print(f"pushed {result.slug} version {result.version}: {result.url}")
-    return 0
-
-
-def _cmd_kernel_status(args) -> int:
-    from shopee_tpu.kernels.client import kernel_status
-
-    status = kernel_status(args.slug)
-    print(f"{status.slug}: {status.status}")
-    if status.failure_message:
-        print(f"failure message: {status.failure_message}")
-    return 1 if status.failed else 0
+    p.set_defaults(func=commands.cdiscount_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved run config as JSON")
     _add_config_args(p)
-    p.set_defaults(func=_cmd_config)
+    p.set_defaults(func=commands.config_command)
 
     p = sub.add_parser("tfrecords", help="write TFRecord shards from a CSV and images")
     p.add_argument(
@@ -314,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a different dataset"
     )
     p.add_argument("--seed", type=int, default=42)
-    p.set_defaults(func=_cmd_tfrecords)
+    p.set_defaults(func=commands.tfrecords_command)
 
     _add_cdiscount_parser(sub)
 
@@ -338,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fold", type=int, default=None, help="with --folds: train this fold only"
     )
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=commands.train_command)
 
     p = sub.add_parser(
         "predict", help="predict test records with TTA; write a submission"
@@ -370,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", choices=("best", "last"), default="best")
     p.add_argument("--device", choices=DEVICES, default=None)
-    p.set_defaults(func=_cmd_predict)
+    p.set_defaults(func=commands.predict_command)
 
     p = sub.add_parser(
         "stack", help="stack runs' out-of-fold probabilities into a submission"
@@ -386,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--expected", default=None, help="test.csv whose ids must each appear once"
     )
     p.add_argument("--kind", choices=("per_class", "full"), default="per_class")
-    p.set_defaults(func=_cmd_stack)
+    p.set_defaults(func=commands.stack_command)
 
     p = sub.add_parser("sweep", help="one run per grid point; a results table and plot")
     _add_config_args(p)
@@ -401,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the sweep folder")
     p.add_argument("--time-limit", type=parse_duration, default=None, help="e.g. 8h45m")
     p.add_argument("--device", choices=DEVICES, default=None)
-    p.set_defaults(func=_cmd_sweep)
+    p.set_defaults(func=commands.sweep_command)
 
     p = sub.add_parser("demo", help="the main job end to end on bundled real data")
     p.add_argument("--out", default="runs/demo")
@@ -412,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE"
     )
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=commands.demo_command)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument(
@@ -438,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--products", type=int, default=None, help="bench cdiscount: products (1x)"
     )
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(func=commands.bench_command)
 
     p = sub.add_parser("kernel", help="build, push and check Kaggle kernels")
     kernel = p.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)
@@ -463,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="metadata template (default: kernel-metadata.json beside the notebook "
         "or one folder up, else the built-in one)",
     )
-    k.set_defaults(func=_cmd_kernel_build)
+    k.set_defaults(func=commands.kernel_build_command)
     k = kernel.add_parser("push", help="push a built folder with the kaggle client")
     k.add_argument("folder", help="a folder from `kernel build`")
     k.add_argument(
@@ -473,10 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="TPU v5e-8, GPU T4 x2 or CPU (default: the folder's machine_shape)",
     )
     k.add_argument("--timeout", type=int, default=None, help="session limit in seconds")
-    k.set_defaults(func=_cmd_kernel_push)
+    k.set_defaults(func=commands.kernel_push_command)
     k = kernel.add_parser("status", help="status of a kernel's latest session")
     k.add_argument("slug", help="owner/kernel-slug")
-    k.set_defaults(func=_cmd_kernel_status)
+    k.set_defaults(func=commands.kernel_status_command)
 
     # --verbose is accepted before or after the command name.
     for p in (parser, *sub.choices.values()):
@@ -488,40 +301,3 @@ def build_parser() -> argparse.ArgumentParser:
             help="show TensorFlow's own log lines and full tracebacks",
         )
     return parser
-
-
-# Errors a user causes (a wrong path, value or device, no internet for weights, a
-# missing extra) end in one line; anything else is a bug and keeps its traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from shopee_tpu.accelerator import AcceleratorNotFound
-
-    errors = [OSError, ValueError, ImportError, AcceleratorNotFound]
-    weights = sys.modules.get("shopee_tpu.models.weights")  # raised only once loaded
-    if weights is not None:
-        errors.append(weights.WeightsUnavailableError)
-    return tuple(errors)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.verbose:
-        show_native_logs()
-    else:
-        one_line_warnings(f"shopee-tpu {args.command}")
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        parser.exit(2, f"shopee-tpu: config error: {e}\n")
-    except KeyboardInterrupt:
-        print(f"shopee-tpu {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if args.verbose or not isinstance(e, _user_errors()):
-            raise
-        print(f"shopee-tpu {args.command}: error: {error_line(e)}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,11 +14,13 @@ given (the Kaggle recipe scales only ``LR_MAX``).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import keras
 from keras import ops
 
 from shopee_tpu.config import OptimConfig
+from shopee_tpu.models.layers import is_head_layer
 
 OPTIMIZERS = ("adam", "adamw", "nadam", "sgd")
 SCHEDULES = ("constant", "ramp", "cosine", "step")
@@ -232,13 +234,26 @@ def make_schedule(
     raise ValueError(f"optim.schedule {optim.schedule!r}: expected one of {SCHEDULES}")
 
 
-def make_optimizer(optim: OptimConfig, learning_rate) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    optim: OptimConfig,
+    learning_rate,
+    *,
+    backbone_lr: float = 1.0,
+    head: Collection[str] = (),
+) -> keras.optimizers.Optimizer:
     """Adam, AdamW, Nadam or SGD (with ``optim.momentum``) as ``optim`` says.
 
     ``weight_decay`` is Keras' decoupled decay for every optimizer (biases and
     normalisation scales/shifts excluded); ``ema`` keeps an exponential moving
     average of the weights (swap it in with ``keras.callbacks.SwapEMAWeights``);
     ``clipnorm`` > 0 clips each gradient by norm.
+
+    ``backbone_lr`` != 1 steps every variable outside ``head`` (variable paths,
+    e.g. ``predictions/kernel``) at that times the learning rate: after a frozen
+    warmup the head is trained already, and the backbone must move gently to keep
+    what its pretrained weights learned. It is applied in ``update_step``, which
+    every Keras optimizer calls once per variable on every backend; the decoupled
+    weight decay, applied before it, is not scaled.
     """
     kw: dict = {"learning_rate": learning_rate}
     if optim.clipnorm > 0:
@@ -247,21 +262,56 @@ def make_optimizer(optim: OptimConfig, learning_rate) -> keras.optimizers.Optimi
         kw.update(use_ema=True, ema_momentum=optim.ema_momentum)
     decay = optim.weight_decay or None
     kind = optim.optimizer.lower()
-    if kind == "adam":
-        opt = keras.optimizers.Adam(weight_decay=decay, **kw)
-    elif kind == "adamw":
-        opt = keras.optimizers.AdamW(weight_decay=optim.weight_decay, **kw)
-    elif kind == "nadam":
-        opt = keras.optimizers.Nadam(weight_decay=decay, **kw)
-    elif kind == "sgd":
-        opt = keras.optimizers.SGD(momentum=optim.momentum, weight_decay=decay, **kw)
-    else:
+    classes = {
+        "adam": keras.optimizers.Adam,
+        "adamw": keras.optimizers.AdamW,
+        "nadam": keras.optimizers.Nadam,
+        "sgd": keras.optimizers.SGD,
+    }
+    if kind not in classes:
         raise ValueError(
             f"optim.optimizer {optim.optimizer!r}: expected one of {OPTIMIZERS}"
         )
+    cls = classes[kind]
+    if backbone_lr != 1.0:
+        cls = _backbone_scaled(cls, frozenset(head), float(backbone_lr))
+    if kind == "adamw":
+        kw["weight_decay"] = optim.weight_decay
+    else:
+        kw["weight_decay"] = decay
+    if kind == "sgd":
+        kw["momentum"] = optim.momentum
+    opt = cls(**kw)
     if optim.weight_decay:
         opt.exclude_from_weight_decay(var_names=NO_DECAY)
     return opt
+
+
+def _backbone_scaled(base: type, head: frozenset, factor: float) -> type:
+    """``base`` stepping the variables outside ``head`` at ``factor`` x the rate."""
+
+    class BackboneScaled(base):
+        def build(self, variables):
+            super().build(variables)
+            self.lr_scales = [1.0 if v.path in head else factor for v in variables]
+
+        def update_step(self, gradient, variable, learning_rate):
+            scale = self.lr_scales[_variable_index(self, variable)]
+            if scale != 1.0:
+                learning_rate = learning_rate * scale
+            return super().update_step(gradient, variable, learning_rate)
+
+    BackboneScaled.__name__ = base.__name__
+    return BackboneScaled
+
+
+def _variable_index(optimizer, variable) -> int:
+    """The position in ``optimizer.build``'s list of the variable ``update_step``
+    was handed: a Keras variable on JAX, a ``tf.Variable`` (or one replica's copy
+    of it) on TensorFlow, so neither its identity nor its name finds it. Keras has
+    no public lookup; this is the one it uses for its own slots (checked against
+    Keras 3.12 to 3.15)."""
+    return optimizer._get_variable_index(variable)
 
 
 def make_loss(optim: OptimConfig) -> keras.losses.Loss:
@@ -277,6 +327,7 @@ def compile_model(
     epochs: int,
     replicas: int = 1,
     jit_compile: bool | str = "auto",
+    backbone_lr: float = 1.0,
 ) -> keras.Model:
     """Compiles ``model`` with the recipe in ``optim``.
 
@@ -285,13 +336,18 @@ def compile_model(
     ``accuracy`` (categorical, so soft MixUp labels work); ``steps_per_execution``
     from the config (raise it on TPUs). Call it inside the accelerator's scope.
     ``jit_compile="auto"`` leaves XLA off on CPU-only machines, where it is slow.
+    ``backbone_lr`` scales the learning rate of everything but the head (see
+    ``make_optimizer``).
 
     Returns:
         The same model, compiled, with its optimizer built.
     """
     schedule = make_schedule(optim, steps_per_epoch, epochs, replicas)
+    head = [
+        v.path for layer in model.layers if is_head_layer(layer) for v in layer.weights
+    ]
     model.compile(
-        optimizer=make_optimizer(optim, schedule),
+        optimizer=make_optimizer(optim, schedule, backbone_lr=backbone_lr, head=head),
         loss=make_loss(optim),
         # Weighted: padded validation batches give their blank rows weight 0
         # (batches without weights count every row, as plain metrics do).

@@ -31,6 +31,7 @@ from shopee_tpu.config import PlanConfig, RunConfig
 
 __all__ = [
     "Phase",
+    "epoch_steps",
     "make_plan",
     "plan_epochs",
     "plan_phases",
@@ -148,8 +149,8 @@ def prepare_phase(model, phase: Phase, plan: PlanConfig) -> None:
 
     Frozen: only the head trains, and every BatchNorm runs in inference mode.
     Unfrozen after a frozen start (fine-tuning): the whole backbone trains, BatchNorm
-    only with ``plan.train_batchnorm``, and the optimizer scales the backbone's
-    learning rate by ``plan.backbone_lr`` (see :func:`scale_backbone_lr`).
+    only with ``plan.train_batchnorm``; the loop compiles it with the backbone's
+    learning rate at ``plan.backbone_lr`` times the schedule's.
     """
     from shopee_tpu.models.finetune import freeze_backbone, unfreeze_backbone
 
@@ -188,9 +189,12 @@ def resume_phase(
     history = run.history
     iterations = history[-1].get("iterations") if history else None
     optimizer.iterations.assign(int(iterations or epoch * steps))
-    averages = getattr(optimizer, "_model_variables_moving_average", None) or []
-    for average, variable in zip(averages, model.trainable_variables, strict=False):
-        if average is not None:
+    if optimizer.use_ema:
+        # Keras names each variable's average `average_<name>` and keeps them in
+        # the trainable variables' order; a new one starts at zero, not at the
+        # restored weights, once the step count is past 0.
+        averages = [v for v in optimizer.variables if v.name.startswith("average_")]
+        for average, variable in zip(averages, model.trainable_variables, strict=True):
             average.assign(variable)
 
 
@@ -210,3 +214,50 @@ def any_image_size(dataset):
         return (tf.compat.v1.placeholder_with_default(images, shape), *rest)
 
     return dataset.map(relax)
+
+
+def epoch_steps(
+    config: RunConfig,
+    n_train: int,
+    global_batch: int,
+    verbose: int,
+    *,
+    limit: int | None = None,
+) -> tuple[int, int]:
+    """Steps per epoch, and steps per compiled call that divide them.
+
+    Keras runs ``steps_per_execution`` steps per call even past the end of an
+    epoch (the training data repeats), so a count that does not divide the epoch
+    would stretch it: 32 steps in an epoch of 31, optimizer iterations that are no
+    longer a multiple of the epoch, and a schedule that drifts. A derived epoch is
+    rounded down to a multiple of the calls (less than one call's worth of
+    batches); an explicit ``steps_per_epoch`` is kept and the call shrinks to its
+    largest divisor. An epoch shorter than one call is one call. ``limit`` caps
+    the steps per call where the accelerator cannot run more.
+    """
+    asked = max(1, int(config.optim.steps_per_execution))
+    if limit is not None and asked > limit:
+        if verbose:
+            print(
+                f"shopee_tpu: steps_per_execution {limit} instead of {asked}: more "
+                "steps per call fail under this strategy (keras-team/keras#19246)"
+            )
+        asked = limit
+    if config.steps_per_epoch:
+        steps = int(config.steps_per_epoch)
+        per_call = max(d for d in range(1, min(asked, steps) + 1) if steps % d == 0)
+    else:
+        whole = max(1, n_train // global_batch)
+        steps = whole - whole % asked if whole >= asked else whole
+        per_call = min(asked, steps)
+        if verbose and steps != whole:
+            print(
+                f"shopee_tpu: {steps} steps per epoch instead of {whole}, a multiple "
+                f"of steps_per_execution={asked}"
+            )
+    if verbose and per_call != asked:
+        print(
+            f"shopee_tpu: steps_per_execution {per_call} instead of {asked}, so "
+            f"that it divides the {steps} steps of an epoch"
+        )
+    return steps, per_call

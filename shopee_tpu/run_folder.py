@@ -1,4 +1,4 @@
-"""A run folder that survives interruption: checkpoints, history and resume state.
+"""A training run's folder: the one reader and writer of its files.
 
 Kaggle sessions end without warning (the 9-12 h limit, a preempted TPU, a closed
 browser), so finished epochs are committed as one unit (every epoch, or at most every
@@ -14,22 +14,28 @@ minute of training: see ``EpochCommit``):
 
 A run killed anywhere in between resumes from a consistent epoch: before the commit
 the pending files are ignored, after it the renames are completed on the next start.
-The optimizer state carries the iteration count, so a per-step learning-rate schedule
-continues where it stopped. Remote folders (``gs://``) go through ``tf.io.gfile``.
+A reader (``writable=False``: a run in a read-only Kaggle input, or still training
+on another host) changes nothing and finds the committed weights under either name.
+The optimizer state carries the iteration count, so a per-step learning-rate
+schedule continues where it stopped. Folders may be local or in a bucket (``gs://``).
+
+The folder also holds the run's ``config.json``, ``label_map.json`` and
+``metrics.json``; a k-fold run (``shopee_tpu.experiments.kfold``) holds one run
+folder per fold, ``fold-<i>``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from shopee_tpu import fs
 from shopee_tpu.config import RunConfig, config_diff
-from shopee_tpu.utils import atomic_write_text, is_remote, require_tensorflow
+
+__all__ = ["RunFolder", "ConfigMismatch", "RESUME_IGNORES", "fold_path"]
 
 # Settings that may change between a run and its resume: where it is written, what
 # it is called, where it runs and how it predicts do not change what is trained.
@@ -41,56 +47,49 @@ class ConfigMismatch(ValueError):
 
 
 class RunFolder:
-    """Files of one training run. See the module docstring for the commit protocol."""
+    """Files of one training run. See the module docstring for the commit protocol.
 
+    Args:
+        path: The folder (created when writable).
+        writable: ``False`` opens it for reading only.
+    """
+
+    CONFIG, STATE, LABEL_MAP = "config.json", "state.json", "label_map.json"
+    METRICS, HISTORY = "metrics.json", "history.csv"
     LAST = "last.weights.h5"  # model and optimizer
     BEST = "best.weights.h5"  # model only
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        self._fs().makedirs(self.path)
+    def __init__(self, path: str | os.PathLike, *, writable: bool = True):
+        self.path, self.writable = os.fspath(path), writable
+        if writable:
+            fs.makedirs(self.path)
         self.state = self._read_state()
-        self._finish_pending()
-
-    # -- paths and file-system access -------------------------------------------
+        if writable:
+            self._finish_pending()
 
     def file(self, name: str) -> str:
-        return (
-            f"{self.path.rstrip('/')}/{name}"
-            if is_remote(self.path)
-            else (os.path.join(self.path, name))
-        )
-
-    def _fs(self):
-        return _GFile() if is_remote(self.path) else _LocalFS()
+        return fs.join(self.path, name)
 
     def exists(self, name: str) -> bool:
-        return self._fs().exists(self.file(name))
+        return fs.exists(self.file(name))
 
     # -- state ------------------------------------------------------------------
 
     def _read_state(self) -> dict[str, Any]:
-        fs = self._fs()
-        path = self.file("state.json")
-        if not fs.exists(path):
+        if not self.exists(self.STATE):
             return {"epoch": 0, "finished": False, "history": [], "best": None}
         try:
-            return json.loads(fs.read_text(path))
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}: not valid JSON ({e}); the run folder is damaged"
-            ) from e
+            return fs.read_json(self.file(self.STATE))
+        except ValueError as e:
+            raise ValueError(f"{e}; the run folder is damaged") from None
 
     def _write_state(self) -> None:
-        atomic_write_text(
-            self.file("state.json"), json.dumps(self.state, indent=1) + "\n"
-        )
+        fs.write_json(self.file(self.STATE), self.state)
 
     def _finish_pending(self) -> None:
         pending = self.state.get("pending") or {}
-        fs = self._fs()
         for src, dst in pending.items():
-            if fs.exists(self.file(src)):
+            if self.exists(src):
                 fs.rename(self.file(src), self.file(dst))
         if pending:
             self.state.pop("pending")
@@ -106,31 +105,99 @@ class RunFolder:
         return int(self.state.get("epoch", 0))
 
     @property
+    def finished(self) -> bool:
+        return bool(self.state.get("finished"))
+
+    @property
     def history(self) -> list[dict[str, Any]]:
         return list(self.state.get("history", []))
 
-    # -- config -----------------------------------------------------------------
+    def mark_finished(self, finished: bool, **extra: Any) -> None:
+        self.state.update(finished=finished, **extra)
+        self._write_state()
+
+    def write_history_csv(self) -> None:
+        import pandas as pd  # a heavy import most readers of a run never need
+
+        fs.write_text(
+            self.file(self.HISTORY), pd.DataFrame(self.history).to_csv(index=False)
+        )
+
+    # -- config, label map, metrics -----------------------------------------------
+
+    def config(self) -> RunConfig:
+        """The run's saved config."""
+        path = self.file(self.CONFIG)
+        return RunConfig.from_dict(
+            fs.read_json(path, what="is this a training run folder?")
+        )
+
+    def saved_config(self) -> RunConfig | None:
+        """The saved config, or ``None`` before the run saved one."""
+        return self.config() if self.exists(self.CONFIG) else None
 
     def check_config(self, config: RunConfig, *, write: bool = True) -> None:
         """Saves the config on a fresh run; refuses a resume whose config differs.
 
         ``write=False`` (processes other than the chief) only checks.
-        """
-        path = self.file("config.json")
-        fs = self._fs()
-        if self.epoch > 0 and fs.exists(path):
-            saved = RunConfig.from_dict(json.loads(fs.read_text(path)))
-            diff = config_diff(saved, config, ignore=RESUME_IGNORES)
-            if diff:
-                raise ConfigMismatch(
-                    f"{self.path} holds a run with a different config; resuming would mix "
-                    "two trainings. Use a new --out folder, or undo these changes:\n  "
-                    + "\n  ".join(diff)
-                )
-        if write:
-            config.save(path)
 
-    # -- checkpoints ------------------------------------------------------------
+        Raises:
+            ConfigMismatch: The differences, one ``key: saved -> new`` line each.
+        """
+        saved = self.saved_config() if self.epoch > 0 else None
+        if saved is not None:
+            self.refuse_other(saved, config)
+        if write:
+            config.save(self.file(self.CONFIG))
+
+    def refuse_other(self, saved: RunConfig, config: RunConfig) -> None:
+        diff = config_diff(saved, config, ignore=RESUME_IGNORES)
+        if diff:
+            raise ConfigMismatch(
+                f"{self.path} holds a run with a different config; resuming would mix "
+                "two trainings. Use a new --out folder, or undo these changes:\n  "
+                + "\n  ".join(diff)
+            )
+
+    def label_map(self) -> dict[str, int]:
+        """``{category: class id}``, checked to be the ids 0..n-1."""
+        path = self.file(self.LABEL_MAP)
+        found = fs.read_json(path, what="is this a training run folder?")
+        label_map = {str(k): int(v) for k, v in found.items()}
+        if sorted(label_map.values()) != list(range(len(label_map))):
+            raise ValueError(f"{path}: class ids are not 0..{len(label_map) - 1}")
+        return label_map
+
+    def save_label_map(self, label_map: dict[str, int]) -> None:
+        fs.write_json(self.file(self.LABEL_MAP), label_map)
+
+    def metrics(self) -> dict[str, Any]:
+        return fs.read_json(self.file(self.METRICS), what="the run has not finished")
+
+    def save_metrics(self, metrics: dict[str, Any]) -> None:
+        fs.write_json(self.file(self.METRICS), metrics)
+
+    # -- weights ----------------------------------------------------------------
+
+    def weights(self, which: str = "best") -> str:
+        """The committed weights file to load: ``best`` (else ``last``) or ``last``.
+
+        Raises:
+            ValueError: ``which`` is neither.
+            FileNotFoundError: No such weights yet.
+        """
+        names = {"best": [self.BEST, self.LAST], "last": [self.LAST]}
+        if which not in names:
+            raise ValueError(f"weights must be 'best' or 'last', got {which!r}")
+        # Committed but not yet renamed (a reader of a run that is training).
+        pending = {dst: src for src, dst in (self.state.get("pending") or {}).items()}
+        for name in names[which]:
+            for candidate in (pending.get(name), name):
+                if candidate and self.exists(candidate):
+                    return self.file(candidate)
+        raise FileNotFoundError(
+            f"{self.path}: no {' or '.join(names[which])}; train first"
+        )
 
     def commit_epoch(
         self,
@@ -174,7 +241,7 @@ class RunFolder:
                     )
             for dst, local in staged.items() if write else ():
                 src = f".pending-{epoch}-{dst}"
-                self._fs().put(local, self.file(src))
+                fs.put(local, self.file(src))
                 pending[src] = dst
         rows = [*earlier, row]
         first = rows[0]["epoch"]
@@ -214,17 +281,6 @@ class RunFolder:
             return True
         return value > best["value"] if mode == "max" else value < best["value"]
 
-    def mark_finished(self, finished: bool, **extra: Any) -> None:
-        self.state.update(finished=finished, **extra)
-        self._write_state()
-
-    def write_history_csv(self) -> None:
-        import pandas as pd
-
-        atomic_write_text(
-            self.file("history.csv"), pd.DataFrame(self.history).to_csv(index=False)
-        )
-
     def restore(self, model, *, optimizer: bool = True, which: str = LAST) -> int:
         """Loads weights (and the optimizer state) into a built, compiled model.
 
@@ -235,8 +291,7 @@ class RunFolder:
             ValueError: The file's optimizer state does not fit the model's
                 optimizer (another optimizer, model or EMA setting).
         """
-        with tempfile.TemporaryDirectory() as tmp:
-            local = self._fs().get(self.file(which), os.path.join(tmp, which))
+        with fs.local_copy(self.file(which)) as local:
             opt = getattr(model, "optimizer", None)
             if opt is None or not optimizer:
                 skip = [opt] if opt is not None else None
@@ -254,6 +309,24 @@ class RunFolder:
             model.load_weights(local)
         return self.epoch
 
+    # -- k-fold runs ------------------------------------------------------------
+
+    def fold(self, i: int) -> str:
+        """The folder of fold ``i`` of a k-fold run."""
+        return fold_path(self.path, i)
+
+    def folds(self) -> list[str]:
+        """A k-fold run's fold folders (from its config); ``[]`` for one run."""
+        data = self.config().data
+        if not data.folds or data.fold is not None:
+            return []
+        return [self.fold(i) for i in range(data.folds)]
+
+
+def fold_path(run: str | os.PathLike, i: int) -> str:
+    """The folder of fold ``i`` of the k-fold run in ``run``."""
+    return fs.join(run, f"fold-{i}")
+
 
 @contextlib.contextmanager
 def _nothing():
@@ -261,6 +334,7 @@ def _nothing():
 
 
 def _save_weights(model, path: str, epoch: int, *, optimizer: bool = True) -> str:
+    # Deferred: Keras only after connect() has chosen its backend.
     import h5py
     import keras
 
@@ -279,61 +353,3 @@ def _optimizer_variable_count(path: str) -> int:
     with h5py.File(path, "r") as f:
         group = f.get("optimizer/vars")
         return 0 if group is None else len(group.keys())
-
-
-class _LocalFS:
-    def makedirs(self, p):
-        os.makedirs(p, exist_ok=True)
-
-    def exists(self, p):
-        return os.path.exists(p)
-
-    def read_text(self, p):
-        with open(p, encoding="utf-8") as f:
-            return f.read()
-
-    def rename(self, a, b):
-        os.replace(a, b)
-
-    def remove(self, p):
-        os.remove(p)
-
-    def listdir(self, p):
-        return os.listdir(p)
-
-    def put(self, local, dst):
-        shutil.copyfile(local, dst)
-
-    def get(self, src, local):
-        return src
-
-
-class _GFile:
-    def __init__(self):
-        self.g = require_tensorflow().io.gfile
-
-    def makedirs(self, p):
-        self.g.makedirs(p)
-
-    def exists(self, p):
-        return self.g.exists(p)
-
-    def read_text(self, p):
-        with self.g.GFile(p, "r") as f:
-            return f.read()
-
-    def rename(self, a, b):
-        self.g.rename(a, b, overwrite=True)
-
-    def remove(self, p):
-        self.g.remove(p)
-
-    def listdir(self, p):
-        return [n.rstrip("/") for n in self.g.listdir(p)]
-
-    def put(self, local, dst):
-        self.g.copy(local, dst, overwrite=True)
-
-    def get(self, src, local):
-        self.g.copy(src, local, overwrite=True)
-        return local

@@ -3,7 +3,7 @@
 ``prepare_cdiscount`` does what the 3rd place's scripts did, in two streaming reads
 of the file and constant memory per product:
 
-1. **Scan** (:func:`~shopee_tpu.data.cdiscount_plan.scan_bson`): ids, categories,
+1. **Scan** (:func:`~shopee_tpu.cdiscount.plan.scan_bson`): ids, categories,
    byte offsets and image MD5s, saved as ``index.npz`` (random access; reused when a
    conversion is resumed).
 2. **Plan**: class ids from ``category_names.csv`` (``categories.csv`` beside the
@@ -27,14 +27,15 @@ every test product (the ids a submission must hold, images or not).
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import time
 
 import numpy as np
 
-from shopee_tpu.data import manifests
-from shopee_tpu.data.cdiscount_plan import (
+from shopee_tpu import fs
+from shopee_tpu.cdiscount.plan import (
     NO_CATEGORY,
     BsonIndex,
     category_map,
@@ -42,10 +43,11 @@ from shopee_tpu.data.cdiscount_plan import (
     scan_bson,
     split_products,
 )
-from shopee_tpu.data.cdiscount_shards import INDEX, write_products
+from shopee_tpu.cdiscount.shards import INDEX, write_products
+from shopee_tpu.data import manifests
 from shopee_tpu.data.images import RESIZE_MODES
 from shopee_tpu.data.records import _cpu_count
-from shopee_tpu.utils import atomic_write_text
+from shopee_tpu.inference.md5 import build_md5_dictionary
 
 __all__ = [
     "prepare_cdiscount",
@@ -110,94 +112,22 @@ def prepare_cdiscount(
         ValueError: Bad settings, no labelled product, or ``out_dir`` holding other
             records while ``overwrite`` is false.
     """
-    from shopee_tpu.inference.md5 import build_md5_dictionary
-
     train_bson, out_dir = os.fspath(train_bson), os.fspath(out_dir)
-    _check_settings(shards, resize)
-    say = print if verbose else _quiet
-    start = time.monotonic()
-    _refuse_foreign(out_dir, train_bson, overwrite)
-    index = _index(train_bson, out_dir, say)
-    # Warns (with the count) about categories category_names.csv lacks.
-    label_map, table, missing = category_map(index.categories, category_names)
-    if not label_map:
-        raise ValueError(f"{train_bson}: no product has a category_id (a test file?)")
-    classes = _classes(index.categories, label_map)
-    labelled = (classes >= 0) & (index.usable_images() > 0)
-    valid = np.zeros(len(classes), bool)
-    valid[labelled] = split_products(index.ids[labelled], valid_fraction, seed)
-    train_side = labelled & ~valid
-    keep_train, dedup_counts = dedup_plan(
-        index, classes, train_side, dedup=dedup, drop_conflicts=drop_conflicts
+    say, start, index = _begin(train_bson, out_dir, shards, resize, overwrite, verbose)
+    classes, label_map, table, keep_train, keep_valid, summary = _plan(
+        index, train_bson, category_names, valid_fraction, seed, dedup, drop_conflicts
     )
-    keep_valid, _ = dedup_plan(index, classes, valid, dedup=False, drop_conflicts=False)
-
-    t_md5 = time.monotonic()
-    dictionary = build_md5_dictionary(
-        _labelled_images(index, classes), label_map=label_map
-    )
-    os.makedirs(out_dir, exist_ok=True)
-    dictionary.save(os.path.join(out_dir, MD5_DICTIONARY))
-    say(f"md5 dictionary: {dictionary.stats} ({time.monotonic() - t_md5:.1f} s)")
-
-    workers = max(1, workers or _cpu_count())
-    n_train = int(keep_train.sum())
-    n_shards = shards or _auto_shards(n_train, 8)
-    n_valid_shards = max(1, math.ceil(n_shards * keep_valid.sum() / max(1, n_train)))
+    summary["md5"] = _save_md5_dictionary(index, classes, label_map, out_dir, say)
+    _save_categories(out_dir, table, index, classes, keep_train, keep_valid)
     common = dict(
         index=index, classes=classes, label_map=label_map, test=False,
         image_size=image_size, resize=resize, quality=quality, seed=seed,
-        workers=workers, overwrite=overwrite, say=say,
+        workers=max(1, workers or _cpu_count()), overwrite=overwrite, say=say,
     )  # fmt: skip
-    per_class = np.bincount(
-        classes[index.image_product[keep_train]], minlength=len(table)
-    )
-    per_class_valid = np.bincount(
-        classes[index.image_product[keep_valid]], minlength=len(table)
-    )
-    table = table.assign(train_images=per_class, valid_images=per_class_valid)
-    atomic_write_text(
-        os.path.join(out_dir, CATEGORIES),
-        table.to_csv(index=False, lineterminator="\n"),
-    )
-    summary = {
-        "source": os.path.basename(train_bson),
-        "input": index.stats,
-        "split": {
-            "valid_fraction": valid_fraction,
-            "seed": seed,
-            "method": "keyed BLAKE2b hash of _id, smallest first",
-            "train_products": int(train_side.sum()),
-            "valid_products": int(valid.sum()),
-            "train_images": n_train,
-            "valid_images": int(keep_valid.sum()),
-        },
-        "dedup": {"enabled": dedup, "drop_conflicts": drop_conflicts, **dedup_counts},
-        "categories": {
-            "file": CATEGORIES,
-            "classes": len(label_map),
-            "missing_from_category_names": missing,
-        },
-        "md5": dictionary.stats,
-    }
-    extra = {
-        "cdiscount": summary,
-        "valid": VALID_DIR if keep_valid.any() else None,
-        "md5_dictionary": MD5_DICTIONARY,
-        "index": INDEX,
-    }
     t_write = time.monotonic()
-    # The training side first: its manifest check refuses a folder holding other
-    # records before anything is written there.
-    manifest = write_products(
-        keep_train, out_dir, "train", n_shards, extra=extra, **common
+    manifest, valid_manifest = _write_sides(
+        out_dir, keep_train, keep_valid, shards, summary, common
     )
-    valid_manifest = None
-    if keep_valid.any():
-        valid_manifest = write_products(
-            keep_valid, os.path.join(out_dir, VALID_DIR), "valid",
-            min(n_valid_shards, n_shards), extra={}, **common,
-        )  # fmt: skip
     seconds = time.monotonic() - start
     timing = {
         "seconds": round(seconds, 2),
@@ -232,11 +162,7 @@ def prepare_cdiscount_test(
     ignored. See :func:`prepare_cdiscount` for the other arguments.
     """
     test_bson, out_dir = os.fspath(test_bson), os.fspath(out_dir)
-    _check_settings(shards, resize)
-    say = print if verbose else _quiet
-    start = time.monotonic()
-    _refuse_foreign(out_dir, test_bson, overwrite)
-    index = _index(test_bson, out_dir, say)
+    say, start, index = _begin(test_bson, out_dir, shards, resize, overwrite, verbose)
     keep = ~index.empty
     workers = max(1, workers or _cpu_count())
     products = "_id,images,usable_images\n" + "".join(
@@ -248,7 +174,7 @@ def prepare_cdiscount_test(
         )
     )
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write_text(os.path.join(out_dir, PRODUCTS), products)
+    fs.write_text(os.path.join(out_dir, PRODUCTS), products)
     extra = {
         "cdiscount": {"source": os.path.basename(test_bson), "input": index.stats},
         "products": PRODUCTS,
@@ -289,6 +215,109 @@ def read_categories(records_dir: str | os.PathLike):
 
 # ---------------------------------------------------------------------------
 # Helpers.
+
+
+def _begin(source: str, out_dir: str, shards, resize, overwrite: bool, verbose: bool):
+    """Checks the settings and ``out_dir``, then scans ``source`` (or reuses its
+    index); returns ``(say, start time, index)``."""
+    _check_settings(shards, resize)
+    say = print if verbose else _quiet
+    start = time.monotonic()
+    _refuse_foreign(out_dir, source, overwrite)
+    return say, start, _index(source, out_dir, say)
+
+
+def _plan(
+    index, train_bson, category_names, valid_fraction, seed, dedup, drop_conflicts
+):
+    """Class ids, the product split and the duplicate plan: ``(classes, label_map,
+    category table, training images kept, validation images kept, summary)``."""
+    # Warns (with the count) about categories category_names.csv lacks.
+    label_map, table, missing = category_map(index.categories, category_names)
+    if not label_map:
+        raise ValueError(f"{train_bson}: no product has a category_id (a test file?)")
+    classes = _classes(index.categories, label_map)
+    labelled = (classes >= 0) & (index.usable_images() > 0)
+    valid = np.zeros(len(classes), bool)
+    valid[labelled] = split_products(index.ids[labelled], valid_fraction, seed)
+    train_side = labelled & ~valid
+    keep_train, dedup_counts = dedup_plan(
+        index, classes, train_side, dedup=dedup, drop_conflicts=drop_conflicts
+    )
+    keep_valid, _ = dedup_plan(index, classes, valid, dedup=False, drop_conflicts=False)
+    summary = {
+        "source": os.path.basename(train_bson),
+        "input": index.stats,
+        "split": {
+            "valid_fraction": valid_fraction,
+            "seed": seed,
+            "method": "keyed BLAKE2b hash of _id, smallest first",
+            "train_products": int(train_side.sum()),
+            "valid_products": int(valid.sum()),
+            "train_images": int(keep_train.sum()),
+            "valid_images": int(keep_valid.sum()),
+        },
+        "dedup": {"enabled": dedup, "drop_conflicts": drop_conflicts, **dedup_counts},
+        "categories": {
+            "file": CATEGORIES,
+            "classes": len(label_map),
+            "missing_from_category_names": missing,
+        },
+    }
+    return classes, label_map, table, keep_train, keep_valid, summary
+
+
+def _save_md5_dictionary(
+    index: BsonIndex, classes: np.ndarray, label_map: dict, out_dir: str, say
+) -> dict:
+    """Saves the MD5 dictionary of all labelled images; returns its stats."""
+    t_md5 = time.monotonic()
+    dictionary = build_md5_dictionary(
+        _labelled_images(index, classes), label_map=label_map
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    dictionary.save(os.path.join(out_dir, MD5_DICTIONARY))
+    say(f"md5 dictionary: {dictionary.stats} ({time.monotonic() - t_md5:.1f} s)")
+    return dictionary.stats
+
+
+def _save_categories(out_dir, table, index, classes, keep_train, keep_valid) -> None:
+    """Writes ``categories.csv``: the category table with images per side."""
+
+    def count(keep):
+        return np.bincount(classes[index.image_product[keep]], minlength=len(table))
+
+    table = table.assign(train_images=count(keep_train), valid_images=count(keep_valid))
+    fs.write_text(
+        os.path.join(out_dir, CATEGORIES),
+        table.to_csv(index=False, lineterminator="\n"),
+    )
+
+
+def _write_sides(out_dir, keep_train, keep_valid, shards, summary, common):
+    """Writes the training records, then the validation ones (if any) into
+    ``out_dir/valid`` with shards in proportion; returns both manifests."""
+    n_train = int(keep_train.sum())
+    n_shards = shards or _auto_shards(n_train, 8)
+    n_valid_shards = max(1, math.ceil(n_shards * keep_valid.sum() / max(1, n_train)))
+    extra = {
+        "cdiscount": summary,
+        "valid": VALID_DIR if keep_valid.any() else None,
+        "md5_dictionary": MD5_DICTIONARY,
+        "index": INDEX,
+    }
+    # The training side first: its manifest check refuses a folder holding other
+    # records before anything is written there.
+    manifest = write_products(
+        keep_train, out_dir, "train", n_shards, extra=extra, **common
+    )
+    valid_manifest = None
+    if keep_valid.any():
+        valid_manifest = write_products(
+            keep_valid, os.path.join(out_dir, VALID_DIR), "valid",
+            min(n_valid_shards, n_shards), extra={}, **common,
+        )  # fmt: skip
+    return manifest, valid_manifest
 
 
 def _index(path: str, out_dir: str, say) -> BsonIndex:
@@ -345,8 +374,6 @@ def _labelled_images(index: BsonIndex, classes: np.ndarray, chunk: int = 1 << 16
 def _refuse_foreign(out_dir: str, source: str, overwrite: bool) -> None:
     """Fails before the scan, not after it, when ``out_dir`` holds other records
     (the manifest check of each side is the full one)."""
-    import glob
-
     if overwrite or not os.path.isdir(out_dir):
         return
     try:

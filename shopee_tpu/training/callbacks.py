@@ -16,9 +16,17 @@ import time
 import keras
 import numpy as np
 
-from shopee_tpu.checkpoints import RunFolder
+from shopee_tpu.data import pipeline
+from shopee_tpu.models import make_schedule
+from shopee_tpu.run_folder import RunFolder
 
-__all__ = ["EpochCommit", "TimeBudget", "UnpaddedValidationLoss", "Progress"]
+__all__ = [
+    "EpochCommit",
+    "TimeBudget",
+    "UnpaddedValidationLoss",
+    "Progress",
+    "training_callbacks",
+]
 
 
 class EpochCommit(keras.callbacks.Callback):
@@ -241,3 +249,46 @@ class Progress(keras.callbacks.Callback):
 
 def in_notebook() -> bool:
     return "ipykernel" in sys.modules
+
+
+def training_callbacks(run, time_limit: float | None, checkpoint_every: float):
+    """The callbacks of a run's fits (``shopee_tpu.training.loop``), in order:
+    ``(callbacks, budget, commit)``.
+
+    EMA weights are swapped in for validation only; the commit saves the raw weights
+    as ``last`` (they belong with the optimizer state) and the EMA weights, which
+    were scored, as ``best``. The budget decides before the commit, which then saves
+    the epoch it stops at.
+    """
+    cfg, acc = run.config, run.acc
+    global_batch = acc.batch_size(cfg.batch_size)
+    # The same pure function the optimizer uses, for the history's LR column.
+    schedule = make_schedule(cfg.optim, run.steps, cfg.epochs, acc.replicas)
+    swapper = keras.callbacks.SwapEMAWeights() if cfg.optim.ema else None
+    budget = TimeBudget(run.folder, run.start, time_limit, agree=acc.from_chief)
+    commit = EpochCommit(
+        run.folder,
+        run.steps,
+        global_batch,
+        schedule,
+        write=acc.chief,
+        ema=swapper,
+        monitor="val_accuracy" if run.validate else None,
+        every=checkpoint_every,
+        agree=acc.from_chief,
+    )
+    valid_rows = 0
+    if run.validate:
+        rec = run.records
+        batches = pipeline.eval_batches(
+            rec["valid"],
+            acc.host_batch_size(cfg.batch_size),
+            acc.num_workers,
+            rec["valid_ids"],
+        )
+        valid_rows = global_batch * batches
+    callbacks = [UnpaddedValidationLoss(valid_rows / max(1, run.n_valid)), budget]
+    callbacks = ([swapper] if swapper else []) + callbacks + [commit]
+    if run.verbose:
+        callbacks.append(Progress(cfg.epochs, run.steps))
+    return callbacks, budget, commit

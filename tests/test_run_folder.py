@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from shopee_tpu.checkpoints import ConfigMismatch, RunFolder
 from shopee_tpu.config import RunConfig
+from shopee_tpu.run_folder import ConfigMismatch, RunFolder
 
 
 def _model(seed=0, optimizer=None):

@@ -1,7 +1,7 @@
 """Planning a Cdiscount conversion: one scan of the BSON file, then the class map, the
 seeded product split and the duplicate plan, all as compact numpy arrays.
 
-The scan streams the file once (:func:`~shopee_tpu.data.bson_reader.iter_products`)
+The scan streams the file once (:func:`~shopee_tpu.cdiscount.bson_reader.iter_products`)
 and keeps, per product, its id, category, byte offset and length, and per image the
 MD5 of its JPEG bytes: about 30 bytes a product and 17 an image (about 0.4 GB for
 the 7.07 M products and 12.4 M images of ``train.bson``), never an image. That
@@ -14,7 +14,9 @@ does not scan the file again.
 
 from __future__ import annotations
 
+import array
 import hashlib
+import json
 import os
 import time
 import warnings
@@ -23,7 +25,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shopee_tpu.data.bson_reader import BsonFormatError, iter_products
+from shopee_tpu import fs
+from shopee_tpu.cdiscount.bson_reader import (
+    BsonFormatError,
+    iter_products,
+    read_product,
+)
 
 __all__ = [
     "BsonIndex",
@@ -83,8 +90,6 @@ class BsonIndex:
 
     def read(self, product_id: int):
         """Reads one product from the file by its ``_id`` (random access)."""
-        from shopee_tpu.data.bson_reader import read_product
-
         rows = np.flatnonzero(self.ids == product_id)
         if not len(rows):
             raise KeyError(f"{self.path}: no product with _id {product_id}")
@@ -96,10 +101,6 @@ class BsonIndex:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the index to an ``.npz``, atomically."""
-        import json
-
-        from shopee_tpu.utils import atomic_path
-
         meta = {
             "version": _INDEX_VERSION,
             "path": self.path,
@@ -108,15 +109,13 @@ class BsonIndex:
             "stats": self.stats,
         }
         arrays = {name: getattr(self, name) for name in _ARRAYS}
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        with fs.atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
     def load_for(cls, path: str | os.PathLike, bson_path: str) -> BsonIndex | None:
         """The saved index of ``bson_path``, or ``None`` when absent or stale (the
         file's size or modification time differ, or it came from another file)."""
-        import json
-
         if not os.path.exists(path):
             return None
         with np.load(path, allow_pickle=False) as z:
@@ -154,8 +153,6 @@ def scan_bson(
         BsonFormatError: Truncated or corrupt file (byte offset and products read
             named), or a product id that appears twice.
     """
-    import array
-
     path = os.fspath(path)
     stat = os.stat(path)
     ids, cats, offs = array.array("q"), array.array("q"), array.array("q")

@@ -1,0 +1,180 @@
+"""The ``shopee-tpu`` commands. Each one parses nothing itself: it hands the parsed
+arguments to a library call and prints what it returns."""
+
+from __future__ import annotations
+
+import json
+
+from shopee_tpu.bench import run_bench
+from shopee_tpu.cdiscount.prepare import prepare_cdiscount, prepare_cdiscount_test
+from shopee_tpu.config import RunConfig
+from shopee_tpu.data.records import write_records_from_csv
+from shopee_tpu.demo import run_demo
+from shopee_tpu.experiments.kfold import train_folds
+from shopee_tpu.experiments.stack import stack_runs
+from shopee_tpu.experiments.sweep import run_sweep
+from shopee_tpu.inference.run import predict_run
+from shopee_tpu.kernels.build import build_kernel
+from shopee_tpu.kernels.client import kernel_status, push_kernel
+from shopee_tpu.training import train
+
+
+def config_from_args(args) -> RunConfig:
+    """``--preset``, then ``--config``, then each ``--set``."""
+    return RunConfig.resolve(args.preset, args.config, args.sets)
+
+
+def config_command(args) -> int:
+    print(json.dumps(config_from_args(args).to_dict(), indent=2))
+    return 0
+
+
+def tfrecords_command(args) -> int:
+    manifest = write_records_from_csv(
+        args.csv,
+        args.images,
+        args.out,
+        test=args.test,
+        shards=args.shards,
+        image_size=args.image_size,
+        resize=args.resize,
+        quality=args.quality,
+        workers=args.workers,
+        label_map=args.label_map,
+        overwrite=args.overwrite,
+        seed=args.seed,
+    )
+    print(
+        f"wrote {manifest['total']} records in {len(manifest['shards'])} shards to "
+        f"{args.out} ({len(manifest['skipped'])} skipped)"
+    )
+    return 0
+
+
+def cdiscount_command(args) -> int:
+    common = dict(
+        shards=args.shards,
+        workers=args.workers,
+        image_size=args.image_size,
+        resize=args.resize,
+        quality=args.quality,
+        overwrite=args.overwrite,
+    )
+    if args.action == "prepare":
+        prepare_cdiscount(
+            args.bson,
+            args.out,
+            category_names=args.category_names,
+            valid_fraction=args.valid_fraction,
+            seed=args.seed,
+            dedup=args.dedup,
+            drop_conflicts=args.drop_conflicts,
+            **common,
+        )
+    else:
+        prepare_cdiscount_test(args.bson, args.out, **common)
+    return 0
+
+
+def train_command(args) -> int:
+    cfg = config_from_args(args)
+    common = dict(
+        out_dir=args.out,
+        time_limit=args.time_limit,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
+    )
+    if args.folds or args.fold is not None or cfg.data.folds:
+        result = train_folds(cfg, folds=args.folds, fold=args.fold, **common)
+    else:
+        result = train(cfg, **common)
+    print(json.dumps(result.metrics, indent=2))
+    return 0
+
+
+def predict_command(args) -> int:
+    predict_run(
+        args.run,
+        args.data,
+        out=args.out,
+        tta=tuple(v for v in args.tta.split(",") if v) if args.tta else None,
+        reduce=args.reduce,
+        batch_size=args.batch_size,
+        format=args.format,
+        md5_dict=None if args.md5_dict == "none" else args.md5_dict,
+        expected=args.expected,
+        weights=args.weights,
+        device=args.device,
+    )
+    return 0
+
+
+def stack_command(args) -> int:
+    stack_runs(
+        args.oof,
+        args.test,
+        args.out,
+        format=args.format,
+        data=args.data,
+        expected=args.expected,
+        kind=args.kind,
+    )
+    return 0
+
+
+def sweep_command(args) -> int:
+    run_sweep(
+        config_from_args(args),
+        args.grid,
+        args.out,
+        folds=args.folds,
+        time_limit=args.time_limit,
+        device=args.device,
+    )
+    return 0
+
+
+def demo_command(args) -> int:
+    metrics = run_demo(args.out, quick=args.quick, sets=args.sets, seed=args.seed)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def bench_command(args) -> int:
+    result = run_bench(args.what, args)
+    print(json.dumps(result, indent=2 if not args.json else None))
+    return 0
+
+
+def kernel_build_command(args) -> int:
+    built = build_kernel(
+        args.notebook, args.out, sets=args.sets, template=args.template
+    )
+    meta, pkg = built["metadata"], built["package"]
+    print(
+        f"built {built['folder']}: {meta['code_file']} carries shopee_tpu "
+        f"{pkg['version']} ({pkg['files']} files, {pkg['bytes'] // 1024} KB zipped, "
+        f"sha256 {pkg['sha256'][:12]}); kernel {meta.get('id')} "
+        f"({meta['machine_shape'] or 'CPU'}, internet "
+        f"{'on' if meta['enable_internet'] else 'off'}, metadata from "
+        f"{built['template']})"
+    )
+    return 0
+
+
+def kernel_push_command(args) -> int:
+    result = push_kernel(
+        args.folder, accelerator=args.accelerator, timeout=args.timeout
+    )
+    for kind, items in result.invalid.items():
+        print(f"warning: Kaggle did not accept these {kind}: {', '.join(items)}")
+    print(f"pushed {result.slug} version {result.version}: {result.url}")
+    return 0
+
+
+def kernel_status_command(args) -> int:
+    status = kernel_status(args.slug)
+    print(f"{status.slug}: {status.status}")
+    if status.failure_message:
+        print(f"failure message: {status.failure_message}")
+    return 1 if status.failed else 0

@@ -1,0 +1,109 @@
+"""What a finished (or stopped) run reports: ``metrics.json``'s figures, warnings
+about a validation split that cannot be trusted, and the plots in the run folder
+(history, learning-rate schedule, confusion matrix, sample predictions).
+
+The validation predictions behind the confusion matrix are split over the devices,
+as ``fit`` splits its batches; on several JAX hosts every host predicts its part of
+the records with the others, and the chief gathers the parts and writes.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+
+from shopee_tpu import multihost, plots
+from shopee_tpu.data.augment import needs_mixing
+from shopee_tpu.data.sources import class_names
+from shopee_tpu.inference.tta import tta_step
+from shopee_tpu.models import make_schedule
+from shopee_tpu.training.checks import validation_warnings
+
+__all__ = ["final_metrics", "report"]
+
+
+def final_metrics(run, folder, stop_reason: str | None) -> dict:
+    """``metrics.json`` of a run (``run`` is the loop's ``_Run``)."""
+    cfg, acc = run.config, run.acc
+    history = folder.history
+    best = folder.state.get("best") or {}
+    last = history[-1] if history else {}
+    rates = [r["images_per_sec"] for r in history if r.get("images_per_sec")]
+    metrics = {
+        "epochs_completed": folder.epoch,
+        "epochs": cfg.epochs,
+        "finished": folder.epoch >= cfg.epochs,
+        "stop_reason": stop_reason,
+        "final_val_accuracy": last.get("val_accuracy"),
+        "final_val_loss": last.get("val_loss"),
+        "best_val_accuracy": best.get("value"),
+        "best_epoch": best.get("epoch"),
+        "images_per_sec": float(np.median(rates)) if rates else None,
+        "wall_time_sec": round(time.monotonic() - run.start, 2),
+        "train_images": run.n_train,
+        "valid_images": run.n_valid,
+        "replicas": acc.replicas,
+        "device": acc.kind,
+        "backend": acc.backend,
+        "steps_per_epoch": run.steps,
+        "steps_per_execution": run.per_call,
+        "hosts": acc.num_workers,
+    }
+    found = validation_warnings(history, mixing=needs_mixing(cfg.augment))
+    for message in found:
+        warnings.warn(message, stacklevel=4)
+    metrics["validation_warnings"] = found
+    return metrics
+
+
+def report(run, folder, model, valid_ds, metrics: dict) -> None:
+    """Plots into the run folder and adds ``val_accuracy_best_weights``."""
+    cfg, acc = run.config, run.acc
+    if acc.chief:
+        if folder.history:
+            plots.plot_history(folder.history, folder.file("history.png"))
+        schedule = make_schedule(cfg.optim, run.steps, cfg.epochs, acc.replicas)
+        plots.plot_lr_schedule(
+            schedule,
+            run.steps * cfg.epochs,
+            folder.file("lr_schedule.png"),
+            steps_per_epoch=run.steps,
+        )
+    if valid_ds is None:
+        return
+    labels, probs, samples = _predict_validation(model, valid_ds, acc)
+    if not acc.chief:
+        return
+    y_pred = probs.argmax(-1)
+    metrics["val_accuracy_best_weights"] = float((y_pred == labels).mean())
+    names = class_names(run.label_map)
+    plots.plot_confusion_matrix(
+        labels, y_pred, names, folder.file("confusion_matrix.png")
+    )
+    samples.plot(names, folder.file("sample_predictions.png"))
+
+
+def _predict_validation(model, valid_ds, acc):
+    """``(labels, probabilities, sample grid)`` of the real (unpadded) validation
+    records; on several JAX hosts the chief holds every host's rows."""
+    several = acc.backend == "jax" and acc.num_workers > 1
+    if several:
+        predict = multihost.predict_function(acc, model)
+    else:
+        one_view = tta_step(model, "identity")
+        predict = lambda x: one_view(x)[:, 0]  # noqa: E731
+    labels, probs = [], []
+    samples = plots.PredictionSamples(16)
+    for x, y, weight in valid_ds:
+        x, y = np.asarray(x), np.asarray(y)
+        real = np.asarray(weight) > 0  # padding rows complete the last batch only
+        p = np.asarray(predict(x), dtype=np.float32)
+        if several:
+            p, y, real, x = (multihost.gather(acc, a) for a in (p, y, real, x))
+        y_true = np.argmax(y[real], axis=-1)
+        probs.append(p[real])
+        labels.append(y_true)
+        samples.add(x[real], y_true, p[real])
+    return np.concatenate(labels), np.concatenate(probs), samples
