@@ -121,13 +121,15 @@ class ModelConfig(_Section):
         weights: ``None`` (random init), ``"imagenet"`` (download, online only), a
             path to a local ``.h5`` / ``.weights.h5`` file (keras.applications',
             the ``efficientnet`` package's imagenet / noisy-student / advprop files,
-            ours) or a run folder (its ``best.weights.h5``; a changed class count
-            keeps the backbone and starts a fresh head).
+            ours), a PyTorch ``.pth`` / ``.pt`` / ``.bin`` or ``.safetensors``
+            EfficientNet state dict, or a run folder (its ``best.weights.h5``; a
+            changed class count keeps the backbone and starts a fresh head).
         weights_preprocessing: The input normalisation the weights were trained
-            with: ``auto`` (from the weights: ``advprop`` in an efficientnet-package
-            file name means ``x/127.5 - 1``, else ImageNet mean/std), ``imagenet``
-            or ``advprop``.
-        activation: Activation inside the backbone (``swish`` by default).
+            with: ``auto`` (from the weights: ``advprop`` in a file name means
+            ``x/127.5 - 1``, EfficientNet-Lite ``(x - 127) / 128``, else ImageNet
+            mean/std), ``imagenet``, ``advprop`` or ``lite``.
+        activation: Activation inside the backbone; ``auto`` is the backbone's own
+            (swish for EfficientNet, ReLU6 for EfficientNet-Lite).
         drop_connect_rate: Stochastic-depth rate of the last block.
         dropout: Dropout before the classifier; 0 was best for the Cdiscount 3rd place.
         batchnorm_momentum: BatchNorm momentum; lower values settle the moving
@@ -136,7 +138,7 @@ class ModelConfig(_Section):
 
     backbone: str = "efficientnet-b0"
     weights: str | None = None
-    activation: str = "swish"
+    activation: str = "auto"
     drop_connect_rate: float = 0.2
     dropout: float = 0.0
     batchnorm_momentum: float = 0.99

