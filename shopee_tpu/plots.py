@@ -3,8 +3,10 @@ confusion matrices, sample predictions and the TTA report.
 
 Every function returns the matplotlib Figure and, given ``path``, also saves it as a
 PNG and closes it, so loops (k folds, many runs) do not pile figures up in pyplot.
-In a notebook the returned figure displays inline; scripts never open a window (the
-Agg backend is used when no display is available).
+In a notebook the returned figure displays inline. The backend stays the user's:
+nothing here calls ``matplotlib.use`` (``%matplotlib widget`` keeps working), and
+without a display matplotlib itself falls back to Agg; saving a PNG renders it
+with Agg whatever the backend.
 """
 
 from __future__ import annotations
@@ -17,14 +19,7 @@ from shopee_tpu import fs
 
 
 def _plt():
-    import matplotlib
-
-    if (
-        not os.environ.get("DISPLAY")
-        and "inline" not in matplotlib.get_backend().lower()
-    ):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow to import: only once something is drawn
 
     return plt
 

@@ -162,6 +162,7 @@ def train_folds(
     device: str | None = None,
     accelerator=None,
     verbose: int | None = None,
+    callbacks: list | None = None,
 ) -> KFoldResult:
     """Trains (or resumes, or gathers) a k-fold run. See the module docstring.
 
@@ -176,6 +177,7 @@ def train_folds(
         device: Overrides ``config.device``.
         accelerator: An ``Accelerator`` to reuse.
         verbose: 1 shows progress, 0 is silent.
+        callbacks: Your own callbacks, handed to each fold's ``train``.
 
     Raises:
         ValueError: Bad fold counts (see ``fold_assignment``) or ``fold`` out of range.
@@ -211,25 +213,24 @@ def train_folds(
         if verbose:
             print(f"{config.out_dir}: training fold-{i} ({k} folds)")
         stop_reason = _train_fold(
-            config, i, files, assignment, remaining, checkpoint_every, acc, verbose
-        )
+            config, i, files, assignment, acc, verbose,
+            time_limit=remaining, checkpoint_every=checkpoint_every,
+            callbacks=callbacks,
+        )  # fmt: skip
         if stop_reason is not None:
             break
     return _conclude(run, config, assignment, stop_reason, acc.chief, verbose)
 
 
-def _train_fold(
-    config, i, files, assignment, remaining, checkpoint_every, acc, verbose
-) -> str | None:
+def _train_fold(config, i, files, assignment, acc, verbose, **train_args) -> str | None:
     """Trains fold ``i`` and writes its out-of-fold file; why it stopped, if it did
     not finish."""
     result = train(
         _fold_config(config, i),
-        time_limit=remaining,
-        checkpoint_every=checkpoint_every,
         accelerator=acc,
         verbose=verbose,
         record_ids=fold_ids(assignment, i),
+        **train_args,
     )
     if not result.metrics["finished"]:
         return f"fold {i}: {result.metrics.get('stop_reason')}"

@@ -104,7 +104,7 @@ class EpochCommit(keras.callbacks.Callback):
         due = now - self.last_commit >= self.every
         ending = self.model.stop_training or epoch + 1 >= self.params["epochs"]
         if self.agree(float(improved or due or ending)):
-            self._commit()
+            self.commit_pending()
 
     def _row(self, epoch: int, logs: dict, now: float) -> dict:
         train_time = (self.t_train or now) - self.t0
@@ -124,7 +124,8 @@ class EpochCommit(keras.callbacks.Callback):
         )
         return row
 
-    def _commit(self) -> None:
+    def commit_pending(self) -> None:
+        """Commits the newest uncommitted epoch (with the ones before it)."""
         *earlier, row = self.pending
         self.run.commit_epoch(
             self.model,
@@ -247,13 +248,28 @@ class Progress(keras.callbacks.Callback):
         self.bar.close()
 
 
+class CommitWhenStopped(keras.callbacks.Callback):
+    """Commits the epoch a callback after ``EpochCommit`` stopped training at."""
+
+    def __init__(self, commit: EpochCommit):
+        super().__init__()
+        self.commit = commit
+
+    def on_epoch_end(self, epoch, logs=None):
+        stopped = self.commit.agree(float(bool(self.model.stop_training)))
+        if stopped and self.commit.pending:
+            self.commit.commit_pending()
+
+
 def in_notebook() -> bool:
     return "ipykernel" in sys.modules
 
 
-def training_callbacks(run, time_limit: float | None, checkpoint_every: float):
-    """The callbacks of a run's fits (``shopee_tpu.training.loop``), in order:
-    ``(callbacks, budget, commit)``.
+def training_callbacks(
+    run, time_limit: float | None, checkpoint_every: float, extra: list = ()
+):
+    """The callbacks of a run's fits (``shopee_tpu.training.loop``), in order, with
+    the user's ``extra`` ones after ours: ``(callbacks, budget, commit)``.
 
     EMA weights are swapped in for validation only; the commit saves the raw weights
     as ``last`` (they belong with the optimizer state) and the EMA weights, which
@@ -291,4 +307,10 @@ def training_callbacks(run, time_limit: float | None, checkpoint_every: float):
     callbacks = ([swapper] if swapper else []) + callbacks + [commit]
     if run.verbose:
         callbacks.append(Progress(cfg.epochs, run.steps))
+    if extra:
+        # A user's callback may stop training after our commit has passed on the
+        # epoch; it must still be committed before `fit` ends (and swaps in the
+        # EMA weights).
+        built = [c if isinstance(c, keras.callbacks.Callback) else c() for c in extra]
+        callbacks += [*built, CommitWhenStopped(commit)]
     return callbacks, budget, commit

@@ -73,6 +73,8 @@ def train(
     accelerator=None,
     verbose: int | None = None,
     record_ids: dict[str, list[str]] | None = None,
+    callbacks: list | None = None,
+    resume_stopped: bool = False,
 ) -> TrainResult:
     """Trains (or resumes) the run described by ``config``.
 
@@ -91,6 +93,14 @@ def train(
         record_ids: ``{"train": ids, "valid": ids}``: train on and validate on
             these records of ``data.train`` (one fold of a k-fold run, see
             ``shopee_tpu.experiments.kfold``).
+        callbacks: Your own Keras callbacks (TensorBoard, EarlyStopping, a
+            logger), or functions that return one (called once Keras runs on the
+            backend ``connect()`` chose), run after ours in every ``fit``: the
+            epoch is committed to the run folder before they see it. A callback that stops training
+            (``EarlyStopping``) ends the run as a finished run: its last epoch is
+            committed, and a rerun does not train again.
+        resume_stopped: Train on past a finished run that a callback stopped
+            early, from its last committed epoch up to ``config.epochs``.
 
     Returns:
         The ``TrainResult``.
@@ -101,11 +111,13 @@ def train(
             config is a k-fold run's (train those with ``train_folds``).
     """
     run = _setup(config, out_dir, device, accelerator, verbose, record_ids)
-    trained = (None, None, None)  # (model, its phase, why it stopped early)
-    if run.folder.finished and run.folder.epoch >= run.config.epochs:
-        run.say(f"finished run ({run.folder.epoch} epochs); not retrained")
-    elif run.folder.epoch < run.config.epochs:
-        trained = _fit(run, time_limit, checkpoint_every)
+    trained = (None, None, None, False)  # model, its phase, why it stopped, finished
+    folder, epochs = run.folder, run.config.epochs
+    if folder.finished and (folder.epoch >= epochs or not resume_stopped):
+        run.say(f"finished run ({folder.epoch} of {epochs} epochs); not retrained")
+        trained = (None, None, folder.state.get("stop_reason"), True)
+    elif folder.epoch < epochs:
+        trained = _fit(run, time_limit, checkpoint_every, callbacks or [])
     return _finish(run, *trained)
 
 
@@ -320,9 +332,10 @@ def _build(run: _Run, phase: Phase, resume_from: int, *, any_size: bool | None =
     return model
 
 
-def _fit(run: _Run, time_limit: float | None, checkpoint_every: float):
+def _fit(run: _Run, time_limit: float | None, checkpoint_every: float, extra: list):
     """Trains the remaining epochs, one ``fit`` per phase; returns the model, its
-    last phase and why it stopped early (the time budget), if it did."""
+    last phase, why it stopped early (the time budget, a user's callback), and
+    whether the run is finished (every epoch, or stopped by a callback)."""
     from shopee_tpu.training.callbacks import training_callbacks
 
     cfg, folder = run.config, run.folder
@@ -332,7 +345,9 @@ def _fit(run: _Run, time_limit: float | None, checkpoint_every: float):
     phase = phase_at(run.phases, epoch)
     train_ds, valid_ds = _datasets(run, phase)
     model = _build(run, phase, epoch)
-    callbacks, budget, commit = training_callbacks(run, time_limit, checkpoint_every)
+    callbacks, budget, commit = training_callbacks(
+        run, time_limit, checkpoint_every, extra
+    )
     while True:  # the next phase resumes from the run folder's checkpoint
         commit.image_size = phase.image_size
         model.fit(
@@ -345,8 +360,17 @@ def _fit(run: _Run, time_limit: float | None, checkpoint_every: float):
             shuffle=False,  # the dataset shuffles itself
             verbose=0,
         )
-        if budget.reason or phase.end >= cfg.epochs:
-            return model, phase, budget.reason
+        if budget.reason:
+            return model, phase, budget.reason, False
+        if folder.epoch < phase.end:  # a user's callback stopped training
+            return (
+                model,
+                phase,
+                f"stopped by a callback after epoch {folder.epoch}",
+                True,
+            )
+        if phase.end >= cfg.epochs:
+            return model, phase, None, True
         epoch, before, phase = phase.end, phase, phase_at(run.phases, phase.end)
         if run.verbose:
             print(f"epoch {epoch + 1}: {describe_phase(phase)}")
@@ -357,9 +381,10 @@ def _fit(run: _Run, time_limit: float | None, checkpoint_every: float):
             folder.restore(model)
 
 
-def _finish(run: _Run, model, phase: Phase | None, stop_reason: str | None):
+def _finish(run: _Run, model, phase: Phase | None, stop_reason, finished: bool):
     """The returned model (the best weights, at the full size), the metrics and
-    the report; marks the run finished when every epoch is done."""
+    the report; marks the run finished (every epoch done, or stopped by a
+    callback)."""
     from shopee_tpu.training.report import final_metrics, report
 
     cfg, acc, folder = run.config, run.acc, run.folder
@@ -368,13 +393,13 @@ def _finish(run: _Run, model, phase: Phase | None, stop_reason: str | None):
         model = _build(run, run.phases[-1], 0, any_size=False)
     valid_ds = _valid_dataset(run, run.phases[-1])
     if acc.chief:
-        folder.mark_finished(folder.epoch >= cfg.epochs, stop_reason=stop_reason)
+        folder.mark_finished(finished, stop_reason=stop_reason)
     if acc.num_workers > 1:  # the others read what the chief committed
         acc.sync("shopee_tpu.train.end")
         folder = folder if acc.chief else RunFolder(cfg.out_dir, writable=False)
     if folder.exists(RunFolder.BEST):
         folder.restore(model, optimizer=False, which=RunFolder.BEST)
-    metrics = final_metrics(run, folder, stop_reason)
+    metrics = final_metrics(run, folder, stop_reason, finished)
     if acc.chief or acc.backend == "jax":  # JAX: every host takes part in predicting
         report(run, folder, model, valid_ds, metrics)
     if acc.chief:

@@ -24,7 +24,7 @@ from shopee_tpu.training.checks import validation_warnings
 __all__ = ["final_metrics", "report"]
 
 
-def final_metrics(run, folder, stop_reason: str | None) -> dict:
+def final_metrics(run, folder, stop_reason: str | None, finished: bool) -> dict:
     """``metrics.json`` of a run (``run`` is the loop's ``_Run``)."""
     cfg, acc = run.config, run.acc
     history = folder.history
@@ -34,7 +34,7 @@ def final_metrics(run, folder, stop_reason: str | None) -> dict:
     metrics = {
         "epochs_completed": folder.epoch,
         "epochs": cfg.epochs,
-        "finished": folder.epoch >= cfg.epochs,
+        "finished": finished,
         "stop_reason": stop_reason,
         "final_val_accuracy": last.get("val_accuracy"),
         "final_val_loss": last.get("val_loss"),
