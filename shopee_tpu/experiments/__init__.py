@@ -1,5 +1,5 @@
-"""Experiments that win competitions: k-fold runs, stacking and sweeps, built on
-``train()`` and the inference package.
+"""Experiments that win competitions: k-fold runs, stacking, sweeps and searches,
+built on ``train()`` and the inference package.
 
 =============== ==============================================================
 ``kfold``       ``train_folds(cfg, folds=K)``: a run folder per fold,
@@ -9,6 +9,8 @@
 ``stack``       ``stack_runs``: the meta-learner over several runs' out-of-fold
                 probabilities, applied to their test probabilities
 ``sweep``       ``run_sweep``: one run per grid point, a results table and plot
+``tune``        ``tune``: an Optuna search (the ``[tune]`` extra), one run per
+                trial, resumable from its SQLite study
 =============== ==============================================================
 
 Names are imported lazily, so importing this package does not start TensorFlow.
@@ -25,6 +27,7 @@ _EXPORTS = {
     "stack_runs": "shopee_tpu.experiments.stack",
     "run_sweep": "shopee_tpu.experiments.sweep",
     "parse_grid": "shopee_tpu.experiments.sweep",
+    "tune": "shopee_tpu.experiments.tune",
 }
 
 __all__ = sorted(_EXPORTS)

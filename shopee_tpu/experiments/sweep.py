@@ -37,7 +37,14 @@ from shopee_tpu.experiments.kfold import train_folds
 from shopee_tpu.run_folder import RunFolder
 from shopee_tpu.training import train
 
-__all__ = ["parse_grid", "grid_points", "run_sweep", "results_markdown"]
+__all__ = [
+    "check_key",
+    "grid_points",
+    "parse_grid",
+    "result_row",
+    "results_markdown",
+    "run_sweep",
+]
 
 # Keys a sweep sets itself, per point.
 _RESERVED = ("name", "out_dir", "data.fold")
@@ -65,27 +72,13 @@ def parse_grid(items: Sequence[str], base: RunConfig) -> list[tuple[str, list[st
             matches and the keys of its section), a value that does not parse for
             its key (both named) or a key given twice.
     """
-    known = _dotted_keys(base)
     axes: list[tuple[str, list[str]]] = []
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key or not raw.strip():
             raise ConfigError(f"--grid expects key=value1,value2,..., got {item!r}")
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-            section = key.rpartition(".")[0]
-            siblings = [k for k in known if k.rpartition(".")[0] == section]
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(
-                f"--grid {key!r} is not a config key{hint} (keys "
-                f"{'of ' + section if section else 'at the top level'}: "
-                f"{', '.join(siblings) or 'none'})"
-            )
-        if key in _RESERVED:
-            raise ConfigError(f"--grid {key!r}: the sweep sets {key} for each point")
-        if any(key == k for k, _ in axes):
-            raise ConfigError(f"--grid {key!r} is given twice")
+        check_key(key, base, "--grid", given=[k for k, _ in axes])
         values = [v.strip() for v in raw.split(";" if ";" in raw else ",")]
         for value in values:
             if not value:
@@ -102,6 +95,28 @@ def parse_grid(items: Sequence[str], base: RunConfig) -> list[tuple[str, list[st
     if not axes:
         raise ConfigError("a sweep needs at least one --grid key=values")
     return axes
+
+
+def check_key(
+    key: str, base: RunConfig, flag: str, *, owner: str = "the sweep", given=()
+) -> None:
+    """Refuses a key that is not in the config (naming close matches and the keys
+    of its section), that a search sets itself, or that is ``given`` already."""
+    known = _dotted_keys(base)
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        section = key.rpartition(".")[0]
+        siblings = [k for k in known if k.rpartition(".")[0] == section]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"{flag} {key!r} is not a config key{hint} (keys "
+            f"{'of ' + section if section else 'at the top level'}: "
+            f"{', '.join(siblings) or 'none'})"
+        )
+    if key in _RESERVED:
+        raise ConfigError(f"{flag} {key!r}: {owner} sets {key} for each run")
+    if key in given:
+        raise ConfigError(f"{flag} {key!r} is given twice")
 
 
 def _slug(value: str) -> str:
@@ -146,7 +161,8 @@ def _finished_metrics(where: str, cfg: RunConfig) -> dict | None:
     return metrics if run.finished else None
 
 
-def _row(changes: dict, metrics: dict | None, where: str, status: str) -> dict:
+def result_row(changes: dict, metrics: dict | None, where: str, status: str) -> dict:
+    """One results row: the changed values, the run's figures and its status."""
     row: dict = dict(changes)
     metrics = metrics or {}
     if "per_fold" in metrics:  # a k-fold point
@@ -234,13 +250,13 @@ def _run_points(
         if metrics is not None:
             if verbose:
                 print(f"{where}: finished; skipped")
-            rows.append(_row(changes, metrics, where, "finished"))
+            rows.append(result_row(changes, metrics, where, "finished"))
             continue
         remaining = (
             None if time_limit is None else time_limit - (time.monotonic() - start)
         )
         if remaining is not None and remaining <= 0:
-            rows.append(_row(changes, None, where, "not run (time limit)"))
+            rows.append(result_row(changes, None, where, "not run (time limit)"))
             continue
         if verbose:
             print(f"{where}: point {n + 1} of {len(points)}: {changes}")
@@ -266,7 +282,7 @@ def _train_point(cfg: RunConfig, changes, where, remaining, acc, verbose) -> dic
     )
     finished = result.metrics.get("finished", result.metrics.get("complete"))
     status = "finished" if finished else "stopped (time limit); rerun to resume"
-    row = _row(changes, result.metrics, where, status)
+    row = result_row(changes, result.metrics, where, status)
     del result
     gc.collect()
     return row
@@ -293,7 +309,7 @@ def _metric(results: pd.DataFrame) -> str:
 
 
 def results_markdown(
-    results: pd.DataFrame, keys: Sequence[str], base: RunConfig
+    results: pd.DataFrame, keys: Sequence[str], base: RunConfig, kind: str = "Sweep"
 ) -> str:
     """The results table in Markdown, with the base it varies."""
     cols = list(keys) + [
@@ -310,7 +326,7 @@ def results_markdown(
         return "" if v is None or (isinstance(v, float) and v != v) else str(v)
 
     lines = [
-        f"Sweep over {', '.join(keys)} from `{base.name}` "
+        f"{kind} over {', '.join(keys)} from `{base.name}` "
         f"({'k-fold, ' + str(base.data.folds) + ' folds, ' if base.data.folds else ''}"
         f"{base.epochs} epochs, seed {base.seed}).",
         "",

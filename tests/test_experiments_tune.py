@@ -1,0 +1,132 @@
+"""``shopee-tpu tune``: 4 quick Optuna trials on the digits, killed after the second
+and resumed, end with 4 trials, none repeated; bad search spaces are named."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from conftest import REPO, TINY
+
+from shopee_tpu.config import ConfigError, RunConfig
+
+SETS = (*TINY, "batch_size=16", "optim.warmup_epochs=0.5", "epochs=2")
+SPACE = ["optim.learning_rate=1e-3:3e-2:log", "model.dropout=0:0.5"]
+
+
+def _args(records, out) -> list[str]:
+    args = ["tune", "--preset", "demo", "--set", f"data.train={records['train']}"]
+    for s in (*SETS, "steps_per_epoch=40"):
+        args += ["--set", s]
+    for s in SPACE:
+        args += ["--space", s]
+    return [*args, "--trials", "4", "--out", str(out)]
+
+
+def _complete(out) -> int:
+    path = out / "study.db"
+    if not path.exists():
+        return 0
+    with sqlite3.connect(path) as db:
+        try:
+            rows = db.execute("select count(*) from trials where state='COMPLETE'")
+            return rows.fetchone()[0]
+        except sqlite3.OperationalError:  # tables not created yet
+            return 0
+
+
+@pytest.mark.slow
+def test_four_trials_killed_after_the_second_resume_without_repeating(
+    digits_records, tmp_path
+):
+    pytest.importorskip("optuna")
+    import optuna
+
+    out = tmp_path / "tune"
+    cmd = [sys.executable, "-m", "shopee_tpu.cli", *_args(digits_records, out)]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _complete(out) >= 2 and (out / "trial-002" / "state.json").exists():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _complete(out) == 2
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="tune", storage=f"sqlite:///{out}/study.db")
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(params)) == 4  # none repeated
+    for t in trials:
+        assert 1e-3 <= t.params["optim.learning_rate"] <= 3e-2
+        assert 0 <= t.params["model.dropout"] <= 0.5
+        history = pd.read_csv(out / f"trial-{t.number:03d}" / "history.csv")
+        assert history.epoch.tolist() == [1, 2]  # the killed trial resumed, once
+        metrics = pd.read_json(
+            out / f"trial-{t.number:03d}" / "metrics.json", typ="series"
+        )
+        assert t.value == pytest.approx(metrics["best_val_accuracy"])
+    results = pd.read_csv(out / "results.csv")
+    assert results.trial.tolist() == [0, 1, 2, 3]
+    assert results.status.tolist() == ["finished"] * 4
+    assert results.best_val_accuracy.tolist() == pytest.approx(
+        [t.value for t in trials], abs=1e-4
+    )
+    assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
+    assert (
+        "Search over optim.learning_rate, model.dropout"
+        in (out / "results.md").read_text()
+    )
+
+    # The same command once more: nothing left to train.
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "trial 5" not in again.stdout
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("optim.learnig_rate=1e-4:1e-2", "did you mean optim.learning_rate"),
+        ("optim.learning_rate=1e-2:1e-4", "need low < high"),
+        ("optim.learning_rate=0:1e-2:log", "low > 0 with log"),
+        ("optim.learning_rate=1e-4:1e-2:cubic", "expected low:high or low:high:log"),
+        ("model.backbone=1:3", "a range needs a numeric key"),
+        ("model.dropout=0,abc", "value 'abc' does not parse"),
+        ("out_dir=a,b", "tune sets out_dir"),
+        ("model.dropout", "expects key=a,b"),
+    ],
+)
+def test_bad_search_spaces_are_named(item, message):
+    from shopee_tpu.experiments.tune import parse_space
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        parse_space([item], RunConfig.preset("demo"))
+
+
+def test_integer_keys_search_whole_numbers():
+    from shopee_tpu.experiments.tune import parse_space
+
+    (epochs, tta) = parse_space(
+        ["epochs=2:9", "predict.reduce=mean,geometric"], RunConfig()
+    )
+    assert (epochs.integer, epochs.low, epochs.high) == (True, 2.0, 9.0)
+    assert tta.choices == ("mean", "geometric")
