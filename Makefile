@@ -1,24 +1,49 @@
 # Two commands: `make demo` runs the main job, `make test` runs the tests.
-# Each creates or refreshes .venv from this project's own files.
+# Each creates or refreshes .venv from this project's own files, with the tested
+# versions of every dependency (constraints.txt; `make upgrade-constraints`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
+EXTRAS := cpu,jax,demo,test
 
-.PHONY: demo test test-fast lint format venv clean
+.PHONY: demo test test-fast lint format venv wheel upgrade-constraints clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# tf_keras and keras-hub (through tensorflow-text) require the `tensorflow` package,
+# which pip would install over tensorflow-cpu: both go in without dependencies,
+# tf_keras at the installed TensorFlow's version (setup.cfg [test] lists the rest of
+# what they need).
+define install
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(2) -e ".[$(EXTRAS)]"
+	tf=$$($(1)/bin/python -c "from importlib.metadata import version; \
+	  import sys; sys.stdout.write(version('tensorflow-cpu' if sys.platform != 'darwin' \
+	  else 'tensorflow').rsplit('.', 1)[0])") && \
+	$(1)/bin/python -m pip install -q $(2) --no-deps "tf_keras==$$tf.*" "keras-hub>=0.21"
+endef
+
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[cpu,jax,demo,test]"
-	# tf_keras and keras-hub (through tensorflow-text) require the `tensorflow`
-	# package, which pip would install over tensorflow-cpu: install both without
-	# dependencies, tf_keras at the installed TensorFlow's version (setup.cfg [test]).
-	tf=$$($(PY) -c "from importlib.metadata import version as v; print(v('tensorflow-cpu').rsplit('.', 1)[0])") && \
-	$(PY) -m pip install -q --no-deps "tf_keras==$$tf.*" "keras-hub>=0.21"
+	$(call install,$(VENV),-c $(CONSTRAINTS))
 	touch $(STAMP)
+
+# The newest versions the ranges in setup.cfg allow, installed in a scratch venv
+# and frozen; run `make test` after it, and commit constraints.txt if it passes.
+upgrade-constraints:
+	rm -rf .venv-upgrade
+	$(PYTHON) -m venv .venv-upgrade
+	$(call install,.venv-upgrade,)
+	{ echo "# The tested set: make test and CI install with -c $(CONSTRAINTS)."; \
+	  echo "# Regenerate with make upgrade-constraints ($(PYTHON), Linux x86-64)."; \
+	  .venv-upgrade/bin/python -m pip freeze --exclude-editable; } > $(CONSTRAINTS)
+	rm -rf .venv-upgrade
+
+# A wheel of this checkout in dist/, for notebooks that install it (Colab, Drive).
+wheel: $(STAMP)
+	$(PY) -m pip wheel -q --no-deps -w dist .
 
 demo: $(STAMP)
 	$(VENV)/bin/shopee-tpu demo --out runs/demo
