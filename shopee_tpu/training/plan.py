@@ -190,12 +190,12 @@ def resume_phase(
     iterations = history[-1].get("iterations") if history else None
     optimizer.iterations.assign(int(iterations or epoch * steps))
     if optimizer.use_ema:
-        # Keras names each variable's average `average_<name>` and keeps them in
-        # the trainable variables' order; a new one starts at zero, not at the
-        # restored weights, once the step count is past 0.
-        averages = [v for v in optimizer.variables if v.name.startswith("average_")]
-        for average, variable in zip(averages, model.trainable_variables, strict=True):
-            average.assign(variable)
+        # A new average starts at zero, not at the restored weights, once the
+        # step count is past 0. Keras names the average of variable `a/b`
+        # `a_b_average` (add_variable_from_reference).
+        slots = {v.name: v for v in optimizer.variables}
+        for variable in model.trainable_variables:
+            slots[variable.path.replace("/", "_") + "_average"].assign(variable)
 
 
 def any_image_size(dataset):
