@@ -1,139 +1,96 @@
-"""``shopee-tpu bench accuracy``: held-out accuracy on real photographs, against the
-plain Keras model a user would write.
+"""``shopee-tpu bench accuracy``: held-out accuracy on real photographs, ours against
+what a competent Keras user writes (``shopee_tpu.bench.peer``), over several seeds.
 
 The task (``shopee_tpu.data.photos``): each class is one real photograph bundled
 with scikit-image or scikit-learn; samples are random crops with scale, position
-and flip jitter at 64 px; the test crops come from a band of every photograph that
-no training crop touches. The task itself is drawn from the seed (edges, crops), so
-each seed is a different split of different crops.
+and flip jitter; the test crops come from a band of every photograph that no
+training crop touches. Each seed draws other edges and other crops.
 
-Both contenders read the same JPEG files:
+Two splits of the photographs keep tuning apart from scoring:
 
-* **peer**: ``image_dataset_from_directory`` + ``RandomFlip`` +
-  ``keras.applications.EfficientNetB0(weights=None)`` + Adam 1e-3 + ``fit`` for 30
-  epochs, scored plain and with flip TTA (the better of the two is compared);
-* **ours**: ``shopee-tpu tfrecords`` + ``train`` with the ``photo`` preset +
-  ``predict`` with its TTA, on the same wall-time budget: the peer runs first, and
-  ours gets at most the wall time the peer took (``train(time_limit=...)``).
-  Like the peer, ours trains on every training image (``data.valid_fraction=0``:
-  no hold-out, the last epoch's EMA weights); a 1-shard hold-out would both take
-  an eighth of the images away and pick the epoch on about half of the classes.
+* ``tuning`` (``TUNING_PHOTOS``): every recipe choice, ours and the peer's, is
+  made on it (``--split tuning``);
+* ``final`` (``FINAL_PHOTOS``, the default): other photographs, hence other
+  regions; only reported, never tuned on.
 
-Each side's time covers everything after the task exists: reading or writing
-records, training (with our run folder, plots and checkpoints) and predicting.
-Wall time is the budget; CPU time (all threads of the process) is reported too,
-as it is less disturbed by other jobs on a shared machine.
-The goal is a gain of at least ``TARGET_GAIN`` over the peer in no more time.
+Two settings:
+
+* ``scratch``: 64 px, the ``photo`` preset against ``keras.applications``
+  EfficientNet-B0 from random weights;
+* ``pretrained``: 128 px, the ``photo-lite0`` preset against the peer fine-tuning
+  the same ImageNet EfficientNet-Lite0.
+
+For each seed the peer runs first and ours gets at most the wall time it took.
+Both read the same JPEG files; each side's time covers everything after the task
+exists (records, training, prediction). The report gives every run, and per
+setting the mean and standard deviation over the seeds of both sides' accuracy,
+of the gain and of the time ratio.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from shopee_tpu import fs
+from shopee_tpu.bench.peer import run_peer
 from shopee_tpu.config import RunConfig
+from shopee_tpu.data.photos import make_photo_dataset
 from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
 from shopee_tpu.data.records import write_records_from_csv
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.training import train
 
-FULL = dict(classes=10, train_per_class=120, test_per_class=40, image_size=64)
-QUICK = dict(classes=4, train_per_class=24, test_per_class=8, image_size=64)
-PEER_EPOCHS = 30
-PEER_BATCH = 32
-TARGET_GAIN = 0.05
+# Five colour photographs and three grayscale ones each.
+TUNING_PHOTOS = ("astronaut", "chelsea", "hubble", "retina", "china")
+TUNING_PHOTOS += ("camera", "moon", "grass")
+FINAL_PHOTOS = ("coffee", "rocket", "ihc", "motorcycle", "flower")
+FINAL_PHOTOS += ("coins", "brick", "gravel")
+SPLITS = {"tuning": TUNING_PHOTOS, "final": FINAL_PHOTOS}
+TASK = dict(train_per_class=120, test_per_class=40)
+QUICK_TASK = dict(train_per_class=24, test_per_class=8)
 
 
-def make_task(out: str, seed: int, quick: bool = False) -> dict:
-    """The photo task for ``seed`` in the Shopee layout under ``out``."""
-    from shopee_tpu.data.photos import make_photo_dataset
+@dataclass(frozen=True)
+class Setting:
+    """One side-by-side: our preset against the peer, at one image size."""
 
+    preset: str
+    image_size: int
+    pretrained: bool
+    peer_epochs: int
+    peer_learning_rate: float  # docs/benchmarks.md says how each was chosen
+    quick_sets: tuple[str, ...]  # --quick: a smoke run of the code
+
+
+SETTINGS = {
+    "scratch": Setting(
+        "photo", 64, False, 30, 3e-3,
+        ("epochs=1", "plan.images_seen=0", "plan.min_epochs=1", "model.backbone=tiny-cnn"),
+    ),
+    "pretrained": Setting(
+        "photo-lite0", 128, True, 12, 1e-3,
+        ("epochs=1", "plan.images_seen=0", "plan.min_epochs=1", "plan.freeze_epochs=0"),
+    ),
+}  # fmt: skip
+
+
+def make_task(out: str, seed: int, *, split: str, size: int, quick: bool) -> dict:
+    """The photo task of ``split`` for ``seed`` in the Shopee layout under ``out``."""
     summary = os.path.join(out, "summary.json")
-    if os.path.exists(summary):
-        with open(summary) as f:
-            return json.load(f)
-    info = make_photo_dataset(out, seed=seed, **(QUICK if quick else FULL))
+    if fs.exists(summary):
+        return fs.read_json(summary, what="photo task summary")
+    photos = SPLITS[split][:4] if quick else SPLITS[split]
+    counts = QUICK_TASK if quick else TASK
+    info = make_photo_dataset(out, classes=photos, image_size=size, seed=seed, **counts)
     fs.write_text(summary, json.dumps(info, indent=1))
     return info
-
-
-def _test_labels(task: dict) -> tuple[list[str], np.ndarray]:
-    """Test file names in sorted order (the order keras lists them) and labels."""
-    import pandas as pd
-
-    truth = pd.read_csv(task["test_labels_csv"], dtype=str).sort_values("filename")
-    return list(truth.filename), truth.category.astype(int).to_numpy()
-
-
-def run_peer(
-    task: dict,
-    *,
-    seed: int,
-    epochs: int = PEER_EPOCHS,
-    time_limit: float | None = None,
-    application: str = "EfficientNetB0",
-) -> dict:
-    """The plain Keras model a user writes; returns its test accuracies and time.
-
-    ``application`` names the ``keras.applications`` model (``--quick`` swaps in a
-    smaller one: it only exercises the code).
-    """
-    import keras
-    import tensorflow as tf
-
-    size, n = int(task["image_size"]), int(task["classes"])
-    start, cpu = time.perf_counter(), time.process_time()
-    keras.utils.set_random_seed(seed)
-    train_ds = keras.utils.image_dataset_from_directory(
-        task["train_images"],
-        image_size=(size, size),
-        batch_size=PEER_BATCH,
-        label_mode="categorical",
-        seed=seed,
-        verbose=False,
-    ).prefetch(tf.data.AUTOTUNE)
-    inputs = keras.Input((size, size, 3))
-    x = keras.layers.RandomFlip("horizontal")(inputs)
-    outputs = getattr(keras.applications, application)(
-        weights=None, input_shape=(size, size, 3), classes=n
-    )(x)
-    model = keras.Model(inputs, outputs)
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    stop = _stop_at(start, time_limit)
-    history = model.fit(train_ds, epochs=epochs, callbacks=[stop], verbose=0)
-    names, labels = _test_labels(task)
-    test_ds = keras.utils.image_dataset_from_directory(
-        task["test_images"],
-        labels=labels.tolist(),
-        image_size=(size, size),
-        batch_size=64,
-        shuffle=False,
-        verbose=False,
-    )
-    plain, flipped = [], []
-    for images, _ in test_ds:
-        plain.append(model.predict_on_batch(images))
-        flipped.append(model.predict_on_batch(tf.reverse(images, axis=[2])))
-    p, f = np.concatenate(plain), np.concatenate(flipped)
-    seconds = time.perf_counter() - start
-    return {
-        "model": application,
-        "test_accuracy": _accuracy(p, labels),
-        "test_accuracy_flip_tta": _accuracy(p + f, labels),
-        "wall_time_sec": round(seconds, 1),
-        "cpu_time_sec": round(time.process_time() - cpu, 1),
-        "epochs": len(history.history.get("loss", [])),
-        "final_train_accuracy": round(float(history.history["accuracy"][-1]), 4),
-    }
 
 
 def run_ours(
@@ -141,54 +98,41 @@ def run_ours(
     out: str,
     *,
     seed: int,
+    preset: str,
     sets: tuple[str, ...] = (),
-    preset: str = "photo",
     time_limit: float | None = None,
 ) -> dict:
-    """Records, ``train`` with the preset, ``predict`` with its TTA; accuracy, time."""
+    """Records, ``train`` with the preset, ``predict`` with its TTA; accuracy, time.
+
+    Like the peer's final model, ours trains on every training image
+    (``data.valid_fraction=0``) and keeps its last epoch (the EMA weights).
+    """
     start, cpu = time.perf_counter(), time.process_time()
-    records = os.path.join(out, "records")
-    options = dict(image_size=None, resize="square", quality=95, workers=1, seed=0)
-    write_records_from_csv(
-        task["train_csv"],
-        task["train_images"],
-        os.path.join(records, "train"),
-        shards=8,
-        **options,
-    )
-    write_records_from_csv(
-        task["test_labels_csv"],
-        task["test_images"],
-        os.path.join(records, "test"),
-        shards=1,
-        label_map=os.path.join(records, "train", "manifest.json"),
-        **options,
-    )
+    records = _records(task, os.path.join(out, "records"))
     cfg = RunConfig.preset(preset).override(
-        f"data.train={os.path.join(records, 'train')}",
+        f"data.train={records['train']}",
+        f"data.image_size={task['image_size']}",
         f"seed={seed}",
         f"out_dir={os.path.join(out, 'run')}",
-        "data.valid_fraction=0",  # the peer's training images, all of them
+        "data.valid_fraction=0",
         *sets,
     )
     limit = None if time_limit is None else time_limit - (time.perf_counter() - start)
     result = train(cfg, time_limit=limit, verbose=0)
-    size = result.model.input_shape[1]
     test = load_dataset(
-        os.path.join(records, "test"),
-        image_size=size,
+        records["test"],
+        image_size=result.model.input_shape[1],
         batch_size=64,
         training=False,
     )
     _, probs = predict(
         result.model, test, tta=cfg.predict.tta, reduce=cfg.predict.reduce
     )
-    labels = read_ids_labels(os.path.join(records, "test"))["label"].to_numpy()
-    seconds = time.perf_counter() - start
+    labels = read_ids_labels(records["test"])["label"].to_numpy()
     m = result.metrics
     return {
-        "test_accuracy": _accuracy(probs, labels),
-        "wall_time_sec": round(seconds, 1),
+        "test_accuracy": round(float((np.argmax(probs, -1) == labels).mean()), 4),
+        "wall_time_sec": round(time.perf_counter() - start, 1),
         "cpu_time_sec": round(time.process_time() - cpu, 1),
         "epochs": m["epochs_completed"],
         "epochs_planned": m["epochs"],
@@ -197,86 +141,110 @@ def run_ours(
     }
 
 
-def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return round(float((np.argmax(probs, -1) == labels).mean()), 4)
-
-
-def _stop_at(start: float, limit: float | None):
-    """A callback that stops ``fit`` before an epoch that would end past ``limit``
-    seconds from ``start`` (as long as the longest epoch so far)."""
-    import keras
-
-    longest, began = [0.0], [0.0]
-
-    def on_epoch_begin(epoch, logs=None):
-        began[0] = time.perf_counter()
-
-    def on_epoch_end(epoch, logs=None):
-        now = time.perf_counter()
-        longest[0] = max(longest[0], now - began[0])
-        if limit is not None and now - start + longest[0] > limit:
-            callback.model.stop_training = True
-
-    callback = keras.callbacks.LambdaCallback(
-        on_epoch_begin=on_epoch_begin, on_epoch_end=on_epoch_end
+def _records(task: dict, root: str) -> dict:
+    options = dict(image_size=None, resize="square", quality=95, workers=1, seed=0)
+    out = {"train": os.path.join(root, "train"), "test": os.path.join(root, "test")}
+    write_records_from_csv(
+        task["train_csv"], task["train_images"], out["train"], shards=8, **options
     )
-    return callback
+    write_records_from_csv(
+        task["test_labels_csv"],
+        task["test_images"],
+        out["test"],
+        shards=1,
+        label_map=os.path.join(out["train"], "manifest.json"),
+        **options,
+    )
+    return out
 
 
-def run(args) -> dict:
-    """``args``: ``quick``, ``seed``, ``budget`` (seconds, optional), ``out``."""
-    quick = bool(getattr(args, "quick", False))
-    seed = int(getattr(args, "seed", None) or 0)
-    budget = getattr(args, "budget", None)
-    out = getattr(args, "out", None) or tempfile.mkdtemp(prefix="bench-accuracy-")
-    task = make_task(os.path.join(out, f"task-{seed}"), seed, quick)
-    ours_sets: tuple[str, ...] = ()
-    peer_epochs, application = PEER_EPOCHS, "EfficientNetB0"
-    if quick:  # a smoke run: one epoch each of small models, one image size
-        peer_epochs, application = 1, "MobileNetV3Small"
-        ours_sets = (
-            "epochs=1",
-            "plan.images_seen=0",
-            "plan.min_epochs=1",
-            "model.backbone=tiny-cnn",
-        )
+def compare(setting: Setting, task: dict, out: str, *, seed: int, quick: bool) -> dict:
+    """One seed of one setting: the peer, then ours within the peer's wall time."""
     peer = run_peer(
         task,
         seed=seed,
-        epochs=peer_epochs,
-        time_limit=budget,
-        application=application,
+        pretrained=setting.pretrained,
+        epochs=1 if quick else setting.peer_epochs,
+        learning_rate=setting.peer_learning_rate,
+        application="MobileNetV3Small"
+        if quick and not setting.pretrained
+        else "EfficientNetB0",
     )
-    limit = float(budget) if budget else peer["wall_time_sec"]
     ours = run_ours(
         task,
-        os.path.join(out, f"ours-{seed}"),
+        out,
         seed=seed,
-        sets=ours_sets,
-        time_limit=limit,
+        preset=setting.preset,
+        sets=setting.quick_sets if quick else (),
+        time_limit=peer["wall_time_sec"],
     )
     peer_best = max(peer["test_accuracy"], peer["test_accuracy_flip_tta"])
-    gain = round(ours["test_accuracy"] - peer_best, 4)
     return {
-        "benchmark": "accuracy",
-        "quick": quick,
         "seed": seed,
-        "task": {
-            "classes": task["classes"],
-            "train_images": task["train"],
-            "test_images": task["test"],
-            "image_size": task["image_size"],
-            "photos": list(task["class_names"].values()),
-        },
-        "budget_sec": round(limit, 1),
         "peer": peer,
         "ours": ours,
-        "gain_vs_peer": gain,
-        "time_ratio_ours_vs_peer": round(
-            ours["wall_time_sec"] / max(peer["wall_time_sec"], 1e-9), 3
-        ),
-        "target_gain": TARGET_GAIN,
-        "goal_met": bool(
-            gain >= TARGET_GAIN and ours["wall_time_sec"] <= peer["wall_time_sec"]
-        ),
+        "peer_best": peer_best,
+        "gain": round(ours["test_accuracy"] - peer_best, 4),
+        "time_ratio": round(ours["wall_time_sec"] / peer["wall_time_sec"], 3),
     }
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and standard deviation (over seeds; 0 for one seed) of each figure."""
+
+    def stats(values):
+        values = [float(v) for v in values]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return {"mean": round(statistics.fmean(values), 4), "std": round(sd, 4)}
+
+    return {
+        "peer_accuracy": stats(r["peer_best"] for r in runs),
+        "ours_accuracy": stats(r["ours"]["test_accuracy"] for r in runs),
+        "gain": stats(r["gain"] for r in runs),
+        "time_ratio": stats(r["time_ratio"] for r in runs),
+    }
+
+
+def run(args) -> dict:
+    """``args``: ``quick``, ``seeds`` (or ``seed``), ``split``, ``setting``, ``out``."""
+    quick = bool(getattr(args, "quick", False))
+    seeds = _seeds(args)
+    split = getattr(args, "split", None) or "final"
+    names = _settings(getattr(args, "setting", None))
+    out = getattr(args, "out", None) or tempfile.mkdtemp(prefix="bench-accuracy-")
+    report = {"benchmark": "accuracy", "quick": quick, "split": split, "seeds": seeds}
+    report["photos"] = list(SPLITS[split][:4] if quick else SPLITS[split])
+    report["settings"] = {}
+    for name in names:
+        setting = SETTINGS[name]
+        size = 64 if quick else setting.image_size
+        runs = []
+        for seed in seeds:
+            where = os.path.join(out, f"{split}-{name}-{seed}")
+            task = make_task(
+                os.path.join(where, "task"), seed, split=split, size=size, quick=quick
+            )
+            runs.append(compare(setting, task, where, seed=seed, quick=quick))
+        report["settings"][name] = {
+            "preset": setting.preset,
+            "image_size": size,
+            "runs": runs,
+            **summarize(runs),
+        }
+    return report
+
+
+def _seeds(args) -> list[int]:
+    text = getattr(args, "seeds", None)
+    if text:
+        return [int(s) for s in str(text).split(",") if s.strip()]
+    seed = getattr(args, "seed", None)
+    return [int(seed)] if seed is not None else [0, 1, 2]
+
+
+def _settings(text: str | None) -> list[str]:
+    if text in (None, "both"):
+        return list(SETTINGS)
+    if text not in SETTINGS:
+        raise ValueError(f"--setting {text!r}: expected scratch, pretrained or both")
+    return [text]

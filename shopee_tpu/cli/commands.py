@@ -3,7 +3,10 @@ arguments to a library call and prints what it returns."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import os
 
 from shopee_tpu.bench import run_bench
 from shopee_tpu.cdiscount.prepare import prepare_cdiscount, prepare_cdiscount_test
@@ -13,10 +16,25 @@ from shopee_tpu.demo import run_demo
 from shopee_tpu.experiments.kfold import train_folds
 from shopee_tpu.experiments.stack import stack_runs
 from shopee_tpu.experiments.sweep import run_sweep
+from shopee_tpu.experiments.tune import tune
 from shopee_tpu.inference.run import predict_run
 from shopee_tpu.kernels.build import build_kernel
 from shopee_tpu.kernels.client import kernel_status, push_kernel
 from shopee_tpu.training import train
+
+
+def _tensorboard(log_dir: str):
+    import keras  # after connect() has chosen the backend
+
+    return keras.callbacks.TensorBoard(log_dir)
+
+
+def _check_tensorboard() -> None:
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ImportError(
+            "--tensorboard needs the tensorboard package (pip install tensorboard; "
+            "Kaggle's and Colab's images have it)"
+        )
 
 
 def config_from_args(args) -> RunConfig:
@@ -85,9 +103,23 @@ def train_command(args) -> int:
         device=args.device,
     )
     if args.folds or args.fold is not None or cfg.data.folds:
+        if args.tensorboard is not None or args.resume_stopped:
+            raise ValueError(
+                "--tensorboard and --resume-stopped are for single runs (in Python, "
+                "train_folds(..., callbacks=[...]) hands callbacks to every fold)"
+            )
         result = train_folds(cfg, folds=args.folds, fold=args.fold, **common)
     else:
-        result = train(cfg, **common)
+        callbacks = []
+        if args.tensorboard is not None:
+            _check_tensorboard()
+            logs = args.tensorboard or os.path.join(
+                args.out or cfg.out_dir, "tensorboard"
+            )
+            callbacks.append(functools.partial(_tensorboard, logs))
+        result = train(
+            cfg, callbacks=callbacks, resume_stopped=args.resume_stopped, **common
+        )
     print(json.dumps(result.metrics, indent=2))
     return 0
 
@@ -128,6 +160,18 @@ def sweep_command(args) -> int:
         args.grid,
         args.out,
         folds=args.folds,
+        time_limit=args.time_limit,
+        device=args.device,
+    )
+    return 0
+
+
+def tune_command(args) -> int:
+    tune(
+        config_from_args(args),
+        args.space,
+        args.out,
+        trials=args.trials,
         time_limit=args.time_limit,
         device=args.device,
     )

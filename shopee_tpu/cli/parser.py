@@ -151,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fold", type=int, default=None, help="with --folds: train this fold only"
     )
+    p.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="write TensorBoard logs (default DIR: RUN/tensorboard)",
+    )
+    p.add_argument(
+        "--resume-stopped",
+        action="store_true",
+        help="train on past a run that EarlyStopping (or another callback) ended",
+    )
     p.set_defaults(func=commands.train_command)
 
     p = sub.add_parser(
@@ -216,6 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default=None)
     p.set_defaults(func=commands.sweep_command)
 
+    p = sub.add_parser("tune", help="an Optuna search over config keys, resumable")
+    _add_config_args(p)
+    p.add_argument(
+        "--space",
+        action="append",
+        required=True,
+        metavar="KEY=A,B|LOW:HIGH[:log]",
+        help="one key's values or range, e.g. --space optim.learning_rate=1e-4:1e-2:log",
+    )
+    p.add_argument("--trials", type=int, required=True, help="trials to have done")
+    p.add_argument("--out", required=True, help="the search folder (study.db inside)")
+    p.add_argument("--time-limit", type=parse_duration, default=None, help="e.g. 8h45m")
+    p.add_argument("--device", choices=DEVICES, default=None)
+    p.set_defaults(func=commands.tune_command)
+
     p = sub.add_parser("demo", help="the main job end to end on bundled real data")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster setting")
@@ -246,7 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # bench accuracy / ablation: held-out accuracy on bundled real photographs.
     p.add_argument("--seed", type=int, default=None, help="task and training seed")
-    p.add_argument("--budget", type=float, default=None, help="wall-time cap (s)")
+    p.add_argument("--seeds", default=None, help="bench accuracy: e.g. 0,1,2 (default)")
+    p.add_argument(
+        "--split",
+        choices=("tuning", "final"),
+        default=None,
+        help="bench accuracy: the photographs to tune on, or to report (default)",
+    )
+    p.add_argument(
+        "--setting",
+        choices=("scratch", "pretrained", "both"),
+        default=None,
+        help="bench accuracy: from random weights, from ImageNet Lite0, or both",
+    )
     p.add_argument("--out", default=None, help="work folder (default: a temp dir)")
     p.add_argument(
         "--products", type=int, default=None, help="bench cdiscount: products (1x)"

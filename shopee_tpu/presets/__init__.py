@@ -9,11 +9,19 @@ derived with ``replace()``, so each difference is stated once.
 from __future__ import annotations
 
 from shopee_tpu.config import PRESETS, register_preset
-from shopee_tpu.presets import cdiscount, demo, photo, photo_finetune, shopee, smoke
+from shopee_tpu.presets import (
+    cdiscount,
+    demo,
+    photo,
+    photo_finetune,
+    photo_lite0,
+    shopee,
+    smoke,
+)
 
 __all__ = ["PRESETS"]
 
 for _n in shopee.SIZES:
     register_preset(shopee.get_config(_n))
-for _module in (cdiscount, demo, photo, photo_finetune, smoke):
+for _module in (cdiscount, demo, photo, photo_finetune, photo_lite0, smoke):
     register_preset(_module.get_config())
