@@ -84,7 +84,11 @@ DEFAULT_TEMPLATE: dict[str, Any] = {
     "keywords": [],
 }
 
-_IMPORTS_PACKAGE = re.compile(r"^\s*(import|from)\s+shopee_tpu\b", re.MULTILINE)
+# The embedded package goes before the first cell that imports shopee_tpu or looks
+# it up: the notebooks' install cell must find it there and install nothing.
+_IMPORTS_PACKAGE = re.compile(
+    r"^\s*(import|from)\s+shopee_tpu\b|find_spec\(\s*['\"]shopee_tpu['\"]", re.MULTILINE
+)
 
 _EMBED_CELL = '''\
 # shopee_tpu {version}, embedded by `shopee-tpu kernel build` ({files} files, sha256 {short}).
