@@ -51,7 +51,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=0 --durations-min=30
 
 # The edit-test loop: every test not marked slow (no training, no JAX process).
 test-fast: $(STAMP)

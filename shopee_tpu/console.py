@@ -47,6 +47,8 @@ EXTRAS = {
     "keras_hub": ("keras-hub", "hub"),
     "bson": ("pymongo", "cdiscount"),
     "pymongo": ("pymongo", "cdiscount"),
+    "optuna": ("optuna", "tune"),
+    "safetensors": ("safetensors", "safetensors"),
 }
 
 

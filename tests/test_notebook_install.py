@@ -76,7 +76,8 @@ def test_the_cell_installs_a_wheel_of_this_checkout_into_a_fresh_venv(tmp_path):
     said = _run_cell(python, relative, "", tmp_path)
     assert said == f"shopee_tpu: installed shopee_tpu @ file://{wheel}"
     version = subprocess.run(
-        [python, "-c", "import shopee_tpu, keras; print(shopee_tpu.__version__)"],
+        # Keras needs a backend, which no extra was asked for: the package alone.
+        [python, "-c", "import shopee_tpu; print(shopee_tpu.__version__)"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

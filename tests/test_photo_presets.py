@@ -301,8 +301,28 @@ def test_backbone_learning_rate_is_scaled_and_the_head_is_not():
         np.testing.assert_allclose(scaled[name], want, rtol=1e-3, atol=1e-7)
 
 
+def test_bench_accuracy_summary_is_the_mean_and_sample_std_over_seeds():
+    from shopee_tpu.bench.accuracy import summarize
+
+    runs = [
+        {"peer_best": p, "ours": {"test_accuracy": o}, "gain": g, "time_ratio": t}
+        for p, o, g, t in [
+            (0.7, 0.8, 0.1, 0.9),
+            (0.6, 0.9, 0.3, 1.0),
+            (0.8, 0.7, -0.1, 0.8),
+        ]
+    ]
+    assert summarize(runs) == {
+        "peer_accuracy": {"mean": 0.7, "std": 0.1},
+        "ours_accuracy": {"mean": 0.8, "std": 0.1},
+        "gain": {"mean": 0.1, "std": 0.2},
+        "time_ratio": {"mean": 0.9, "std": 0.1},
+    }
+    assert summarize(runs[:1])["gain"] == {"mean": 0.1, "std": 0.0}
+
+
 @pytest.mark.slow
-def test_bench_accuracy_quick_reports_both_settings_over_seeds(tmp_path):
+def test_bench_accuracy_quick_reports_both_settings(tmp_path):
     import statistics
     import subprocess
     import sys
@@ -311,22 +331,22 @@ def test_bench_accuracy_quick_reports_both_settings_over_seeds(tmp_path):
 
     proc = subprocess.run(
         [sys.executable, "-m", "shopee_tpu.cli", "bench", "accuracy", "--quick"]
-        + ["--json", "--seeds", "1,2", "--out", str(tmp_path)],
+        + ["--json", "--seeds", "1", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=1200,
         env={**__import__("os").environ, "PYTHONPATH": REPO},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["benchmark"] == "accuracy" and result["seeds"] == [1, 2]
+    assert result["benchmark"] == "accuracy" and result["seeds"] == [1]
     assert result["split"] == "final" and result["photos"] == [
         "coffee", "rocket", "ihc", "motorcycle"
     ]  # fmt: skip
     assert set(result["settings"]) == {"scratch", "pretrained"}
     for name, setting in result["settings"].items():
         runs = setting["runs"]
-        assert [r["seed"] for r in runs] == [1, 2]
+        assert [r["seed"] for r in runs] == [1]
         for r in runs:
             peer, ours = r["peer"], r["ours"]
             for side in (peer, ours):
@@ -348,12 +368,8 @@ def test_bench_accuracy_quick_reports_both_settings_over_seeds(tmp_path):
             "gain": [r["gain"] for r in runs],
             "time_ratio": [r["time_ratio"] for r in runs],
         }.items():
-            assert setting[key]["mean"] == pytest.approx(
-                statistics.fmean(values), abs=1e-4
-            ), (name, key)
-            assert setting[key]["std"] == pytest.approx(
-                statistics.stdev(values), abs=1e-4
-            ), (name, key)
+            want = {"mean": round(statistics.fmean(values), 4), "std": 0.0}
+            assert setting[key] == want, (name, key)
     assert result["settings"]["pretrained"]["runs"][0]["peer"]["model"] == (
         "efficientnet-lite0 (ImageNet)"
     )
