@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 # Quiet TensorFlow's C++ logging in tests and subprocesses; keep oneDNN on as in use.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -92,6 +94,21 @@ def run_python(code: str, *, env: dict | None = None, timeout: float = 600) -> s
             f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
     return proc.stdout
+
+
+def kill_when(proc, ready, *, timeout: float, poll: float = 0.02) -> None:
+    """SIGKILLs ``proc`` as soon as ``ready()`` holds (or after ``timeout`` s);
+    fails with its stderr when it ended on its own first."""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(poll)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 @pytest.fixture(scope="session")

@@ -4,15 +4,13 @@ and resumed, end with 4 trials, none repeated; bad search spaces are named."""
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
-from conftest import REPO, TINY
+from conftest import REPO, TINY, kill_when
 
 from shopee_tpu.config import ConfigError, RunConfig
 
@@ -45,7 +43,6 @@ def _complete(out) -> int:
 def test_four_trials_killed_after_the_second_resume_without_repeating(
     digits_records, tmp_path
 ):
-    pytest.importorskip("optuna")
     import optuna
 
     out = tmp_path / "tune"
@@ -54,18 +51,12 @@ def test_four_trials_killed_after_the_second_resume_without_repeating(
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _complete(out) >= 2 and (out / "trial-002" / "state.json").exists():
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(
+        proc,
+        lambda: _complete(out) >= 2 and (out / "trial-002" / "state.json").exists(),
+        timeout=600,
+        poll=0.05,
+    )
     assert _complete(out) == 2
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

@@ -135,12 +135,10 @@ _TOP = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "top_conv": "_conv_head"}
 _TOP |= {"top_bn": "_bn1", "predictions": "_fc"}
 
 
-def _random_state(reference: keras.Model, seed: int) -> dict:
-    """Random tensors in efficientnet_pytorch naming and layout, for every weighted
-    layer of a keras.applications EfficientNet (the shape oracle)."""
-    rng = np.random.default_rng(seed)
+def _modules(reference: keras.Model):
+    """``(layer, efficientnet_pytorch module name)`` of each weighted layer of a
+    keras.applications EfficientNet but its input Normalization."""
     blocks = []
-    state = {}
     for layer in reference.layers:
         if not layer.weights or isinstance(layer, keras.layers.Normalization):
             continue
@@ -148,9 +146,17 @@ def _random_state(reference: keras.Model, seed: int) -> dict:
         if m:
             if m[1] not in blocks:
                 blocks.append(m[1])
-            module = f"_blocks.{blocks.index(m[1])}.{_BLOCK[m[2]]}"
+            yield layer, f"_blocks.{blocks.index(m[1])}.{_BLOCK[m[2]]}"
         else:
-            module = _TOP[layer.name]
+            yield layer, _TOP[layer.name]
+
+
+def _random_state(reference: keras.Model, seed: int) -> dict:
+    """Random tensors in efficientnet_pytorch naming and layout, for every weighted
+    layer of a keras.applications EfficientNet (the shape oracle)."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for layer, module in _modules(reference):
         for weight in layer.weights:
             name = weight.path.rpartition("/")[2]
             shape = tuple(weight.shape)
@@ -177,17 +183,7 @@ def _random_state(reference: keras.Model, seed: int) -> dict:
 
 def _set_reference(reference: keras.Model, state: dict) -> None:
     """Puts ``state`` into keras.applications' model by its own layer names."""
-    blocks = []
-    for layer in reference.layers:
-        if not layer.weights or isinstance(layer, keras.layers.Normalization):
-            continue
-        m = re.fullmatch(r"(block\d+[a-z])_(\w+)", layer.name)
-        if m:
-            if m[1] not in blocks:
-                blocks.append(m[1])
-            module = f"_blocks.{blocks.index(m[1])}.{_BLOCK[m[2]]}"
-        else:
-            module = _TOP[layer.name]
+    for layer, module in _modules(reference):
         if isinstance(layer, keras.layers.BatchNormalization):
             names = ("weight", "bias", "running_mean", "running_var")
             layer.set_weights([state[f"{module}.{n}"] for n in names])

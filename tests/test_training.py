@@ -3,15 +3,13 @@ changed config, and the run folder's outputs. Small real data (digits), tiny-cnn
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, TINY, photo_crops
+from conftest import REPO, TINY, kill_when, photo_crops
 
 from shopee_tpu.config import RunConfig
 from shopee_tpu.run_folder import ConfigMismatch
@@ -43,19 +41,12 @@ def test_killed_run_resumes_with_exact_history_and_optimizer_count(
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    try:
-        state_path = out / "state.json"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            if state_path.exists() and json.loads(state_path.read_text())["epoch"]:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    state_path = out / "state.json"
+    kill_when(
+        proc,
+        lambda: state_path.exists() and json.loads(state_path.read_text())["epoch"],
+        timeout=300,
+    )
     # Killed after a commit and before the end (epoch 2 commits too when it is a
     # new best, so the kill may find 1 or 2 epochs committed).
     state = json.loads((out / "state.json").read_text())

@@ -7,15 +7,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pandas as pd
 import pytest
-from conftest import REPO, TINY
+from conftest import REPO, TINY, kill_when
 
 from shopee_tpu.config import RunConfig
 
@@ -53,18 +51,11 @@ def test_a_callback_sees_every_epoch_across_a_kill_and_resume(digits_records, tm
     proc = subprocess.Popen(
         [sys.executable, str(script)], env=env, stderr=subprocess.PIPE
     )
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            if seen.exists() and seen.read_text().count("\n") >= 2:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(
+        proc,
+        lambda: seen.exists() and seen.read_text().count("\n") >= 2,
+        timeout=300,
+    )
     killed_at = json.loads((out / "state.json").read_text())["epoch"]
     assert 2 <= killed_at < 4
 

@@ -290,6 +290,35 @@ def test_mixed_bfloat16_on_jax_trains_and_resumes(digits_records, tmp_path):
     assert all(np.isfinite(h["val_loss"]) for h in r["history"])
 
 
+@pytest.mark.slow
+def test_ema_fine_tune_crosses_into_the_unfrozen_phase_on_jax(digits_records, tmp_path):
+    # The new optimizer's EMA averages start from the frozen phase's weights; on
+    # JAX an average that shared its weight's buffer was donated twice per step.
+    from conftest import TINY, run_python
+
+    cfg = RunConfig.preset("photo-finetune").override(
+        f"data.train={digits_records['train']}",
+        f"out_dir={tmp_path / 'ft'}",
+        *TINY,
+        "batch_size=4",
+        "plan.images_seen=0",
+        "plan.freeze_epochs=1",
+        "epochs=2",
+        "steps_per_epoch=4",
+        "optim.ema=true",
+    )
+    cfg.save(str(tmp_path / "cfg.json"))
+    code = f"""
+import json
+from shopee_tpu.config import RunConfig
+from shopee_tpu.training import train
+result = train(RunConfig.load({str(tmp_path / "cfg.json")!r}), verbose=0)
+print("RESULT " + json.dumps(result.metrics, default=str))
+"""
+    metrics = result_of(run_python(code, env=jax_env(2), timeout=900))
+    assert metrics["finished"] and metrics["epochs_completed"] == 2
+
+
 @pytest.mark.parametrize(
     "asked, explicit, records, expected",
     [

@@ -25,10 +25,10 @@ BATCH = 32
 WARMUP_EPOCHS = 1
 
 
-def _test_labels(task: dict) -> tuple[list[str], np.ndarray]:
-    """Test file names in sorted order (the order keras lists them) and labels."""
+def _test_labels(task: dict) -> np.ndarray:
+    """The test labels in file-name order, the order keras lists the files in."""
     truth = pd.read_csv(task["test_labels_csv"], dtype=str).sort_values("filename")
-    return list(truth.filename), truth.category.astype(int).to_numpy()
+    return truth.category.astype(int).to_numpy()
 
 
 def _backbone(keras, pretrained: bool, size: int, application: str):
@@ -115,8 +115,8 @@ def run_peer(
         verbose=0,
     )
     model.load_weights(best)
-    plain, flipped = _predict(keras, tf, model, task, size)
-    _, labels = _test_labels(task)
+    labels = _test_labels(task)
+    plain, flipped = _predict(keras, tf, model, task, size, labels)
     val = history.history["val_accuracy"]
     return {
         "model": "efficientnet-lite0 (ImageNet)" if pretrained else application,
@@ -130,8 +130,7 @@ def run_peer(
     }
 
 
-def _predict(keras, tf, model, task: dict, size: int):
-    _, labels = _test_labels(task)
+def _predict(keras, tf, model, task: dict, size: int, labels: np.ndarray):
     test_ds = keras.utils.image_dataset_from_directory(
         task["test_images"],
         labels=labels.tolist(),

@@ -45,6 +45,10 @@ __all__ = ["Dimension", "parse_space", "tune"]
 STUDY = "study.db"
 
 
+def _trial_dir(out: str, number: int) -> str:
+    return os.path.join(out, f"trial-{number:03d}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Dimension:
     """One key of the search space: values to choose from, or a numeric range."""
@@ -213,11 +217,11 @@ def tune(
         trial = pending[0] if pending else study.ask()
         number = trial.number
         changes = trial.params if pending else {d.key: d.suggest(trial) for d in dims}
-        where = os.path.join(out, f"trial-{number:03d}")
+        where = _trial_dir(out, number)
         if verbose:
             print(f"{where}: trial {number + 1} of {trials}: {changes}")
         cfg = base.override([f"{k}={v}" for k, v in changes.items()])
-        cfg = cfg.replace(name=f"trial-{number:03d}", out_dir=where)
+        cfg = cfg.replace(name=os.path.basename(where), out_dir=where)
         acc = acc or connect(device or cfg.device, mixed_precision=cfg.mixed_precision)
         result = train(cfg, time_limit=remaining, accelerator=acc, verbose=verbose)
         if not result.metrics["finished"]:
@@ -234,7 +238,7 @@ def _write_results(study, dims, out: str, base: RunConfig, verbose: int):
     keys = [d.key for d in dims]
     rows = []
     for t in sorted(study.trials, key=lambda t: t.number):
-        where = os.path.join(out, f"trial-{t.number:03d}")
+        where = _trial_dir(out, t.number)
         run = RunFolder(where, writable=False)
         metrics = run.metrics() if run.exists(RunFolder.METRICS) else None
         status = {"COMPLETE": "finished", "FAIL": "no validation score"}.get(

@@ -192,10 +192,14 @@ def resume_phase(
     if optimizer.use_ema:
         # A new average starts at zero, not at the restored weights, once the
         # step count is past 0. Keras names the average of variable `a/b`
-        # `a_b_average` (add_variable_from_reference).
+        # `a_b_average` (add_variable_from_reference). A copy: on JAX an average
+        # sharing its weight's buffer would be donated twice by the train step.
+        import keras
+
         slots = {v.name: v for v in optimizer.variables}
         for variable in model.trainable_variables:
-            slots[variable.path.replace("/", "_") + "_average"].assign(variable)
+            average = slots[variable.path.replace("/", "_") + "_average"]
+            average.assign(keras.ops.copy(variable))
 
 
 def any_image_size(dataset):
