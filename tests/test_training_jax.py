@@ -293,7 +293,7 @@ def test_mixed_bfloat16_on_jax_trains_and_resumes(digits_records, tmp_path):
 @pytest.mark.slow
 def test_ema_fine_tune_crosses_into_the_unfrozen_phase_on_jax(digits_records, tmp_path):
     # The new optimizer's EMA averages start from the frozen phase's weights; on
-    # JAX an average that shared its weight's buffer was donated twice per step.
+    # JAX an average sharing its weight's buffer would be donated twice a step.
     from conftest import TINY, run_python
 
     cfg = RunConfig.preset("photo-finetune").override(
