@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shopee_tpu.models.weights_h5 import WeightsError
+from shopee_tpu.utils import require_extra
 
 __all__ = ["TORCH_SUFFIXES", "is_torch_file", "read_state_dict"]
 
@@ -71,13 +72,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    try:
-        from safetensors.numpy import load_file  # the optional safetensors package
-    except ImportError:
-        raise ImportError(
-            f"{path}: reading .safetensors needs the safetensors package "
-            "(pip install safetensors; Kaggle and Colab images ship it)"
-        ) from None
+    require_extra("safetensors", "safetensors", f"{path}: reading .safetensors")
+    from safetensors.numpy import load_file  # the optional [safetensors] extra
+
     try:
         return dict(load_file(path))
     except Exception as e:  # safetensors raises its own SafetensorError

@@ -96,9 +96,9 @@ def train(
         callbacks: Your own Keras callbacks (TensorBoard, EarlyStopping, a
             logger), or functions that return one (called once Keras runs on the
             backend ``connect()`` chose), run after ours in every ``fit``: the
-            epoch is committed to the run folder before they see it. A callback that stops training
-            (``EarlyStopping``) ends the run as a finished run: its last epoch is
-            committed, and a rerun does not train again.
+            epoch is committed to the run folder before they see it. A callback
+            that stops training (``EarlyStopping``) ends the run as a finished
+            run: its last epoch is committed, and a rerun does not train again.
         resume_stopped: Train on past a finished run that a callback stopped
             early, from its last committed epoch up to ``config.epochs``.
 
