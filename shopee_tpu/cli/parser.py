@@ -287,6 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bench accuracy: from random weights, from ImageNet Lite0, or both",
     )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="bench accuracy: seconds of wall time for each contender, prediction "
+        "included (default: the setting's; 0: none, for tuning at fixed epochs)",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="bench accuracy: override our preset (repeatable)",
+    )
+    p.add_argument(
+        "--peer-set",
+        dest="peer_sets",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="bench accuracy: override the peer's recipe, e.g. epochs=40",
+    )
     p.add_argument("--out", default=None, help="work folder (default: a temp dir)")
     p.add_argument(
         "--products", type=int, default=None, help="bench cdiscount: products (1x)"
