@@ -30,7 +30,7 @@ __all__ = [
 MANIFEST = "manifest.json"
 FORMAT = "shopee_tpu.records/1"
 FEATURES = {
-    "image": "bytes: JPEG",
+    "image": "bytes: JPEG, or PNG (lossless) when at most 64 px a side",
     "label": "int64: class id, -1 when unlabeled",
     "id": "bytes: image id (file name)",
     "group": "bytes: product id, empty when none",
@@ -174,8 +174,12 @@ def _summarise(manifest: dict) -> dict:
     names = {v: k for k, v in manifest["label_map"].items()}
     results = sorted(manifest["done"].values(), key=lambda r: r["index"])
     shards, per_shard, classes, skipped = {}, {}, {}, []
+    channels, formats = 0, {}
     for r in results:
         skipped.extend(r["skipped"])
+        channels = max(channels, r.get("channels", 0))
+        for name, n in r.get("formats", {}).items():
+            formats[name] = formats.get(name, 0) + n
         if r["file"] is None:
             continue
         shards[r["file"]] = r["count"]
@@ -193,6 +197,8 @@ def _summarise(manifest: dict) -> dict:
         skipped=sorted(skipped, key=lambda s: s["path"]),
         num_skipped=len(skipped),
     )
+    if channels:  # shards written before channels were counted leave it out
+        manifest.update(channels=channels, image_formats=dict(sorted(formats.items())))
     return manifest
 
 
