@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 
 import numpy as np
 import pytest
-from conftest import photo_crops
+from conftest import photo_crops, stored_records
 from PIL import Image
 
 from shopee_tpu.data import write_arrays
 from shopee_tpu.data.idx import IdxFormatError, read_idx, read_idx_pair, write_idx
 from shopee_tpu.data.manifests import read_manifest
-from shopee_tpu.data.tfrecord import read_records
 
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
 
@@ -24,21 +22,6 @@ def _grey(n: int, side: int = 28, seed: int = 0) -> np.ndarray:
     """Real photo crops turned grey: ``n x side x side`` uint8."""
     rgb = photo_crops(n, side, seed=seed).astype(np.float32)
     return (rgb @ np.array([0.299, 0.587, 0.114])).round().astype(np.uint8)
-
-
-def _stored(out_dir) -> dict[str, tuple[int, bytes]]:
-    """``{id: (label, image bytes)}`` of every record, read without TensorFlow."""
-    import tensorflow as tf
-
-    out = {}
-    for name in read_manifest(out_dir)["shards"]:
-        for raw in read_records(os.path.join(out_dir, name)):
-            f = tf.train.Example.FromString(raw).features.feature
-            out[f["id"].bytes_list.value[0].decode()] = (
-                f["label"].int64_list.value[0],
-                f["image"].bytes_list.value[0],
-            )
-    return out
 
 
 def _decoded(out_dir, side: int) -> dict[str, np.ndarray]:
@@ -110,7 +93,7 @@ def test_grey_arrays_round_trip_exactly_with_class_names(tmp_path):
     assert m["class_counts"] == {name: 8 for name in FASHION}
     assert m["channels"] == 1 and m["image_formats"] == {"PNG": 40}
     assert m["image_size"] == 28 and len(m["shards"]) == 3
-    stored = _stored(tmp_path / "rec")
+    stored = stored_records(tmp_path / "rec")
     assert sorted(stored, key=int) == [str(i) for i in range(40)]
     for i, (label, data) in stored.items():
         png = Image.open(io.BytesIO(data))
@@ -132,7 +115,7 @@ def test_colour_arrays_with_text_labels_and_keras_shapes(tmp_path):
     assert m["channels"] == 3 and m["image_formats"] == {"PNG": 12}
     decoded = _decoded(tmp_path / "rec", 32)
     assert all((decoded[str(i)] == images[i]).all() for i in range(12))
-    stored = _stored(tmp_path / "rec")
+    stored = stored_records(tmp_path / "rec")
     assert [stored[str(i)][0] for i in range(12)] == [1, 2, 0] * 4
     # Class ids without names keep their numbers, classes no image has included.
     m = write_arrays(images[:3], [0, 4, 2], tmp_path / "ids", workers=1)
@@ -148,7 +131,7 @@ def test_unlabeled_arrays_keep_their_ids(tmp_path):
     ids = [f"img{i}.png" for i in range(5)]
     m = write_arrays(images, None, tmp_path / "rec", ids=ids, workers=1)
     assert m["test"] and m["prefix"] == "test" and m["class_counts"] == {"unlabeled": 5}
-    assert {i: v[0] for i, v in _stored(tmp_path / "rec").items()} == {
+    assert {i: v[0] for i, v in stored_records(tmp_path / "rec").items()} == {
         i: -1 for i in ids
     }
 
@@ -159,8 +142,8 @@ def test_bad_arrays_get_one_line_naming_the_problem(tmp_path):
     cases = [
         (images, [0, 1, 2], {}, "labels: 3 labels for 4 images"),
         (images, [0, 1, 2, 1], {}, None),  # the good one, for contrast
-        (images, [0, 1, -2, 1], {}, "class id -2 at row 2 is negative"),
-        (images, [0, 1, 5, 1], names, r"class id 5 at row 2 has no class name"),
+        (images, [0, 1, -2, 1], {}, r"labels: class id -2 at images\[2\] is negative"),
+        (images, [0, 1, 5, 1], names, r"class id 5 at images\[2\] has no class name"),
         (images / 255, [0] * 4, {}, "pixels must be uint8 0..255"),
         (images.astype(np.int32) * 2, [0] * 4, {}, r"values \d+..\d+ \(int32\)"),
         (images[..., None].repeat(2, 3), [0] * 4, {}, "2 channels"),
@@ -191,3 +174,46 @@ def test_other_arrays_in_the_same_folder_are_refused_and_a_rerun_resumes(tmp_pat
         write_arrays(255 - images, labels, tmp_path / "rec", workers=1)
     m = write_arrays(255 - images, labels, tmp_path / "rec", workers=1, overwrite=True)
     assert m["fingerprint"] != first["fingerprint"] and m["total"] == 6
+
+
+def test_cli_writes_idx_files_with_class_names_and_names_a_truncated_one(
+    tmp_path, capsys
+):
+    from shopee_tpu.cli import main
+
+    images, labels = _grey(10, side=12), np.array([0, 1, 2, 3, 4] * 2, np.uint8)
+    write_idx(tmp_path / "x-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "y-idx1-ubyte.gz", labels)
+    (tmp_path / "names.txt").write_text("\n".join(FASHION) + "\n")
+    argv = ["tfrecords", "--idx", str(tmp_path / "x-idx3-ubyte.gz"),
+            str(tmp_path / "y-idx1-ubyte.gz"), "--class-names",
+            str(tmp_path / "names.txt"), "--out", str(tmp_path / "rec"),
+            "--workers", "1", "--shards", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote 10 records in 2 shards to {tmp_path / 'rec'} (0 skipped, grey, PNG)"
+    ]
+    m = read_manifest(tmp_path / "rec")
+    assert m["label_map"] == {n: i for i, n in enumerate(FASHION)}
+    stored = stored_records(tmp_path / "rec")
+    assert {i: v[0] for i, v in stored.items()} == {
+        str(i): int(labels[i]) for i in range(10)
+    }
+    # Class names on the command line, comma-separated; too few of them is an error.
+    argv[argv.index("--class-names") + 1] = "a,b"
+    argv[argv.index("--out") + 1] = str(tmp_path / "rec2")
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"shopee-tpu tfrecords: error: {tmp_path / 'y-idx1-ubyte.gz'}: class id 2 "
+        "at x-idx3-ubyte.gz[2] has no class name (6 rows; the label map has ids 0..1)"
+    )
+    raw = gzip.decompress((tmp_path / "x-idx3-ubyte.gz").read_bytes())
+    (tmp_path / "cut-idx3-ubyte").write_bytes(raw[:-100])
+    argv[2] = str(tmp_path / "cut-idx3-ubyte")
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"shopee-tpu tfrecords: error: {tmp_path / 'cut-idx3-ubyte'}")
+    assert err.endswith(
+        "truncated idx file: the header announces 10 x 12 x 12 uint8 values "
+        "(1440 bytes), the file holds 1340 bytes after it"
+    )

@@ -100,18 +100,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=commands.config_command)
 
-    p = sub.add_parser("tfrecords", help="write TFRecord shards from a CSV and images")
-    p.add_argument(
-        "--csv", required=True, help="CSV with filename,category or path,label[,group]"
+    p = sub.add_parser(
+        "tfrecords",
+        help="write TFRecord shards from images: a CSV of files, class folders, a "
+        "pixel CSV or idx files",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--csv", help="CSV with filename,category or path,label[,group]"
+    )
+    source.add_argument(
+        "--folders",
+        metavar="DIR",
+        help="one subfolder per class (or a folder of test images)",
+    )
+    source.add_argument(
+        "--pixels-csv",
+        metavar="FILE",
+        help="label,pixel1..pixelN rows (Kaggle's Fashion-MNIST, Digit Recognizer)",
+    )
+    source.add_argument(
+        "--idx",
+        nargs="+",
+        metavar="FILE",
+        help="IMAGES [LABELS]: MNIST idx files, gzipped or not",
     )
     p.add_argument(
-        "--images", required=True, help="folder the CSV's paths are relative to"
+        "--images", default=None, help="--csv: folder the CSV's paths are relative to"
+    )
+    p.add_argument("--shape", default=None, help="--pixels-csv: e.g. 28x28 or 32x32x3")
+    p.add_argument(
+        "--class-names",
+        default=None,
+        help="--pixels-csv, --idx: names of class ids 0, 1, ... (comma-separated, "
+        "or a file with one per line)",
     )
     p.add_argument(
         "--out", required=True, help="output folder for shards and manifest.json"
     )
     p.add_argument(
-        "--test", action="store_true", help="unlabeled test set (keeps filenames)"
+        "--test",
+        action="store_true",
+        default=None,
+        help="unlabeled test set (keeps filenames); --folders, --pixels-csv: "
+        "default from the layout",
     )
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--image-size", type=int, default=None, help="resize on write")

@@ -28,6 +28,7 @@ from shopee_tpu.data.shard_writer import Pixels, Unusable
 __all__ = [
     "write_arrays",
     "write_idx_records",
+    "write_pixels",
     "check_images",
     "class_ids_of",
     "read_class_names",
@@ -82,16 +83,14 @@ def write_arrays(
             pixels, labels, ids or groups of another length than the images, a
             label outside ``class_names`` or ``label_map``.
     """
-    images = check_images(images)
-    return _write(
-        images,
+    return write_pixels(
+        check_images(images),
         labels,
         out_dir,
         class_names=class_names,
         ids=ids,
         groups=groups,
         label_map=label_map,
-        where=lambda i: f"images[{i}]",
         **options,
     )
 
@@ -117,14 +116,14 @@ def write_idx_records(
         x, y = read_idx(images), None
     else:
         x, y = read_idx_pair(images, labels)
-    where = os.path.basename(os.fspath(images))
-    x = check_images(x, where=os.fspath(images))
-    return _write(
-        x,
+    name = os.path.basename(os.fspath(images))
+    return write_pixels(
+        check_images(x, where=os.fspath(images)),
         y,
         out_dir,
         class_names=class_names,
-        where=lambda i: f"{where}[{i}]",
+        where=os.fspath(labels if labels is not None else images),
+        row=lambda i: f"{name}[{i}]",
         **options,
     )
 
@@ -174,6 +173,7 @@ def class_ids_of(
     class_names: Sequence[str] | None = None,
     label_map: Mapping | str | os.PathLike | None = None,
     where: str = "labels",
+    row: Callable[[int], str] = "row {}".format,
     unusable: Mapping[int, str] | None = None,
 ) -> tuple[dict[str, int], np.ndarray | None]:
     """The label map and the class id of each of ``n`` images.
@@ -182,6 +182,7 @@ def class_ids_of(
     as ``"0"``, ``"1"``, ...); text labels are class names (numbered by
     ``class_names`` or ``label_map``, else in sorted order). ``labels=None``
     gives ids ``None`` (unlabeled). Rows in ``unusable`` are not checked.
+    Messages name the source ``where`` and a row by ``row(index)``.
 
     Raises:
         ValueError: Another length than ``n``, a negative or unnamed class id, a
@@ -205,7 +206,7 @@ def class_ids_of(
     skip = np.zeros(n, bool)
     skip[list(unusable or ())] = True
     if values.dtype.kind in "iu":
-        return _from_ids(values.astype(np.int64), skip, known, where)
+        return _from_ids(values.astype(np.int64), skip, known, where, row)
     text = np.array([str(v) for v in values.tolist()], dtype=object)
     if known is None:
         known = sources.build_label_map(text[~skip])
@@ -222,21 +223,21 @@ def _names_map(class_names: Sequence[str]) -> dict[str, int]:
     return {name: i for i, name in enumerate(names)}
 
 
-def _from_ids(ids: np.ndarray, skip: np.ndarray, known, where: str):
+def _from_ids(ids: np.ndarray, skip: np.ndarray, known, where: str, row):
     """Integer labels: checked against the label map, or one made from them."""
     used = ids[~skip]
     if known is None:
         bad = np.flatnonzero(~skip & (ids < 0))
         if len(bad):
             raise ValueError(
-                f"{where}: class id {ids[bad[0]]} at row {bad[0]} is negative"
+                f"{where}: class id {ids[bad[0]]} at {row(bad[0])} is negative"
             )
         known = {str(i): i for i in range(int(used.max()) + 1 if len(used) else 0)}
     valid = set(known.values())
     bad = [int(i) for i in np.flatnonzero(~skip) if int(ids[i]) not in valid]
     if bad:
         raise ValueError(
-            f"{where}: class id {ids[bad[0]]} at row {bad[0]} has no class name "
+            f"{where}: class id {ids[bad[0]]} at {row(bad[0])} has no class name "
             f"({len(bad)} rows; the label map has ids {min(valid, default=0)}.."
             f"{max(valid, default=-1)})"
         )
@@ -261,7 +262,7 @@ def _texts(values, n: int, what: str) -> list[str]:
     return values
 
 
-def _write(
+def write_pixels(
     images: np.ndarray,
     labels,
     out_dir,
@@ -270,16 +271,25 @@ def _write(
     ids=None,
     groups=None,
     label_map=None,
-    where: Callable[[int], str],
+    where: str = "labels",
+    row: Callable[[int], str] = "images[{}]".format,
     unusable: Mapping[int, str] | None = None,
     **options,
 ) -> dict:
-    """Checks labels, ids and groups against the images and writes the rows;
-    rows in ``unusable`` (index -> reason) are recorded as skipped."""
+    """Writes checked uint8 ``images`` (see :func:`check_images`) with their
+    labels, ids and groups (see :func:`write_arrays`): the step every array-like
+    source shares. Rows in ``unusable`` (index -> reason) are recorded as skipped;
+    ``where`` and ``row(index)`` name the source and a row in messages."""
     n = len(images)
     unusable = dict(unusable or {})
     label_map, class_ids = class_ids_of(
-        labels, n, class_names=class_names, label_map=label_map, unusable=unusable
+        labels,
+        n,
+        class_names=class_names,
+        label_map=label_map,
+        where=where,
+        row=row,
+        unusable=unusable,
     )
     ids = _texts(ids, n, "ids") if ids is not None else [str(i) for i in range(n)]
     if len(set(ids)) != n:
@@ -292,9 +302,9 @@ def _write(
         class_ids = np.full(n, -1, np.int64)
     rows = [
         (
-            Unusable(where(i), unusable[i])
+            Unusable(row(i), unusable[i])
             if i in unusable
-            else Pixels(images[i], where(i)),
+            else Pixels(images[i], row(i)),
             int(class_ids[i]),
             ids[i],
             groups[i],

@@ -40,12 +40,14 @@ class BadImage(ValueError):
 
 
 def _open(data: bytes):
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadImage("not an image (no image format Pillow knows)") from None
     except Exception as e:  # Pillow raises several types for unreadable data
         raise BadImage(f"not an image ({type(e).__name__}: {e})") from None
     return img

@@ -25,6 +25,7 @@ __all__ = [
     "read_manifest",
     "manifest_beside",
     "manifests_of",
+    "summary_lines",
 ]
 
 MANIFEST = "manifest.json"
@@ -214,6 +215,26 @@ def finish(out_dir: str, manifest: dict) -> dict:
             f"no usable images: all {manifest['num_skipped']} were skipped ({reasons})"
         )
     return manifest
+
+
+def summary_lines(manifest: dict, out_dir: str, *, limit: int = 10) -> list[str]:
+    """What a write did, for a person: one line for the records, one per skipped
+    image (the first ``limit``; all of them are in the manifest)."""
+    channels = {1: ", grey", 3: ", colour"}.get(manifest.get("channels"), "")
+    formats = "/".join(manifest.get("image_formats", {}))
+    lines = [
+        f"wrote {manifest['total']} records in {len(manifest['shards'])} shards to "
+        f"{out_dir} ({manifest['num_skipped']} skipped{channels}"
+        f"{', ' + formats if formats else ''})"
+    ]
+    skipped = manifest["skipped"]
+    lines += [f"skipped {s['path']}: {s['reason']}" for s in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(
+            f"... and {len(skipped) - limit} more skipped, listed in "
+            f"{os.path.join(out_dir, MANIFEST)}"
+        )
+    return lines
 
 
 def _save(out_dir: str, manifest: dict[str, Any]) -> None:
