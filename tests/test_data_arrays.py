@@ -107,6 +107,18 @@ def test_grey_arrays_round_trip_exactly_with_class_names(tmp_path):
         assert (pixels == images[int(i)][:, :, None]).all()
 
 
+def test_pngs_of_another_size_are_resized_when_read(tmp_path):
+    import tensorflow as tf
+
+    images = _grey(6, side=30)[:, :, 3:27]  # 30 rows x 24 columns
+    m = write_arrays(images, [0, 1] * 3, tmp_path / "rec", workers=1)
+    assert m["image_size"] is None and m["image_formats"] == {"PNG": 6}
+    decoded = _decoded(tmp_path / "rec", 20)
+    rgb = np.repeat(images[..., None], 3, axis=-1)
+    want = tf.saturate_cast(tf.round(tf.image.resize(rgb, [20, 20])), tf.uint8)
+    assert all((decoded[str(i)] == want[i].numpy()).all() for i in range(6))
+
+
 def test_colour_arrays_with_text_labels_and_keras_shapes(tmp_path):
     images = photo_crops(12, 32, seed=3)
     labels = np.array(["cat", "dog", "bird"] * 4)[:, None]  # N x 1, as keras gives

@@ -6,10 +6,9 @@ once here: a truncated or corrupt file is caught at write time and reported, rat
 than failing a training run hours later.
 
 How an image is stored: a JPEG that needs no change keeps its bytes. Any other
-image is encoded, as PNG when both sides are at most ``LOSSLESS_MAX_SIDE`` (64)
-pixels, so that a 28 x 28 Fashion-MNIST or a 32 x 32 CIFAR image reads back pixel
-for pixel (at that size PNG costs about what JPEG does, in bytes and in decoding),
-and as JPEG at ``quality`` above it. Grey images stay one channel in either format;
+image is encoded, as uncompressed PNG when both sides are at most
+``LOSSLESS_MAX_SIDE`` (64) pixels, so that a 28 x 28 Fashion-MNIST or a 32 x 32
+CIFAR image reads back pixel for pixel, and as JPEG at ``quality`` above it. Grey images stay one channel in either format;
 the reader expands them to the three channels every model takes
 (``shopee_tpu.data.decode.decode_image``).
 """
@@ -82,8 +81,7 @@ def prepare_image(
     """Checks one image and returns the bytes to store (see the module docstring).
 
     The original bytes are kept when they already are an RGB or greyscale JPEG of the
-    wanted size, or such a PNG of at most ``LOSSLESS_MAX_SIDE`` pixels; anything
-    else (other formats, CMYK, other sizes) is re-encoded.
+    wanted size; anything else (other formats, CMYK, other sizes) is re-encoded.
 
     Args:
         data: The image file's bytes.
@@ -104,7 +102,6 @@ def prepare_image(
     try:
         size = img.size
         target = size if image_size is None else _target(size, image_size, resize)
-        small = max(target) <= LOSSLESS_MAX_SIDE
         keep = target == size and img.mode in ("RGB", "L")
         if keep and img.format == "JPEG":
             # Decoding at 1/8 scale (JPEG DCT scaling) still reads every entropy-coded
@@ -115,14 +112,16 @@ def prepare_image(
         if img.format == "JPEG" and target != size:
             img.draft("RGB", target)  # decode at the smallest DCT scale >= target
         img.load()
-        if keep and img.format == "PNG" and small:
-            return PreparedImage(data, size, _channels(img.mode), "PNG")
         img = img.convert("L" if img.mode in _GREY_MODES else "RGB")
         if img.size != target:
             img = img.resize(target, Image.BICUBIC, reducing_gap=3.0)
-        fmt = "PNG" if small else "JPEG"
+        fmt = "PNG" if max(target) <= LOSSLESS_MAX_SIDE else "JPEG"
+        # PNG without compression: it decodes about as fast as a small JPEG (a
+        # compressed PNG's inflate step costs several times that), at about the
+        # raw pixels' size, which at 64 px or less is still small.
+        options = {"compress_level": 0} if fmt == "PNG" else {"quality": quality}
         buf = io.BytesIO()
-        img.save(buf, format=fmt, **({} if small else {"quality": quality}))
+        img.save(buf, format=fmt, **options)
         return PreparedImage(buf.getvalue(), target, _channels(img.mode), fmt)
     except BadImage:
         raise
@@ -149,5 +148,6 @@ def encode_pixels(pixels) -> bytes:
             f"pixels must be uint8 H x W or H x W x 3, got {array.dtype} {array.shape}"
         )
     buf = io.BytesIO()
-    Image.fromarray(array, "L" if array.ndim == 2 else "RGB").save(buf, format="PNG")
+    image = Image.fromarray(array, "L" if array.ndim == 2 else "RGB")
+    image.save(buf, format="PNG", compress_level=0)
     return buf.getvalue()
