@@ -156,6 +156,7 @@ def predict_command(args) -> int:
         reduce=args.reduce,
         batch_size=args.batch_size,
         format=args.format,
+        probability=args.probability,
         md5_dict=None if args.md5_dict == "none" else args.md5_dict,
         expected=args.expected,
         weights=args.weights,

@@ -9,6 +9,7 @@ from shopee_tpu import __version__
 from shopee_tpu.accelerator import DEVICES
 from shopee_tpu.cli import commands
 from shopee_tpu.config import PRESETS
+from shopee_tpu.inference.submission import AUTO, FORMAT_CHOICES, FORMATS
 from shopee_tpu.inference.tta_views import REDUCERS
 
 
@@ -211,9 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="submission.csv")
     p.add_argument(
         "--format",
-        choices=("shopee", "cdiscount"),
-        default="shopee",
-        help="shopee: filename,category; cdiscount: _id,category_id per product",
+        choices=FORMAT_CHOICES,
+        default=AUTO,
+        help="auto: shopee when the classes are numbers, else named; "
+        + "; ".join(f"{f.name}: {f.summary}" for f in FORMATS.values()),
+    )
+    p.add_argument(
+        "--probability",
+        action="store_true",
+        help="named format: add the probability of each row's class",
     )
     p.add_argument(
         "--md5-dict",
@@ -238,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--test", nargs="+", required=True, help="each run's test .probs.npz, in order"
     )
     p.add_argument("--out", default="submission.csv")
-    p.add_argument("--format", choices=("shopee", "cdiscount"), default="shopee")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default=AUTO)
     p.add_argument("--data", default=None, help="test records (cdiscount: products)")
     p.add_argument(
         "--expected", default=None, help="test.csv whose ids must each appear once"
