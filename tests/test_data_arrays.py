@@ -130,7 +130,7 @@ def test_colour_arrays_with_text_labels_and_keras_shapes(tmp_path):
     stored = stored_records(tmp_path / "rec")
     assert [stored[str(i)][0] for i in range(12)] == [1, 2, 0] * 4
     # Class ids without names keep their numbers, classes no image has included.
-    m = write_arrays(images[:3], [0, 4, 2], tmp_path / "ids", workers=1)
+    m = write_arrays(images[:3], [0.0, 4.0, 2.0], tmp_path / "ids", workers=1)
     assert m["label_map"] == {str(i): i for i in range(5)} and m["num_classes"] == 5
     # N x H x W x 1 is grey; larger than 64 px is stored as JPEG.
     big = _grey(2, side=80)[..., None]
@@ -211,6 +211,11 @@ def test_cli_writes_idx_files_with_class_names_and_names_a_truncated_one(
     assert {i: v[0] for i, v in stored.items()} == {
         str(i): int(labels[i]) for i in range(10)
     }
+    # --test writes unlabeled records, whatever the labels file says.
+    argv_test = [*argv[:4], "--out", str(tmp_path / "unlabeled"), "--test"]
+    assert main(argv_test) == 0
+    assert read_manifest(tmp_path / "unlabeled")["class_counts"] == {"unlabeled": 10}
+    capsys.readouterr()
     # Class names on the command line, comma-separated; too few of them is an error.
     argv[argv.index("--class-names") + 1] = "a,b"
     argv[argv.index("--out") + 1] = str(tmp_path / "rec2")

@@ -82,6 +82,7 @@ def tfrecords_command(args) -> int:
         if len(args.idx) > 2:
             raise ValueError("--idx takes IMAGES and at most one LABELS file")
         images, labels = (*args.idx, None)[:2]
+        labels = None if args.test else labels
         manifest = write_idx_records(images, labels, args.out, class_names, **common)
     else:
         manifest = write_records_from_csv(

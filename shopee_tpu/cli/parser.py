@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--test",
         action="store_true",
         default=None,
-        help="unlabeled test set (keeps filenames); --folders, --pixels-csv: "
-        "default from the layout",
+        help="unlabeled test set (keeps filenames; --idx: labels ignored); "
+        "--folders, --pixels-csv: default from the layout",
     )
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--image-size", type=int, default=None, help="resize on write")

@@ -205,6 +205,8 @@ def class_ids_of(
         )
     skip = np.zeros(n, bool)
     skip[list(unusable or ())] = True
+    if values.dtype.kind == "f" and np.all(np.mod(values[~skip], 1) == 0):
+        values = values.astype(np.int64)  # whole-number floats (pandas, NaN-free)
     if values.dtype.kind in "iu":
         return _from_ids(values.astype(np.int64), skip, known, where, row)
     text = np.array([str(v) for v in values.tolist()], dtype=object)
