@@ -304,9 +304,7 @@ def write_pixels(
         class_ids = np.full(n, -1, np.int64)
     rows = [
         (
-            Unusable(row(i), unusable[i])
-            if i in unusable
-            else Pixels(images[i], row(i)),
+            Unusable(row(i), unusable[i]) if i in unusable else Pixels(images[i]),
             int(class_ids[i]),
             ids[i],
             groups[i],

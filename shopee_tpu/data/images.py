@@ -25,6 +25,7 @@ __all__ = [
     "PreparedImage",
     "prepare_image",
     "encode_pixels",
+    "prepare_pixels",
     "RESIZE_MODES",
     "LOSSLESS_MAX_SIDE",
 ]
@@ -151,3 +152,22 @@ def encode_pixels(pixels) -> bytes:
     image = Image.fromarray(array, "L" if array.ndim == 2 else "RGB")
     image.save(buf, format="PNG", compress_level=0)
     return buf.getvalue()
+
+
+def prepare_pixels(
+    pixels, *, image_size: int | None = None, resize: str = "square", quality: int = 95
+) -> tuple[PreparedImage, bytes]:
+    """One uint8 image in memory -> ``(what to store, its PNG encoding)``.
+
+    The PNG is the image as given, losslessly: the "file" whose MD5 a record
+    keeps. When it needs no resize and is small, it is also what is stored (no
+    decode and re-encode); otherwise it goes through :func:`prepare_image`.
+    """
+    png = encode_pixels(pixels)
+    h, w = np.shape(pixels)[:2]
+    target = (w, h) if image_size is None else _target((w, h), image_size, resize)
+    if target == (w, h) and max(target) <= LOSSLESS_MAX_SIDE:
+        grey = np.ndim(pixels) == 2 or np.shape(pixels)[2] == 1
+        return PreparedImage(png, target, 1 if grey else 3, "PNG"), png
+    prepared = prepare_image(png, image_size=image_size, resize=resize, quality=quality)
+    return prepared, png

@@ -18,7 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shopee_tpu.data.images import BadImage, encode_pixels, prepare_image
+from shopee_tpu.data.images import (
+    BadImage,
+    PreparedImage,
+    prepare_image,
+    prepare_pixels,
+)
 from shopee_tpu.data.tfrecord import RecordWriter, encode_example
 
 __all__ = [
@@ -45,10 +50,9 @@ class ShardParams:
 
 @dataclass(frozen=True)
 class Pixels:
-    """One image as uint8 pixels (``H x W`` or ``H x W x C``), named for messages."""
+    """One image as uint8 pixels (``H x W`` or ``H x W x C``)."""
 
     array: object  # numpy.ndarray
-    where: str
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,20 @@ class ShardWriter:
         except BadImage as e:
             self.skipped.append({"path": where, "reason": str(e)})
             return
+        self.add_prepared(image, data, label, id_, group)
+
+    def add_pixels(self, pixels, label: int, id_: str, group: str) -> None:
+        """Adds one image held as uint8 pixels (stored losslessly when small)."""
+        p = self.params
+        image, png = prepare_pixels(
+            pixels, image_size=p.image_size, resize=p.resize, quality=p.quality
+        )
+        self.add_prepared(image, png, label, id_, group)
+
+    def add_prepared(
+        self, image: PreparedImage, original: bytes, label: int, id_: str, group: str
+    ) -> None:
+        """Writes an image already prepared; ``original`` is what its MD5 is of."""
         self.channels = max(self.channels, image.channels)
         self.formats[image.format] = self.formats.get(image.format, 0) + 1
         example = {
@@ -99,7 +117,7 @@ class ShardWriter:
             "label": int(label),
             "id": id_,
             "group": group,
-            "md5": hashlib.md5(data).hexdigest(),
+            "md5": hashlib.md5(original).hexdigest(),
         }
         self.writer.write(encode_example(example))
         self.count += 1
@@ -148,7 +166,7 @@ def write_shard(
         if isinstance(source, Unusable):
             shard.skip(source.where, source.reason)
         elif isinstance(source, Pixels):
-            shard.add(encode_pixels(source.array), label, id_, group, source.where)
+            shard.add_pixels(source.array, label, id_, group)
         else:
             _add_file(shard, source, label, id_, group)
         done += 1
