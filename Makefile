@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
-EXTRAS := cpu,jax,demo,test
+EXTRAS := cpu,jax,demo,gcs,test
 
 .PHONY: demo test test-fast lint format venv wheel upgrade-constraints clean
 

@@ -28,6 +28,7 @@ DEFERRED = {
     "skimage",
     "bson",
     "pymongo",
+    "google",
     "slugify",
     "optuna",
     "matplotlib",
