@@ -24,6 +24,8 @@ from shopee_tpu import cli
 from shopee_tpu.kernels.build import (
     DEFAULT_TEMPLATE,
     EMBED_TAG,
+    REQUIRED,
+    REQUIRED_TPU,
     build_kernel,
     package_archive,
 )
@@ -704,11 +706,33 @@ def test_a_tpu_kernel_drops_the_editors_metadata_and_checks_the_image(tmp_path):
         "Kaggle image, or pip install 'keras>=3.12' with the internet on"
     ]
     # A TPU kernel also needs JAX; the image's versions pass here.
-    assert "'jax': '0.4.30'" in _source(cell)
+    assert "'jax': '0.5.1'" in _source(cell)
     proc = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_kernels_version_check_uses_the_floors_of_setup_cfg():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+
+    def floor(section, key, name):
+        lines = cfg[section][key].splitlines()
+        found = [
+            re.match(rf"{re.escape(name)}>=([\d.]+)\s*(;.*)?$", ln.strip())
+            for ln in lines
+        ]
+        return next(m[1] for m in found if m)
+
+    extras = "options.extras_require"
+    assert REQUIRED == {
+        "keras": floor("options", "install_requires", "keras"),
+        "tensorflow": floor(extras, "cpu", "tensorflow-cpu"),
+    }
+    assert REQUIRED_TPU == {"jax": floor(extras, "jax", "jax")}
 
 
 def test_a_kernel_source_over_one_megabyte_is_refused_with_its_size(tmp_path):
