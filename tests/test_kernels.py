@@ -31,6 +31,8 @@ from shopee_tpu.kernels.build import (
 )
 from shopee_tpu.kernels.client import parse_status
 from shopee_tpu.kernels.metadata import (
+    MACHINE_SHAPES,
+    RETIRED_SHAPES,
     KernelError,
     KernelMetadataError,
     load_metadata,
@@ -184,6 +186,48 @@ def test_machine_shape_none_turns_the_accelerator_flags_off(tmp_path):
     )
 
 
+# The accelerators kaggle-cli's docs/kernels.md lists "as of Feb 2026" (read at
+# Kaggle/kaggle-cli a430f0b); the client sends machine_shape unchecked.
+KAGGLE_CLI_ACCELERATORS = (
+    "NvidiaTeslaP100 TpuV38 NvidiaTeslaT4 NvidiaTeslaT4Highmem Tpu1VmV38 "
+    "NvidiaTeslaA100 NvidiaL4 TpuV5E8 NvidiaL4X1 TpuV6E8 NvidiaH100 NvidiaRtxPro6000"
+).split()
+
+
+@pytest.mark.parametrize("shape", KAGGLE_CLI_ACCELERATORS)
+def test_every_accelerator_the_kaggle_client_lists_is_accepted_or_named_retired(
+    shape,
+):
+    meta = dict(DEFAULT_TEMPLATE, id="me/shopee-tpu-baseline", machine_shape=shape)
+    if shape in RETIRED_SHAPES:
+        with pytest.raises(KernelMetadataError, match=f"{shape} is retired"):
+            validate_metadata(meta, given=["machine_shape"])
+        return
+    out = validate_metadata(meta, given=["machine_shape"])
+    kind = MACHINE_SHAPES[shape]
+    assert (out["machine_shape"], out["enable_gpu"], out["enable_tpu"]) == (
+        shape,
+        kind == "gpu",
+        kind == "tpu",
+    )
+
+
+def test_a_pinned_image_type_is_kept_for_a_gpu_and_refused_for_a_tpu():
+    meta = dict(DEFAULT_TEMPLATE, id="me/shopee-tpu-baseline")
+    gpu = dict(meta, machine_shape="NvidiaTeslaT4Highmem", enable_gpu=True)
+    gpu.update(enable_tpu=False, docker_image_pinning_type="original")
+    assert validate_metadata(gpu)["docker_image_pinning_type"] == "original"
+    for pinning in ("original", "latest"):
+        with pytest.raises(KernelMetadataError) as e:
+            validate_metadata(dict(meta, docker_image_pinning_type=pinning))
+        assert str(e.value) == (
+            f"docker_image_pinning_type: {pinning!r} pins the session to a container "
+            "image, and a TpuV5E8 session runs on a TPU VM with no image of its own: "
+            "a pinned CPU/GPU image wins and the kernel runs without the TPU "
+            "(kaggle-cli#1197); remove docker_image_pinning_type"
+        )
+
+
 BAD_SETS = [
     (["id=me/shopee-tpu-baseline/3"], "id", "version"),
     (["id=me/abc"], "id", "at least 5"),
@@ -207,6 +251,7 @@ BAD_SETS = [
     (["machine_shape=", "enable_gpu=true"], "machine_shape", "P100"),
     (["machine_shape=TpuV5E8", "enable_tpu=false"], "enable_tpu", "must be true"),
     (["docker_image_pinning_type=newest"], "docker_image_pinning_type", "newest"),
+    (["docker_image_pinning_type=latest"], "docker_image_pinning_type", "TPU VM"),
     (["code_file=other.ipynb"], "code_file", "set by `kernel build`"),
     (["colour=blue"], "colour", "unknown metadata key"),
     (["no-equals-sign"], "--set", "key=value"),
