@@ -129,18 +129,23 @@ def test_errors_name_the_path(gcs):
 def test_gs_paths_never_import_tensorflow_or_keras(gcs):
     # On a TPU VM a run folder in a bucket is opened before connect(); importing
     # TensorFlow there would start Keras on the TensorFlow backend.
+    # Nor are record files listed and counted (from their manifest) that way.
+    fs.write_bytes("gs://bucket/notf/recs/train-00-7.tfrec", b"")
+    fs.write_json("gs://bucket/notf/recs/manifest.json", {"shards": {}})
     out = run_python(
         "import sys\n"
         "from shopee_tpu import fs\n"
+        "from shopee_tpu.data.files import count_records, list_files\n"
         "from shopee_tpu.run_folder import RunFolder\n"
-        "fs.write_json('gs://bucket/notf/config.json', {'a': 1})\n"
-        "run = RunFolder('gs://bucket/notf')\n"
-        "print(fs.read_json(run.file('config.json')), fs.listdir(run.path),\n"
-        "      fs.glob('gs://bucket/notf/*.json'), run.epoch)\n"
+        "fs.write_json('gs://bucket/notf/run/config.json', {'a': 1})\n"
+        "run = RunFolder('gs://bucket/notf/run')\n"
+        "print(fs.read_json(run.file('config.json')), fs.listdir(run.path), run.epoch)\n"
+        "print(list_files('gs://bucket/notf/recs'), count_records('gs://bucket/notf/recs'))\n"
         "print(sorted(m for m in ('tensorflow', 'keras', 'jax') if m in sys.modules))\n",
         env={"STORAGE_EMULATOR_HOST": gcs.url},
     )
     assert out.splitlines() == [
-        "{'a': 1} ['config.json'] ['gs://bucket/notf/config.json'] 0",
+        "{'a': 1} ['config.json'] 0",
+        "['gs://bucket/notf/recs/train-00-7.tfrec'] 7",
         "[]",
     ]

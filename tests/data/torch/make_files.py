@@ -63,7 +63,9 @@ def expected(name: str, state: dict) -> dict:
     out = {}
     for key, tensor in state.items():
         if tensor.dtype == torch.bfloat16:
-            out[f"{name}/{key}"] = tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+            out[f"{name}/{key}"] = (
+                tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+            )
         else:
             out[f"{name}/{key}"] = tensor.numpy().copy()
     return out
