@@ -14,11 +14,10 @@ client leaves to the server or only warns about:
   ``owner/model/framework/variation/version`` (models);
 - ``machine_shape`` one of the accelerator ids, consistent with ``enable_gpu`` /
   ``enable_tpu`` (``enable_gpu`` alone gets a retired P100);
-- no ``docker_image`` or ``docker_image_pinning_type`` with a TPU
-  ``machine_shape``: a TPU v5e-8 session runs on a TPU VM with no image of its
-  own, so a pinned image wins and the kernel runs on the CPU image
-  (kaggle-cli#1197; the notebook's own ``metadata.kaggle`` block does the same,
-  and ``kernel build`` drops it).
+- no ``docker_image(_pinning_type)`` with a TPU ``machine_shape``: a TPU v5e-8
+  session runs on a TPU VM with no image, so a pinned one wins and the kernel runs
+  on the CPU image (kaggle-cli#1197; so does the notebook's ``metadata.kaggle``,
+  which ``kernel build`` drops).
 
 Every error names the key. Unknown keys are errors too, so a typo is not ignored.
 """
@@ -73,19 +72,15 @@ LANGUAGES = ("python", "r", "rmarkdown")
 KERNEL_TYPES = ("script", "notebook")
 PINNING_TYPES = ("original", "latest")
 
-# machine_shape ids from Kaggle/kaggle-cli docs/kernels.md ("as of Feb 2026") and
-# PR #1198: NvidiaTeslaT4 is "GPU T4 x2", TpuV5E8 is "TPU v5e-8". The client sends
-# the string as it is (kagglesdk has no enum of them).
+# machine_shape ids from Kaggle/kaggle-cli docs/kernels.md ("as of Feb 2026"), sent
+# unchecked; PR #1198: NvidiaTeslaT4 is "GPU T4 x2", TpuV5E8 is "TPU v5e-8".
 MACHINE_SHAPES = {
-    "NvidiaTeslaT4": "gpu",
-    "NvidiaTeslaT4Highmem": "gpu",
-    "NvidiaL4": "gpu",
-    "NvidiaL4X1": "gpu",
-    "NvidiaTeslaA100": "gpu",
-    "NvidiaH100": "gpu",
-    "NvidiaRtxPro6000": "gpu",
-    "TpuV5E8": "tpu",
-    "TpuV6E8": "tpu",
+    **dict.fromkeys(
+        ("NvidiaTeslaT4", "NvidiaTeslaT4Highmem", "NvidiaL4", "NvidiaL4X1")
+        + ("NvidiaTeslaA100", "NvidiaH100", "NvidiaRtxPro6000"),
+        "gpu",
+    ),
+    **dict.fromkeys(("TpuV5E8", "TpuV6E8"), "tpu"),
 }
 # What the server runs instead (kaggle 2.2.5, _RETIRED_ACCELERATORS).
 RETIRED_SHAPES = {
@@ -364,13 +359,13 @@ def _check_accelerator(meta: dict[str, Any]) -> None:
             "its own: the pinned one wins and the kernel runs on the CPU image "
             "(kaggle-cli#1197); remove docker_image",
         )
-    if kind == "tpu" and meta.get("docker_image_pinning_type"):
+    if kind == "tpu" and (pinning := meta.get("docker_image_pinning_type")):
         raise KernelMetadataError(
             "docker_image_pinning_type",
-            f"{meta['docker_image_pinning_type']!r} pins the session to a container "
-            f"image, and a {shape} session runs on a TPU VM with no image of its "
-            "own: a pinned CPU/GPU image wins and the kernel runs without the TPU "
-            "(kaggle-cli#1197); remove docker_image_pinning_type",
+            f"{pinning!r} pins the session to a container image, and a {shape} "
+            "session runs on a TPU VM with no image of its own: a pinned CPU/GPU "
+            "image wins and the kernel runs without the TPU (kaggle-cli#1197); "
+            "remove docker_image_pinning_type",
         )
     if kind == "gpu" and not gpu:
         raise KernelMetadataError("enable_gpu", f"must be true for {shape}")
