@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from shopee_tpu.models.torch_files import is_torch_file, read_state_dict
+from shopee_tpu.models.weights.torch_files import is_torch_file, read_state_dict
 
 DATA = os.path.join(REPO, "tests", "data", "torch")
 FILES = ("tiny_zip.pth", "tiny_legacy.pth", "views_zip.pth", "views_legacy.pth")
