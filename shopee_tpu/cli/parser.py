@@ -9,6 +9,7 @@ from shopee_tpu import __version__
 from shopee_tpu.accelerator import DEVICES
 from shopee_tpu.cli import commands
 from shopee_tpu.config import PRESETS
+from shopee_tpu.inference.exported import FORMATS
 from shopee_tpu.inference.tta_views import REDUCERS
 
 
@@ -84,6 +85,34 @@ def _add_cdiscount_parser(sub) -> None:
         q.add_argument("--quality", type=int, default=95)
         q.add_argument("--overwrite", action="store_true", help="replace other records")
     p.set_defaults(func=commands.cdiscount_command)
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="a run's model as LiteRT, ONNX or SavedModel, checked"
+    )
+    p.add_argument("--run", required=True, help="a training run folder")
+    p.add_argument("--format", choices=FORMATS, default="litert")
+    p.add_argument(
+        "--quantize",
+        choices=("float16", "int8"),
+        default=None,
+        help="litert only: float16 (weights) or int8 (calibrated on training images)",
+    )
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--weights", choices=("best", "last"), default="best")
+    p.add_argument(
+        "--calibration", default=None, help="int8: records (default: data.train)"
+    )
+    p.add_argument(
+        "--check",
+        default=None,
+        help="records to compare with Keras on (default: the run's validation)",
+    )
+    p.add_argument(
+        "--no-check", action="store_true", help="skip the comparison with Keras"
+    )
+    p.set_defaults(func=commands.export_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,19 +198,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict", help="predict test records with TTA; write a submission"
     )
-    p.add_argument("--run", required=True, help="a training run folder")
+    p.add_argument("--run", default=None, help="a training run folder")
     p.add_argument(
-        "--data", required=True, help="test TFRecords (folder, file or glob)"
+        "--model", default=None, help="instead of --run: an exported .tflite or .onnx"
     )
+    p.add_argument("--data", default=None, help="test TFRecords (folder, file or glob)")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        metavar="DIR|CSV|FILE",
+        help="instead of --data: image files, folders or a CSV of paths",
+    )
+    p.add_argument("--image-root", default=None, help="where a CSV's paths start")
+    p.add_argument("--threads", type=int, default=None, help="--model: CPU threads")
     p.add_argument("--tta", default=None, help="views, e.g. identity,flip_lr")
     p.add_argument("--reduce", choices=REDUCERS, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--out", default="submission.csv")
     p.add_argument(
         "--format",
-        choices=("shopee", "cdiscount"),
-        default="shopee",
-        help="shopee: filename,category; cdiscount: _id,category_id per product",
+        choices=("shopee", "cdiscount", "csv"),
+        default=None,
+        help="shopee: filename,category; cdiscount: _id,category_id per product; "
+        "csv: path,category,probability (default: shopee for --data, csv for --images)",
     )
     p.add_argument(
         "--md5-dict",
@@ -197,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("best", "last"), default="best")
     p.add_argument("--device", choices=DEVICES, default=None)
     p.set_defaults(func=commands.predict_command)
+
+    _add_export_parser(sub)
 
     p = sub.add_parser(
         "stack", help="stack runs' out-of-fold probabilities into a submission"
