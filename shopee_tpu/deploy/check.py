@@ -18,6 +18,7 @@ import numpy as np
 from shopee_tpu.data.decode import read_ids_labels
 from shopee_tpu.data.files import holdout_files, list_files
 from shopee_tpu.data.manifests import manifest_beside
+from shopee_tpu.data.pipeline import eval_dataset
 
 __all__ = [
     "record_images",
@@ -68,8 +69,6 @@ def record_images(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Up to ``limit`` uint8 images from ``files``, taken evenly across them, in
     file order, with their labels (``None`` for unlabelled test records)."""
-    from shopee_tpu.data.pipeline import eval_dataset  # TensorFlow
-
     per_file = -(-limit // max(len(files), 1))
     images, labels = [], []
     for path in files:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from shopee_tpu.data.sources import class_names
 from shopee_tpu.deploy import check as checks
+from shopee_tpu.deploy.convert import write_model
 from shopee_tpu.inference.exported import (
     ExportedModel,
     check_format,
@@ -93,7 +94,6 @@ def export(
         return _export_in_child(
             run, format, out, quantize, weights, calibration, check, verbose
         )
-    from shopee_tpu.deploy.convert import write_model
     from shopee_tpu.inference.run import load_run_model  # Keras
 
     model, config, label_map, size = load_run_model(run, weights=weights)
@@ -103,6 +103,32 @@ def export(
         calibration_set, _ = checks.record_images(
             files, size, calibration_images, schema=config.data.schema
         )
+    fields = dict(
+        format=format,
+        quantize=quantize,
+        image_size=size,
+        classes=class_names(label_map),
+        backbone=config.model.backbone,
+        run=os.path.abspath(os.fspath(run)),
+        weights=weights,
+        tta=list(config.predict.tta),
+        reduce=config.predict.reduce,
+        beta=config.predict.beta,
+        calibration_images=None if calibration_set is None else len(calibration_set),
+    )
+    path, contract = _write_folder(
+        model, out, fields, calibration_set, config, check, check_images
+    )
+    result = ExportResult(out, path, contract)
+    if verbose:
+        print(_summary(result))
+    return result
+
+
+def _write_folder(model, out, fields, calibration_set, config, check, check_images):
+    """Writes the model and its contract into a staging folder beside ``out``,
+    checks it, then puts it at ``out``; returns the model's path and contract."""
+    format, quantize, size = fields["format"], fields["quantize"], fields["image_size"]
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
@@ -110,32 +136,14 @@ def export(
         path = write_model(
             model, staging, format, quantize=quantize, calibration=calibration_set
         )
-        fields = dict(
-            format=format,
-            quantize=quantize,
-            image_size=size,
-            classes=class_names(label_map),
-            backbone=config.model.backbone,
-            run=os.path.abspath(os.fspath(run)),
-            weights=weights,
-            tta=list(config.predict.tta),
-            reduce=config.predict.reduce,
-            beta=config.predict.beta,
-            calibration_images=None
-            if calibration_set is None
-            else len(calibration_set),
-            bytes=_bytes(path),
-        )
+        fields["bytes"] = _bytes(path)
         write_contract(staging, **fields)  # what the check reads the model by
         comparison = _check(model, staging, config, size, check, check_images)
         contract = write_contract(staging, **fields, check=comparison)
         _replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    result = ExportResult(out, os.path.join(out, os.path.basename(path)), contract)
-    if verbose:
-        print(_summary(result))
-    return result
+    return os.path.join(out, os.path.basename(path)), contract
 
 
 def _on_tensorflow() -> bool:

@@ -27,7 +27,7 @@ import os
 import numpy as np
 
 from shopee_tpu import fs
-from shopee_tpu.utils import require_extra
+from shopee_tpu.utils import require_extra, require_tensorflow
 
 __all__ = [
     "FORMATS",
@@ -186,8 +186,6 @@ class ExportedModel:
         return lambda x: session.run(None, {name: x})[0]
 
     def _saved_model(self):
-        from shopee_tpu.utils import require_tensorflow
-
         tf = require_tensorflow()
         # Held by the model: the restored function needs the object's variables.
         self._saved = tf.saved_model.load(self.path)

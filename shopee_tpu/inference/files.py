@@ -29,11 +29,13 @@ from shopee_tpu import fs
 from shopee_tpu.data.images import BadImage, prepare_image
 from shopee_tpu.data.sources import (
     IMAGE_SUFFIXES,
+    class_names,
     normalise_table,
     read_table,
     resolve_paths,
 )
 from shopee_tpu.inference.exported import ExportedModel
+from shopee_tpu.inference.tta import predict
 from shopee_tpu.inference.tta_views import (
     REDUCERS,
     ViewPlan,
@@ -167,7 +169,6 @@ class Classifier:
     @classmethod
     def from_run(cls, run, *, weights: str = "best", tta=None, reduce=None):
         """The run's Keras model (Keras and TensorFlow or JAX)."""
-        from shopee_tpu.data.sources import class_names
         from shopee_tpu.inference.run import load_run_model  # Keras
 
         model, config, label_map, size = load_run_model(run, weights=weights)
@@ -231,8 +232,6 @@ class Classifier:
                 probs.append(reduce_views(members, self.plan, self.reduce, self.beta))
                 ids.extend(keys)
         else:
-            from shopee_tpu.inference.tta import predict  # Keras
-
             keys: list = []
 
             def images_only():
