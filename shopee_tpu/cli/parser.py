@@ -300,7 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument(
         "what",
-        choices=("input", "train", "predict", "accuracy", "ablation", "cdiscount"),
+        choices=(
+            "input",
+            "train",
+            "predict",
+            "accuracy",
+            "ablation",
+            "cdiscount",
+            "export",
+        ),
     )
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
     p.add_argument("--images", default=None, help="folder of images (bench input)")

@@ -94,10 +94,14 @@ def record_images(
 def keras_probabilities(model, images: np.ndarray, batch_size: int = 64):
     """The Keras model's probabilities of float32 0..255 ``images``, one view."""
     x = np.asarray(images, np.float32)
-    parts = [
-        np.asarray(model.predict_on_batch(x[i : i + batch_size]), np.float32)
-        for i in range(0, len(x), batch_size)
-    ]
+    parts = []
+    for i in range(0, len(x), batch_size):
+        batch = x[i : i + batch_size]
+        # The short last batch padded: one traced shape, one trace.
+        padded = np.resize(batch, (batch_size, *x.shape[1:]))
+        parts.append(
+            np.asarray(model.predict_on_batch(padded), np.float32)[: len(batch)]
+        )
     return np.concatenate(parts)
 
 
