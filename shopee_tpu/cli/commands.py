@@ -173,6 +173,8 @@ def export_command(args) -> int:
         weights=args.weights,
         calibration=args.calibration,
         check=False if args.no_check else args.check,
+        calibration_images=args.calibration_images,
+        check_images=args.check_images,
     )
     return 0
 

@@ -112,6 +112,8 @@ def _add_export_parser(sub) -> None:
     p.add_argument(
         "--no-check", action="store_true", help="skip the comparison with Keras"
     )
+    p.add_argument("--calibration-images", type=int, default=300, help="int8")
+    p.add_argument("--check-images", type=int, default=1000, help="at most")
     p.set_defaults(func=commands.export_command)
 
 

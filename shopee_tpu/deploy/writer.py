@@ -91,9 +91,13 @@ def export(
     check_format(format, quantize)
     out = os.fspath(out)
     if not _on_tensorflow():
-        return _export_in_child(
-            run, format, out, quantize, weights, calibration, check, verbose
+        counts = (calibration_images, check_images)
+        result = _export_in_child(
+            run, format, out, quantize, weights, calibration, check, counts
         )
+        if verbose:
+            print(_summary(result))
+        return result
     from shopee_tpu.inference.run import load_run_model  # Keras
 
     model, config, label_map, size = load_run_model(run, weights=weights)
@@ -179,10 +183,11 @@ def _replace(staging: str, out: str) -> None:
         os.rename(staging, out)
 
 
-def _export_in_child(run, format, out, quantize, weights, calibration, check, verbose):
+def _export_in_child(run, format, out, quantize, weights, calibration, check, counts):
     """The same export in a child process on the TensorFlow backend."""
     cmd = [sys.executable, "-m", "shopee_tpu", "export", "--run", os.fspath(run)]
     cmd += ["--format", format, "--out", out, "--weights", weights]
+    cmd += ["--calibration-images", str(counts[0]), "--check-images", str(counts[1])]
     if quantize:
         cmd += ["--quantize", quantize]
     if calibration:
@@ -199,8 +204,6 @@ def _export_in_child(run, format, out, quantize, weights, calibration, check, ve
             f"export on the TensorFlow backend failed ({proc.returncode}):\n"
             + proc.stderr[-3000:]
         )
-    if verbose and proc.stdout.strip():
-        print(proc.stdout.strip().splitlines()[-1])
     contract = read_contract(out)
     return ExportResult(out, os.path.join(out, contract["file"]), contract)
 

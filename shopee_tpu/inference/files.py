@@ -285,6 +285,8 @@ def write_predictions(
     from shopee_tpu.inference.submission import write_shopee_submission
 
     ids, probs = list(result.ids), result.probs
+    if not ids:
+        raise ValueError(f"{out}: no image could be read; nothing to submit")
     if result.skipped:
         # A submission needs every id: an unreadable image gets the mean
         # prediction of the others (the test set's likeliest class).
