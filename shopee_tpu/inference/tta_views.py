@@ -158,6 +158,7 @@ def _members(name: str) -> list[str]:
         m = re.fullmatch(r"shift_(\d+)", part)
         if m:
             expanded.append([f"shift_{d}_{m.group(1)}" for d in _DIRECTIONS])
+        # Checked with the numpy views: parsing a plan needs no Keras.
         elif part and _simple_view(part, _NumpyOps) is not None:
             expanded.append([part])
         else:
