@@ -255,3 +255,18 @@ print(json.dumps(result.check))
     assert check["images"] == len(trained["labels"])
     assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
     assert os.path.isfile(out / "model.onnx")
+
+
+def test_a_mixed_precision_session_exports_in_float32(trained, tmp_path):
+    import keras
+
+    from shopee_tpu.deploy import export
+    from shopee_tpu.inference.exported import load_exported
+
+    keras.config.set_dtype_policy("mixed_bfloat16")  # as connect() sets it on a TPU
+    try:
+        result = export(trained["run"], "onnx", out=tmp_path / "x", check=False)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    probs = load_exported(result.folder).predict(trained["images"])
+    assert np.abs(probs - trained["keras"]).max() <= 1e-4

@@ -98,9 +98,7 @@ def export(
         if verbose:
             print(_summary(result))
         return result
-    from shopee_tpu.inference.run import load_run_model  # Keras
-
-    model, config, label_map, size = load_run_model(run, weights=weights)
+    model, config, label_map, size = _float32_model(run, weights)
     calibration_set = None
     if quantize == "int8":
         files = checks.training_files(config, calibration)
@@ -148,6 +146,21 @@ def _write_folder(model, out, fields, calibration_set, config, check, check_imag
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return os.path.join(out, os.path.basename(path)), contract
+
+
+def _float32_model(run, weights: str):
+    """The run's model in float32, whatever dtype policy the session has set
+    (a run trained in bfloat16 exports in float32, which every runtime takes)."""
+    import keras
+
+    from shopee_tpu.inference.run import load_run_model  # Keras
+
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        return load_run_model(run, weights=weights)
+    finally:
+        keras.config.set_dtype_policy(policy)
 
 
 def _on_tensorflow() -> bool:
