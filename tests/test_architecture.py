@@ -38,6 +38,9 @@ DEFERRED = {
     "pandas",
     "yaml",
     "safetensors",
+    "tf2onnx",
+    "onnxruntime",
+    "ai_edge_litert",
     "resource",  # Unix only
 }
 LONG_FUNCTION_EXCEPTIONS = {

@@ -238,6 +238,40 @@ def test_bench_ablation_changes_are_each_variant_minus_the_preset(capsys, tmp_pa
         assert row["change_vs_preset"] == round(row["test_accuracy"] - base, 4)
 
 
+@pytest.mark.slow
+def test_bench_export_speedups_and_accuracy_lost_follow_from_the_runs(capsys, tmp_path):
+    out = _bench(capsys, "export", "--rounds", "2", "--out", str(tmp_path))
+    assert (out["bench"], out["quick"], out["model"]) == ("export", True, "tiny-cnn")
+    keras = out["accuracy"]["keras"]
+    n = out["test_images"]
+    assert keras["accuracy"] == round(keras["correct"] / n, 6)
+    for name in ("litert_float32", "litert_float16", "litert_int8", "onnx"):
+        acc = out["accuracy"][name]
+        assert acc["exported_accuracy"] == round(acc["exported_correct"] / n, 6)
+        drop = round(100 * (keras["correct"] - acc["exported_correct"]) / n, 4)
+        assert acc["accuracy_drop_points"] == drop
+    for name in ("litert_float32", "onnx"):  # float32: the Keras predictions
+        assert out["accuracy"][name]["top1_agreement"] == 1.0
+    for threads in ("1_thread", "2_threads"):
+        latency = out["latency_ms"][threads]
+        keras_rounds = _rounds(latency["keras"], 3)
+        for name, fig in out["speedup_over_keras_single_image"][threads].items():
+            # Keras's latency over the export's, round by round.
+            _is_product(
+                fig, 3, (keras_rounds, 1, 3), (_rounds(latency[name], 3), -1, 3)
+            )
+            _rounds(out["images_per_sec"][threads][name], 2)
+        assert (
+            out["int8_over_keras_single_image"][threads]
+            == (out["speedup_over_keras_single_image"][threads]["litert_int8"])
+        )
+    goal = out["goal"]
+    speed = {k: v["median"] for k, v in out["int8_over_keras_single_image"].items()}
+    assert goal["int8_speedup_medians"] == speed
+    lost = out["accuracy"]["litert_int8"]["accuracy_drop_points"]
+    assert goal["met"] == (min(speed.values()) >= 3.0 and lost <= 0.5)
+
+
 def test_forward_flops_counts_convolutions_and_dense_layers():
     """A hand-countable model: conv 3x3 (3 -> 4 channels) on 8x8 'same', depthwise
     3x3 on 8x8, then dense 4 -> 5 after pooling."""

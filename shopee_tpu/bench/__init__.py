@@ -11,8 +11,12 @@ machine's core count and load average (``machine``).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -25,7 +29,9 @@ _BENCHES = {
     "accuracy": "shopee_tpu.bench.accuracy",
     "ablation": "shopee_tpu.bench.ablation",
     "cdiscount": "shopee_tpu.bench.cdiscount",
+    "export": "shopee_tpu.bench.export",
 }
+_MARK = "@@bench "
 
 
 def run_bench(what: str, args) -> dict:
@@ -113,3 +119,58 @@ def photo_crops(n: int, size: int, seed: int = 0) -> np.ndarray:
         crop = Image.fromarray(photo[y : y + side, x : x + side])
         out[i] = np.asarray(crop.resize((size, size), Image.BILINEAR), np.float32)
     return out
+
+
+def say(obj) -> None:
+    """A worker's answer to its parent: one marked JSON line on stdout."""
+    print(_MARK + json.dumps(obj), flush=True)
+
+
+class Worker:
+    """A benchmark worker process (one Keras backend, one thread setting...),
+    spoken to over stdin/stdout: each command line gets one ``say`` answer.
+
+    Args:
+        name: For error messages.
+        code: The Python code the process runs (it answers ``say`` lines).
+        env: Environment variables on top of this process's.
+    """
+
+    def __init__(self, name: str, code: str, env: dict):
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            bufsize=1,
+        )
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(_MARK):
+                return json.loads(line[len(_MARK) :])
+        self.log.seek(0)
+        tail = self.log.read()[-3000:]
+        raise RuntimeError(
+            f"bench: the {self.name} worker exited "
+            f"({self.proc.wait()}) without answering:\n{tail}"
+        )
+
+    def ask(self, what: str) -> dict:
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self.log.close()

@@ -17,10 +17,12 @@ from shopee_tpu.data.manifests import summary_lines
 from shopee_tpu.data.pixels_csv import write_pixels_csv
 from shopee_tpu.data.records import write_records_from_csv
 from shopee_tpu.demo import run_demo
+from shopee_tpu.deploy.writer import export
 from shopee_tpu.experiments.kfold import train_folds
 from shopee_tpu.experiments.stack import stack_runs
 from shopee_tpu.experiments.sweep import run_sweep
 from shopee_tpu.experiments.tune import tune
+from shopee_tpu.inference.files import predict_files
 from shopee_tpu.inference.run import predict_run
 from shopee_tpu.kernels.build import build_kernel
 from shopee_tpu.kernels.client import kernel_status, push_kernel
@@ -149,11 +151,33 @@ def train_command(args) -> int:
 
 
 def predict_command(args) -> int:
+    tta = tuple(v for v in args.tta.split(",") if v) if args.tta else None
+    if (args.data is None) == (args.images is None):
+        raise ValueError("predict needs --data RECORDS or --images DIR|CSV|FILE...")
+    if args.images is not None:
+        predict_files(
+            args.images,
+            run=args.run,
+            model=args.model,
+            out=args.out,
+            format=args.format,
+            probability=args.probability,
+            tta=tta,
+            reduce=args.reduce,
+            batch_size=args.batch_size or 32,
+            root=args.image_root,
+            expected=args.expected,
+            weights=args.weights,
+            threads=args.threads,
+        )
+        return 0
+    if args.run is None or args.model is not None:
+        raise ValueError("predict --data reads a run: pass --run RUN (not --model)")
     predict_run(
         args.run,
         args.data,
         out=args.out,
-        tta=tuple(v for v in args.tta.split(",") if v) if args.tta else None,
+        tta=tta,
         reduce=args.reduce,
         batch_size=args.batch_size,
         format=args.format,
@@ -162,6 +186,21 @@ def predict_command(args) -> int:
         expected=args.expected,
         weights=args.weights,
         device=args.device,
+    )
+    return 0
+
+
+def export_command(args) -> int:
+    export(
+        args.run,
+        args.format,
+        out=args.out,
+        quantize=args.quantize,
+        weights=args.weights,
+        calibration=args.calibration,
+        check=False if args.no_check else args.check,
+        calibration_images=args.calibration_images,
+        check_images=args.check_images,
     )
     return 0
 

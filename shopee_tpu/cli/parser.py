@@ -9,6 +9,7 @@ from shopee_tpu import __version__
 from shopee_tpu.accelerator import DEVICES
 from shopee_tpu.cli import commands
 from shopee_tpu.config import PRESETS
+from shopee_tpu.inference.exported import FORMATS as EXPORT_FORMATS
 from shopee_tpu.inference.submission import AUTO, FORMAT_CHOICES, FORMATS
 from shopee_tpu.inference.tta_views import REDUCERS
 
@@ -85,6 +86,36 @@ def _add_cdiscount_parser(sub) -> None:
         q.add_argument("--quality", type=int, default=95)
         q.add_argument("--overwrite", action="store_true", help="replace other records")
     p.set_defaults(func=commands.cdiscount_command)
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="a run's model as LiteRT, ONNX or SavedModel, checked"
+    )
+    p.add_argument("--run", required=True, help="a training run folder")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="litert")
+    p.add_argument(
+        "--quantize",
+        choices=("float16", "int8"),
+        default=None,
+        help="litert only: float16 (weights) or int8 (calibrated on training images)",
+    )
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--weights", choices=("best", "last"), default="best")
+    p.add_argument(
+        "--calibration", default=None, help="int8: records (default: data.train)"
+    )
+    p.add_argument(
+        "--check",
+        default=None,
+        help="records to compare with Keras on (default: the run's validation)",
+    )
+    p.add_argument(
+        "--no-check", action="store_true", help="skip the comparison with Keras"
+    )
+    p.add_argument("--calibration-images", type=int, default=300, help="int8")
+    p.add_argument("--check-images", type=int, default=1000, help="at most")
+    p.set_defaults(func=commands.export_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,10 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict", help="predict test records with TTA; write a submission"
     )
-    p.add_argument("--run", required=True, help="a training run folder")
+    p.add_argument("--run", default=None, help="a training run folder")
     p.add_argument(
-        "--data", required=True, help="test TFRecords (folder, file or glob)"
+        "--model", default=None, help="instead of --run: an exported .tflite or .onnx"
     )
+    p.add_argument("--data", default=None, help="test TFRecords (folder, file or glob)")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        metavar="DIR|CSV|FILE",
+        help="instead of --data: image files, folders or a CSV of paths",
+    )
+    p.add_argument("--image-root", default=None, help="where a CSV's paths start")
+    p.add_argument("--threads", type=int, default=None, help="--model: CPU threads")
     p.add_argument("--tta", default=None, help="views, e.g. identity,flip_lr")
     p.add_argument("--reduce", choices=REDUCERS, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -214,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=FORMAT_CHOICES,
         default=AUTO,
-        help="auto: shopee when the classes are numbers, else named; "
+        help="auto: with --data, shopee when the classes are numbers, else named; "
+        "with --images, path,category,probability (not a submission); "
         + "; ".join(f"{f.name}: {f.summary}" for f in FORMATS.values()),
     )
     p.add_argument(
@@ -236,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("best", "last"), default="best")
     p.add_argument("--device", choices=DEVICES, default=None)
     p.set_defaults(func=commands.predict_command)
+
+    _add_export_parser(sub)
 
     p = sub.add_parser(
         "stack", help="stack runs' out-of-fold probabilities into a submission"
@@ -297,7 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument(
         "what",
-        choices=("input", "train", "predict", "accuracy", "ablation", "cdiscount"),
+        choices=(
+            "input",
+            "train",
+            "predict",
+            "accuracy",
+            "ablation",
+            "cdiscount",
+            "export",
+        ),
     )
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
     p.add_argument("--images", default=None, help="folder of images (bench input)")

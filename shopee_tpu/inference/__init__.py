@@ -9,7 +9,10 @@ dictionary, submissions and the TTA report.
 - ``submission``: the table of formats (Shopee, named classes, Cdiscount), their
   writers and validators.
 - ``report``: ``tta_report`` on validation data.
-- ``run``: ``predict_run`` (what ``shopee-tpu predict`` calls).
+- ``run``: ``predict_run`` (what ``shopee-tpu predict --data`` calls).
+- ``files``: ``Classifier`` and ``predict_files``: plain image files, with a run
+  or an exported model (``shopee-tpu predict --images``).
+- ``exported``: an export folder's contract; ``load_exported`` runs it.
 
 Submodules are imported on first use, so importing this package is cheap.
 """
@@ -45,6 +48,9 @@ _EXPORTS = {
     "SubmissionError": "shopee_tpu.inference.submission",
     "tta_report": "shopee_tpu.inference.report",
     "predict_run": "shopee_tpu.inference.run",
+    "Classifier": "shopee_tpu.inference.files",
+    "predict_files": "shopee_tpu.inference.files",
+    "load_exported": "shopee_tpu.inference.exported",
 }
 
 __all__ = sorted(_EXPORTS)
