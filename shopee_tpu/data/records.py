@@ -187,6 +187,29 @@ def _cpu_count() -> int:
 def _write_table(
     table, out_dir, params, label_map, workers, overwrite, where, bar
 ) -> dict:
+    # The writer processes start (Python, numpy and Pillow: a fraction of a
+    # second each) while this process plans the shards.
+    with WorkerPool(min(workers, params["num_shards"]) if workers > 1 else 0) as pool:
+        manifest, tasks, n = _plan_table(
+            table, out_dir, params, label_map, overwrite, where
+        )
+        # Finished shards of an earlier run count as done.
+        bar.total = n
+        bar.update(n - sum(len(t[2]) for t in tasks))
+        if not pool.procs or len(tasks) <= 1:
+            for task in tasks:
+                manifests.record(out_dir, manifest, write_shard(task, bar.update))
+        else:
+            for result in pool.map_unordered(
+                _largest_first(tasks), progress=bar.update
+            ):
+                manifests.record(out_dir, manifest, result)
+    return manifests.finish(out_dir, manifest)
+
+
+def _plan_table(table, out_dir, params, label_map, overwrite, where):
+    """Checks the table and assigns rows to shards; returns the manifest, the
+    shard tasks still to write and the row count."""
     test = params["test"]
     table = sources.normalise_table(table, test=test, where=where)
     table = sources.resolve_paths(table, None)  # relative paths: from the cwd
@@ -217,17 +240,21 @@ def _write_table(
         for s in range(n_shards)
         if str(s) not in manifest["done"]
     ]
-    # Finished shards of an earlier run count as done.
-    bar.total = len(rows)
-    bar.update(len(rows) - sum(len(t[2]) for t in tasks))
-    if workers == 1 or len(tasks) <= 1:
-        for task in tasks:
-            manifests.record(out_dir, manifest, write_shard(task, bar.update))
-    else:
-        with WorkerPool(min(workers, len(tasks)), sp) as pool:
-            for result in pool.map_unordered(tasks, progress=bar.update):
-                manifests.record(out_dir, manifest, result)
-    return manifests.finish(out_dir, manifest)
+    return manifest, tasks, len(rows)
+
+
+def _largest_first(tasks: list) -> list:
+    """Shard tasks by the bytes of their files, largest first: the next free
+    process takes the largest shard left, so the last to finish is a small one
+    (bytes are a rough proxy for decoding time)."""
+
+    def size(path) -> int:
+        try:
+            return os.path.getsize(path)
+        except OSError:  # the writer reports the missing or unreadable file
+            return 0
+
+    return sorted(tasks, key=lambda t: -sum(size(row[0]) for row in t[2]))
 
 
 # ---------------------------------------------------------------------------
