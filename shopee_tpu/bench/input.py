@@ -20,7 +20,8 @@ Each is reported as a fraction of ``cores x single_thread`` (goal for ``ours``:
 >= 0.92), with the cores it kept busy (CPU seconds / wall seconds) and its CPU
 microseconds per image. ``ours``' fraction is the product of two factors, both
 reported: ``work`` (the single thread's CPU per image over ours') and ``cores``
-(the cores ours kept busy over ``cores x`` the single thread's). The CPU per image
+(the cores ours kept busy over ``cores x`` the single thread's). The voluntary
+context switches per image count the hand-offs between threads. The CPU per image
 of the one-thread stages, differenced, is the breakdown: ``read``, ``parse``,
 ``decode``, ``flip``, ``pipeline`` (ours on one thread over the decode and flip)
 and ``threads`` (ours on all cores over ours on one: hand-offs between threads).
@@ -72,24 +73,27 @@ PARALLEL = ("parallel_decode", "ours", "ours_no_augment", "ours_private_pool")
 STAGES = ("read", "parse", "single_thread", "decode_flip", "ours_one_thread")
 
 
-def _cpu_seconds() -> float:
+def _usage() -> tuple[float, int]:
+    """CPU seconds of this process and its voluntary context switches (a thread
+    waiting for another: the hand-offs between pipeline stages)."""
     me = resource.getrusage(resource.RUSAGE_SELF)
-    return me.ru_utime + me.ru_stime
+    return me.ru_utime + me.ru_stime, me.ru_nvcsw
 
 
 def _reader(make_ds, batch: int, seconds: float, warmup: int = 2):
     """A contender: builds the dataset (whole batches of ``batch``), skips
     ``warmup`` batches (buffers fill, threads start), then reads for ``seconds``;
-    returns (images/s, cores busy)."""
+    returns (images/s, cores busy, voluntary context switches per image)."""
 
     def go():
         it = iter(make_ds())
         for _ in range(warmup):
             next(it)
-        wall, cpu = time.perf_counter(), _cpu_seconds()
+        wall, (cpu, switches) = time.perf_counter(), _usage()
         rate = timed_rate(lambda: (next(it), batch)[1], seconds)
-        cores = (_cpu_seconds() - cpu) / (time.perf_counter() - wall)
-        return rate, cores
+        wall = time.perf_counter() - wall
+        cpu_end, switches_end = _usage()
+        return rate, (cpu_end - cpu) / wall, (switches_end - switches) / (rate * wall)
 
     return go
 
@@ -171,15 +175,17 @@ def _decode_limit(tf, files, size, batch, cores, seconds, rounds):
     contenders = {n: _reader(m, batch, seconds) for n, m in makers.items()}
     rates = {n: [] for n in contenders}
     used = {n: [] for n in contenders}
+    switches = {n: [] for n in contenders}
     for order in round_orders(list(contenders), rounds):
         for name in order:
-            rate, got = contenders[name]()
+            rate, got, waits = contenders[name]()
             rates[name].append(rate)
             used[name].append(got)
-    return rates, used
+            switches[name].append(waits)
+    return rates, used, switches
 
 
-def _limit_figures(rates: dict, used: dict, cores: int) -> dict:
+def _limit_figures(rates: dict, used: dict, switches: dict, cores: int) -> dict:
     """Part 1's figures: fractions of the limit, CPU per image, the breakdown."""
     limit = [cores * r for r in rates["single_thread"]]
     cpu_us = {n: [1e6 * u / r for r, u in zip(rates[n], used[n])] for n in rates}
@@ -197,6 +203,7 @@ def _limit_figures(rates: dict, used: dict, cores: int) -> dict:
         "images_per_sec": {n: spread(v, 1) for n, v in rates.items()},
         "cores_used": {n: spread(v, 2) for n, v in used.items()},
         "cpu_us_per_image": {n: spread(v, 1) for n, v in cpu_us.items()},
+        "context_switches_per_image": {n: spread(v, 2) for n, v in switches.items()},
         **{
             f"{n}_over_cores_x_single_thread": spread(ratios(rates[n], limit))
             for n in PARALLEL
@@ -278,13 +285,15 @@ def run(args) -> dict:
         )
         files = list_files(records)
         record_bytes = int(sum(map(os.path.getsize, files)) / manifest["total"])
-        rates, used = _decode_limit(tf, files, size, batch, cores, seconds, rounds)
+        rates, used, switches = _decode_limit(
+            tf, files, size, batch, cores, seconds, rounds
+        )
         e2e = end_to_end(keras, table, tmp, by_class, size, batch, cores, rounds)
         sample = np.random.default_rng(1).permutation(len(rows))[: 8 if quick else 64]
         steps = writer_steps([rows[i][0] for i in sorted(sample)], size)
         facts = corpus_facts(rows)
 
-    limit = _limit_figures(rates, used, cores)
+    limit = _limit_figures(rates, used, switches, cores)
     goal = limit["ours_over_cores_x_single_thread"]["median"]
     result = {
         "bench": "input",

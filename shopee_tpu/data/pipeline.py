@@ -2,11 +2,12 @@
 validation and prediction (``load_dataset`` picks one), both decoding each record
 with ``shopee_tpu.data.decode``.
 
-Training reads shards interleaved and in parallel, in any order unless asked for a
-fixed one, shuffles one pass at a time and repeats, flips each image while it is
-uint8, batches with ``drop_remainder=True`` so every shape is static for TPUs, then
-runs the other augmentations per batch (``shopee-tpu bench input`` measures what
-each costs). Evaluation reads the files in order, once, and keeps ids aligned with
+Training reads shards interleaved (remote ones in parallel, in any order unless
+asked for a fixed one), shuffles one pass at a time and repeats, decodes in
+parallel and flips each image while it is uint8, batches with
+``drop_remainder=True`` so every shape is static for TPUs, then runs the other
+augmentations per batch, if any (``shopee-tpu bench input`` measures what each
+step costs). Evaluation reads the files in order, once, and keeps ids aligned with
 images; it keeps the last partial batch, or with ``pad=True`` fills it with blank
 rows of sample weight 0 (validation on N replicas: full batches, each record counted
 once).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection
 
+from shopee_tpu import fs
 from shopee_tpu.data import decode
 from shopee_tpu.data.augment import (
     augment_batch,
@@ -154,11 +156,19 @@ def _shuffled_records(src: _Source, seed, cache: bool, deterministic: bool):
     names = tf.data.Dataset.from_tensor_slices(src.files)
     if not cache:
         names = names.shuffle(len(src.files), seed=seed)
+    # Remote files (gs://) are read by parallel workers, which hide each request's
+    # latency. Local ones are read by the thread that fills the shuffle buffer: a
+    # parallel interleave costs a thread hand-off per record (bench input counts
+    # the context switches), for reads that take microseconds.
+    parallel = {}
+    if fs.is_remote(src.files[0]):
+        parallel = dict(
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
+        )
     return names.interleave(
         lambda f: tf.data.TFRecordDataset(f, buffer_size=decode.READ_BUFFER),
         cycle_length=min(len(src.files), 16),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=deterministic,
+        **parallel,
     )
 
 
