@@ -201,6 +201,14 @@ def test_bench_input_ratios_and_break_even_follow_from_the_rounds(capsys):
         assert be == round(e2e["write_seconds"]["median"] / saved, 2)
     else:
         assert be is None
+    # The same in CPU seconds: the write's (every process) over the CPU an epoch
+    # of ours saves against one of the directory loader.
+    cpu = e2e["cpu_seconds_per_epoch"]
+    saved_cpu = cpu["directory"] - cpu["ours"]
+    write_cpu = e2e["write_cpu_seconds"]
+    assert abs(write_cpu - cpu_ms["write"]["median"] * 64 / 1000) <= 0.0011
+    want = round(write_cpu / saved_cpu, 2) if saved_cpu > 0 else None
+    assert e2e["break_even_epochs_cpu"] == want
 
     steps = out["writer_steps"]
     ms = steps["cpu_ms_per_image"]
@@ -212,6 +220,13 @@ def test_bench_input_ratios_and_break_even_follow_from_the_rounds(capsys):
     assert abs(steps["draft_over_full_decode_resize"] - draft / full) <= slack
     err = steps["draft_mean_abs_pixel_error"]
     assert 0 < err["mean"] <= err["max"]
+    # The floor: writing that cost only the entropy decoding of every image.
+    floor = steps["break_even_epochs_floor_cpu"]
+    if saved_cpu > 0:
+        want = ms["entropy_decode"] * 64 / 1000 / saved_cpu
+        assert abs(floor - want) <= 0.005 + want * 5e-4 / ms["entropy_decode"]
+    else:
+        assert floor is None
 
     goals = out["goals"]
     assert set(goals) == {
