@@ -8,12 +8,12 @@ than failing a training run hours later.
 A JPEG at least twice the target size is decoded at a reduced DCT scale (libjpeg's
 1/2, 1/4 or 1/8, through ``Image.draft``): the largest reduction that keeps both
 sides at or above the target, then resized with an antialiasing bicubic filter.
-On real photographs this matches a full decode plus the same resize within about
-one grey level on average (``tests/test_data_images.py``; docs/benchmarks.md). It
-saves the inverse DCT and colour conversion of the pixels it drops, not the
-entropy decoding of the file, which every reader pays in full: on progressive
-JPEGs that is most of the time. EXIF orientation is applied, since
-``tf.io.decode_jpeg`` ignores it.
+On real photographs this matches a full decode plus the same resize within two
+grey levels of 255 on average, about what storing them as quality-95 JPEGs costs
+(``tests/test_data_images.py``; docs/benchmarks.md). It saves the inverse DCT and
+colour conversion of the pixels it drops, not the entropy decoding of the file,
+which every reader pays in full: on progressive JPEGs that is most of the time.
+EXIF orientation is applied, since ``tf.io.decode_jpeg`` ignores it.
 """
 
 from __future__ import annotations
