@@ -189,7 +189,8 @@ def _write_table(
 ) -> dict:
     # The writer processes start (Python, numpy and Pillow: a fraction of a
     # second each) while this process plans the shards.
-    with WorkerPool(min(workers, params["num_shards"]) if workers > 1 else 0) as pool:
+    n_procs = min(workers, params["num_shards"])
+    with WorkerPool(n_procs if n_procs > 1 else 0) as pool:
         manifest, tasks, n = _plan_table(
             table, out_dir, params, label_map, overwrite, where
         )
