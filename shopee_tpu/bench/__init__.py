@@ -44,13 +44,46 @@ def run_bench(what: str, args) -> dict:
 
 
 def machine() -> dict:
-    """Cores this process may use and the 1/5/15-minute load average."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    """Cores this process may use, the CPU model, how many of those cores are
+    hardware threads of one physical core, and the 1/5/15-minute load average."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     return {
-        "cores": cores,
+        "cores": len(cpus),
+        "cpu_model": _cpu_model(),
+        "threads_per_core": _threads_per_core(cpus),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "nice": os.nice(0),
     }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return None
+
+
+def _threads_per_core(cpus: list[int]) -> int | None:
+    """The most of ``cpus`` that share one physical core (2: SMT siblings, which
+    share one core's execution units, so 2 of them do not decode twice as fast)."""
+    most = 0
+    for cpu in cpus:
+        path = f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:  # not Linux
+            return None
+        siblings = set()
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            siblings.update(range(int(lo), int(hi or lo) + 1))
+        most = max(most, len(siblings & set(cpus)))
+    return most
 
 
 def round_orders(names: list[str], rounds: int) -> list[list[str]]:

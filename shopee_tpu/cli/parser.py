@@ -352,7 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
-    p.add_argument("--images", default=None, help="folder of images (bench input)")
+    p.add_argument(
+        "--images",
+        default=None,
+        help="bench input: a folder of JPEGs, searched recursively (default: "
+        "synthetic photos)",
+    )
+    p.add_argument(
+        "--min-side",
+        type=int,
+        default=0,
+        help="bench input: use only JPEGs whose shorter side has this many px",
+    )
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 5)")
     p.add_argument(
         "--seconds",

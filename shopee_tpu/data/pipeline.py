@@ -2,11 +2,12 @@
 validation and prediction (``load_dataset`` picks one), both decoding each record
 with ``shopee_tpu.data.decode``.
 
-Training reads shards interleaved and in parallel, in any order unless asked for a
-fixed one, shuffles one pass at a time and repeats, flips each image while it is
-uint8, batches with ``drop_remainder=True`` so every shape is static for TPUs, then
-runs the other augmentations per batch (``shopee-tpu bench input`` measures what
-each costs). Evaluation reads the files in order, once, and keeps ids aligned with
+Training reads shards interleaved (remote ones in parallel, in any order unless
+asked for a fixed one), shuffles one pass at a time and repeats, decodes in
+parallel and flips each image while it is uint8, batches with
+``drop_remainder=True`` so every shape is static for TPUs, then runs the other
+augmentations per batch, if any (``shopee-tpu bench input`` measures what each
+step costs). Evaluation reads the files in order, once, and keeps ids aligned with
 images; it keeps the last partial batch, or with ``pad=True`` fills it with blank
 rows of sample weight 0 (validation on N replicas: full batches, each record counted
 once).
@@ -21,11 +22,17 @@ and together cover the records once per pass, whatever the shard sizes.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Collection
 
+from shopee_tpu import fs
 from shopee_tpu.data import decode
-from shopee_tpu.data.augment import augment_batch, flip_image, mix_batch, needs_mixing
+from shopee_tpu.data.augment import (
+    augment_batch,
+    flip_by_bits,
+    mix_batch,
+    needs_float,
+    needs_mixing,
+)
 from shopee_tpu.data.decode import read_ids_labels
 from shopee_tpu.data.files import count_records, holdout_files, list_files
 from shopee_tpu.data.manifests import manifest_beside
@@ -125,14 +132,17 @@ def train_dataset(
     # a batch), where a shuffle after the repeat would mix several passes when the
     # buffer is larger than the data.
     records = records.shuffle(shuffle_buffer, seed=seed).repeat()
-    decoded = _decode_for_training(src, image_size, augment, seed, deterministic)
-    ds = records.enumerate().map(
+    if _random(augment):
+        # One seeded draw paired with each record before the parallel map, so the
+        # draws do not depend on which thread decodes what.
+        records = tf.data.Dataset.zip(tf.data.Dataset.random(seed=seed), records)
+    decoded = _decode_for_training(src, image_size, augment)
+    ds = records.map(
         decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
     )
     ds = ds.batch(batch_size, drop_remainder=True)
-    seeds = tf.data.Dataset.random(seed=seed).batch(2)
     finish = _finish_batch(src.num_classes, augment, value_range)
-    ds = tf.data.Dataset.zip(ds, seeds).map(
+    ds = ds.map(
         finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
     )
     options = _options(shared, deterministic)
@@ -146,35 +156,66 @@ def _shuffled_records(src: _Source, seed, cache: bool, deterministic: bool):
     names = tf.data.Dataset.from_tensor_slices(src.files)
     if not cache:
         names = names.shuffle(len(src.files), seed=seed)
+    # Remote files (gs://) are read by parallel workers, which hide each request's
+    # latency. Local ones are read by the thread that fills the shuffle buffer: a
+    # parallel interleave costs a thread hand-off per record (bench input counts
+    # the context switches), for reads that take microseconds.
+    parallel = {}
+    if fs.is_remote(src.files[0]):
+        parallel = dict(
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
+        )
     return names.interleave(
         lambda f: tf.data.TFRecordDataset(f, buffer_size=decode.READ_BUFFER),
         cycle_length=min(len(src.files), 16),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=deterministic,
+        **parallel,
     )
 
 
-def _decode_for_training(src: _Source, image_size: int, augment, seed, deterministic):
-    """``(stream position, record) -> (uint8 image, label)``, flipped as asked.
+def _flips(augment):
+    """The flips of ``augment`` (run per image), or None."""
+    return augment if augment and (augment.flip_lr or augment.flip_ud) else None
 
-    Flips run per image while it is uint8 and still in cache, one draw per stream
-    position (no zipped seed dataset); the other augmentations run per batch."""
-    tf = decode.tf()
+
+def _per_batch(augment):
+    """The augmentations of ``augment`` that run per batch, or None: flips run
+    per image, and with nothing else asked the batch stays uint8 (no float32
+    round trip)."""
+    if augment is None:
+        return None
+    rest = dataclasses.replace(augment, flip_lr=False, flip_ud=False)
+    return rest if needs_float(rest) or needs_mixing(rest) else None
+
+
+def _random(augment) -> bool:
+    """Does training with ``augment`` draw random numbers?"""
+    return _flips(augment) is not None or _per_batch(augment) is not None
+
+
+def _decode_for_training(src: _Source, image_size: int, augment):
+    """``([draw,] record) -> (uint8 image, label[, draw])``, flipped as asked.
+
+    Flips run per image while it is uint8 and still in cache, from the bits of the
+    record's draw; the other augmentations run per batch, seeded by the batch's
+    first and last draws (``bench input`` measures what each step costs)."""
     parse = decode.record_parser(src.schema, src.found, ("image", "label"))
     exact = decode.stored_exactly(src.files, image_size)
-    flips = augment if augment and (augment.flip_lr or augment.flip_ud) else None
-    flip_seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+    flips = _flips(augment)
 
-    def decoded(i, record):
+    def image_label(record):
         ex = parse(record)
-        image = decode.decode_image(ex["image"], image_size, exact=exact)
-        if flips is not None:
-            image = flip_image(
-                image, flips, tf.stack([tf.constant(flip_seed, tf.int64), i])
-            )
-        return image, ex["label"]
+        return decode.decode_image(ex["image"], image_size, exact=exact), ex["label"]
 
-    return decode.plain(decoded)
+    if not _random(augment):
+        return decode.plain(image_label)
+
+    def drawn(draw, record):
+        image, label = image_label(record)
+        if flips is not None:
+            image = flip_by_bits(image, flips, draw)
+        return image, label, draw
+
+    return decode.plain(drawn)
 
 
 def _finish_batch(num_classes: int, augment, value_range):
@@ -182,14 +223,13 @@ def _finish_batch(num_classes: int, augment, value_range):
     vectorised op per batch costs far less in tf.data than one per image), and
     the output pixels."""
     tf = decode.tf()
-    rest = None
-    if augment is not None:
-        rest = dataclasses.replace(augment, flip_lr=False, flip_ud=False)
+    rest = _per_batch(augment)
 
-    def finish(batch, batch_seed):
-        images, onehot = batch[0], tf.one_hot(batch[1], num_classes)
+    def finish(images, labels, draws=None):
+        onehot = tf.one_hot(labels, num_classes)
         if rest is not None:
-            s = tf.random.experimental.stateless_split(batch_seed, 2)
+            seed = tf.stack([draws[0], draws[-1]])  # any batch size, even 1
+            s = tf.random.experimental.stateless_split(seed, 2)
             images = augment_batch(images, rest, seed=s[0], dtype=tf.float32)
             if needs_mixing(rest):
                 images, onehot = mix_batch(images, onehot, rest, seed=s[1])

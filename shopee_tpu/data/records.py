@@ -252,6 +252,30 @@ def _write_rows(
     rows, out_dir, params, label_map, workers, overwrite, bar, content=None
 ) -> dict:
     """Plans the shards of ``rows`` and writes those not finished yet."""
+    # The writer processes start (Python, numpy and Pillow: a fraction of a
+    # second each) while this process plans the shards.
+    n_procs = min(workers, params["num_shards"])
+    with WorkerPool(n_procs if n_procs > 1 else 0) as pool:
+        manifest, tasks = _plan_rows(
+            rows, out_dir, params, label_map, overwrite, content
+        )
+        # Finished shards of an earlier run count as done.
+        bar.total = len(rows)
+        bar.update(len(rows) - sum(len(t[2]) for t in tasks))
+        if not pool.procs or len(tasks) <= 1:
+            for task in tasks:
+                manifests.record(out_dir, manifest, write_shard(task, bar.update))
+        else:
+            for result in pool.map_unordered(
+                _largest_first(tasks), progress=bar.update
+            ):
+                manifests.record(out_dir, manifest, result)
+    return manifests.finish(out_dir, manifest)
+
+
+def _plan_rows(rows, out_dir, params, label_map, overwrite, content):
+    """Assigns rows to shards; returns the manifest and the shard tasks still to
+    write."""
     test = params["test"]
     groups = [g or f"\0row{i}" for i, (*_, g) in enumerate(rows)]
     n_shards = min(params["num_shards"], len(set(groups)))
@@ -270,17 +294,23 @@ def _write_rows(
         for s in range(n_shards)
         if str(s) not in manifest["done"]
     ]
-    # Finished shards of an earlier run count as done.
-    bar.total = len(rows)
-    bar.update(len(rows) - sum(len(t[2]) for t in tasks))
-    if workers == 1 or len(tasks) <= 1:
-        for task in tasks:
-            manifests.record(out_dir, manifest, write_shard(task, bar.update))
-    else:
-        with WorkerPool(min(workers, len(tasks)), sp) as pool:
-            for result in pool.map_unordered(tasks, progress=bar.update):
-                manifests.record(out_dir, manifest, result)
-    return manifests.finish(out_dir, manifest)
+    return manifest, tasks
+
+
+def _largest_first(tasks: list) -> list:
+    """Shard tasks by the bytes of their files, largest first: the next free
+    process takes the largest shard left, so the last to finish is a small one
+    (bytes are a rough proxy for decoding time)."""
+
+    def size(path) -> int:
+        if not isinstance(path, str | os.PathLike):  # pixels in memory
+            return 0
+        try:
+            return os.path.getsize(path)
+        except OSError:  # the writer reports the missing or unreadable file
+            return 0
+
+    return sorted(tasks, key=lambda t: -sum(size(row[0]) for row in t[2]))
 
 
 # ---------------------------------------------------------------------------

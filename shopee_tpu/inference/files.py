@@ -99,8 +99,8 @@ def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
             data = f.read()
     except OSError as e:
         raise BadImage(f"cannot read ({e.strerror or e})") from None
-    jpeg, _ = prepare_image(data, image_size=image_size, resize="square")
-    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    stored = prepare_image(data, image_size=image_size, resize="square").data
+    return np.asarray(Image.open(io.BytesIO(stored)).convert("RGB"))
 
 
 def _from_array(image, image_size: int) -> np.ndarray:
