@@ -124,7 +124,12 @@ def _predict_members(
         elif label_map != first[1]:
             raise ValueError(f"{member}: label map differs from {members[0]}'s")
         member_ids, p = predict(
-            model, dataset, tta, reduce, config.predict.beta, verbose=verbose
+            model,
+            dataset,
+            tta,
+            reduce,
+            config.predict.beta,
+            verbose=verbose and accelerator.chief,
         )
         if ids is not None and member_ids.tolist() != ids.tolist():
             raise ValueError(f"{member}: predicted the records in another order")
@@ -192,14 +197,24 @@ def predict_run(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     out = os.fspath(out)
     run = RunFolder(run_dir, writable=False)
+    if accelerator is None:
+        saved = run.config()
+        accelerator = connect(
+            device or saved.device,
+            mixed_precision=saved.mixed_precision,
+            verbose=verbose,
+        )
     files, pred = _predict_records(
-        run, data, tta, reduce, batch_size, weights, device, accelerator, verbose
+        run, data, tta, reduce, batch_size, weights, accelerator, verbose
     )
-    _save_probs(out, run, pred)
+    chief = accelerator.chief  # on several hosts each predicts, the chief writes
+    if chief:
+        _save_probs(out, run, pred)
     df = _submission(
-        pred, files, out, format, md5_dict, product_reduce, expected, verbose
-    )
-    if verbose:
+        pred, files, out if chief else None, format, md5_dict, product_reduce,
+        expected, verbose and chief,
+    )  # fmt: skip
+    if verbose and chief:
         print(
             f"{out}: {len(df)} rows ({json.dumps(df.attrs['summary'])}); "
             f"probabilities in {_probs_path(out)}"
@@ -208,18 +223,11 @@ def predict_run(
 
 
 def _predict_records(
-    run: RunFolder, data, tta, reduce, batch_size, weights, device, accelerator, verbose
+    run: RunFolder, data, tta, reduce, batch_size, weights, accelerator, verbose
 ) -> tuple[list[str], _Prediction]:
     """The test files, and the run's (or its fold models') prediction of each of
     their records exactly once."""
-    saved = run.config()
     members = run.folds() or [run.path]
-    if accelerator is None:
-        accelerator = connect(
-            device or saved.device,
-            mixed_precision=saved.mixed_precision,
-            verbose=verbose,
-        )
     files = list_files(data)
     if not files:
         raise FileNotFoundError(f"{data}: no TFRecord files")

@@ -225,7 +225,8 @@ def write_shopee_submission(
     """Validates and atomically writes ``filename,category``.
 
     Args:
-        path: Output CSV.
+        path: Output CSV (``None``: validate only, as on a host that is not the
+            chief of several).
         ids: Test filenames, one per prediction row.
         predictions: Probabilities ``[n, classes]`` or class ids ``[n]``.
         label_map: ``{category: class_id}`` of the training records.
@@ -233,15 +234,18 @@ def write_shopee_submission(
     """
     df = shopee_frame(ids, predictions, label_map)
     validate_shopee_submission(df, expected, label_map)
-    _write(path, df)
+    if path is not None:
+        _write(path, df)
     return df
 
 
 def write_cdiscount_submission(
     path, product_ids: Sequence, predictions, label_map: Mapping, *, expected=None
 ) -> pd.DataFrame:
-    """Validates and atomically writes ``_id,category_id`` (one row per product)."""
+    """Validates and atomically writes ``_id,category_id`` (one row per product;
+    ``path=None`` validates only)."""
     df = cdiscount_frame(product_ids, predictions, label_map)
     validate_cdiscount_submission(df, expected, label_map)
-    _write(path, df)
+    if path is not None:
+        _write(path, df)
     return df
