@@ -1,6 +1,7 @@
 """Several JAX hosts on one machine (2 processes x 2 host devices over loopback, as
 the hosts of a pod slice): k-fold, ``shopee-tpu predict`` and ``st.predict``
-finish with what one process gets."""
+finish with what one process gets; a run folder that some host cannot see is
+refused in one line; a shared one resumes on every host from the same epoch."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 from conftest import TINY
 from test_multihost_jax import run_hosts
+from test_training_jax import result_of
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +93,80 @@ def test_kfold_and_predict_on_two_hosts_equal_one_host(digits_records, tmp_path)
         said = (tmp_path / f"hosts-{index}.txt").read_text()
         assert "number of batches differs between the hosts" in said
         assert "(host 0: 2, host 1: 3)" in said
+
+
+FOLDERS = r"""
+import contextlib, hashlib, io, json, os, sys
+import numpy as np
+import shopee_tpu as st
+from shopee_tpu.cli import main
+from shopee_tpu.config import RunConfig
+
+out, train = sys.argv[1:3]
+index = os.environ["KERAS_DISTRIBUTION_PROCESS_ID"]
+sets = [f"data.train={train}", *json.loads(sys.argv[3])]
+found = {}
+# Each host its own folder: refused at the start, on every host.
+err = io.StringIO()
+args = [a for s in sets for a in ("--set", s)]
+with contextlib.redirect_stderr(err):
+    code = main(["train", "--preset", "demo", *args, "--out", f"{out}/own-{index}"])
+found["refused"] = [code, err.getvalue()]
+
+
+def seen():
+    import keras
+
+    class Seen(keras.callbacks.Callback):
+        # The epochs each host trains, and its weights when the fit starts.
+        def on_train_begin(self, logs=None):
+            digest = hashlib.md5()
+            for w in self.model.get_weights():
+                digest.update(np.ascontiguousarray(w).tobytes())
+            found.setdefault("weights", []).append(digest.hexdigest())
+
+        def on_epoch_begin(self, epoch, logs=None):
+            found.setdefault("epochs", []).append(epoch + 1)
+
+    return Seen()
+
+
+# One shared folder: stopped by the time limit after epoch 1, then resumed.
+cfg = RunConfig.preset("demo").override(*sets, "epochs=2")
+shared = f"{out}/shared"
+first = st.train(cfg, out_dir=shared, time_limit=1, callbacks=[seen])
+found["first"] = first.metrics["epochs_completed"]
+found["epochs_before"], found["epochs"] = found.pop("epochs"), []
+second = st.train(cfg, out_dir=shared, callbacks=[seen])
+found["second"] = second.metrics["epochs_completed"]
+print("RESULT " + json.dumps(found))
+"""
+
+
+def test_an_unshared_run_folder_is_refused_and_a_shared_one_resumes_together(
+    digits_records, tmp_path
+):
+    script = tmp_path / "folders.py"
+    script.write_text(FOLDERS)
+    args = [str(script), str(tmp_path), digits_records["train"], json.dumps(SETS)]
+    hosts = run_hosts(args)
+    for code, _, stderr in hosts:
+        assert code == 0, stderr[-6000:]
+    found = [result_of(stdout) for _, stdout, _ in hosts]
+
+    for index, r in enumerate(found):
+        code, said = r["refused"]
+        assert code == 1 and said.count("\n") == 1, said
+        assert said.startswith(f"shopee-tpu train: error: {tmp_path}/own-{index}: ")
+        assert "host 1 (" in said and "of 2 does not see the run folder" in said
+        assert "that host 0 (" in said and "gs:// bucket" in said
+        # Refused before anything trained.
+        assert not (tmp_path / f"own-{index}" / "state.json").exists()
+    # The shared folder: epoch 1, stopped by the limit; then both hosts resumed
+    # from it with the same weights and trained epoch 2 only.
+    for r in found:
+        assert (r["first"], r["second"]) == (1, 2)
+        assert (r["epochs_before"], r["epochs"]) == ([1], [2])
+    assert found[0]["weights"] == found[1]["weights"]
+    history = pd.read_csv(tmp_path / "shared" / "history.csv")
+    assert history.epoch.tolist() == [1, 2]

@@ -54,6 +54,7 @@ from shopee_tpu.experiments.oof import (
 from shopee_tpu.inference.ensemble import first_difference, save_probs
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.run_folder import RunFolder, fold_path
+from shopee_tpu.shared_folder import check_shared
 from shopee_tpu.training import train
 
 __all__ = ["KFoldResult", "train_folds", "fold_assignment", "fold_ids"]
@@ -200,6 +201,7 @@ def train_folds(
     if acc.chief:
         _save_run_config(run, config)
         _save_assignment(run, assignment)
+    check_shared(acc, run.path, chief_writes=True)
     stop_reason = None
     for i in [fold] if fold is not None else range(k):
         if _fold_done(run, i, _fold_config(config, i)):

@@ -44,6 +44,7 @@ from shopee_tpu.inference.submission import (
 )
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.run_folder import RunFolder
+from shopee_tpu.shared_folder import check_shared
 
 __all__ = ["predict_run", "load_run_model"]
 
@@ -185,7 +186,9 @@ def predict_run(
             ``cdiscount`` every product of the test records' ``products.csv``
             (``cdiscount prepare-test``), those without a usable image included.
         weights: ``best`` or ``last``.
-        device: Overrides the config's device for ``connect()``.
+        device: The device for ``connect()`` (default: ``SHOPEE_TPU_DEVICE``, else
+            detection); the run config's ``device`` is not used, as the folder
+            is read only after connecting (see ``_open_run``).
         accelerator: An ``Accelerator`` to reuse instead of connecting.
         verbose: Print a summary.
 
@@ -196,14 +199,7 @@ def predict_run(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     out = os.fspath(out)
-    run = RunFolder(run_dir, writable=False)
-    if accelerator is None:
-        saved = run.config()
-        accelerator = connect(
-            device or saved.device,
-            mixed_precision=saved.mixed_precision,
-            verbose=verbose,
-        )
+    run, accelerator = _open_run(run_dir, device, accelerator, verbose)
     files, pred = _predict_records(
         run, data, tta, reduce, batch_size, weights, accelerator, verbose
     )
@@ -220,6 +216,24 @@ def predict_run(
             f"probabilities in {_probs_path(out)}"
         )
     return df
+
+
+def _open_run(run_dir, device, accelerator, verbose):
+    """The run folder, opened after connecting: reading a remote folder may
+    import TensorFlow, which starts Keras on it, and on a TPU VM only JAX
+    reaches the TPU. Every host must see the folder. Connecting here, the run's
+    own precision applies (its device setting does not: the folder is read
+    after the device is chosen)."""
+    own = accelerator is None
+    if own:
+        accelerator = connect(device, verbose=False)
+    check_shared(accelerator, os.fspath(run_dir), chief_writes=False)
+    run = RunFolder(run_dir, writable=False)
+    if own:
+        accelerator.set_precision(run.config().mixed_precision)
+        if verbose:
+            print(accelerator.summary)
+    return run, accelerator
 
 
 def _predict_records(
