@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from shopee_tpu import fs
+from shopee_tpu import fs, multihost
 from shopee_tpu.accelerator import connect
 from shopee_tpu.data.decode import read_ids_labels
 from shopee_tpu.data.files import count_records, list_files
@@ -225,6 +225,11 @@ def _open_run(run_dir, device, accelerator, verbose):
     own precision applies (its device setting does not: the folder is read
     after the device is chosen)."""
     own = accelerator is None
+    if own and not fs.is_remote(run_dir) and multihost.multi_host_reason() is None:
+        # One host and a local folder (read without TensorFlow): a wrong path
+        # fails at once, not after the seconds connect() takes. Several hosts
+        # join first, so that all of them refuse a folder together.
+        RunFolder(run_dir, writable=False).config()
     if own:
         accelerator = connect(device, verbose=False)
     check_shared(accelerator, os.fspath(run_dir), chief_writes=False)

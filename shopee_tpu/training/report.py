@@ -122,7 +122,7 @@ def _hosts_predict(model, acc):
     def predict(x, y, real):
         b = len(x)
         # Each row's host and place ride along, to find this host's own rows.
-        where = np.arange(b) + acc.worker_index * b
+        where = np.arange(b, dtype=np.int32) + acc.worker_index * b
         p, y_all, real_all, where = call(x, y, real, where, host_rows=True)
         p = np.asarray(p[:, 0], np.float32)
         mine = np.flatnonzero(where // b == acc.worker_index)
