@@ -122,9 +122,20 @@ options.experimental_distribute.auto_shard_policy = (
 model.fit(data.with_options(options), steps_per_epoch=2, epochs=1, verbose=0)
 final = [v.numpy() for v in model.weights]
 np.savez(sys.argv[1], *init, *final)
+# What the workers share besides gradients: a gather, and the check that they see
+# one run folder (here each has its own: refused on both).
+from shopee_tpu import multihost
+from shopee_tpu.shared_folder import UnsharedFolder, check_shared
+gathered = multihost.gather(acc, np.array([acc.worker_index + 5], np.int32))
+try:
+    check_shared(acc, sys.argv[1] + ".run", chief_writes=True, wait=1)
+    refused = ""
+except UnsharedFolder as e:
+    refused = str(e)
 report(summary=acc.summary, replicas=acc.replicas, strategy=type(acc.strategy).__name__,
        num_workers=acc.num_workers, worker_index=acc.worker_index,
-       steps=int(model.optimizer.iterations.numpy()))
+       steps=int(model.optimizer.iterations.numpy()), gathered=gathered.tolist(),
+       refused=refused)
 """
 )
 
@@ -178,6 +189,10 @@ def test_multi_worker_mirrored_strategy_two_processes_over_loopback(tmp_path):
         assert r["strategy"] == "MultiWorkerMirroredStrategy"
         assert (r["num_workers"], r["replicas"], r["steps"]) == (2, 2, 2)
         assert f"worker {r['worker_index'] + 1}/2" in r["summary"]
+        assert r["gathered"] == [5, 6]
+        assert (
+            "host 1 (" in r["refused"] and "does not see the run folder" in r["refused"]
+        )
     a, b = (np.load(tmp_path / f"w{i}.npz") for i in range(2))
     n = len(a.files) // 2
     for k in range(n):
@@ -304,6 +319,64 @@ def test_tensorflow_imported_before_connect_on_kaggles_tpu_vm_is_refused(
         r"on purpose, pass device='cpu' \(--device cpu\)",
         refused[0],
     ), refused[0]
+
+
+def test_every_entry_point_connects_before_anything_imports_tensorflow(tmp_path):
+    """On Kaggle's TPU VM (its markers set, no backend chosen) each entry point
+    must reach connect() while Keras is still free to start on JAX: importing
+    TensorFlow first (reading records, or opening a gs:// run folder, through
+    tf.io.gfile) starts Keras on TensorFlow, which cannot reach the TPU. Here JAX
+    finds no TPU, so connect() refuses: the refusal must be JAX's, and
+    TensorFlow still unimported. Nothing here can reach the bucket named."""
+    code = (
+        PRELUDE
+        + f"""
+import contextlib, io, json, sys
+os.environ.update(ISTPUVM="1", TPU_PROCESS_ADDRESSES="local")
+import shopee_tpu as st
+from shopee_tpu.cli import main
+from shopee_tpu.config import RunConfig
+from shopee_tpu.demo import run_demo
+from shopee_tpu.experiments.kfold import train_folds
+from shopee_tpu.inference.run import predict_run
+
+bucket = "gs://shopee-tpu-no-such-bucket"
+cfg = RunConfig.preset("demo").override(f"data.train={{bucket}}/train")
+local = {str(tmp_path)!r}
+entries = {{
+    "train": lambda: st.train(cfg, out_dir=f"{{bucket}}/run"),
+    "predict_run": lambda: predict_run(f"{{bucket}}/run", f"{{bucket}}/test"),
+    "train_folds": lambda: train_folds(cfg, folds=2, out_dir=local + "/kfold"),
+    "demo": lambda: run_demo(local + "/demo"),
+    "shopee-tpu predict": lambda: main(
+        ["predict", "--run", f"{{bucket}}/run", "--data", f"{{bucket}}/test"]),
+}}
+found = {{}}
+for name, entry in entries.items():
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            entry()
+        said = err.getvalue()
+    except Exception as e:
+        said = f"{{type(e).__name__}}: {{e}}"
+    found[name] = dict(said=said, tensorflow="tensorflow" in sys.modules)
+print("RESULT " + json.dumps(found))
+"""
+    )
+    found = _result(run_python(code, timeout=300))
+
+    assert list(found) == [
+        "train",
+        "predict_run",
+        "train_folds",
+        "demo",
+        "shopee-tpu predict",
+    ]
+    for name, r in found.items():
+        assert "JAX sees no TPU" in r["said"] and "imported" not in r["said"], name
+        assert not r["tensorflow"], name
+    assert not os.path.exists(tmp_path / "demo")  # refused before any work
 
 
 # ---------------------------------------------------------------------------

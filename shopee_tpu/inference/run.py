@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from shopee_tpu import fs
+from shopee_tpu import fs, multihost
 from shopee_tpu.accelerator import connect
 from shopee_tpu.data.decode import read_ids_labels
 from shopee_tpu.data.files import count_records, list_files
@@ -45,6 +45,7 @@ from shopee_tpu.inference.submission import (
 )
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.run_folder import RunFolder
+from shopee_tpu.shared_folder import check_shared
 
 __all__ = ["predict_run", "load_run_model"]
 
@@ -123,7 +124,12 @@ def _predict_members(
         elif label_map != first[1]:
             raise ValueError(f"{member}: label map differs from {members[0]}'s")
         member_ids, p = predict(
-            model, dataset, tta, reduce, config.predict.beta, verbose=verbose
+            model,
+            dataset,
+            tta,
+            reduce,
+            config.predict.beta,
+            verbose=verbose and accelerator.chief,
         )
         if ids is not None and member_ids.tolist() != ids.tolist():
             raise ValueError(f"{member}: predicted the records in another order")
@@ -185,7 +191,9 @@ def predict_run(
             ``cdiscount`` every product of the test records' ``products.csv``
             (``cdiscount prepare-test``), those without a usable image included.
         weights: ``best`` or ``last``.
-        device: Overrides the config's device for ``connect()``.
+        device: The device for ``connect()`` (default: ``SHOPEE_TPU_DEVICE``, else
+            detection); the run config's ``device`` is not used, as the folder
+            is read only after connecting (see ``_open_run``).
         accelerator: An ``Accelerator`` to reuse instead of connecting.
         verbose: Print a summary.
 
@@ -194,19 +202,22 @@ def predict_run(
         products and MD5 hits.
     """
     out = os.fspath(out)
-    run = RunFolder(run_dir, writable=False)
+    run, accelerator = _open_run(run_dir, device, accelerator, verbose)
     # A format that cannot take the run's classes fails before the prediction.
     first = RunFolder((run.folds() or [run.path])[0], writable=False)
     resolve_format(format, first.label_map(), probability=probability)
     files, pred = _predict_records(
-        run, data, tta, reduce, batch_size, weights, device, accelerator, verbose
+        run, data, tta, reduce, batch_size, weights, accelerator, verbose
     )
-    _save_probs(out, run, pred)
+    chief = accelerator.chief  # on several hosts each predicts, the chief writes
+    if chief:
+        _save_probs(out, run, pred)
     fmt = resolve_format(format, pred.label_map, probability=probability)
     df = _submission(
-        pred, files, out, fmt, md5_dict, product_reduce, expected, verbose, probability
-    )
-    if verbose:
+        pred, files, out if chief else None, fmt, md5_dict, product_reduce,
+        expected, verbose and chief, probability,
+    )  # fmt: skip
+    if verbose and chief:
         print(
             f"{out}: {len(df)} rows ({json.dumps(df.attrs['summary'])}); "
             f"probabilities in {_probs_path(out)}"
@@ -214,19 +225,35 @@ def predict_run(
     return df
 
 
+def _open_run(run_dir, device, accelerator, verbose):
+    """The run folder, opened after connecting: reading a remote folder may
+    import TensorFlow, which starts Keras on it, and on a TPU VM only JAX
+    reaches the TPU. Every host must see the folder. Connecting here, the run's
+    own precision applies (its device setting does not: the folder is read
+    after the device is chosen)."""
+    own = accelerator is None
+    if own and not fs.is_remote(run_dir) and multihost.multi_host_reason() is None:
+        # One host and a local folder (read without TensorFlow): a wrong path
+        # fails at once, not after the seconds connect() takes. Several hosts
+        # join first, so that all of them refuse a folder together.
+        RunFolder(run_dir, writable=False).config()
+    if own:
+        accelerator = connect(device, verbose=False)
+    check_shared(accelerator, os.fspath(run_dir), chief_writes=False)
+    run = RunFolder(run_dir, writable=False)
+    if own:
+        accelerator.set_precision(run.config().mixed_precision)
+        if verbose:
+            print(accelerator.summary)
+    return run, accelerator
+
+
 def _predict_records(
-    run: RunFolder, data, tta, reduce, batch_size, weights, device, accelerator, verbose
+    run: RunFolder, data, tta, reduce, batch_size, weights, accelerator, verbose
 ) -> tuple[list[str], _Prediction]:
     """The test files, and the run's (or its fold models') prediction of each of
     their records exactly once."""
-    saved = run.config()
     members = run.folds() or [run.path]
-    if accelerator is None:
-        accelerator = connect(
-            device or saved.device,
-            mixed_precision=saved.mixed_precision,
-            verbose=verbose,
-        )
     files = list_files(data)
     if not files:
         raise FileNotFoundError(f"{data}: no TFRecord files")

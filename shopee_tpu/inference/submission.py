@@ -336,8 +336,10 @@ def validate_cdiscount_submission(
 
 
 def _write(path, df: pd.DataFrame) -> None:
-
-    fs.write_text(path, df.to_csv(index=False, lineterminator="\n"))
+    """Writes atomically; ``path=None`` writes nothing (validate only, as on a
+    host that is not the chief of several)."""
+    if path is not None:
+        fs.write_text(path, df.to_csv(index=False, lineterminator="\n"))
 
 
 def write_shopee_submission(
@@ -346,7 +348,8 @@ def write_shopee_submission(
     """Validates and atomically writes ``filename,category``.
 
     Args:
-        path: Output CSV.
+        path: Output CSV (``None``: validate only, as on a host that is not the
+            chief of several).
         ids: Test filenames, one per prediction row.
         predictions: Probabilities ``[n, classes]`` or class ids ``[n]``.
         label_map: ``{category: class_id}`` of the training records.
@@ -402,7 +405,8 @@ def write_image_submission(
 def write_cdiscount_submission(
     path, product_ids: Sequence, predictions, label_map: Mapping, *, expected=None
 ) -> pd.DataFrame:
-    """Validates and atomically writes ``_id,category_id`` (one row per product)."""
+    """Validates and atomically writes ``_id,category_id`` (one row per product;
+    ``path=None`` validates only)."""
     df = cdiscount_frame(product_ids, predictions, label_map)
     validate_cdiscount_submission(df, expected, label_map)
     _write(path, df)

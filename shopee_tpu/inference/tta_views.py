@@ -41,6 +41,7 @@ __all__ = [
     "view_probs",
     "view_function",
     "host_view_function",
+    "classify_views",
     "REDUCERS",
 ]
 
@@ -264,3 +265,17 @@ def view_probs(member_probs: np.ndarray, plan: ViewPlan, reduce: str = "mean"):
         for g in plan.groups
     ]
     return np.stack(out, axis=1).astype(np.float32)
+
+
+def classify_views(fns, images, classify):
+    """``[b, ...]`` pixels -> ``[b, len(fns), C]``: every view of the batch in one
+    call of ``classify``."""
+    from keras import ops
+
+    # Pixels arrive as they left the pipeline (uint8: a quarter of the bytes of
+    # float32); the views are built from them on the device.
+    images = ops.cast(images, "float32")
+    b = ops.shape(images)[0]
+    stacked = ops.concatenate([fn(images) for fn in fns], axis=0)
+    probs = ops.reshape(ops.cast(classify(stacked), "float32"), (len(fns), b, -1))
+    return ops.transpose(probs, (1, 0, 2))

@@ -148,10 +148,16 @@ class TimeBudget(keras.callbacks.Callback):
     a steady epoch has been seen. Mid-epoch it stops only once the limit has passed
     and an earlier epoch is already committed, so the partial epoch is dropped and
     the checkpoint is kept; the first epoch always finishes, else nothing would be
-    saved at all. Place it before ``EpochCommit``, which commits the epoch it stops
-    at; an epoch is timed from the end of the one before, so a commit counts in
-    the next epoch's time.
+    saved at all. Mid-epoch it looks at the clock about every ``CHECK_EVERY``
+    seconds, so it may stop that much after the limit. Place it before
+    ``EpochCommit``, which commits the epoch it stops at; an epoch is timed from
+    the end of the one before, so a commit counts in the next epoch's time.
     """
+
+    # Seconds between mid-epoch checks of the limit. On several hosts a check is a
+    # broadcast from the chief, which every host must join: at every step it
+    # would cost a collective per step.
+    CHECK_EVERY = 5.0
 
     def __init__(self, run: RunFolder, start: float, limit: float | None, agree=None):
         super().__init__()
@@ -168,15 +174,28 @@ class TimeBudget(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.traced = False
-        self.t0 = time.monotonic()
+        self.t0 = self.checked = time.monotonic()
+        self.steps = self.next_check = self.checked_step = 0
 
     def on_train_batch_end(self, batch, logs=None):
         if self.limit is None or self.model.stop_training:
             return
-        over = time.monotonic() - self.start > self.limit and self.run.epoch > 0
-        if self.agree(float(over)):
+        self.steps += 1
+        if self.steps < self.next_check:
+            return
+        now = time.monotonic()
+        over = now - self.start > self.limit and self.run.epoch > 0
+        # The chief also says when to check next, in steps from its pace: every
+        # host must join the same broadcasts, so none may go by its own clock.
+        per_step = (now - self.checked) / (self.steps - self.checked_step)
+        wait = max(1, int(self.CHECK_EVERY / max(per_step, 1e-6)))
+        self.checked, self.checked_step = now, self.steps
+        answer = self.agree(-1.0 if over else float(wait))
+        if answer < 0:
             self.model.stop_training = True
             self.reason = f"time limit {self.limit:.0f}s reached mid-epoch; kept epoch {self.run.epoch}"
+        else:
+            self.next_check = self.steps + int(answer)
 
     def on_epoch_end(self, epoch, logs=None):
         now = time.monotonic()

@@ -19,12 +19,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from shopee_tpu import multihost
 from shopee_tpu.accelerator import connect
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data import pipeline
 from shopee_tpu.data.manifests import manifest_beside
 from shopee_tpu.data.sources import class_names
 from shopee_tpu.run_folder import RunFolder
+from shopee_tpu.shared_folder import check_shared
 from shopee_tpu.training.plan import (
     Phase,
     any_image_size,  # TensorFlow
@@ -218,14 +220,23 @@ def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> _Run:
 
 def _open_run(config: RunConfig, acc) -> RunFolder:
     """The run folder, opened by the chief first: it completes an interrupted
-    commit and saves the config; the other processes then only read."""
+    commit and saves the config; the other processes then only read, after
+    checking that they see the folder the chief writes. Every host resumes from
+    the chief's committed epoch."""
     if acc.chief:
         folder = RunFolder(config.out_dir)
         folder.check_config(config)
-    acc.sync("shopee_tpu.train.open")
+    check_shared(acc, config.out_dir, chief_writes=True)
     if not acc.chief:
         folder = RunFolder(config.out_dir, writable=False)
         folder.check_config(config, write=False)
+    if acc.num_workers > 1:  # the check compared the state each host read
+        multihost.agree(
+            folder.epoch,
+            f"{config.out_dir}: the committed epoch",
+            acc=acc,
+            hint="is another run writing to this folder?",
+        )
     return folder
 
 
