@@ -109,7 +109,7 @@ def test_the_plan_cuts_the_phases_again_and_never_goes_back():
     assert fit(3, 0.5, Phase(0, 20, 32)) == 3  # nothing more fits
 
 
-def _run(records, out, clock, *, limit, kill_after=None):
+def _run(records, out, clock, *, limit, kill_after=None, **kw):
     from shopee_tpu.training import train
 
     return train(
@@ -118,6 +118,7 @@ def _run(records, out, clock, *, limit, kill_after=None):
         checkpoint_every=0,
         verbose=0,
         callbacks=[_Tick(clock, kill_after)],
+        **kw,
     )
 
 
@@ -156,6 +157,14 @@ def test_a_time_limit_ends_the_cosine_with_the_last_epoch_that_fits(
     assert float(resumed.model.optimizer.learning_rate) == pytest.approx(
         cfg.optim.lr_min
     )
+
+    # A run spread over sessions (--resume-later): the limit only stops it, after
+    # 11 epochs (at 44 s the next would end past 45.5), every epoch still to come.
+    later = _run(
+        digits_records, tmp_path / "later", clock, limit=45.5, fit_to_time=False
+    )
+    m = later.metrics
+    assert (m["epochs_completed"], m["epochs"], m["finished"]) == (11, 30, False)
 
 
 def _fake_run(start: float):

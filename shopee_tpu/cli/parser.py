@@ -136,7 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default=None, help="run folder (default: the config's out_dir)"
     )
-    p.add_argument("--time-limit", type=parse_duration, default=None, help="e.g. 8h45m")
+    p.add_argument(
+        "--time-limit",
+        type=parse_duration,
+        default=None,
+        help="e.g. 8h45m: the epochs that fit are planned, the schedule ends with them",
+    )
+    p.add_argument(
+        "--resume-later",
+        action="store_true",
+        help="with --time-limit: only stop there, and train every epoch over "
+        "several sessions (rerun to resume)",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=parse_duration,
@@ -258,7 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument(
         "what",
-        choices=("input", "train", "predict", "accuracy", "ablation", "cdiscount"),
+        choices=(
+            "input",
+            "train",
+            "predict",
+            "accuracy",
+            "ablation",
+            "cdiscount",
+            "fashion",
+        ),
     )
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
     p.add_argument("--images", default=None, help="folder of images (bench input)")
@@ -274,12 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # bench accuracy / ablation: held-out accuracy on bundled real photographs.
     p.add_argument("--seed", type=int, default=None, help="task and training seed")
-    p.add_argument("--seeds", default=None, help="bench accuracy: e.g. 0,1,2 (default)")
+    p.add_argument(
+        "--seeds", default=None, help="bench accuracy, fashion: e.g. 0,1,2 (default)"
+    )
     p.add_argument(
         "--split",
         choices=("tuning", "final"),
         default=None,
-        help="bench accuracy: the photographs to tune on, or to report (default)",
+        help="bench accuracy, fashion: the images to tune on, or to report (default)",
     )
     p.add_argument(
         "--setting",
@@ -290,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="work folder (default: a temp dir)")
     p.add_argument(
         "--products", type=int, default=None, help="bench cdiscount: products (1x)"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="bench fashion: the folder of Fashion-MNIST's idx files (default: "
+        "/usr/share/datasets/fashion-mnist, then ~/.keras/datasets/fashion-mnist)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="bench fashion: seconds of wall time per contender and seed (780)",
     )
     p.set_defaults(func=commands.bench_command)
 

@@ -285,10 +285,11 @@ def training_callbacks(
     time_limit: float | None,
     checkpoint_every: float,
     extra: list = (),
-    predict_images: int = 0,
+    plan: tuple = (None, 0),
 ):
     """The callbacks of a run's fits (``shopee_tpu.training.loop``), in order, with
-    the user's ``extra`` ones after ours: ``(callbacks, budget, commit, plan)``.
+    the user's ``extra`` ones after ours: ``(callbacks, budget, commit, plan)``;
+    ``plan`` is ``(seconds to fit the run into, images predicted after it)``.
 
     EMA weights are swapped in for validation only; the commit saves the raw weights
     as ``last`` (they belong with the optimizer state) and the EMA weights, which
@@ -318,9 +319,10 @@ def training_callbacks(
         if progress is not None:
             progress.epochs = epochs
 
+    fit_within, predict_images = plan
     plan = FitToTime(
         run,
-        time_limit,
+        fit_within,
         predict_images=predict_images,
         agree=acc.from_chief,
         commit_seconds=lambda: commit.longest_commit,

@@ -77,6 +77,7 @@ def train(
     callbacks: list | None = None,
     resume_stopped: bool = False,
     predict_images: int = 0,
+    fit_to_time: bool = True,
 ) -> TrainResult:
     """Trains (or resumes) the run described by ``config``.
 
@@ -89,6 +90,10 @@ def train(
             schedule ends with the last of them (``shopee_tpu.training.time_plan``).
             Should the epochs slow down, it plans fewer, and as a last guard it
             stops after the last epoch that fits, with its checkpoint.
+        fit_to_time: ``False``: the time limit only stops the run, which resumes
+            in the next call with every epoch asked (a run spread over several
+            sessions; ``--resume-later``). k-fold runs, sweeps and ``tune``
+            share one limit among their runs and pass ``False``.
         checkpoint_every: Seconds of training between checkpoints: an epoch is
             committed once this much time has passed since the last commit, when
             it is the best so far, and at the end of each fit (phase, run, time
@@ -125,9 +130,8 @@ def train(
         run.say(f"finished run ({folder.epoch} of {epochs} epochs); not retrained")
         trained = (None, None, folder.state.get("stop_reason"), True)
     elif folder.epoch < epochs:
-        trained = _fit(
-            run, time_limit, checkpoint_every, callbacks or [], predict_images
-        )
+        plan = (time_limit if fit_to_time else None, predict_images)
+        trained = _fit(run, time_limit, checkpoint_every, callbacks or [], plan)
     return _finish(run, *trained)
 
 
@@ -353,14 +357,15 @@ def _fit(
     time_limit: float | None,
     checkpoint_every: float,
     extra: list,
-    predict_images: int = 0,
+    plan: tuple = (None, 0),
 ):
     """Trains the remaining epochs, one ``fit`` per phase; returns the model, its
     last phase, why it stopped early (the time budget, a user's callback), and
-    whether the run is finished (every epoch, or stopped by a callback). A time
-    limit's plan may change the epoch count and the phases while a fit runs
-    (``run.config.epochs``, ``run.phases``); the fit then ends where the new
-    plan needs the next phase."""
+    whether the run is finished (every epoch, or stopped by a callback). With
+    ``plan`` (the time to fit into, the images predicted after) the epoch count
+    and the phases may change while a fit runs (``run.config.epochs``,
+    ``run.phases``); the fit then ends where the new plan needs the next
+    phase."""
     from shopee_tpu.training.callbacks import training_callbacks
 
     folder = run.folder
@@ -371,7 +376,7 @@ def _fit(
     train_ds, valid_ds = _datasets(run, phase)
     model = _build(run, phase, epoch)
     callbacks, budget, commit, plan = training_callbacks(
-        run, time_limit, checkpoint_every, extra, predict_images
+        run, time_limit, checkpoint_every, extra, plan
     )
     while True:  # the next phase resumes from the run folder's checkpoint
         commit.image_size, plan.phase = phase.image_size, phase
