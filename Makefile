@@ -15,14 +15,15 @@ venv: $(STAMP)
 # tf_keras and keras-hub (through tensorflow-text) require the `tensorflow` package,
 # which pip would install over tensorflow-cpu: both go in without dependencies,
 # tf_keras at the installed TensorFlow's version (setup.cfg [test] lists the rest of
-# what they need).
+# what they need). foolbox goes in without its dependencies too: the tests read only
+# the 20 ImageNet photos in its data folder, and never import it.
 define install
 	$(1)/bin/python -m pip install -q --upgrade pip
 	$(1)/bin/python -m pip install -q $(2) -e ".[$(EXTRAS)]"
 	tf=$$($(1)/bin/python -c "from importlib.metadata import version; \
 	  import sys; sys.stdout.write(version('tensorflow-cpu' if sys.platform != 'darwin' \
 	  else 'tensorflow').rsplit('.', 1)[0])") && \
-	$(1)/bin/python -m pip install -q $(2) --no-deps "tf_keras==$$tf.*" "keras-hub>=0.21"
+	$(1)/bin/python -m pip install -q $(2) --no-deps "tf_keras==$$tf.*" "keras-hub>=0.21" foolbox
 endef
 
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)

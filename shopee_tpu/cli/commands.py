@@ -11,6 +11,10 @@ import os
 from shopee_tpu.bench import run_bench
 from shopee_tpu.cdiscount.prepare import prepare_cdiscount, prepare_cdiscount_test
 from shopee_tpu.config import RunConfig
+from shopee_tpu.data.arrays import read_class_names, write_idx_records
+from shopee_tpu.data.folders import write_records_from_folders
+from shopee_tpu.data.manifests import summary_lines
+from shopee_tpu.data.pixels_csv import write_pixels_csv
 from shopee_tpu.data.records import write_records_from_csv
 from shopee_tpu.demo import run_demo
 from shopee_tpu.experiments.kfold import train_folds
@@ -48,11 +52,7 @@ def config_command(args) -> int:
 
 
 def tfrecords_command(args) -> int:
-    manifest = write_records_from_csv(
-        args.csv,
-        args.images,
-        args.out,
-        test=args.test,
+    common = dict(
         shards=args.shards,
         image_size=args.image_size,
         resize=args.resize,
@@ -62,10 +62,34 @@ def tfrecords_command(args) -> int:
         overwrite=args.overwrite,
         seed=args.seed,
     )
-    print(
-        f"wrote {manifest['total']} records in {len(manifest['shards'])} shards to "
-        f"{args.out} ({len(manifest['skipped'])} skipped)"
-    )
+    if (args.shape or args.class_names) and not (args.pixels_csv or args.idx):
+        raise ValueError("--shape and --class-names are for --pixels-csv and --idx")
+    class_names = read_class_names(args.class_names)
+    if args.folders:
+        manifest = write_records_from_folders(
+            args.folders, args.out, test=args.test, **common
+        )
+    elif args.pixels_csv:
+        manifest = write_pixels_csv(
+            args.pixels_csv,
+            args.out,
+            shape=args.shape,
+            test=bool(args.test),
+            class_names=class_names,
+            **common,
+        )
+    elif args.idx:
+        if len(args.idx) > 2:
+            raise ValueError("--idx takes IMAGES and at most one LABELS file")
+        images, labels = (*args.idx, None)[:2]
+        labels = None if args.test else labels
+        manifest = write_idx_records(images, labels, args.out, class_names, **common)
+    else:
+        manifest = write_records_from_csv(
+            args.csv, args.images, args.out, test=bool(args.test), **common
+        )
+    for line in summary_lines(manifest, args.out):
+        print(line)
     return 0
 
 
@@ -139,6 +163,7 @@ def predict_command(args) -> int:
         reduce=args.reduce,
         batch_size=args.batch_size,
         format=args.format,
+        probability=args.probability,
         md5_dict=None if args.md5_dict == "none" else args.md5_dict,
         expected=args.expected,
         weights=args.weights,

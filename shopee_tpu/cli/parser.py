@@ -9,6 +9,7 @@ from shopee_tpu import __version__
 from shopee_tpu.accelerator import DEVICES
 from shopee_tpu.cli import commands
 from shopee_tpu.config import PRESETS
+from shopee_tpu.inference.submission import AUTO, FORMAT_CHOICES, FORMATS
 from shopee_tpu.inference.tta_views import REDUCERS
 
 
@@ -100,18 +101,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=commands.config_command)
 
-    p = sub.add_parser("tfrecords", help="write TFRecord shards from a CSV and images")
-    p.add_argument(
-        "--csv", required=True, help="CSV with filename,category or path,label[,group]"
+    p = sub.add_parser(
+        "tfrecords",
+        help="write TFRecord shards from images: a CSV of files, class folders, a "
+        "pixel CSV or idx files",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--csv", help="CSV with filename,category or path,label[,group]"
+    )
+    source.add_argument(
+        "--folders",
+        metavar="DIR",
+        help="one subfolder per class (or a folder of test images)",
+    )
+    source.add_argument(
+        "--pixels-csv",
+        metavar="FILE",
+        help="label,pixel1..pixelN rows (Kaggle's Fashion-MNIST, Digit Recognizer)",
+    )
+    source.add_argument(
+        "--idx",
+        nargs="+",
+        metavar="FILE",
+        help="IMAGES [LABELS]: MNIST idx files, gzipped or not",
     )
     p.add_argument(
-        "--images", required=True, help="folder the CSV's paths are relative to"
+        "--images", default=None, help="--csv: folder the CSV's paths are relative to"
+    )
+    p.add_argument("--shape", default=None, help="--pixels-csv: e.g. 28x28 or 32x32x3")
+    p.add_argument(
+        "--class-names",
+        default=None,
+        help="--pixels-csv, --idx: names of class ids 0, 1, ... (comma-separated, "
+        "or a file with one per line)",
     )
     p.add_argument(
         "--out", required=True, help="output folder for shards and manifest.json"
     )
     p.add_argument(
-        "--test", action="store_true", help="unlabeled test set (keeps filenames)"
+        "--test",
+        action="store_true",
+        default=None,
+        help="unlabeled test set (keeps filenames; --idx: labels ignored); "
+        "--folders, --pixels-csv: default from the layout",
     )
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--image-size", type=int, default=None, help="resize on write")
@@ -190,9 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="submission.csv")
     p.add_argument(
         "--format",
-        choices=("shopee", "cdiscount"),
-        default="shopee",
-        help="shopee: filename,category; cdiscount: _id,category_id per product",
+        choices=FORMAT_CHOICES,
+        default=AUTO,
+        help="auto: shopee when the classes are numbers, else named; "
+        + "; ".join(f"{f.name}: {f.summary}" for f in FORMATS.values()),
+    )
+    p.add_argument(
+        "--probability",
+        action="store_true",
+        help="named format: add the probability of each row's class",
     )
     p.add_argument(
         "--md5-dict",
@@ -217,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--test", nargs="+", required=True, help="each run's test .probs.npz, in order"
     )
     p.add_argument("--out", default="submission.csv")
-    p.add_argument("--format", choices=("shopee", "cdiscount"), default="shopee")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default=AUTO)
     p.add_argument("--data", default=None, help="test records (cdiscount: products)")
     p.add_argument(
         "--expected", default=None, help="test.csv whose ids must each appear once"

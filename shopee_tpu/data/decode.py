@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 READ_BUFFER = 8 << 20  # bytes read ahead per file (GCS likes large reads)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def tf():
@@ -55,7 +56,12 @@ def plain(fn):
 
 
 def decode_image(jpeg, image_size: int, *, exact: bool = False):
-    """JPEG bytes -> uint8 ``[image_size, image_size, 3]``.
+    """JPEG or PNG bytes -> uint8 ``[image_size, image_size, 3]``.
+
+    Grey images (one channel, as the writer stores them) become three equal
+    channels here, the one place they are expanded: every registry model takes RGB,
+    as pretrained weights do. ``decode_jpeg`` decodes PNG too (TensorFlow sniffs the
+    format; the DCT ``ratio`` only applies to JPEG).
 
     Args:
         jpeg: Scalar string tensor.
@@ -67,7 +73,7 @@ def decode_image(jpeg, image_size: int, *, exact: bool = False):
     if exact:
         image = t.io.decode_jpeg(jpeg, channels=3)
         return t.ensure_shape(image, [image_size, image_size, 3])
-    shape = t.io.extract_jpeg_shape(jpeg)
+    shape = _stored_shape(jpeg)
     short = t.minimum(shape[0], shape[1])
     index = t.reduce_sum(t.cast(short >= image_size * t.constant([2, 4, 8]), t.int32))
     branches = [
@@ -85,6 +91,21 @@ def decode_image(jpeg, image_size: int, *, exact: bool = False):
         ),
     )
     return t.ensure_shape(image, [image_size, image_size, 3])
+
+
+def _stored_shape(data):
+    """``[height, width]`` from a JPEG's or a PNG's header (PNG: IHDR's big-endian
+    width and height at bytes 16..23)."""
+    t = tf()
+    png = t.equal(t.strings.substr(data, 0, 8), _PNG_SIGNATURE)
+
+    def png_shape():
+        wh = t.io.decode_raw(
+            t.strings.substr(data, 16, 8), t.int32, little_endian=False
+        )
+        return t.reverse(t.reshape(wh, [2]), [0])
+
+    return t.cond(png, png_shape, lambda: t.io.extract_jpeg_shape(data)[:2])
 
 
 def stored_exactly(files: list[str], image_size: int) -> bool:

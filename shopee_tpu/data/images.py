@@ -4,15 +4,35 @@ Pillow comes with matplotlib, a core dependency, and starts in milliseconds, so 
 writer's worker processes stay light (no TensorFlow). Every image is fully decoded
 once here: a truncated or corrupt file is caught at write time and reported, rather
 than failing a training run hours later.
+
+How an image is stored: a JPEG that needs no change keeps its bytes. Any other
+image is encoded, as uncompressed PNG when both sides are at most
+``LOSSLESS_MAX_SIDE`` (64) pixels, so that a 28 x 28 Fashion-MNIST or a 32 x 32
+CIFAR image reads back pixel for pixel, and as JPEG at ``quality`` above it. Grey images stay one channel in either format;
+the reader expands them to the three channels every model takes
+(``shopee_tpu.data.decode.decode_image``).
 """
 
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
-__all__ = ["BadImage", "prepare_image", "RESIZE_MODES"]
+import numpy as np
+
+__all__ = [
+    "BadImage",
+    "PreparedImage",
+    "prepare_image",
+    "encode_pixels",
+    "prepare_pixels",
+    "RESIZE_MODES",
+    "LOSSLESS_MAX_SIDE",
+]
 
 RESIZE_MODES = ("square", "longest")
+LOSSLESS_MAX_SIDE = 64  # images stored at most this wide and high are PNG
+_GREY_MODES = ("1", "L", "LA")  # stored as one channel ("L")
 
 
 class BadImage(ValueError):
@@ -20,12 +40,14 @@ class BadImage(ValueError):
 
 
 def _open(data: bytes):
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadImage("not an image (no image format Pillow knows)") from None
     except Exception as e:  # Pillow raises several types for unreadable data
         raise BadImage(f"not an image ({type(e).__name__}: {e})") from None
     return img
@@ -41,18 +63,26 @@ def _target(size: tuple[int, int], image_size: int, resize: str) -> tuple[int, i
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
+class PreparedImage(NamedTuple):
+    """The bytes to store and what they hold."""
+
+    data: bytes
+    size: tuple[int, int]  # (width, height)
+    channels: int  # 1 (grey) or 3 (RGB)
+    format: str  # "JPEG" or "PNG"
+
+
 def prepare_image(
     data: bytes,
     *,
     image_size: int | None = None,
     resize: str = "square",
     quality: int = 95,
-) -> tuple[bytes, tuple[int, int]]:
-    """Checks one image and returns the JPEG bytes to store, with its (width, height).
+) -> PreparedImage:
+    """Checks one image and returns the bytes to store (see the module docstring).
 
     The original bytes are kept when they already are an RGB or greyscale JPEG of the
-    wanted size; anything else (other formats, CMYK, other sizes) is re-encoded, since
-    the reader decodes with ``tf.io.decode_jpeg``.
+    wanted size; anything else (other formats, CMYK, other sizes) is re-encoded.
 
     Args:
         data: The image file's bytes.
@@ -73,25 +103,71 @@ def prepare_image(
     try:
         size = img.size
         target = size if image_size is None else _target(size, image_size, resize)
-        keep = img.format == "JPEG" and img.mode in ("RGB", "L") and target == size
-        if keep:
+        keep = target == size and img.mode in ("RGB", "L")
+        if keep and img.format == "JPEG":
             # Decoding at 1/8 scale (JPEG DCT scaling) still reads every entropy-coded
             # segment, so truncation is detected at a fraction of the cost.
             img.draft(img.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
             img.load()
-            return data, size
+            return PreparedImage(data, size, _channels(img.mode), "JPEG")
         if img.format == "JPEG" and target != size:
             img.draft("RGB", target)  # decode at the smallest DCT scale >= target
         img.load()
-        img = img.convert("RGB")
+        img = img.convert("L" if img.mode in _GREY_MODES else "RGB")
         if img.size != target:
             img = img.resize(target, Image.BICUBIC, reducing_gap=3.0)
+        fmt = "PNG" if max(target) <= LOSSLESS_MAX_SIDE else "JPEG"
+        # PNG without compression: it decodes about as fast as a small JPEG (a
+        # compressed PNG's inflate step costs several times that), at about the
+        # raw pixels' size, which at 64 px or less is still small.
+        options = {"compress_level": 0} if fmt == "PNG" else {"quality": quality}
         buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=quality)
-        return buf.getvalue(), target
+        img.save(buf, format=fmt, **options)
+        return PreparedImage(buf.getvalue(), target, _channels(img.mode), fmt)
     except BadImage:
         raise
     except Exception as e:  # truncated/corrupt data surfaces as OSError, SyntaxError...
         raise BadImage(
             f"corrupt or truncated image ({type(e).__name__}: {e})"
         ) from None
+
+
+def _channels(mode: str) -> int:
+    return 1 if mode == "L" else 3
+
+
+def encode_pixels(pixels) -> bytes:
+    """PNG bytes (lossless) of one uint8 image: ``H x W``, ``H x W x 1`` (grey) or
+    ``H x W x 3`` (RGB)."""
+    from PIL import Image
+
+    array = np.asarray(pixels)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise ValueError(
+            f"pixels must be uint8 H x W or H x W x 3, got {array.dtype} {array.shape}"
+        )
+    buf = io.BytesIO()
+    image = Image.fromarray(array, "L" if array.ndim == 2 else "RGB")
+    image.save(buf, format="PNG", compress_level=0)
+    return buf.getvalue()
+
+
+def prepare_pixels(
+    pixels, *, image_size: int | None = None, resize: str = "square", quality: int = 95
+) -> tuple[PreparedImage, bytes]:
+    """One uint8 image in memory -> ``(what to store, its PNG encoding)``.
+
+    The PNG is the image as given, losslessly: the "file" whose MD5 a record
+    keeps. When it needs no resize and is small, it is also what is stored (no
+    decode and re-encode); otherwise it goes through :func:`prepare_image`.
+    """
+    png = encode_pixels(pixels)
+    h, w = np.shape(pixels)[:2]
+    target = (w, h) if image_size is None else _target((w, h), image_size, resize)
+    if target == (w, h) and max(target) <= LOSSLESS_MAX_SIDE:
+        grey = np.ndim(pixels) == 2 or np.shape(pixels)[2] == 1
+        return PreparedImage(png, target, 1 if grey else 3, "PNG"), png
+    prepared = prepare_image(png, image_size=image_size, resize=resize, quality=quality)
+    return prepared, png

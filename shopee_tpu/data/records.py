@@ -23,7 +23,7 @@ from shopee_tpu.data.shard_writer import ShardParams, ShardWriter, write_shard
 from shopee_tpu.data.splits import stratified_group_kfold
 from shopee_tpu.data.writer_pool import WorkerPool
 
-__all__ = ["write_records", "write_records_from_csv"]
+__all__ = ["write_records", "write_records_from_csv", "write_rows"]
 
 
 def write_records_from_csv(
@@ -200,14 +200,67 @@ def _write_table(
             label_map = sources.build_label_map(table["label"])
         sources.check_labels(table["label"], label_map, where)
         ids = [label_map[v] for v in table["label"]]
-    groups = [g or f"\0row{i}" for i, g in enumerate(table["group"])]
-    n_shards = min(params["num_shards"], len(set(groups)))
-    strata = ids if not test else [0] * len(ids)
-    fold = stratified_group_kfold(strata, groups, n_shards, params["seed"])
     rows = list(zip(table["path"], ids, table["id"], table["group"], strict=True))
-    fingerprint = manifests.fingerprint(
-        params, label_map, [(r[1], r[2], r[3], int(f)) for r, f in zip(rows, fold)]
-    )
+    return _write_rows(rows, out_dir, params, label_map, workers, overwrite, bar)
+
+
+def write_rows(
+    rows: list[tuple],
+    out_dir: str | os.PathLike,
+    *,
+    label_map: Mapping[str, int],
+    test: bool,
+    shards: int = 16,
+    image_size: int | None = None,
+    resize: str = "square",
+    quality: int = 95,
+    workers: int | None = None,
+    overwrite: bool = False,
+    seed: int = 42,
+    prefix: str | None = None,
+    verbose: bool = True,
+    content: str | None = None,
+) -> dict:
+    """Writes rows whose class ids are known: the step every source but a stream
+    shares (files named in a CSV or found in class folders, arrays, pixel CSVs and
+    idx files). Shards are planned up front, and a rerun resumes.
+
+    Args:
+        rows: ``(source, class_id, id, group)`` per image; ``source`` is what
+            ``shard_writer.write_shard`` reads: a file path, ``Pixels`` or
+            ``Unusable`` (a row recorded as skipped with its reason). Class ids
+            are ``-1`` when ``test``.
+        label_map: ``{category: class_id}`` the class ids come from.
+        content: A digest of the images themselves, for sources whose ids do not
+            tell one dataset from another (arrays): it joins the fingerprint.
+
+    See :func:`write_records` for the other arguments and the manifest returned.
+    """
+    out_dir = os.fspath(out_dir)
+    params = _params(out_dir, shards, image_size, resize, quality, test, seed, prefix)
+    workers = max(1, workers or _cpu_count())
+    label_map = dict(label_map)
+    with progress_bar(
+        len(rows), f"records {params['prefix']}", unit="img", disable=not verbose
+    ) as bar:
+        return _write_rows(
+            rows, out_dir, params, label_map, workers, overwrite, bar, content
+        )
+
+
+def _write_rows(
+    rows, out_dir, params, label_map, workers, overwrite, bar, content=None
+) -> dict:
+    """Plans the shards of ``rows`` and writes those not finished yet."""
+    test = params["test"]
+    groups = [g or f"\0row{i}" for i, (*_, g) in enumerate(rows)]
+    n_shards = min(params["num_shards"], len(set(groups)))
+    strata = [0] * len(rows) if test else [r[1] for r in rows]
+    fold = stratified_group_kfold(strata, groups, n_shards, params["seed"])
+    plan = [(r[1], r[2], r[3], int(f)) for r, f in zip(rows, fold)]
+    if content is not None:
+        plan.append(content)
+    fingerprint = manifests.fingerprint(params, label_map, plan)
     manifest = manifests.start(
         out_dir, params, label_map, fingerprint, n_shards, overwrite
     )

@@ -6,7 +6,8 @@ dictionary, submissions and the TTA report.
   files, ``save_probs`` / ``load_probs`` (float16 or uint8 with ids).
 - ``stacking``: ``fit_stacker`` on out-of-fold probabilities.
 - ``md5``: ``build_md5_dictionary`` and the image / product overrides.
-- ``submission``: Shopee and Cdiscount writers and validators.
+- ``submission``: the table of formats (Shopee, named classes, Cdiscount), their
+  writers and validators.
 - ``report``: ``tta_report`` on validation data.
 - ``run``: ``predict_run`` (what ``shopee-tpu predict`` calls).
 
@@ -35,8 +36,11 @@ _EXPORTS = {
     "apply_image_overrides": "shopee_tpu.inference.md5",
     "apply_product_overrides": "shopee_tpu.inference.md5",
     "write_shopee_submission": "shopee_tpu.inference.submission",
+    "write_named_submission": "shopee_tpu.inference.submission",
+    "write_image_submission": "shopee_tpu.inference.submission",
     "write_cdiscount_submission": "shopee_tpu.inference.submission",
     "validate_shopee_submission": "shopee_tpu.inference.submission",
+    "validate_named_submission": "shopee_tpu.inference.submission",
     "validate_cdiscount_submission": "shopee_tpu.inference.submission",
     "SubmissionError": "shopee_tpu.inference.submission",
     "tta_report": "shopee_tpu.inference.report",

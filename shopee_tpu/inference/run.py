@@ -39,15 +39,14 @@ from shopee_tpu.data.pipeline import eval_dataset  # TensorFlow
 from shopee_tpu.inference import md5 as md5_lib
 from shopee_tpu.inference.ensemble import aggregate_products, combine_folds, save_probs
 from shopee_tpu.inference.submission import (
+    resolve_format,
     write_cdiscount_submission,
-    write_shopee_submission,
+    write_image_submission,
 )
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.run_folder import RunFolder
 
 __all__ = ["predict_run", "load_run_model"]
-
-FORMATS = ("shopee", "cdiscount")
 
 
 def load_run_model(
@@ -148,7 +147,8 @@ def predict_run(
     tta: Sequence[str] | None = None,
     reduce: str | None = None,
     batch_size: int | None = None,
-    format: str = "shopee",
+    format: str = "auto",
+    probability: bool = False,
     md5_dict="auto",
     product_reduce: str = "sum",
     expected=None,
@@ -167,8 +167,13 @@ def predict_run(
         reduce: ``mean``, ``geometric`` or ``beta`` (default: the config's).
         batch_size: Per-replica batch (default: ``predict.batch_size``, else the
             training batch size).
-        format: ``shopee`` (``filename,category``, one row per image) or
-            ``cdiscount`` (``_id,category_id``, images aggregated by product group).
+        format: ``auto`` (``shopee`` when the classes are numbers, else
+            ``named``), ``shopee`` (``filename,category``, two-digit numbers, one
+            row per image), ``named`` (``filename,category`` with the class names)
+            or ``cdiscount`` (``_id,category_id``, images aggregated by product
+            group); see ``shopee_tpu.inference.submission``.
+        probability: ``named``: add a column with the probability of each row's
+            class.
         md5_dict: An ``Md5Dictionary`` or its ``.npz`` path, built from the
             training records: known duplicates override predictions (images; and
             whole products for ``cdiscount``). ``"auto"``: the dictionary the run's
@@ -188,16 +193,18 @@ def predict_run(
         The submission as a DataFrame; ``df.attrs["summary"]`` counts images,
         products and MD5 hits.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     out = os.fspath(out)
     run = RunFolder(run_dir, writable=False)
+    # A format that cannot take the run's classes fails before the prediction.
+    first = RunFolder((run.folds() or [run.path])[0], writable=False)
+    resolve_format(format, first.label_map(), probability=probability)
     files, pred = _predict_records(
         run, data, tta, reduce, batch_size, weights, device, accelerator, verbose
     )
     _save_probs(out, run, pred)
+    fmt = resolve_format(format, pred.label_map, probability=probability)
     df = _submission(
-        pred, files, out, format, md5_dict, product_reduce, expected, verbose
+        pred, files, out, fmt, md5_dict, product_reduce, expected, verbose, probability
     )
     if verbose:
         print(
@@ -244,7 +251,9 @@ def _save_probs(out: str, run: RunFolder, pred: _Prediction) -> None:
     save_probs(_probs_path(out), pred.ids, pred.probs, dtype="float16", meta=meta)
 
 
-def _submission(pred, files, out, format, md5_dict, product_reduce, expected, verbose):
+def _submission(
+    pred, files, out, fmt, md5_dict, product_reduce, expected, verbose, probability
+):
     """Scores labelled records, applies the MD5 overrides and writes the format."""
     config, probs, ids = pred.config, pred.probs, pred.ids
     summary = {"images": len(ids)}
@@ -261,9 +270,12 @@ def _submission(pred, files, out, format, md5_dict, product_reduce, expected, ve
         probs, summary["md5_images"] = md5_lib.apply_image_overrides(
             probs, info["md5"].tolist(), dictionary
         )
-    if format == "shopee":
+    if not fmt.per_product:
         expected = ids if expected is None else expected
-        df = write_shopee_submission(out, ids, probs, pred.label_map, expected=expected)
+        df = write_image_submission(
+            out, ids, probs, pred.label_map, format=fmt.name,
+            probability=probability, expected=expected,
+        )  # fmt: skip
     else:
         groups = [g or i for g, i in zip(info["group"].astype(str), ids, strict=True)]
         keys, product_probs = aggregate_products(groups, probs, product_reduce)

@@ -20,14 +20,16 @@ Every model takes float RGB pixels in 0..255. Where keras.applications expects i
 "tf", DenseNet "torch"), an ``ImageNetPreprocess`` layer does it inside; EfficientNetV2
 and ConvNeXt use their built-in preprocessing. Every model ends in the same head
 (GAP, optional dropout, float32 softmax ``predictions``; ConvNeXt keeps its pooled
-LayerNorm). Weights: ``None``, ``"imagenet"`` (keras.applications' notop file,
-downloaded; offline it fails with a hint), a local ``.h5`` / ``.weights.h5`` path
-loaded by layer name, or for our EfficientNets a PyTorch / safetensors state dict
-(``shopee_tpu.models.weights_torch``); a classifier that does not fit is skipped.
+LayerNorm). Weights: ``None``, ``"imagenet"`` (EfficientNets: its weights record;
+other families: keras.applications' notop file; offline either fails with a hint),
+a local ``.h5`` / ``.weights.h5`` path loaded by layer name, or for our
+EfficientNets a record's tag or name, or a PyTorch / safetensors state dict
+(``shopee_tpu.models.weights``); a classifier that does not fit is skipped.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -37,10 +39,10 @@ import keras
 from shopee_tpu.config import ModelConfig
 from shopee_tpu.models import kerashub, small_resnet, tiny
 from shopee_tpu.models import layers as common
-from shopee_tpu.models import weights as loaders
 from shopee_tpu.models.efficientnet_builder import efficientnet
 from shopee_tpu.models.efficientnet_scaling import scaling
-from shopee_tpu.models.weights_h5 import WeightsError
+from shopee_tpu.models.weights import loader, records
+from shopee_tpu.models.weights.errors import WeightsError, WeightsUnavailableError
 
 
 @dataclass(frozen=True)
@@ -189,9 +191,10 @@ def build_model(
         name: Registry name, e.g. ``efficientnet-b3``, ``efficientnet-phi-2.5``,
             ``resnet50v2``, ``convnext-tiny``.
         num_classes: Classifier outputs.
-        weights: ``None``, ``"imagenet"``, a path to a ``.h5`` / ``.weights.h5``
-            (keras.applications', the ``efficientnet`` package's, ours) or a run
-            folder (its ``best.weights.h5``). A KerasHub preset brings its own
+        weights: ``None``, ``"imagenet"`` (EfficientNets: or another record),
+            a path to a ``.h5`` / ``.weights.h5`` (keras.applications', the
+            ``efficientnet`` package's, ours) or a run folder (its
+            ``best.weights.h5``). A KerasHub preset brings its own
             weights; ``weights`` then may only name a run or file to load on top.
         input_size: Square input side; ``None`` uses the native one.
         dropout: Dropout before the classifier.
@@ -204,7 +207,8 @@ def build_model(
         include_top: ``False`` returns the pooled features.
         weights_preprocessing: EfficientNet and KerasHub only: the input
             normalisation the weights were trained with, ``auto`` (from the
-            weights), ``imagenet`` or ``advprop`` (see ``shopee_tpu.models.weights``).
+            weights' record), ``imagenet``, ``advprop``, ``lite`` or a record's name
+            (see ``shopee_tpu.models.weights.loader``).
         pretrained: ``False`` builds the architecture only: ``weights`` is ignored
             and a KerasHub preset's weights are not read (before loading a run's
             own weights).
@@ -315,8 +319,12 @@ def _build_application(
 
 
 def _check_run_backbone(weights: str, backbone: str) -> None:
-    """A run folder trained with another registry backbone fails with both names."""
-    src = loaders.resolve_source(weights)
+    """A run folder trained with another registry backbone fails with both names
+    (a missing path too; a weights record's tag or name is for the builder)."""
+    named = weights in records.tags() or weights in records.records()
+    if named and not os.path.exists(os.path.expanduser(weights)):
+        return
+    src = loader.resolve_source(weights)
     if not src.backbone or "kerashub:" in (src.backbone + backbone).lower():
         return
     try:
@@ -343,15 +351,15 @@ def _build_family(fam, num_classes, size, weights, dropout, include_top):
     if weights == "imagenet":
         kw["weights"] = "imagenet"
         try:
-            with loaders.socket_timeout(loaders.DOWNLOAD_TIMEOUT):
+            with records.socket_timeout(records.DOWNLOAD_TIMEOUT):
                 backbone = getattr(keras.applications, fam.constructor)(**kw)
         except Exception as e:
             if "URL fetch failure" not in str(e) and not isinstance(e, OSError):
                 raise
             url = re.search(r"URL fetch failure on (\S+?):? ", str(e))
             url = url[1] if url else "keras.applications"
-            raise loaders.WeightsUnavailableError(
-                loaders.offline_hint(
+            raise WeightsUnavailableError(
+                records.offline_hint(
                     f"ImageNet weights for {fam.name}", url.rsplit("/", 1)[-1], url
                 )
                 + f" Cause: {e}"
@@ -378,7 +386,7 @@ def _build_family(fam, num_classes, size, weights, dropout, include_top):
         outputs = x
     model = keras.Model(inputs, outputs, name=fam.name)
     if weights not in (None, "imagenet"):
-        loaders.load_weights(model, weights)
+        loader.load_weights(model, weights)
     return model
 
 
