@@ -29,7 +29,7 @@ import keras
 from keras import layers
 
 from shopee_tpu.models import layers as common
-from shopee_tpu.models import weights as loaders
+from shopee_tpu.models.weights import loader
 
 NAME = "small-resnet"
 NATIVE_SIZE = 32
@@ -124,7 +124,7 @@ def small_resnet(
     """
     if weights == "imagenet":
         raise ValueError(f"{NAME} has no ImageNet weights; pass weights=None")
-    loaders.check_preprocessing(weights_preprocessing)
+    loader.check_preprocessing(weights_preprocessing)
     side = None if any_size else int(input_size or NATIVE_SIZE)
     inputs = keras.Input((side, side, 3), name="input_layer")
     x = common.normalized_pixels(inputs)
@@ -144,7 +144,7 @@ def small_resnet(
         outputs = layers.GlobalAveragePooling2D(name=common.POOL_NAME)(x)
     model = keras.Model(inputs, outputs, name=NAME)
     if weights is None:
-        loaders.set_preprocessing(model, weights_preprocessing)
+        loader.set_preprocessing(model, weights_preprocessing)
     else:
-        loaders.load_weights(model, weights, preprocessing=weights_preprocessing)
+        loader.load_weights(model, weights, preprocessing=weights_preprocessing)
     return model
