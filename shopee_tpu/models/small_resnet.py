@@ -28,8 +28,7 @@ import re
 import keras
 from keras import layers
 
-from shopee_tpu.models import layers as common
-from shopee_tpu.models.weights import loader
+from shopee_tpu.models.scratch import scratch_input, scratch_model
 
 NAME = "small-resnet"
 NATIVE_SIZE = 32
@@ -122,12 +121,14 @@ def small_resnet(
             ``advprop``).
         any_size: Leave the input side open.
     """
-    if weights == "imagenet":
-        raise ValueError(f"{NAME} has no ImageNet weights; pass weights=None")
-    loader.check_preprocessing(weights_preprocessing)
-    side = None if any_size else int(input_size or NATIVE_SIZE)
-    inputs = keras.Input((side, side, 3), name="input_layer")
-    x = common.normalized_pixels(inputs)
+    inputs, x = scratch_input(
+        NAME,
+        weights=weights,
+        weights_preprocessing=weights_preprocessing,
+        input_size=input_size,
+        native_size=NATIVE_SIZE,
+        any_size=any_size,
+    )
     bn = {
         "momentum": batchnorm_momentum,
         "activation": "relu" if activation == "auto" else activation,
@@ -138,13 +139,13 @@ def small_resnet(
             stride = 2 if stage > 0 and b == 0 else 1
             name = f"stage{stage + 1}_block{b + 1}"
             x = _block(x, width << stage, stride, bn, name)
-    if include_top:
-        outputs = common.classifier_head(x, num_classes, dropout=dropout)
-    else:
-        outputs = layers.GlobalAveragePooling2D(name=common.POOL_NAME)(x)
-    model = keras.Model(inputs, outputs, name=NAME)
-    if weights is None:
-        loader.set_preprocessing(model, weights_preprocessing)
-    else:
-        loader.load_weights(model, weights, preprocessing=weights_preprocessing)
-    return model
+    return scratch_model(
+        inputs,
+        x,
+        NAME,
+        num_classes,
+        include_top=include_top,
+        dropout=dropout,
+        weights=weights,
+        weights_preprocessing=weights_preprocessing,
+    )
