@@ -71,6 +71,8 @@ TRAINED_IN = {
     " one epoch without the frozen warm-up, which test_finetune_... covers)",
     "shopee-b0": "test_training_jax.py: 8 JAX devices, killed and resumed",
     "cdiscount": "test_cdiscount.py: BSON to submission through the CLI",
+    "small-images": "test_bench.py: bench fashion --quick (small-resnet-w4 at 28 px,"
+    " with a time limit that plans the epochs)",
 }
 
 
