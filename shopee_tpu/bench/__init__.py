@@ -25,6 +25,7 @@ _BENCHES = {
     "accuracy": "shopee_tpu.bench.accuracy",
     "ablation": "shopee_tpu.bench.ablation",
     "cdiscount": "shopee_tpu.bench.cdiscount",
+    "fashion": "shopee_tpu.bench.fashion",
 }
 
 
@@ -94,6 +95,22 @@ def spread(values: list[float], digits: int = 3) -> dict:
         "max": round(max(values), digits),
         "rounds": [round(v, digits) for v in values],
     }
+
+
+def mean_std(values, digits: int = 4) -> dict:
+    """Mean and standard deviation over seeds (0 for one seed)."""
+    values = [float(v) for v in values]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": round(statistics.fmean(values), digits), "std": round(sd, digits)}
+
+
+def seeds_from(args, default: list[int]) -> list[int]:
+    """``--seeds 0,1,2``, else ``--seed S``, else ``default``."""
+    text = getattr(args, "seeds", None)
+    if text:
+        return [int(s) for s in str(text).split(",") if s.strip()]
+    seed = getattr(args, "seed", None)
+    return [int(seed)] if seed is not None else list(default)
 
 
 def photo_crops(n: int, size: int, seed: int = 0) -> np.ndarray:
