@@ -29,6 +29,7 @@ import zlib
 import numpy as np
 
 from shopee_tpu import fs, multihost
+from shopee_tpu.run_folder import RunFolder
 
 __all__ = ["UnsharedFolder", "check_shared", "TOKEN"]
 
@@ -107,3 +108,25 @@ def _refusal(path: str, same: np.ndarray, names: np.ndarray, writes: bool) -> st
         f"not see the run folder that {host(0)} {verb}; every host must see one "
         "folder: a gs:// bucket or a disk they share"
     )
+
+
+def open_training_run(config, acc) -> RunFolder:
+    """The run folder, opened by the chief first: it completes an interrupted
+    commit and saves the config; the other processes then only read, after
+    checking that they see the folder the chief writes. Every host resumes from
+    the chief's committed epoch."""
+    if acc.chief:
+        folder = RunFolder(config.out_dir)
+        folder.check_config(config)
+    check_shared(acc, config.out_dir, chief_writes=True)
+    if not acc.chief:
+        folder = RunFolder(config.out_dir, writable=False)
+        folder.check_config(config, write=False)
+    if acc.num_workers > 1:  # the check compared the state each host read
+        multihost.agree(
+            folder.epoch,
+            f"{config.out_dir}: the committed epoch",
+            acc=acc,
+            hint="is another run writing to this folder?",
+        )
+    return folder

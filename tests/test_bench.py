@@ -408,3 +408,79 @@ def test_forward_flops_counts_convolutions_and_dense_layers():
     depthwise = 8 * 8 * 3 * 3 * 4
     dense = 4 * 5
     assert forward_flops(model) == 2 * (conv + depthwise + dense)
+
+
+def _fashion_idx(folder, train: int = 200, test: int = 50) -> None:
+    """Small Fashion-MNIST look-alikes as the four idx files (gzipped, as Debian
+    ships them): 28 px grey noise with a bright bar whose height is the class."""
+    import numpy as np
+
+    from shopee_tpu.data.idx import write_idx
+
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", train), ("t10k", test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 * c + 4 : 2 * c + 7, 4:24] = 200
+        write_idx(folder / f"{stem}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{stem}-labels-idx1-ubyte.gz", labels)
+
+
+@pytest.mark.slow
+def test_bench_fashion_alternates_and_its_figures_follow_from_the_runs(
+    capsys, tmp_path
+):
+    import json as json_
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _fashion_idx(data)
+    work = tmp_path / "work"
+    out = _bench(capsys, "fashion", "--data", str(data), "--out", str(work))
+    assert (out["seeds"], out["split"], out["budget_sec"]) == ([0, 1], "final", 240)
+    runs = out["runs"]
+    # The order alternates from seed to seed.
+    assert [r["order"] for r in runs] == [["peer", "ours"], ["ours", "peer"]]
+    calibration = out["peer_calibration"]
+    assert calibration["epochs"] == 2 and calibration["epoch_sec"] > 0
+    for r in runs:
+        peer, ours = r["peer"], r["ours"]
+        for side in (peer, ours):  # accuracies are counts of the 50 test images
+            assert side["test_accuracy"] * 50 == pytest.approx(
+                round(side["test_accuracy"] * 50)
+            )
+            assert side["train_images"] == 200
+        assert peer["epochs"] == peer["epochs_planned"] == 2
+        assert ours["epochs"] <= ours["epochs_planned"] <= ours["epochs_asked"] == 3
+        assert (ours["preset"], ours["backbone"]) == ("small-images", "small-resnet-w4")
+        assert r["peer_best"] == peer["test_accuracy_flip_tta"]
+        assert r["gain"] == round(ours["test_accuracy"] - r["peer_best"], 4)
+        assert r["time_ratio"] == round(
+            ours["wall_time_sec"] / peer["wall_time_sec"], 3
+        )
+        assert r["speed_ratio"] == round(
+            ours["images_per_sec"] / peer["images_per_sec"], 3
+        )
+    for key, values in (
+        ("peer_accuracy", [r["peer_best"] for r in runs]),
+        ("ours_accuracy", [r["ours"]["test_accuracy"] for r in runs]),
+        ("gain", [r["gain"] for r in runs]),
+        ("time_ratio", [r["time_ratio"] for r in runs]),
+        ("speed_ratio", [r["speed_ratio"] for r in runs]),
+    ):
+        assert out[key]["mean"] == round(statistics.fmean(values), 4), key
+        assert out[key]["std"] == round(statistics.stdev(values), 4), key
+    # Ours went through the library's records: the grey images stored as PNG.
+    manifest = json_.loads(
+        (work / "ours-0" / "records" / "train" / "manifest.json").read_text()
+    )
+    assert manifest["total"] == 200 and manifest["channels"] == 1
+    assert manifest["image_formats"] == {"PNG": 200}
+
+
+def test_bench_fashion_without_the_files_is_one_line(capsys, tmp_path):
+    assert main(["bench", "fashion", "--data", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "apt-get install dataset-fashion-mnist" in err[0]
+    assert str(tmp_path) in err[0]

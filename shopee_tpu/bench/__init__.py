@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-_BENCHES = {
+# The benchmarks by name: ``shopee-tpu bench NAME`` imports only the one it runs.
+BENCHES = {
     "input": "shopee_tpu.bench.input",
     "train": "shopee_tpu.bench.train",
     "predict": "shopee_tpu.bench.predict",
@@ -30,13 +31,14 @@ _BENCHES = {
     "ablation": "shopee_tpu.bench.ablation",
     "cdiscount": "shopee_tpu.bench.cdiscount",
     "export": "shopee_tpu.bench.export",
+    "fashion": "shopee_tpu.bench.fashion",
 }
 _MARK = "@@bench "
 
 
 def run_bench(what: str, args) -> dict:
     """Runs the named benchmark with the CLI arguments; returns its figures."""
-    module = importlib.import_module(_BENCHES[what])
+    module = importlib.import_module(BENCHES[what])
     before = machine()
     result = module.run(args)
     result["machine"] = {**before, "load_average_after": machine()["load_average"]}
@@ -133,6 +135,22 @@ def spread(values: list[float], digits: int = 3) -> dict:
         "max": round(max(values), digits),
         "rounds": [round(v, digits) for v in values],
     }
+
+
+def mean_std(values, digits: int = 4) -> dict:
+    """Mean and standard deviation over seeds (0 for one seed)."""
+    values = [float(v) for v in values]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": round(statistics.fmean(values), digits), "std": round(sd, digits)}
+
+
+def seeds_from(args, default: list[int]) -> list[int]:
+    """``--seeds 0,1,2``, else ``--seed S``, else ``default``."""
+    text = getattr(args, "seeds", None)
+    if text:
+        return [int(s) for s in str(text).split(",") if s.strip()]
+    seed = getattr(args, "seed", None)
+    return [int(seed)] if seed is not None else list(default)
 
 
 def photo_crops(n: int, size: int, seed: int = 0) -> np.ndarray:

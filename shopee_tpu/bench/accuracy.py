@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shopee_tpu import fs
+from shopee_tpu.bench import mean_std, seeds_from
 from shopee_tpu.bench.peer import run_peer
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data.photos import make_photo_dataset
@@ -191,24 +191,18 @@ def compare(setting: Setting, task: dict, out: str, *, seed: int, quick: bool) -
 
 def summarize(runs: list[dict]) -> dict:
     """Mean and standard deviation (over seeds; 0 for one seed) of each figure."""
-
-    def stats(values):
-        values = [float(v) for v in values]
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return {"mean": round(statistics.fmean(values), 4), "std": round(sd, 4)}
-
     return {
-        "peer_accuracy": stats(r["peer_best"] for r in runs),
-        "ours_accuracy": stats(r["ours"]["test_accuracy"] for r in runs),
-        "gain": stats(r["gain"] for r in runs),
-        "time_ratio": stats(r["time_ratio"] for r in runs),
+        "peer_accuracy": mean_std(r["peer_best"] for r in runs),
+        "ours_accuracy": mean_std(r["ours"]["test_accuracy"] for r in runs),
+        "gain": mean_std(r["gain"] for r in runs),
+        "time_ratio": mean_std(r["time_ratio"] for r in runs),
     }
 
 
 def run(args) -> dict:
     """``args``: ``quick``, ``seeds`` (or ``seed``), ``split``, ``setting``, ``out``."""
     quick = bool(getattr(args, "quick", False))
-    seeds = _seeds(args)
+    seeds = seeds_from(args, [0, 1, 2])
     split = getattr(args, "split", None) or "final"
     names = _settings(getattr(args, "setting", None))
     out = getattr(args, "out", None) or tempfile.mkdtemp(prefix="bench-accuracy-")
@@ -232,14 +226,6 @@ def run(args) -> dict:
             **summarize(runs),
         }
     return report
-
-
-def _seeds(args) -> list[int]:
-    text = getattr(args, "seeds", None)
-    if text:
-        return [int(s) for s in str(text).split(",") if s.strip()]
-    seed = getattr(args, "seed", None)
-    return [int(seed)] if seed is not None else [0, 1, 2]
 
 
 def _settings(text: str | None) -> list[str]:

@@ -90,22 +90,13 @@ def run_peer(
         verbose=False,
     )
     model = _model(keras, task, pretrained, application)
-    steps = epochs * len(train_ds)
-    warmup = min(WARMUP_EPOCHS * len(train_ds), steps // 2)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, steps - warmup, warmup_target=learning_rate, warmup_steps=warmup
-    )
-    model.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.05),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
-        metrics=["accuracy"],
-    )
+    compile_peer(keras, model, epochs * len(train_ds), len(train_ds), learning_rate)
     best = os.path.join(tempfile.mkdtemp(prefix="peer-"), "best.weights.h5")
     callbacks = [
         keras.callbacks.ModelCheckpoint(
             best, monitor="val_accuracy", save_best_only=True, save_weights_only=True
         ),
-        _stop_at(keras, start, time_limit),
+        stop_at(keras, start, time_limit),
     ]
     history = model.fit(
         train_ds.prefetch(tf.data.AUTOTUNE),
@@ -130,6 +121,22 @@ def run_peer(
     }
 
 
+def compile_peer(keras, model, steps: int, epoch: int, learning_rate: float):
+    """What a Keras user compiles with: ``AdamW`` (weight decay 0.05) on a
+    ``CosineDecay`` over ``steps`` with ``WARMUP_EPOCHS`` of ``epoch`` steps of
+    warm-up (at most half the steps), label smoothing 0.1, accuracy."""
+    warmup = min(WARMUP_EPOCHS * epoch, steps // 2)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, steps - warmup, warmup_target=learning_rate, warmup_steps=warmup
+    )
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.05),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
+        metrics=["accuracy"],
+    )
+    return model
+
+
 def _predict(keras, tf, model, task: dict, size: int, labels: np.ndarray):
     test_ds = keras.utils.image_dataset_from_directory(
         task["test_images"],
@@ -150,7 +157,7 @@ def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return round(float((np.argmax(probs, -1) == labels).mean()), 4)
 
 
-def _stop_at(keras, start: float, limit: float | None):
+def stop_at(keras, start: float, limit: float | None):
     """Stops ``fit`` before an epoch that would end past ``limit`` seconds from
     ``start`` (as long as the longest epoch so far)."""
     longest, began = [0.0], [0.0]

@@ -129,6 +129,8 @@ def train_command(args) -> int:
         device=args.device,
     )
     if args.folds or args.fold is not None or cfg.data.folds:
+        # (--resume-later is what a k-fold run does anyway: its limit is every
+        # fold's, so it only stops one.)
         if args.tensorboard is not None or args.resume_stopped:
             raise ValueError(
                 "--tensorboard and --resume-stopped are for single runs (in Python, "
@@ -144,7 +146,11 @@ def train_command(args) -> int:
             )
             callbacks.append(functools.partial(_tensorboard, logs))
         result = train(
-            cfg, callbacks=callbacks, resume_stopped=args.resume_stopped, **common
+            cfg,
+            callbacks=callbacks,
+            resume_stopped=args.resume_stopped,
+            fit_to_time=not args.resume_later,
+            **common,
         )
     print(json.dumps(result.metrics, indent=2))
     return 0

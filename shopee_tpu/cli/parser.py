@@ -8,6 +8,7 @@ import re
 from shopee_tpu import __version__
 from shopee_tpu.accelerator import DEVICES
 from shopee_tpu.cli import commands
+from shopee_tpu.cli.bench_parser import add_bench_parser
 from shopee_tpu.config import PRESETS
 from shopee_tpu.inference.exported import FORMATS as EXPORT_FORMATS
 from shopee_tpu.inference.submission import AUTO, FORMAT_CHOICES, FORMATS
@@ -200,7 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default=None, help="run folder (default: the config's out_dir)"
     )
-    p.add_argument("--time-limit", type=parse_duration, default=None, help="e.g. 8h45m")
+    p.add_argument(
+        "--time-limit",
+        type=parse_duration,
+        default=None,
+        help="e.g. 8h45m: the epochs that fit are planned, the schedule ends with them",
+    )
+    p.add_argument(
+        "--resume-later",
+        action="store_true",
+        help="with --time-limit: only stop there, and train every epoch over "
+        "several sessions (rerun to resume)",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=parse_duration,
@@ -338,62 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.demo_command)
 
-    p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument(
-        "what",
-        choices=(
-            "input",
-            "train",
-            "predict",
-            "accuracy",
-            "ablation",
-            "cdiscount",
-            "export",
-        ),
-    )
-    p.add_argument("--json", action="store_true", help="compact JSON on one line")
-    p.add_argument(
-        "--images",
-        default=None,
-        help="bench input: a folder of JPEGs, searched recursively (default: "
-        "synthetic photos)",
-    )
-    p.add_argument(
-        "--min-side",
-        type=int,
-        default=0,
-        help="bench input: use only JPEGs whose shorter side has this many px",
-    )
-    p.add_argument("--rounds", type=int, default=None, help="rounds (default 5)")
-    p.add_argument(
-        "--seconds",
-        type=float,
-        default=None,
-        help="seconds per contender per round (default 10)",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="a tiny setting that runs in seconds"
-    )
-    # bench accuracy / ablation: held-out accuracy on bundled real photographs.
-    p.add_argument("--seed", type=int, default=None, help="task and training seed")
-    p.add_argument("--seeds", default=None, help="bench accuracy: e.g. 0,1,2 (default)")
-    p.add_argument(
-        "--split",
-        choices=("tuning", "final"),
-        default=None,
-        help="bench accuracy: the photographs to tune on, or to report (default)",
-    )
-    p.add_argument(
-        "--setting",
-        choices=("scratch", "pretrained", "both"),
-        default=None,
-        help="bench accuracy: from random weights, from ImageNet Lite0, or both",
-    )
-    p.add_argument("--out", default=None, help="work folder (default: a temp dir)")
-    p.add_argument(
-        "--products", type=int, default=None, help="bench cdiscount: products (1x)"
-    )
-    p.set_defaults(func=commands.bench_command)
+    add_bench_parser(sub)
 
     p = sub.add_parser("kernel", help="build, push and check Kaggle kernels")
     kernel = p.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)

@@ -232,6 +232,7 @@ def _train_fold(config, i, files, assignment, acc, verbose, **train_args) -> str
         accelerator=acc,
         verbose=verbose,
         record_ids=fold_ids(assignment, i),
+        fit_to_time=False,  # the limit is every fold's: it only stops
         **train_args,
     )
     if not result.metrics["finished"]:

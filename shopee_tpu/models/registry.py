@@ -12,6 +12,8 @@ Names (case-insensitive; ``-``/``_`` optional outside the EfficientNet ones):
   weights, normalised by its image converter (``shopee_tpu.models.kerashub``).
 * ``tiny-cnn``: three convolutions, for smoke runs and tests
   (``shopee_tpu.models.tiny``).
+* ``small-resnet`` (``-w<width>``, ``-b<blocks>``): a residual CNN for 28-64 px
+  images on CPUs (``shopee_tpu.models.small_resnet``).
 
 Every model takes float RGB pixels in 0..255. Where keras.applications expects its
 ``preprocess_input`` outside the model (ResNet v1 "caffe", ResNet v2 and Xception
@@ -35,7 +37,7 @@ from typing import NamedTuple
 import keras
 
 from shopee_tpu.config import ModelConfig
-from shopee_tpu.models import kerashub, tiny
+from shopee_tpu.models import kerashub, small_resnet, tiny
 from shopee_tpu.models import layers as common
 from shopee_tpu.models.efficientnet_builder import efficientnet
 from shopee_tpu.models.efficientnet_scaling import scaling
@@ -111,12 +113,13 @@ def available_models() -> list[str]:
     names = [f"efficientnet-b{n}" for n in range(8)]
     names += [f"efficientnet-lite{n}" for n in range(5)] + ["efficientnet-phi<value>"]
     names += [f.name for f in FAMILIES.values()]
-    return names + [tiny.NAME, "kerashub:<preset>"]
+    small = f"{small_resnet.NAME}[-w<width>][-b<blocks>]"
+    return names + [tiny.NAME, small, "kerashub:<preset>"]
 
 
 def resolve(name: str):
     """Parses a registry name: ``("efficientnet", variant)``, ``("family", Family)``,
-    ``("kerashub", preset)`` or ``("tiny", None)``.
+    ``("kerashub", preset)``, ``("small", (width, blocks))`` or ``("tiny", None)``.
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
@@ -130,6 +133,8 @@ def resolve(name: str):
         return "efficientnet", f"lite{m['n']}"
     if m := _EFFNET_PHI.fullmatch(text):
         return "efficientnet", float(m["v"])
+    if (shape := small_resnet.parse(text)) is not None:
+        return "small", shape
     key = re.sub(r"[-_ ]", "", text)
     if key == re.sub(r"[-_ ]", "", tiny.NAME):
         return "tiny", None
@@ -152,6 +157,8 @@ def input_spec(name_or_model) -> InputSpec:
             size = kerashub.native_size(what)
         elif kind == "tiny":
             size = tiny.NATIVE_SIZE
+        elif kind == "small":
+            size = small_resnet.NATIVE_SIZE
         else:
             size = scaling(what).resolution if kind == "efficientnet" else what.size
         return InputSpec(int(size), common.VALUE_RANGE)
@@ -193,9 +200,9 @@ def build_model(
         dropout: Dropout before the classifier.
         drop_connect_rate: EfficientNet stochastic depth; keras.applications
             families only accept the default 0.2 (their own setting is used).
-        activation: EfficientNet and ``tiny-cnn`` activation; ``auto`` is the
-            backbone's own (swish, ReLU6 for EfficientNet-Lite), the only value
-            other families accept.
+        activation: EfficientNet, ``small-resnet`` and ``tiny-cnn`` activation;
+            ``auto`` is the backbone's own (swish, ReLU6 for EfficientNet-Lite,
+            ReLU for ``small-resnet``), the only value other families accept.
         batchnorm_momentum: Set on every BatchNormalization layer.
         include_top: ``False`` returns the pooled features.
         weights_preprocessing: EfficientNet and KerasHub only: the input
@@ -205,8 +212,8 @@ def build_model(
         pretrained: ``False`` builds the architecture only: ``weights`` is ignored
             and a KerasHub preset's weights are not read (before loading a run's
             own weights).
-        any_size: EfficientNet and ``tiny-cnn`` (see ``supports_any_size``):
-            leave the input side open, for one model trained at several sizes.
+        any_size: Our own builders (see ``supports_any_size``): leave the input
+            side open, for one model trained at several sizes.
 
     Raises:
         ValueError: unknown name, or an option the family cannot honour.
@@ -226,7 +233,7 @@ def build_model(
         batchnorm_momentum=batchnorm_momentum,
         weights_preprocessing=weights_preprocessing,
     )
-    if kind in ("efficientnet", "tiny"):
+    if kind in ("efficientnet", "tiny", "small"):
         return _build_own(
             kind, what, num_classes, activation, drop_connect_rate, any_size, options
         )
@@ -240,13 +247,24 @@ def build_model(
 def _build_own(
     kind, what, num_classes, activation, drop_connect_rate, any_size, options
 ):
-    """EfficientNet or ``tiny-cnn``: our own builders, which honour every option."""
+    """EfficientNet, ``small-resnet`` or ``tiny-cnn``: our own builders, which
+    honour every option (the last two have no stochastic depth)."""
     if kind == "efficientnet":
         return efficientnet(
             what,
             num_classes,
             activation=activation,
             drop_connect_rate=drop_connect_rate,
+            any_size=any_size,
+            **options,
+        )
+    if kind == "small":
+        width, blocks = what
+        return small_resnet.small_resnet(
+            num_classes,
+            width=width,
+            blocks=blocks,
+            activation=activation,
             any_size=any_size,
             **options,
         )
@@ -382,10 +400,11 @@ def _all_layers(model):
 def supports_any_size(name: str) -> bool:
     """Whether ``build_model(name, any_size=True)`` works: our EfficientNet builder
     pads its strided convolutions for a nominal size, so its weights behave the
-    same at any input side, and ``tiny-cnn`` pads the same at every side; other
+    same at any input side, and ``small-resnet`` and ``tiny-cnn`` pad the same at
+    every side; other
     families (position embeddings, pads from the input shape) keep one model per
     size."""
-    return resolve(name)[0] in ("efficientnet", "tiny")
+    return resolve(name)[0] in ("efficientnet", "tiny", "small")
 
 
 def build_from_config(

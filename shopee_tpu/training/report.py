@@ -36,6 +36,8 @@ def final_metrics(run, folder, stop_reason: str | None, finished: bool) -> dict:
     metrics = {
         "epochs_completed": folder.epoch,
         "epochs": cfg.epochs,
+        # More than "epochs" when a time limit planned fewer (training.time_plan).
+        "epochs_asked": run.asked_epochs or cfg.epochs,
         "finished": finished,
         "stop_reason": stop_reason,
         "final_val_accuracy": last.get("val_accuracy"),
