@@ -6,23 +6,25 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
-EXTRAS := cpu,jax,demo,test
+EXTRAS := cpu,jax,demo,gcs,test
 
-.PHONY: demo test test-fast lint format venv wheel upgrade-constraints clean
+.PHONY: demo test test-fast test-kaggle-tpu lint format venv wheel upgrade-constraints \
+	upgrade-kaggle-tpu-constraints clean
 
 venv: $(STAMP)
 
 # tf_keras and keras-hub (through tensorflow-text) require the `tensorflow` package,
 # which pip would install over tensorflow-cpu: both go in without dependencies,
 # tf_keras at the installed TensorFlow's version (setup.cfg [test] lists the rest of
-# what they need).
+# what they need). foolbox goes in without its dependencies too: the tests read only
+# the 20 ImageNet photos in its data folder, and never import it.
 define install
 	$(1)/bin/python -m pip install -q --upgrade pip
 	$(1)/bin/python -m pip install -q $(2) -e ".[$(EXTRAS)]"
 	tf=$$($(1)/bin/python -c "from importlib.metadata import version; \
 	  import sys; sys.stdout.write(version('tensorflow-cpu' if sys.platform != 'darwin' \
 	  else 'tensorflow').rsplit('.', 1)[0])") && \
-	$(1)/bin/python -m pip install -q $(2) --no-deps "tf_keras==$$tf.*" "keras-hub>=0.21"
+	$(1)/bin/python -m pip install -q $(2) --no-deps "tf_keras==$$tf.*" "keras-hub>=0.21" foolbox
 endef
 
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
@@ -40,6 +42,45 @@ upgrade-constraints:
 	  echo "# Regenerate with make upgrade-constraints ($(PYTHON), Linux x86-64)."; \
 	  .venv-upgrade/bin/python -m pip freeze --exclude-editable; } > $(CONSTRAINTS)
 	rm -rf .venv-upgrade
+
+# Kaggle's TPU image (Kaggle/docker-python tpu/; constraints-kaggle-tpu.txt names
+# the commit): Python 3.12, jax 0.7.2 (CPU jaxlib of the same version here; the
+# image has libtpu), tensorflow-cpu 2.20 and the newest keras. Its own venv; it runs
+# the JAX and kernel tests.
+KAGGLE_TPU_VENV := .venv-kaggle-tpu
+KAGGLE_TPU_CONSTRAINTS := constraints-kaggle-tpu.txt
+KAGGLE_TPU_PINS := jax==0.7.2 jaxlib==0.7.2 tensorflow-cpu==2.20.0
+KAGGLE_TPU_PYTHON ?= $(shell for p in python3.12 \
+  $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12; do \
+  $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
+KAGGLE_TPU_TESTS := tests/test_training_jax.py tests/test_multihost_jax.py \
+  tests/test_accelerator_distributed.py tests/test_inference_tta.py tests/test_kernels.py \
+  tests/test_notebooks.py tests/test_gcs_run.py tests/test_fs_gcs.py
+
+$(KAGGLE_TPU_VENV)/.installed: setup.cfg pyproject.toml $(KAGGLE_TPU_CONSTRAINTS)
+	@test -n "$(KAGGLE_TPU_PYTHON)" || { echo "Kaggle's TPU image runs Python \
+	3.12: install it, or set KAGGLE_TPU_PYTHON=/path/to/python3.12"; exit 1; }
+	test -x $(KAGGLE_TPU_VENV)/bin/python || $(KAGGLE_TPU_PYTHON) -m venv $(KAGGLE_TPU_VENV)
+	$(call install,$(KAGGLE_TPU_VENV),-c $(KAGGLE_TPU_CONSTRAINTS))
+	touch $@
+
+test-kaggle-tpu: $(KAGGLE_TPU_VENV)/.installed
+	$(KAGGLE_TPU_VENV)/bin/python -c "import jax, keras, tensorflow as tf, sys; \
+	  print('Kaggle TPU set: python', sys.version.split()[0], 'jax', jax.__version__, \
+	  'keras', keras.__version__, 'tensorflow', tf.__version__)"
+	$(KAGGLE_TPU_VENV)/bin/python -m pytest -q -n 2 --dist loadgroup \
+	  --durations=0 --durations-min=30 $(KAGGLE_TPU_TESTS)
+
+# The image's pins and the newest of everything else they allow, frozen; read the
+# pins again from Kaggle/docker-python's tpu/ files when the image changes.
+upgrade-kaggle-tpu-constraints:
+	rm -rf .venv-kaggle-upgrade
+	$(KAGGLE_TPU_PYTHON) -m venv .venv-kaggle-upgrade
+	$(call install,.venv-kaggle-upgrade,$(KAGGLE_TPU_PINS))
+	{ sed -n '/^# /p' $(KAGGLE_TPU_CONSTRAINTS); \
+	  .venv-kaggle-upgrade/bin/python -m pip freeze --exclude-editable; } > $(KAGGLE_TPU_CONSTRAINTS).new
+	mv $(KAGGLE_TPU_CONSTRAINTS).new $(KAGGLE_TPU_CONSTRAINTS)
+	rm -rf .venv-kaggle-upgrade
 
 # A wheel of this checkout in dist/, for notebooks that install it (Colab, Drive).
 wheel: $(STAMP)
@@ -66,4 +107,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(KAGGLE_TPU_VENV) runs .pytest_cache

@@ -32,6 +32,8 @@ _EXPORTS = {
     "PRESETS": "shopee_tpu.config",
     "train": "shopee_tpu.training",
     "predict": "shopee_tpu.inference.tta",
+    "export": "shopee_tpu.deploy.writer",
+    "Classifier": "shopee_tpu.inference.files",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

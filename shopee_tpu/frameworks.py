@@ -28,7 +28,11 @@ def watch() -> None:
     """Starts recording where keras or tensorflow is first imported."""
     if _first or any(isinstance(f, _FirstImport) for f in sys.meta_path):
         return
-    loaded = [name for name in WATCHED if name in sys.modules]
+    # sys.modules keeps import order, and a package's first submodules enter it
+    # before the package is complete: after `import tensorflow` tensorflow.* comes
+    # before the keras it imports, after `import keras` the other way round.
+    loaded = [n for n in list(sys.modules) if n.split(".")[0] in WATCHED][:1]
+    loaded = [name.split(".")[0] for name in loaded]
     if loaded:
         _first.append(f"{loaded[0]} was imported before shopee_tpu")
     else:

@@ -20,9 +20,11 @@ of its own devices. ``connect()`` joins when:
 In the last two cases JAX finds its peers itself (TPU environment or metadata).
 Kaggle's single-host v5e-8 (``TPU_PROCESS_ADDRESSES=local``) never waits for peers.
 
-The other helpers (``barrier``, ``broadcast_from_chief``, ``gather``) are what
-``Accelerator.sync``/``from_chief`` and the training loop use so that every process
-takes the same decisions and only process 0 writes.
+The other helpers (``barrier``, ``broadcast_from_chief``, ``gather``, ``agree``)
+are what ``Accelerator.sync``/``from_chief``, the training loop and the run-folder
+check use so that every process takes the same decisions and only process 0
+writes; ``replicated_call`` is how a prediction over every host's devices comes
+back whole to each host (``inference.tta.hosts_call``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ __all__ = [
     "barrier",
     "broadcast_from_chief",
     "gather",
-    "predict_function",
+    "allgather",
+    "spans_hosts",
+    "replicated_call",
+    "agree",
 ]
 
 KERAS_ENV = (
@@ -193,48 +198,105 @@ def _tf_first_replica(strategy, value: float) -> float:
 
 
 def gather(acc, local: np.ndarray) -> np.ndarray:
-    """Concatenates every process's ``local`` rows in process order (JAX backend;
-    every process passes the same shape)."""
+    """Concatenates every process's ``local`` rows in process order (every process
+    passes the same shape)."""
     if acc.num_workers == 1:
+        return np.asarray(local)
+    if acc.backend == "jax":
+        return allgather(local)
+    return _tf_gather(acc.strategy, np.asarray(local), acc.num_workers)
+
+
+def _tf_gather(strategy, local: np.ndarray, workers: int) -> np.ndarray:
+    """Every worker's ``local`` through the strategy's replicas (worker-major); a
+    worker with several replicas offers it once per replica, so one is kept."""
+    tf = require_tensorflow()
+    value = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(local)
+    )
+    out = np.asarray(strategy.gather(value, axis=0))
+    per_worker = out.reshape(workers, -1, *local.shape)
+    return np.concatenate(list(per_worker[:, 0]), axis=0)
+
+
+def allgather(local: np.ndarray) -> np.ndarray:
+    """Every JAX process's ``local`` rows, concatenated in process order (``local``
+    itself in a single process)."""
+    import jax
+
+    if jax.process_count() == 1:
         return np.asarray(local)
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
-def predict_function(acc, model):
-    """A function: this process's image rows -> their probabilities, when the
-    batch is split over several processes' devices.
+def spans_hosts(distribution) -> bool:
+    """Whether a ``keras.distribution`` places arrays on several processes' devices."""
+    if distribution is None:
+        return False
+    devices = distribution.device_mesh.backend_mesh.devices.flat
+    return len({d.process_index for d in devices}) > 1
 
-    ``model.predict_on_batch`` would treat a host's rows as the whole batch; this
-    assembles the global batch from every host's rows (as ``fit`` does), runs the
-    model once, and returns this host's rows of the result. Every process must call
-    it the same number of times with the same shape.
+
+def replicated_call(distribution, fn):
+    """``fn(state, *arrays)`` compiled once over a distribution's devices, its
+    outputs whole on every host.
+
+    Keras's ``predict_on_batch`` ends in ``np.array(output)``, which JAX refuses
+    for an array that spans other hosts' devices ("Fetching value for
+    `jax.Array` that spans non-addressable devices"; jax 0.7.2, Kaggle's, and
+    0.10 alike). Here the compiled call itself replicates its outputs (one
+    all-gather over the devices, inside the same program), and a replicated array
+    is read from a local copy. ``state`` (e.g. the model's variable values) is
+    passed as it is; each array's rows are split over every device, as ``fit``
+    splits a batch.
+
+    Returns:
+        ``call(state, *arrays, host_rows=False)`` -> ``fn``'s outputs as numpy.
+        By default the arrays are the global batch, the same on every host: each
+        host hands its devices their rows of it. With ``host_rows=True`` they are
+        this host's rows only (as ``fit`` is fed) and the outputs hold every
+        host's rows, in the order of the global batch. Every process must make
+        the same calls with the same shapes.
     """
     import jax
 
-    dist = acc.distribution
+    mesh = distribution.device_mesh.backend_mesh
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    run = jax.jit(fn, out_shardings=whole)
 
-    def layout(rank: int):
-        return dist.get_data_layout((1,) * rank).backend_layout
+    def rows(array: np.ndarray, host_rows: bool):
+        layout = distribution.get_data_layout(array.shape).backend_layout
+        if host_rows:
+            return jax.make_array_from_process_local_data(layout, array)
+        return jax.make_array_from_callback(array.shape, layout, lambda i: array[i])
 
-    # The output stays split by rows like the input, so each host holds its own.
-    run = jax.jit(
-        lambda trainable, non_trainable, x: model.stateless_call(
-            trainable, non_trainable, x, training=False
-        )[0],
-        out_shardings=layout(2),
-    )
-
-    def call(images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images)
-        x = jax.make_array_from_process_local_data(layout(images.ndim), images)
-        out = run(
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-            x,
-        )
-        rows = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
-        return np.concatenate([np.asarray(s.data) for s in rows])
+    def call(state, *arrays, host_rows: bool = False):
+        inputs = [rows(np.asarray(a), host_rows) for a in arrays]
+        return jax.tree.map(np.asarray, run(state, *inputs))
 
     return call
+
+
+def agree(
+    value: int, what: str, *, acc=None, hint: str = "every host must pass the same"
+) -> None:
+    """Raises on every process when the processes' ``value`` differ (e.g. before a
+    loop of collectives: a process that stops early leaves the others waiting for
+    ever).
+
+    Args:
+        value: This process's value.
+        what: What it is, for the message.
+        acc: The ``Accelerator`` (any backend); without it, JAX's processes.
+        hint: What to do about a difference.
+
+    Raises:
+        ValueError: One line naming ``what`` and each process's value.
+    """
+    local = np.array([value], np.int32)
+    values = (allgather(local) if acc is None else gather(acc, local)).tolist()
+    if len(set(values)) > 1:
+        each = ", ".join(f"host {i}: {v}" for i, v in enumerate(values))
+        raise ValueError(f"{what} differs between the hosts ({each}); {hint}")

@@ -112,6 +112,18 @@ class RunFolder:
     def history(self) -> list[dict[str, Any]]:
         return list(self.state.get("history", []))
 
+    @property
+    def planned_epochs(self) -> int | None:
+        """The epoch count a time limit planned (``shopee_tpu.training.time_plan``),
+        ``None`` when none did."""
+        value = self.state.get("planned_epochs")
+        return None if value is None else int(value)
+
+    def plan_epochs(self, epochs: int) -> None:
+        """Sets the planned epoch count; the next commit writes it, with the
+        optimizer state whose schedule ends there."""
+        self.state["planned_epochs"] = int(epochs)
+
     def mark_finished(self, finished: bool, **extra: Any) -> None:
         self.state.update(finished=finished, **extra)
         self._write_state()

@@ -72,6 +72,25 @@ def photo_crops(n: int, size: int, *, seed: int = 0):
     return out
 
 
+def stored_records(out_dir) -> dict[str, tuple[int, bytes]]:
+    """``{id: (label, stored image bytes)}`` of every record a records folder's
+    manifest lists."""
+    import tensorflow as tf
+
+    from shopee_tpu.data.manifests import read_manifest
+    from shopee_tpu.data.tfrecord import read_records
+
+    out = {}
+    for name in read_manifest(out_dir)["shards"]:
+        for raw in read_records(os.path.join(out_dir, name)):
+            f = tf.train.Example.FromString(raw).features.feature
+            out[f["id"].bytes_list.value[0].decode()] = (
+                f["label"].int64_list.value[0],
+                f["image"].bytes_list.value[0],
+            )
+    return out
+
+
 def run_python(code: str, *, env: dict | None = None, timeout: float = 600) -> str:
     """Runs ``code`` in a fresh interpreter (for backends and device setups that
     must be chosen before TensorFlow or Keras start); returns stdout, raises with

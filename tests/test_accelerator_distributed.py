@@ -122,9 +122,20 @@ options.experimental_distribute.auto_shard_policy = (
 model.fit(data.with_options(options), steps_per_epoch=2, epochs=1, verbose=0)
 final = [v.numpy() for v in model.weights]
 np.savez(sys.argv[1], *init, *final)
+# What the workers share besides gradients: a gather, and the check that they see
+# one run folder (here each has its own: refused on both).
+from shopee_tpu import multihost
+from shopee_tpu.shared_folder import UnsharedFolder, check_shared
+gathered = multihost.gather(acc, np.array([acc.worker_index + 5], np.int32))
+try:
+    check_shared(acc, sys.argv[1] + ".run", chief_writes=True, wait=1)
+    refused = ""
+except UnsharedFolder as e:
+    refused = str(e)
 report(summary=acc.summary, replicas=acc.replicas, strategy=type(acc.strategy).__name__,
        num_workers=acc.num_workers, worker_index=acc.worker_index,
-       steps=int(model.optimizer.iterations.numpy()))
+       steps=int(model.optimizer.iterations.numpy()), gathered=gathered.tolist(),
+       refused=refused)
 """
 )
 
@@ -178,6 +189,10 @@ def test_multi_worker_mirrored_strategy_two_processes_over_loopback(tmp_path):
         assert r["strategy"] == "MultiWorkerMirroredStrategy"
         assert (r["num_workers"], r["replicas"], r["steps"]) == (2, 2, 2)
         assert f"worker {r['worker_index'] + 1}/2" in r["summary"]
+        assert r["gathered"] == [5, 6]
+        assert (
+            "host 1 (" in r["refused"] and "does not see the run folder" in r["refused"]
+        )
     a, b = (np.load(tmp_path / f"w{i}.npz") for i in range(2))
     n = len(a.files) // 2
     for k in range(n):
@@ -260,6 +275,108 @@ print("RESULT " + json.dumps(dict(backend=acc.backend, kind=acc.kind,
     )
     assert "JAX backend" in forced and "no TPU" in forced and "jax[tpu]" in forced
     assert not r["tensorflow_imported"]  # the JAX route never needs TensorFlow
+
+
+@pytest.mark.parametrize("shopee_tpu_first", [True, False])
+def test_tensorflow_imported_before_connect_on_kaggles_tpu_vm_is_refused(
+    tmp_path, shopee_tpu_first
+):
+    """Kaggle's TPU image (its markers, no KERAS_BACKEND): a notebook that imports
+    TensorFlow before connect() has fixed Keras on TensorFlow, which cannot use the
+    TPU. connect() refuses in one line naming the line that imported it (or that it
+    came before shopee_tpu) and the way out."""
+    imports = ["import shopee_tpu", "import tensorflow as tf"]
+    script = tmp_path / "notebook_cell.py"
+    script.write_text(
+        "\n".join(imports if shopee_tpu_first else imports[::-1])
+        + "\ntry:\n    shopee_tpu.connect()\n"
+        + "except shopee_tpu.AcceleratorNotFound as e:\n    print('REFUSED', e)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for name in (*OUTER_ENV, "TPU_ACCELERATOR_TYPE", "JAX_PLATFORMS"):
+        env.pop(name, None)
+    env.update(ISTPUVM="1", TPU_PROCESS_ADDRESSES="local")
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused = [ln for ln in proc.stdout.splitlines() if ln.startswith("REFUSED ")]
+    assert len(refused) == 1, proc.stdout[-3000:]
+    where = (
+        f"tensorflow was imported at {script}:2"
+        if shopee_tpu_first
+        else "tensorflow was imported before shopee_tpu"
+    )
+    assert re.fullmatch(
+        r"REFUSED connect\(\): this is a TPU VM \(ISTPUVM=1, "
+        r"TPU_PROCESS_ADDRESSES=local\) but Keras runs on TensorFlow, which cannot "
+        r"use the TPU \(.+; Kaggle's TPU image ships tensorflow-cpu\): "
+        + re.escape(where)
+        + r" before connect\(\) could choose JAX\. Restart the kernel and call "
+        r"shopee_tpu\.connect\(\) \(or set os\.environ\['KERAS_BACKEND'\] = "
+        r"'jax'\) before anything imports keras or tensorflow; to train on the CPU "
+        r"on purpose, pass device='cpu' \(--device cpu\)",
+        refused[0],
+    ), refused[0]
+
+
+def test_every_entry_point_connects_before_anything_imports_tensorflow(tmp_path):
+    """On Kaggle's TPU VM (its markers set, no backend chosen) each entry point
+    must reach connect() while Keras is still free to start on JAX: importing
+    TensorFlow first (reading records, or opening a gs:// run folder, through
+    tf.io.gfile) starts Keras on TensorFlow, which cannot reach the TPU. Here JAX
+    finds no TPU, so connect() refuses: the refusal must be JAX's, and
+    TensorFlow still unimported. Nothing here can reach the bucket named."""
+    code = (
+        PRELUDE
+        + f"""
+import contextlib, io, json, sys
+os.environ.update(ISTPUVM="1", TPU_PROCESS_ADDRESSES="local")
+import shopee_tpu as st
+from shopee_tpu.cli import main
+from shopee_tpu.config import RunConfig
+from shopee_tpu.demo import run_demo
+from shopee_tpu.experiments.kfold import train_folds
+from shopee_tpu.inference.run import predict_run
+
+bucket = "gs://shopee-tpu-no-such-bucket"
+cfg = RunConfig.preset("demo").override(f"data.train={{bucket}}/train")
+local = {str(tmp_path)!r}
+entries = {{
+    "train": lambda: st.train(cfg, out_dir=f"{{bucket}}/run"),
+    "predict_run": lambda: predict_run(f"{{bucket}}/run", f"{{bucket}}/test"),
+    "train_folds": lambda: train_folds(cfg, folds=2, out_dir=local + "/kfold"),
+    "demo": lambda: run_demo(local + "/demo"),
+    "shopee-tpu predict": lambda: main(
+        ["predict", "--run", f"{{bucket}}/run", "--data", f"{{bucket}}/test"]),
+}}
+found = {{}}
+for name, entry in entries.items():
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            entry()
+        said = err.getvalue()
+    except Exception as e:
+        said = f"{{type(e).__name__}}: {{e}}"
+    found[name] = dict(said=said, tensorflow="tensorflow" in sys.modules)
+print("RESULT " + json.dumps(found))
+"""
+    )
+    found = _result(run_python(code, timeout=300))
+
+    assert list(found) == [
+        "train",
+        "predict_run",
+        "train_folds",
+        "demo",
+        "shopee-tpu predict",
+    ]
+    for name, r in found.items():
+        assert "JAX sees no TPU" in r["said"] and "imported" not in r["said"], name
+        assert not r["tensorflow"], name
+    assert not os.path.exists(tmp_path / "demo")  # refused before any work
 
 
 # ---------------------------------------------------------------------------

@@ -124,3 +124,32 @@ def test_a_new_best_epoch_is_committed_at_once(tmp_path, monkeypatch):
         epoch = group[-1]
         assert values[epoch - 1] > max(values[: epoch - 1], default=-1.0)
     assert sum(map(len, commits)) == 8 and run.state["best"]["value"] == max(values)
+
+
+def test_mid_epoch_the_limit_is_agreed_on_every_few_seconds_not_every_step(
+    monkeypatch,
+):
+    """On several hosts each check is a broadcast from the chief: 10 ms steps for
+    20 s make 2,000 steps, and the chief's clock is asked about every 5 s."""
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock.now)
+    asked = []
+
+    def agree(value):
+        asked.append((clock.now, value))
+        return value
+
+    budget = TimeBudget(SimpleNamespace(epoch=1), start=0.0, limit=15.0, agree=agree)
+    budget.set_model(SimpleNamespace(stop_training=False))
+    budget.on_train_begin()
+    steps = 0
+    while not budget.model.stop_training and steps < 2000:
+        clock.now += 0.01
+        steps += 1
+        budget.on_train_batch_end(steps - 1)
+    assert len(asked) <= 5  # at 0.01 s, then about every 5 s
+    gaps = np.diff([t for t, _ in asked[1:]])
+    assert (np.abs(gaps - TimeBudget.CHECK_EVERY) < 0.1).all(), asked
+    # It stopped at the first check after the limit, at most 5 s late.
+    assert asked[-1][1] < 0 and 15.0 < clock.now <= 15.0 + TimeBudget.CHECK_EVERY
+    assert "reached mid-epoch" in budget.reason

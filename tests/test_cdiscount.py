@@ -13,25 +13,24 @@ import os
 import subprocess
 import sys
 
+import bson  # pymongo's, a test extra
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO
 
-bson = pytest.importorskip("bson")
-
-from shopee_tpu.cdiscount.bson_reader import (  # noqa: E402
+from shopee_tpu.cdiscount.bson_reader import (
     BsonFormatError,
     iter_products,
     read_product,
 )
-from shopee_tpu.cdiscount.plan import split_products  # noqa: E402
-from shopee_tpu.cdiscount.prepare import (  # noqa: E402
+from shopee_tpu.cdiscount.plan import split_products
+from shopee_tpu.cdiscount.prepare import (
     prepare_cdiscount,
     prepare_cdiscount_test,
     read_categories,
 )
-from shopee_tpu.cdiscount.sample import (  # noqa: E402
+from shopee_tpu.cdiscount.sample import (
     SAMPLE_CATEGORY_IDS,
     make_cdiscount_sample,
 )

@@ -202,7 +202,7 @@ def test_unavailable_weights_are_one_line(digits_records, tmp_path):
     argv += ["--set", "model.weights=imagenet"]
     code = (
         "import sys\n"
-        "from shopee_tpu.models import weights\n"
+        "from shopee_tpu.models.weights import records as weights\n"
         "weights.KERAS_WEIGHTS_URL = 'http://127.0.0.1:9/'\n"
         "from shopee_tpu.cli import main\n"
         f"sys.exit(main({argv!r}))\n"

@@ -40,8 +40,11 @@ def test_importing_tensorflow_after_the_package_prints_no_native_lines():
     assert ours.strip() == "", ours[-2000:]
     # A level the user chose is kept: 0 shows TensorFlow's lines again.
     if reproduced:
+        # Which lines appear depends on the CPU (port.cc's oneDNN line, or only
+        # cpu_feature_guard's): the ones the bare import printed come back.
         shown = _stderr("import shopee_tpu, tensorflow", TF_CPP_MIN_LOG_LEVEL="0")
-        assert "port.cc" in shown
+        printed = {n for n in NATIVE if n in raw}
+        assert printed <= {n for n in NATIVE if n in shown}, (printed, shown[-2000:])
 
 
 def test_lines_written_during_the_import_pass_on_unless_their_severity_is_hidden():

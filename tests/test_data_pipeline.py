@@ -12,6 +12,7 @@ from conftest import photo_crops
 from PIL import Image
 
 from shopee_tpu.config import AugmentConfig
+from shopee_tpu.data.decode import DCT_METHOD
 from shopee_tpu.data.pipeline import (
     count_records,
     holdout_files,
@@ -36,7 +37,9 @@ def _original(digits_dir, name, category):
     import tensorflow as tf
 
     path = os.path.join(digits_dir["train_images"], category, name)
-    return tf.io.decode_jpeg(tf.io.read_file(path), channels=3).numpy()
+    return tf.io.decode_jpeg(
+        tf.io.read_file(path), channels=3, dct_method=DCT_METHOD
+    ).numpy()
 
 
 def test_eval_round_trip_every_record_once_ids_aligned(digits_dir, records):

@@ -3,6 +3,7 @@ and resumed, end with 4 trials, none repeated; bad search spaces are named."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import REPO, TINY, kill_when
 
-from shopee_tpu.config import ConfigError, RunConfig
+from shopee_tpu.config import ConfigError, RunConfig, config_diff
 
 SETS = (*TINY, "batch_size=16", "optim.warmup_epochs=0.5", "epochs=2")
 SPACE = ["optim.learning_rate=1e-3:3e-2:log", "model.dropout=0:0.5"]
@@ -67,9 +68,24 @@ def test_four_trials_killed_after_the_second_resume_without_repeating(
     assert all(t.state.name == "COMPLETE" for t in trials)
     params = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(params)) == 4  # none repeated
+    base = RunConfig.preset("demo").override(
+        f"data.train={digits_records['train']}", *SETS, "steps_per_epoch=40"
+    )
     for t in trials:
         assert 1e-3 <= t.params["optim.learning_rate"] <= 3e-2
         assert 0 <= t.params["model.dropout"] <= 0.5
+        # The trial trained what the study sampled: its run folder's config is
+        # the base config with exactly the sampled values, nothing else changed.
+        folder = out / f"trial-{t.number:03d}"
+        saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        assert saved.optim.learning_rate == t.params["optim.learning_rate"]
+        assert saved.model.dropout == t.params["model.dropout"]
+        assert config_diff(base, saved, ignore=("out_dir", "name")) == [
+            f"model.dropout: {base.model.dropout!r} -> {t.params['model.dropout']!r}",
+            f"optim.learning_rate: {base.optim.learning_rate!r} -> "
+            f"{t.params['optim.learning_rate']!r}",
+        ]
+        assert (saved.name, saved.out_dir) == (folder.name, str(folder))
         history = pd.read_csv(out / f"trial-{t.number:03d}" / "history.csv")
         assert history.epoch.tolist() == [1, 2]  # the killed trial resumed, once
         metrics = pd.read_json(

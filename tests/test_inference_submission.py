@@ -9,10 +9,15 @@ import pandas as pd
 import pytest
 
 from shopee_tpu.inference.submission import (
+    FORMATS,
     SubmissionError,
+    resolve_format,
     validate_cdiscount_submission,
+    validate_named_submission,
     validate_shopee_submission,
     write_cdiscount_submission,
+    write_image_submission,
+    write_named_submission,
     write_shopee_submission,
 )
 
@@ -93,3 +98,65 @@ def test_writer_refuses_bad_submissions_and_leaves_no_file(tmp_path, test_csv):
         validate_cdiscount_submission(
             pd.DataFrame({"_id": ["1"], "category_id": ["999"]}), ["1"], label_map
         )
+
+
+NAMES = {"Ankle boot": 0, "Shirt, long": 1, "bag": 2}  # a comma needs quoting
+
+
+def test_named_round_trip_with_probabilities(tmp_path, test_csv):
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25], [0.0, 0.125, 0.875]])
+    out = tmp_path / "named.csv"
+    df = write_named_submission(
+        out, TEST_IDS, probs, NAMES, probability=True, expected=test_csv
+    )
+    assert open(out).read() == (
+        "filename,category,probability\n"
+        'a1.jpg,"Shirt, long",0.7\nb2.jpg,Ankle boot,0.5\nc3.jpg,bag,0.875\n'
+    )
+    back = validate_named_submission(out, test_csv, NAMES)
+    assert back["category"].tolist() == df["category"].tolist()
+    write_named_submission(out, TEST_IDS, np.array([2, 2, 0]), NAMES)
+    assert open(out).read() == (
+        "filename,category\na1.jpg,bag\nb2.jpg,bag\nc3.jpg,Ankle boot\n"
+    )
+
+
+def test_named_validator_names_each_problem(tmp_path, test_csv):
+    path = tmp_path / "bad.csv"
+    path.write_text(
+        "filename,category,probability\n"
+        "a1.jpg,bag,0.9\nb2.jpg,Sock,0.4\nc3.jpg,bag,1.5\nd4.jpg, ,x\n"
+    )
+    with pytest.raises(SubmissionError) as err:
+        validate_named_submission(path, test_csv, NAMES)
+    assert err.value.problems == [
+        "bad category format (1, expected /.*\\S.*/): 'd4.jpg= '",
+        "category not in the label map (1): 'b2.jpg=Sock'",
+        "probability not a number in 0..1 (2): 'c3.jpg=1.5', 'd4.jpg=x'",
+        "extra ids (1): 'd4.jpg'",
+    ]
+    path.write_text("filename,label\na1.jpg,bag\n")
+    with pytest.raises(SubmissionError, match="header must be filename,category or "):
+        validate_named_submission(path)
+
+
+def test_auto_picks_shopee_for_numbers_and_named_for_names(tmp_path):
+    assert resolve_format("auto", SHOPEE_MAP).name == "shopee"
+    assert resolve_format("auto", {"03": 0, "41": 1}).name == "shopee"
+    assert resolve_format("auto", NAMES).name == "named"
+    assert resolve_format("auto", {"100": 0, "7": 1}).name == "named"  # 3 digits
+    assert resolve_format("auto", SHOPEE_MAP, probability=True).name == "named"
+    assert [f for f in FORMATS] == ["shopee", "named", "cdiscount"]
+    with pytest.raises(ValueError, match="shopee format takes classes that are numb"):
+        resolve_format("shopee", NAMES)
+    with pytest.raises(ValueError, match="probability column comes with the named"):
+        resolve_format("shopee", SHOPEE_MAP, probability=True)
+    with pytest.raises(ValueError, match="one of auto, shopee, named, cdiscount"):
+        resolve_format("kaggle", NAMES)
+    out = tmp_path / "auto.csv"
+    write_image_submission(out, TEST_IDS, np.array([0, 1, 2]), NAMES)
+    assert open(out).read().splitlines()[1] == "a1.jpg,Ankle boot"
+    write_image_submission(out, TEST_IDS, np.array([0, 1, 2]), SHOPEE_MAP)
+    assert open(out).read().splitlines()[1] == "a1.jpg,00"
+    with pytest.raises(ValueError, match="Shopee category 'bag' is not a number; "):
+        write_shopee_submission(out, TEST_IDS, np.array([2, 2, 2]), NAMES)

@@ -24,11 +24,15 @@ from shopee_tpu import cli
 from shopee_tpu.kernels.build import (
     DEFAULT_TEMPLATE,
     EMBED_TAG,
+    REQUIRED,
+    REQUIRED_TPU,
     build_kernel,
     package_archive,
 )
 from shopee_tpu.kernels.client import parse_status
 from shopee_tpu.kernels.metadata import (
+    MACHINE_SHAPES,
+    RETIRED_SHAPES,
     KernelError,
     KernelMetadataError,
     load_metadata,
@@ -182,6 +186,48 @@ def test_machine_shape_none_turns_the_accelerator_flags_off(tmp_path):
     )
 
 
+# The accelerators kaggle-cli's docs/kernels.md lists "as of Feb 2026" (read at
+# Kaggle/kaggle-cli a430f0b); the client sends machine_shape unchecked.
+KAGGLE_CLI_ACCELERATORS = (
+    "NvidiaTeslaP100 TpuV38 NvidiaTeslaT4 NvidiaTeslaT4Highmem Tpu1VmV38 "
+    "NvidiaTeslaA100 NvidiaL4 TpuV5E8 NvidiaL4X1 TpuV6E8 NvidiaH100 NvidiaRtxPro6000"
+).split()
+
+
+@pytest.mark.parametrize("shape", KAGGLE_CLI_ACCELERATORS)
+def test_every_accelerator_the_kaggle_client_lists_is_accepted_or_named_retired(
+    shape,
+):
+    meta = dict(DEFAULT_TEMPLATE, id="me/shopee-tpu-baseline", machine_shape=shape)
+    if shape in RETIRED_SHAPES:
+        with pytest.raises(KernelMetadataError, match=f"{shape} is retired"):
+            validate_metadata(meta, given=["machine_shape"])
+        return
+    out = validate_metadata(meta, given=["machine_shape"])
+    kind = MACHINE_SHAPES[shape]
+    assert (out["machine_shape"], out["enable_gpu"], out["enable_tpu"]) == (
+        shape,
+        kind == "gpu",
+        kind == "tpu",
+    )
+
+
+def test_a_pinned_image_type_is_kept_for_a_gpu_and_refused_for_a_tpu():
+    meta = dict(DEFAULT_TEMPLATE, id="me/shopee-tpu-baseline")
+    gpu = dict(meta, machine_shape="NvidiaTeslaT4Highmem", enable_gpu=True)
+    gpu.update(enable_tpu=False, docker_image_pinning_type="original")
+    assert validate_metadata(gpu)["docker_image_pinning_type"] == "original"
+    for pinning in ("original", "latest"):
+        with pytest.raises(KernelMetadataError) as e:
+            validate_metadata(dict(meta, docker_image_pinning_type=pinning))
+        assert str(e.value) == (
+            f"docker_image_pinning_type: {pinning!r} pins the session to a container "
+            "image, and a TpuV5E8 session runs on a TPU VM with no image of its own: "
+            "a pinned CPU/GPU image wins and the kernel runs without the TPU "
+            "(kaggle-cli#1197); remove docker_image_pinning_type"
+        )
+
+
 BAD_SETS = [
     (["id=me/shopee-tpu-baseline/3"], "id", "version"),
     (["id=me/abc"], "id", "at least 5"),
@@ -205,6 +251,7 @@ BAD_SETS = [
     (["machine_shape=", "enable_gpu=true"], "machine_shape", "P100"),
     (["machine_shape=TpuV5E8", "enable_tpu=false"], "enable_tpu", "must be true"),
     (["docker_image_pinning_type=newest"], "docker_image_pinning_type", "newest"),
+    (["docker_image_pinning_type=latest"], "docker_image_pinning_type", "TPU VM"),
     (["code_file=other.ipynb"], "code_file", "set by `kernel build`"),
     (["colour=blue"], "colour", "unknown metadata key"),
     (["no-equals-sign"], "--set", "key=value"),
@@ -704,11 +751,33 @@ def test_a_tpu_kernel_drops_the_editors_metadata_and_checks_the_image(tmp_path):
         "Kaggle image, or pip install 'keras>=3.12' with the internet on"
     ]
     # A TPU kernel also needs JAX; the image's versions pass here.
-    assert "'jax': '0.4.30'" in _source(cell)
+    assert "'jax': '0.5.1'" in _source(cell)
     proc = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_kernels_version_check_uses_the_floors_of_setup_cfg():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+
+    def floor(section, key, name):
+        lines = cfg[section][key].splitlines()
+        found = [
+            re.match(rf"{re.escape(name)}>=([\d.]+)\s*(;.*)?$", ln.strip())
+            for ln in lines
+        ]
+        return next(m[1] for m in found if m)
+
+    extras = "options.extras_require"
+    assert REQUIRED == {
+        "keras": floor("options", "install_requires", "keras"),
+        "tensorflow": floor(extras, "cpu", "tensorflow-cpu"),
+    }
+    assert REQUIRED_TPU == {"jax": floor(extras, "jax", "jax")}
 
 
 def test_a_kernel_source_over_one_megabyte_is_refused_with_its_size(tmp_path):

@@ -19,10 +19,10 @@ from shopee_tpu.models import (
     freeze_backbone,
     scaling,
     unfreeze_backbone,
-    weights,
 )
 from shopee_tpu.models.efficientnet_scaling import block_count, round_filters
-from shopee_tpu.models.weights import fetch_efficientnet_imagenet
+from shopee_tpu.models.weights import records as weights
+from shopee_tpu.models.weights.records import fetch_efficientnet_imagenet
 
 # keras.applications.EfficientNetB{n}(weights=None) with 1000 classes (measured in
 # the research note, equal to the keras-io table) and its MBConv block counts.
@@ -235,7 +235,8 @@ def test_imagenet_offline_error_says_how_to_attach_the_file(tmp_path):
     assert "Kaggle dataset" in message and "weights=" in message
     # Through the builder, with Keras's own cache (KERAS_HOME) empty.
     code = (
-        "from shopee_tpu.models import efficientnet, weights\n"
+        "from shopee_tpu.models import efficientnet\n"
+        "from shopee_tpu.models.weights import records as weights\n"
         f"weights.KERAS_WEIGHTS_URL = {dead!r}\n"
         "try:\n"
         "    efficientnet(0, 10, input_size=32, weights='imagenet')\n"

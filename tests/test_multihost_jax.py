@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -117,6 +118,14 @@ def save():
 '''
 
 
+def ids_of(images) -> list[int]:
+    """The record ids that images made by ``_image`` carry (as SITECUSTOMIZE reads
+    them in the hosts)."""
+    bands = np.asarray(images, np.float32).reshape(len(images), 4, -1).mean(-1)
+    digits = np.clip(np.round((bands[:, :3] - 8) / 16), 0, 15).astype(int)
+    return (digits[:, 0] * 256 + digits[:, 1] * 16 + digits[:, 2]).tolist()
+
+
 def _image(record_id: int, label: int) -> bytes:
     """A JPEG whose three top row bands hold the id's base-16 digits (constant
     8-px bands survive JPEG and left-right flips) and whose last band its class."""
@@ -130,7 +139,8 @@ def _image(record_id: int, label: int) -> bytes:
     return buffer.getvalue()
 
 
-def _records(out, ids, shards):
+def records_with_ids(out, ids, shards):
+    """Records of ``ids``, each image carrying its id (``ids_of`` reads it back)."""
     from shopee_tpu.data.records import write_records
 
     items = ((_image(i, i % 10), f"{i % 10:02d}", str(i), str(i)) for i in ids)
@@ -144,12 +154,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_hosts(
+    args: list[str],
+    *,
+    hosts: int = 2,
+    devices: int = 2,
+    path: list[str] = (),
+    timeout: float = 900,
+    **extra: str,
+) -> list[tuple[int, str, str]]:
+    """Runs ``python *args`` as ``hosts`` JAX processes of ``devices`` host
+    devices each, joined over loopback through Keras's distribution variables, as
+    the hosts of a pod slice (``KERAS_DISTRIBUTION_PROCESS_ID`` is each one's
+    index). Returns each one's ``(return code, stdout, stderr)``; processes still
+    running after ``timeout`` seconds (a hung collective) are killed, and the
+    test fails."""
+    address = f"127.0.0.1:{_free_port()}"
+    procs = []
+    try:
+        for index in range(hosts):
+            env = jax_env(
+                devices,
+                KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
+                KERAS_DISTRIBUTION_NUM_PROCESSES=str(hosts),
+                KERAS_DISTRIBUTION_PROCESS_ID=str(index),
+                **extra,
+            )
+            env["PYTHONPATH"] = os.pathsep.join([*path, env["PYTHONPATH"]])
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, *args],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        deadline = time.monotonic() + timeout
+        outputs = [
+            p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs
+        ]
+    finally:
+        for p in procs:  # a hung collective must not outlive the test
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
 @pytest.mark.slow
 def test_the_readme_command_on_two_jax_hosts_trains_one_model_on_disjoint_rows(
     tmp_path,
 ):
-    train = _records(tmp_path / "train", range(1, TRAIN + 1), shards=5)
-    valid = _records(tmp_path / "valid", range(1001, 1001 + VALID), shards=2)
+    train = records_with_ids(tmp_path / "train", range(1, TRAIN + 1), shards=5)
+    valid = records_with_ids(tmp_path / "valid", range(1001, 1001 + VALID), shards=2)
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     out, log = tmp_path / "runs" / "hosts", tmp_path / "feeds"
@@ -166,38 +224,15 @@ def test_the_readme_command_on_two_jax_hosts_trains_one_model_on_disjoint_rows(
     ):
         command += ["--set", setting]
     command += ["--out", str(out)]
-    address = f"127.0.0.1:{_free_port()}"
-    procs = []
-    try:
-        for index in range(2):
-            env = jax_env(
-                4,
-                KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
-                KERAS_DISTRIBUTION_NUM_PROCESSES="2",
-                KERAS_DISTRIBUTION_PROCESS_ID=str(index),
-                SHOPEE_TEST_FEED_LOG=str(log),
-            )
-            env["PYTHONPATH"] = os.pathsep.join(
-                [str(tmp_path / "site"), env["PYTHONPATH"]]
-            )
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, *command],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
-        outputs = [p.communicate(timeout=900) for p in procs]
-    finally:
-        for p in procs:  # a hung collective must not outlive the test
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for p, (_, stderr) in zip(procs, outputs):
-        assert p.returncode == 0, stderr[-6000:]
-    assert "CPU x8" in outputs[0][0] and "hosts=2, worker 1/2" in outputs[0][0]
+    outputs = run_hosts(
+        command,
+        devices=4,
+        path=[str(tmp_path / "site")],
+        SHOPEE_TEST_FEED_LOG=str(log),
+    )
+    for code, _, stderr in outputs:
+        assert code == 0, stderr[-6000:]
+    assert "CPU x8" in outputs[0][1] and "hosts=2, worker 1/2" in outputs[0][1]
 
     feeds = [json.loads((tmp_path / f"feeds.{i}").read_text()) for i in range(2)]
     # Every batch crossed to the devices as uint8 pixels.
@@ -213,11 +248,19 @@ def test_the_readme_command_on_two_jax_hosts_trains_one_model_on_disjoint_rows(
     ]
     for host in rows:  # one batch of 8 rows per step and host: 2 epochs
         assert len(host) == 2 * steps and {len(batch) for batch in host} == {8}
-    epoch_1 = [{i for batch in host[:steps] for i in batch} for host in rows]
-    # Each host fed its own records, 96 distinct ones; together 192 of the 200.
-    assert epoch_1[0].isdisjoint(epoch_1[1])
-    assert [len(ids) for ids in epoch_1] == [8 * steps, 8 * steps]
-    assert epoch_1[0] | epoch_1[1] <= set(range(1, TRAIN + 1))
+    epochs = [
+        [
+            {i for batch in host[e * steps : (e + 1) * steps] for i in batch}
+            for host in rows
+        ]
+        for e in range(2)
+    ]
+    # Each host fed its own records in every epoch (a host's part is the same
+    # in every pass); in the first, 96 distinct ones each, 192 of the 200.
+    for epoch in epochs:
+        assert epoch[0].isdisjoint(epoch[1])
+        assert epoch[0] | epoch[1] <= set(range(1, TRAIN + 1))
+    assert [len(ids) for ids in epochs[0]] == [8 * steps, 8 * steps]
 
     # Validation: each host its own records, every record once (blank padding
     # rows decode to 0).

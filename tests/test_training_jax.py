@@ -290,10 +290,62 @@ def test_mixed_bfloat16_on_jax_trains_and_resumes(digits_records, tmp_path):
     assert all(np.isfinite(h["val_loss"]) for h in r["history"])
 
 
+# In the child: after every step, the head's raw kernel and its EMA average; the
+# average must follow Keras's recurrence (its first step copies the weight, later
+# ones avg = m * avg + (1 - m) * weight) from where the phase started it.
+EMA_PROBE = r"""
+import json
+import keras
+import numpy as np
+
+class EmaProbe(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.phases = []
+
+    def _pair(self):
+        var = next(v for v in self.model.trainable_variables
+                   if v.path.endswith("predictions/kernel"))
+        slots = {v.name: v for v in self.model.optimizer.variables}
+        avg = slots[var.path.replace("/", "_") + "_average"]
+        return np.array(var.value, np.float64), np.array(avg.value, np.float64)
+
+    def on_train_begin(self, logs=None):
+        raw, avg = self._pair()
+        self.phases.append(dict(start_raw=raw, start_avg=avg, steps=[],
+                                iterations=int(self.model.optimizer.iterations)))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.phases[-1]["steps"].append(
+            (int(self.model.optimizer.iterations), *self._pair()))
+
+    def report(self, momentum):
+        out = []
+        for phase in self.phases:
+            expected = phase["start_avg"]
+            errors, gaps = [], []
+            for iterations, raw, avg in phase["steps"]:
+                m = 0.0 if iterations == 1 else momentum
+                expected = m * expected + (1 - m) * raw
+                errors.append(float(np.abs(avg - expected).max()))
+                gaps.append(float(np.abs(avg - raw).max()))
+            out.append(dict(
+                first_iteration=phase["iterations"], steps=len(phase["steps"]),
+                start_gap=float(np.abs(phase["start_avg"] - phase["start_raw"]).max()),
+                max_error=max(errors), last_gap=gaps[-1],
+                last_scale=float(np.abs(phase["steps"][-1][1]).max())))
+        return out
+"""
+
+
 @pytest.mark.slow
-def test_ema_fine_tune_crosses_into_the_unfrozen_phase_on_jax(digits_records, tmp_path):
+def test_ema_follows_its_recurrence_across_the_unfrozen_boundary_on_jax(
+    digits_records, tmp_path
+):
     # The new optimizer's EMA averages start from the frozen phase's weights; on
     # JAX an average sharing its weight's buffer would be donated twice a step.
+    # After every step the average equals the recurrence computed from the raw
+    # weights' trajectory, and differs from the raw weights.
     from conftest import TINY, run_python
 
     cfg = RunConfig.preset("photo-finetune").override(
@@ -305,18 +357,38 @@ def test_ema_fine_tune_crosses_into_the_unfrozen_phase_on_jax(digits_records, tm
         "plan.freeze_epochs=1",
         "epochs=2",
         "steps_per_epoch=4",
+        "optim.steps_per_execution=1",
         "optim.ema=true",
+        "optim.ema_momentum=0.9",
     )
     cfg.save(str(tmp_path / "cfg.json"))
-    code = f"""
-import json
+    code = (
+        EMA_PROBE
+        + f"""
 from shopee_tpu.config import RunConfig
 from shopee_tpu.training import train
-result = train(RunConfig.load({str(tmp_path / "cfg.json")!r}), verbose=0)
-print("RESULT " + json.dumps(result.metrics, default=str))
+probe = []
+def make_probe():
+    probe.append(EmaProbe())
+    return probe[-1]
+result = train(RunConfig.load({str(tmp_path / "cfg.json")!r}), verbose=0,
+               callbacks=[make_probe])
+print("RESULT " + json.dumps(dict(metrics=result.metrics,
+                                  phases=probe[0].report(0.9)), default=str))
 """
-    metrics = result_of(run_python(code, env=jax_env(2), timeout=900))
-    assert metrics["finished"] and metrics["epochs_completed"] == 2
+    )
+    r = result_of(run_python(code, env=jax_env(2), timeout=900))
+    assert r["metrics"]["finished"] and r["metrics"]["epochs_completed"] == 2
+    frozen, unfrozen = r["phases"]
+    assert (frozen["first_iteration"], frozen["steps"]) == (0, 4)
+    # The unfrozen phase's optimizer continues the step count, and its averages
+    # start as copies of the weights the frozen phase left.
+    assert (unfrozen["first_iteration"], unfrozen["steps"]) == (4, 4)
+    assert unfrozen["start_gap"] == 0.0
+    for phase in (frozen, unfrozen):
+        assert phase["max_error"] < 1e-6 * max(1.0, phase["last_scale"]), phase
+        # 0.9 momentum over 4 steps: the average lags the moving weights.
+        assert phase["last_gap"] > 1e-4, phase
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,6 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shopee_tpu import fs
+from shopee_tpu.bench import mean_std, seeds_from
 from shopee_tpu.bench.peer import PeerRecipe, run_peer
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data.photos import make_photo_dataset
@@ -270,17 +270,11 @@ def compare(
 def summarize(runs: list[dict]) -> dict:
     """Mean and standard deviation (over seeds; 0 for one seed) of each figure, and
     whether every contender kept the budget."""
-
-    def stats(values):
-        values = [float(v) for v in values]
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return {"mean": round(statistics.fmean(values), 4), "std": round(sd, 4)}
-
     return {
-        "peer_accuracy": stats(r["peer_accuracy"] for r in runs),
-        "ours_accuracy": stats(r["ours"]["test_accuracy"] for r in runs),
-        "gain": stats(r["gain"] for r in runs),
-        "time_ratio": stats(r["time_ratio"] for r in runs),
+        "peer_accuracy": mean_std(r["peer_accuracy"] for r in runs),
+        "ours_accuracy": mean_std(r["ours"]["test_accuracy"] for r in runs),
+        "gain": mean_std(r["gain"] for r in runs),
+        "time_ratio": mean_std(r["time_ratio"] for r in runs),
         "all_within_budget": all(
             r[side]["within_budget"] for r in runs for side in CONTENDERS
         ),
@@ -291,7 +285,7 @@ def run(args) -> dict:
     """``args``: ``quick``, ``seeds`` (or ``seed``), ``split``, ``setting``, ``out``,
     ``budget`` (seconds; 0: none), ``sets`` (ours) and ``peer_sets``."""
     quick = bool(getattr(args, "quick", False))
-    seeds = _seeds(args)
+    seeds = seeds_from(args, [0, 1, 2])
     split = getattr(args, "split", None) or "final"
     out = getattr(args, "out", None) or tempfile.mkdtemp(prefix="bench-accuracy-")
     report = {"benchmark": "accuracy", "quick": quick, "split": split, "seeds": seeds}
@@ -364,14 +358,6 @@ def _budget(given: float | None, setting: Setting, quick: bool) -> float | None:
     if given < 0:
         raise ValueError(f"--budget {given}: expected seconds >= 0 (0: no budget)")
     return float(given) or None
-
-
-def _seeds(args) -> list[int]:
-    text = getattr(args, "seeds", None)
-    if text:
-        return [int(s) for s in str(text).split(",") if s.strip()]
-    seed = getattr(args, "seed", None)
-    return [int(seed)] if seed is not None else [0, 1, 2]
 
 
 def _settings(text: str | None) -> list[str]:

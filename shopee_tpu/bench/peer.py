@@ -91,21 +91,22 @@ def _model(task: dict, pretrained: bool, application: str):
     return model, backbone
 
 
-def _compile(model, learning_rate) -> None:
+def compile_peer(model, learning_rate: float, steps: int = 0, epoch: int = 0):
+    """What a Keras user compiles with: ``AdamW`` (weight decay 0.05), label
+    smoothing 0.1, accuracy. With ``steps``: a ``CosineDecay`` to 0 over them that
+    peaks at ``learning_rate`` after ``WARMUP_EPOCHS`` of ``epoch`` steps of warm-up
+    (at most half the steps); else ``learning_rate`` throughout."""
+    if steps:
+        warmup = min(WARMUP_EPOCHS * epoch, steps // 2)
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            0.0, steps - warmup, warmup_target=learning_rate, warmup_steps=warmup
+        )
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=0.05),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
         metrics=["accuracy"],
     )
-
-
-def _cosine(peak: float, epochs: int, steps_per_epoch: int):
-    """Warm-up for one epoch (at most half the run), then cosine decay to 0."""
-    steps = max(1, epochs * steps_per_epoch)
-    warmup = min(WARMUP_EPOCHS * steps_per_epoch, steps // 2)
-    return keras.optimizers.schedules.CosineDecay(
-        0.0, steps - warmup, warmup_target=peak, warmup_steps=warmup
-    )
+    return model
 
 
 def run_peer(
@@ -141,7 +142,7 @@ def run_peer(
     epochs = []
     if pretrained and recipe.head_epochs:
         backbone.trainable = False
-        _compile(model, recipe.head_learning_rate)
+        compile_peer(model, recipe.head_learning_rate)
         head = model.fit(
             train_ds, epochs=recipe.head_epochs, callbacks=[stop], verbose=0
         )
@@ -150,7 +151,8 @@ def run_peer(
     rest = recipe.epochs - recipe.head_epochs if pretrained else recipe.epochs
     trained = 0
     if rest > 0 and not stop.stopped:
-        _compile(model, _cosine(recipe.learning_rate, rest, len(train_ds)))
+        epoch = len(train_ds)
+        compile_peer(model, recipe.learning_rate, rest * epoch, epoch)
         history = model.fit(train_ds, epochs=rest, callbacks=[stop], verbose=0)
         trained = len(history.history["loss"])
     epochs.append(trained)

@@ -31,21 +31,24 @@ Reported, each as the median over rounds with its spread:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from shopee_tpu import connect
-from shopee_tpu.bench import photo_crops, ratios, round_orders, spread, timed_rate
+from shopee_tpu.bench import (
+    Worker,
+    photo_crops,
+    ratios,
+    round_orders,
+    say,
+    spread,
+    timed_rate,
+)
 from shopee_tpu.config import OptimConfig
 
 CLASSES = 10
-_MARK = "@@bench "
 # (backbone, keras.applications model, image size, batch, matmul side): measured
 # and --quick settings (the quick one only exercises the code, in seconds).
 FULL = ("efficientnet-b0", "EfficientNetB0", 128, 16, 2048)
@@ -89,10 +92,6 @@ def forward_flops(model) -> int:
 
 # ---------------------------------------------------------------------------
 # The worker process.
-
-
-def _say(obj) -> None:
-    print(_MARK + json.dumps(obj), flush=True)
 
 
 def _worker(name: str, quick: bool, seconds: float) -> None:
@@ -144,7 +143,7 @@ def _worker(name: str, quick: bool, seconds: float) -> None:
 
     matmul = _matmul(keras.backend.backend(), side)
     matmul()
-    _say(
+    say(
         {
             "ready": name,
             "replicas": acc.replicas,
@@ -167,7 +166,7 @@ def _worker(name: str, quick: bool, seconds: float) -> None:
                 return steps * batch
 
             rate = timed_rate(fit_chunk, seconds)
-        _say({"what": what, "rate": rate})
+        say({"what": what, "rate": rate})
 
 
 def _matmul(backend: str, side: int):
@@ -191,52 +190,12 @@ def _matmul(backend: str, side: int):
 # The parent: start the workers, alternate rounds, report.
 
 
-class _Worker:
-    """One worker process, spoken to over stdin/stdout."""
-
-    def __init__(self, name: str, quick: bool, seconds: float):
-        self.name = name
-        self.log = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **WORKERS[name])
-        code = (
-            "from shopee_tpu.bench.train import _worker;"
-            f"_worker({name!r}, {quick!r}, {seconds!r})"
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            bufsize=1,
-        )
-
-    def read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(_MARK):
-                return json.loads(line[len(_MARK) :])
-        self.log.seek(0)
-        tail = self.log.read()[-3000:]
-        raise RuntimeError(
-            f"bench train: the {self.name} worker exited "
-            f"({self.proc.wait()}) without answering:\n{tail}"
-        )
-
-    def ask(self, what: str) -> float:
-        self.proc.stdin.write(what + "\n")
-        self.proc.stdin.flush()
-        return float(self.read()["rate"])
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-        self.log.close()
+def _start(name: str, quick: bool, seconds: float) -> Worker:
+    code = (
+        "from shopee_tpu.bench.train import _worker;"
+        f"_worker({name!r}, {quick!r}, {seconds!r})"
+    )
+    return Worker(name, code, WORKERS[name])
 
 
 def run(args) -> dict:
@@ -245,7 +204,7 @@ def run(args) -> dict:
     backbone, applications, size, batch, side = QUICK if quick else FULL
     rounds = max(int(getattr(args, "rounds", None) or (2 if quick else 5)), 1)
     seconds = float(getattr(args, "seconds", None) or (0.3 if quick else 10.0))
-    workers = {name: _Worker(name, quick, seconds) for name in WORKERS}
+    workers = {name: _start(name, quick, seconds) for name in WORKERS}
     try:
         ready = {name: w.read() for name, w in workers.items()}
         contenders = [("tensorflow", "ours"), ("tensorflow", "plain")]
@@ -255,7 +214,7 @@ def run(args) -> dict:
         rates = {c: [] for c in contenders}
         for order in round_orders(contenders, rounds):
             for name, what in order:
-                rates[(name, what)].append(workers[name].ask(what))
+                rates[(name, what)].append(float(workers[name].ask(what)["rate"]))
     finally:
         for w in workers.values():
             w.close()

@@ -20,7 +20,7 @@ __all__ = ["build_parser", "main", "parse_duration"]
 # missing extra) end in one line; anything else is a bug and keeps its traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors = [OSError, ValueError, ImportError, AcceleratorNotFound]
-    weights = sys.modules.get("shopee_tpu.models.weights")  # raised only once loaded
+    weights = sys.modules.get("shopee_tpu.models.weights.errors")  # raised once loaded
     if weights is not None:
         errors.append(weights.WeightsUnavailableError)
     return tuple(errors)

@@ -11,12 +11,18 @@ import os
 from shopee_tpu.bench import run_bench
 from shopee_tpu.cdiscount.prepare import prepare_cdiscount, prepare_cdiscount_test
 from shopee_tpu.config import RunConfig
+from shopee_tpu.data.arrays import read_class_names, write_idx_records
+from shopee_tpu.data.folders import write_records_from_folders
+from shopee_tpu.data.manifests import summary_lines
+from shopee_tpu.data.pixels_csv import write_pixels_csv
 from shopee_tpu.data.records import write_records_from_csv
 from shopee_tpu.demo import run_demo
+from shopee_tpu.deploy.writer import export
 from shopee_tpu.experiments.kfold import train_folds
 from shopee_tpu.experiments.stack import stack_runs
 from shopee_tpu.experiments.sweep import run_sweep
 from shopee_tpu.experiments.tune import tune
+from shopee_tpu.inference.files import predict_files
 from shopee_tpu.inference.run import predict_run
 from shopee_tpu.kernels.build import build_kernel
 from shopee_tpu.kernels.client import kernel_status, push_kernel
@@ -48,11 +54,7 @@ def config_command(args) -> int:
 
 
 def tfrecords_command(args) -> int:
-    manifest = write_records_from_csv(
-        args.csv,
-        args.images,
-        args.out,
-        test=args.test,
+    common = dict(
         shards=args.shards,
         image_size=args.image_size,
         resize=args.resize,
@@ -62,10 +64,34 @@ def tfrecords_command(args) -> int:
         overwrite=args.overwrite,
         seed=args.seed,
     )
-    print(
-        f"wrote {manifest['total']} records in {len(manifest['shards'])} shards to "
-        f"{args.out} ({len(manifest['skipped'])} skipped)"
-    )
+    if (args.shape or args.class_names) and not (args.pixels_csv or args.idx):
+        raise ValueError("--shape and --class-names are for --pixels-csv and --idx")
+    class_names = read_class_names(args.class_names)
+    if args.folders:
+        manifest = write_records_from_folders(
+            args.folders, args.out, test=args.test, **common
+        )
+    elif args.pixels_csv:
+        manifest = write_pixels_csv(
+            args.pixels_csv,
+            args.out,
+            shape=args.shape,
+            test=bool(args.test),
+            class_names=class_names,
+            **common,
+        )
+    elif args.idx:
+        if len(args.idx) > 2:
+            raise ValueError("--idx takes IMAGES and at most one LABELS file")
+        images, labels = (*args.idx, None)[:2]
+        labels = None if args.test else labels
+        manifest = write_idx_records(images, labels, args.out, class_names, **common)
+    else:
+        manifest = write_records_from_csv(
+            args.csv, args.images, args.out, test=bool(args.test), **common
+        )
+    for line in summary_lines(manifest, args.out):
+        print(line)
     return 0
 
 
@@ -103,6 +129,8 @@ def train_command(args) -> int:
         device=args.device,
     )
     if args.folds or args.fold is not None or cfg.data.folds:
+        # (--resume-later is what a k-fold run does anyway: its limit is every
+        # fold's, so it only stops one.)
         if args.tensorboard is not None or args.resume_stopped:
             raise ValueError(
                 "--tensorboard and --resume-stopped are for single runs (in Python, "
@@ -118,25 +146,67 @@ def train_command(args) -> int:
             )
             callbacks.append(functools.partial(_tensorboard, logs))
         result = train(
-            cfg, callbacks=callbacks, resume_stopped=args.resume_stopped, **common
+            cfg,
+            callbacks=callbacks,
+            resume_stopped=args.resume_stopped,
+            fit_to_time=not args.resume_later,
+            **common,
         )
     print(json.dumps(result.metrics, indent=2))
     return 0
 
 
 def predict_command(args) -> int:
+    tta = tuple(v for v in args.tta.split(",") if v) if args.tta else None
+    if (args.data is None) == (args.images is None):
+        raise ValueError("predict needs --data RECORDS or --images DIR|CSV|FILE...")
+    if args.images is not None:
+        predict_files(
+            args.images,
+            run=args.run,
+            model=args.model,
+            out=args.out,
+            format=args.format,
+            probability=args.probability,
+            tta=tta,
+            reduce=args.reduce,
+            batch_size=args.batch_size or 32,
+            root=args.image_root,
+            expected=args.expected,
+            weights=args.weights,
+            threads=args.threads,
+        )
+        return 0
+    if args.run is None or args.model is not None:
+        raise ValueError("predict --data reads a run: pass --run RUN (not --model)")
     predict_run(
         args.run,
         args.data,
         out=args.out,
-        tta=tuple(v for v in args.tta.split(",") if v) if args.tta else None,
+        tta=tta,
         reduce=args.reduce,
         batch_size=args.batch_size,
         format=args.format,
+        probability=args.probability,
         md5_dict=None if args.md5_dict == "none" else args.md5_dict,
         expected=args.expected,
         weights=args.weights,
         device=args.device,
+    )
+    return 0
+
+
+def export_command(args) -> int:
+    export(
+        args.run,
+        args.format,
+        out=args.out,
+        quantize=args.quantize,
+        weights=args.weights,
+        calibration=args.calibration,
+        check=False if args.no_check else args.check,
+        calibration_images=args.calibration_images,
+        check_images=args.check_images,
     )
     return 0
 

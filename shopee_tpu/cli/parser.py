@@ -8,7 +8,10 @@ import re
 from shopee_tpu import __version__
 from shopee_tpu.accelerator import DEVICES
 from shopee_tpu.cli import commands
+from shopee_tpu.cli.bench_parser import add_bench_parser
 from shopee_tpu.config import PRESETS
+from shopee_tpu.inference.exported import FORMATS as EXPORT_FORMATS
+from shopee_tpu.inference.submission import AUTO, FORMAT_CHOICES, FORMATS
 from shopee_tpu.inference.tta_views import REDUCERS
 
 
@@ -86,6 +89,36 @@ def _add_cdiscount_parser(sub) -> None:
     p.set_defaults(func=commands.cdiscount_command)
 
 
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="a run's model as LiteRT, ONNX or SavedModel, checked"
+    )
+    p.add_argument("--run", required=True, help="a training run folder")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="litert")
+    p.add_argument(
+        "--quantize",
+        choices=("float16", "int8"),
+        default=None,
+        help="litert only: float16 (weights) or int8 (calibrated on training images)",
+    )
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--weights", choices=("best", "last"), default="best")
+    p.add_argument(
+        "--calibration", default=None, help="int8: records (default: data.train)"
+    )
+    p.add_argument(
+        "--check",
+        default=None,
+        help="records to compare with Keras on (default: the run's validation)",
+    )
+    p.add_argument(
+        "--no-check", action="store_true", help="skip the comparison with Keras"
+    )
+    p.add_argument("--calibration-images", type=int, default=300, help="int8")
+    p.add_argument("--check-images", type=int, default=1000, help="at most")
+    p.set_defaults(func=commands.export_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shopee-tpu",
@@ -100,18 +133,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=commands.config_command)
 
-    p = sub.add_parser("tfrecords", help="write TFRecord shards from a CSV and images")
-    p.add_argument(
-        "--csv", required=True, help="CSV with filename,category or path,label[,group]"
+    p = sub.add_parser(
+        "tfrecords",
+        help="write TFRecord shards from images: a CSV of files, class folders, a "
+        "pixel CSV or idx files",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--csv", help="CSV with filename,category or path,label[,group]"
+    )
+    source.add_argument(
+        "--folders",
+        metavar="DIR",
+        help="one subfolder per class (or a folder of test images)",
+    )
+    source.add_argument(
+        "--pixels-csv",
+        metavar="FILE",
+        help="label,pixel1..pixelN rows (Kaggle's Fashion-MNIST, Digit Recognizer)",
+    )
+    source.add_argument(
+        "--idx",
+        nargs="+",
+        metavar="FILE",
+        help="IMAGES [LABELS]: MNIST idx files, gzipped or not",
     )
     p.add_argument(
-        "--images", required=True, help="folder the CSV's paths are relative to"
+        "--images", default=None, help="--csv: folder the CSV's paths are relative to"
+    )
+    p.add_argument("--shape", default=None, help="--pixels-csv: e.g. 28x28 or 32x32x3")
+    p.add_argument(
+        "--class-names",
+        default=None,
+        help="--pixels-csv, --idx: names of class ids 0, 1, ... (comma-separated, "
+        "or a file with one per line)",
     )
     p.add_argument(
         "--out", required=True, help="output folder for shards and manifest.json"
     )
     p.add_argument(
-        "--test", action="store_true", help="unlabeled test set (keeps filenames)"
+        "--test",
+        action="store_true",
+        default=None,
+        help="unlabeled test set (keeps filenames; --idx: labels ignored); "
+        "--folders, --pixels-csv: default from the layout",
     )
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--image-size", type=int, default=None, help="resize on write")
@@ -136,7 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default=None, help="run folder (default: the config's out_dir)"
     )
-    p.add_argument("--time-limit", type=parse_duration, default=None, help="e.g. 8h45m")
+    p.add_argument(
+        "--time-limit",
+        type=parse_duration,
+        default=None,
+        help="e.g. 8h45m: the epochs that fit are planned, the schedule ends with them",
+    )
+    p.add_argument(
+        "--resume-later",
+        action="store_true",
+        help="with --time-limit: only stop there, and train every epoch over "
+        "several sessions (rerun to resume)",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=parse_duration,
@@ -169,19 +245,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict", help="predict test records with TTA; write a submission"
     )
-    p.add_argument("--run", required=True, help="a training run folder")
+    p.add_argument("--run", default=None, help="a training run folder")
     p.add_argument(
-        "--data", required=True, help="test TFRecords (folder, file or glob)"
+        "--model", default=None, help="instead of --run: an exported .tflite or .onnx"
     )
+    p.add_argument("--data", default=None, help="test TFRecords (folder, file or glob)")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        metavar="DIR|CSV|FILE",
+        help="instead of --data: image files, folders or a CSV of paths",
+    )
+    p.add_argument("--image-root", default=None, help="where a CSV's paths start")
+    p.add_argument("--threads", type=int, default=None, help="--model: CPU threads")
     p.add_argument("--tta", default=None, help="views, e.g. identity,flip_lr")
     p.add_argument("--reduce", choices=REDUCERS, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--out", default="submission.csv")
     p.add_argument(
         "--format",
-        choices=("shopee", "cdiscount"),
-        default="shopee",
-        help="shopee: filename,category; cdiscount: _id,category_id per product",
+        choices=FORMAT_CHOICES,
+        default=AUTO,
+        help="auto: with --data, shopee when the classes are numbers, else named; "
+        "with --images, path,category,probability (not a submission); "
+        + "; ".join(f"{f.name}: {f.summary}" for f in FORMATS.values()),
+    )
+    p.add_argument(
+        "--probability",
+        action="store_true",
+        help="named format: add the probability of each row's class",
     )
     p.add_argument(
         "--md5-dict",
@@ -198,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default=None)
     p.set_defaults(func=commands.predict_command)
 
+    _add_export_parser(sub)
+
     p = sub.add_parser(
         "stack", help="stack runs' out-of-fold probabilities into a submission"
     )
@@ -206,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--test", nargs="+", required=True, help="each run's test .probs.npz, in order"
     )
     p.add_argument("--out", default="submission.csv")
-    p.add_argument("--format", choices=("shopee", "cdiscount"), default="shopee")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default=AUTO)
     p.add_argument("--data", default=None, help="test records (cdiscount: products)")
     p.add_argument(
         "--expected", default=None, help="test.csv whose ids must each appear once"
@@ -255,66 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.demo_command)
 
-    p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument(
-        "what",
-        choices=("input", "train", "predict", "accuracy", "ablation", "cdiscount"),
-    )
-    p.add_argument("--json", action="store_true", help="compact JSON on one line")
-    p.add_argument("--images", default=None, help="folder of images (bench input)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds (default 5)")
-    p.add_argument(
-        "--seconds",
-        type=float,
-        default=None,
-        help="seconds per contender per round (default 10)",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="a tiny setting that runs in seconds"
-    )
-    # bench accuracy / ablation: held-out accuracy on bundled real photographs.
-    p.add_argument("--seed", type=int, default=None, help="task and training seed")
-    p.add_argument("--seeds", default=None, help="bench accuracy: e.g. 0,1,2 (default)")
-    p.add_argument(
-        "--split",
-        choices=("tuning", "final"),
-        default=None,
-        help="bench accuracy: the photographs to tune on, or to report (default)",
-    )
-    p.add_argument(
-        "--setting",
-        choices=("scratch", "pretrained", "both"),
-        default=None,
-        help="bench accuracy: from random weights, from ImageNet Lite0, or both",
-    )
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=None,
-        help="bench accuracy: seconds of wall time for each contender, prediction "
-        "included (default: the setting's; 0: none, for tuning at fixed epochs)",
-    )
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="bench accuracy: override our preset (repeatable)",
-    )
-    p.add_argument(
-        "--peer-set",
-        dest="peer_sets",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="bench accuracy: override the peer's recipe, e.g. epochs=40",
-    )
-    p.add_argument("--out", default=None, help="work folder (default: a temp dir)")
-    p.add_argument(
-        "--products", type=int, default=None, help="bench cdiscount: products (1x)"
-    )
-    p.set_defaults(func=commands.bench_command)
+    add_bench_parser(sub)
 
     p = sub.add_parser("kernel", help="build, push and check Kaggle kernels")
     kernel = p.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)

@@ -4,6 +4,10 @@
 ``sources``         the Shopee layout, CSVs/DataFrames, label maps
 ``records``         ``write_records``, ``write_records_from_csv`` (with
                     ``shard_writer``, ``writer_pool``, ``tfrecord``, ``images``)
+``folders``         ``write_records_from_folders``: a folder per class
+``arrays``          ``write_arrays`` (``keras.datasets``), ``write_idx_records``
+``pixels_csv``      ``write_pixels_csv``: Kaggle's ``label,pixel1..pixelN``
+``idx``             MNIST's idx files: ``read_idx``, ``read_idx_pair``
 ``manifests``       ``manifest.json``: reading it, resuming a write from it
 ``files``           finding, counting and holding out shards
 ``decode``          one record: parse, decode; ``read_ids_labels``
@@ -29,6 +33,12 @@ from shopee_tpu.utils import lazy_exports
 _EXPORTS = {
     "write_records": "shopee_tpu.data.records",
     "write_records_from_csv": "shopee_tpu.data.records",
+    "write_records_from_folders": "shopee_tpu.data.folders",
+    "write_pixels_csv": "shopee_tpu.data.pixels_csv",
+    "write_arrays": "shopee_tpu.data.arrays",
+    "write_idx_records": "shopee_tpu.data.arrays",
+    "read_idx": "shopee_tpu.data.idx",
+    "read_idx_pair": "shopee_tpu.data.idx",
     "read_manifest": "shopee_tpu.data.manifests",
     "load_dataset": "shopee_tpu.data.pipeline",
     "train_dataset": "shopee_tpu.data.pipeline",

@@ -30,7 +30,9 @@ __all__ = [
     "augment_batch",
     "augment_image",
     "flip_image",
+    "flip_by_bits",
     "mix_batch",
+    "needs_float",
     "needs_mixing",
     "random_resized_crop",
     "resized_crop_boxes",
@@ -243,7 +245,7 @@ def augment_batch(images, cfg: AugmentConfig, seed=None, *, dtype=None):
     affine = cfg.rotate or cfg.shear or cfg.zoom or cfg.shift
     colour = cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue
     out = tf.as_dtype(dtype or images.dtype)
-    if not (affine or cfg.random_crop or colour or cfg.cutout or cfg.resized_crop):
+    if not needs_float(cfg):
         return tf.cast(x, out)  # flips only: exact
     x = tf.cast(x, tf.float32)
     if cfg.resized_crop:
@@ -273,12 +275,27 @@ def flip_image(image, cfg: AugmentConfig, seed):
     batch (:func:`augment_batch`) moves every image of it two or three times.
     """
     tf = require_tensorflow()
+    draw = tf.random.stateless_uniform([], _seed(seed), dtype=tf.int64, minval=None)
+    return flip_by_bits(image, cfg, draw)
+
+
+def flip_by_bits(image, cfg: AugmentConfig, bits):
+    """Flips ONE image ``[h, w, c]`` as two random bits say: bit 0 left-right
+    (``cfg.flip_lr``), bit 1 up-down (``cfg.flip_ud``).
+
+    The training pipeline pairs each record with a value of a seeded
+    ``tf.data.Dataset.random`` stream: one C++ draw per element, where a stateless
+    draw inside the map costs four more ops per image (docs/benchmarks.md).
+    """
+    tf = require_tensorflow()
     image = tf.convert_to_tensor(image)
-    draw = tf.random.stateless_uniform([2], _seed(seed), 0.0, 1.0)
-    for on, axis, u in ((cfg.flip_lr, 1, draw[0]), (cfg.flip_ud, 0, draw[1])):
+    bits = tf.cast(bits, tf.int64)
+    for on, axis, bit in ((cfg.flip_lr, 1, 1), (cfg.flip_ud, 0, 2)):
         if on:
             image = tf.cond(
-                u < 0.5, lambda x=image, a=axis: tf.reverse(x, [a]), lambda x=image: x
+                tf.bitwise.bitwise_and(bits, bit) != 0,
+                lambda x=image, a=axis: tf.reverse(x, [a]),
+                lambda x=image: x,
             )
     return image
 
@@ -288,6 +305,16 @@ def augment_image(image, cfg: AugmentConfig, seed=None):
     tf = require_tensorflow()
     image = tf.convert_to_tensor(image)
     return augment_batch(image[None], cfg, seed)[0]
+
+
+def needs_float(cfg: AugmentConfig | None) -> bool:
+    """True when ``cfg`` asks for an augmentation other than flips and MixUp/CutMix:
+    one that resamples or recolours pixels, in float32."""
+    if cfg is None:
+        return False
+    affine = cfg.rotate or cfg.shear or cfg.zoom or cfg.shift
+    colour = cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue
+    return bool(affine or colour or cfg.random_crop or cfg.cutout or cfg.resized_crop)
 
 
 def needs_mixing(cfg: AugmentConfig | None) -> bool:

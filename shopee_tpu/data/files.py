@@ -19,7 +19,13 @@ import numpy as np
 from shopee_tpu import fs
 from shopee_tpu.data.manifests import manifests_of
 
-__all__ = ["list_files", "count_records", "holdout_files", "HoldoutWarning"]
+__all__ = [
+    "list_files",
+    "count_records",
+    "record_counts",
+    "holdout_files",
+    "HoldoutWarning",
+]
 
 _COUNT = re.compile(r"-(\d+)\.tfrec(?:ord)?$")
 _SUFFIXES = ("*.tfrec", "*.tfrecord", "*.tfrecords")
@@ -63,14 +69,24 @@ def count_records(files: str | os.PathLike | Sequence) -> int:
     Raises:
         ValueError: A file has no count in its name and no manifest lists it.
     """
-    total = 0
+    return sum(record_counts(files))
+
+
+def record_counts(files: str | os.PathLike | Sequence) -> list[int]:
+    """The records of each file (sorted, as ``list_files`` gives them), from the
+    file names or the manifest (never a scan).
+
+    Raises:
+        ValueError: A file has no count in its name and no manifest lists it.
+    """
+    out = []
     paths = list_files(files)
     manifests = manifests_of(paths)
     for path in paths:
         folder, name = _split(path)
         counts = manifests[folder or "."].get("shards", {})
         if name in counts:
-            total += int(counts[name])
+            out.append(int(counts[name]))
             continue
         match = _COUNT.search(name)
         if not match:
@@ -78,8 +94,8 @@ def count_records(files: str | os.PathLike | Sequence) -> int:
                 f"cannot count {path} without reading it: its name has no record "
                 "count (…-<count>.tfrec) and no manifest.json beside it lists it"
             )
-        total += int(match.group(1))
-    return total
+        out.append(int(match.group(1)))
+    return out
 
 
 def holdout_files(

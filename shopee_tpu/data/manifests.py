@@ -25,12 +25,13 @@ __all__ = [
     "read_manifest",
     "manifest_beside",
     "manifests_of",
+    "summary_lines",
 ]
 
 MANIFEST = "manifest.json"
 FORMAT = "shopee_tpu.records/1"
 FEATURES = {
-    "image": "bytes: JPEG",
+    "image": "bytes: JPEG, or PNG (lossless) when at most 64 px a side",
     "label": "int64: class id, -1 when unlabeled",
     "id": "bytes: image id (file name)",
     "group": "bytes: product id, empty when none",
@@ -174,8 +175,12 @@ def _summarise(manifest: dict) -> dict:
     names = {v: k for k, v in manifest["label_map"].items()}
     results = sorted(manifest["done"].values(), key=lambda r: r["index"])
     shards, per_shard, classes, skipped = {}, {}, {}, []
+    channels, formats = 0, {}
     for r in results:
         skipped.extend(r["skipped"])
+        channels = max(channels, r.get("channels", 0))
+        for name, n in r.get("formats", {}).items():
+            formats[name] = formats.get(name, 0) + n
         if r["file"] is None:
             continue
         shards[r["file"]] = r["count"]
@@ -193,6 +198,8 @@ def _summarise(manifest: dict) -> dict:
         skipped=sorted(skipped, key=lambda s: s["path"]),
         num_skipped=len(skipped),
     )
+    if channels:  # shards written before channels were counted leave it out
+        manifest.update(channels=channels, image_formats=dict(sorted(formats.items())))
     return manifest
 
 
@@ -208,6 +215,26 @@ def finish(out_dir: str, manifest: dict) -> dict:
             f"no usable images: all {manifest['num_skipped']} were skipped ({reasons})"
         )
     return manifest
+
+
+def summary_lines(manifest: dict, out_dir: str, *, limit: int = 10) -> list[str]:
+    """What a write did, for a person: one line for the records, one per skipped
+    image (the first ``limit``; all of them are in the manifest)."""
+    channels = {1: ", grey", 3: ", colour"}.get(manifest.get("channels"), "")
+    formats = "/".join(manifest.get("image_formats", {}))
+    lines = [
+        f"wrote {manifest['total']} records in {len(manifest['shards'])} shards to "
+        f"{out_dir} ({manifest['num_skipped']} skipped{channels}"
+        f"{', ' + formats if formats else ''})"
+    ]
+    skipped = manifest["skipped"]
+    lines += [f"skipped {s['path']}: {s['reason']}" for s in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(
+            f"... and {len(skipped) - limit} more skipped, listed in "
+            f"{os.path.join(out_dir, MANIFEST)}"
+        )
+    return lines
 
 
 def _save(out_dir: str, manifest: dict[str, Any]) -> None:

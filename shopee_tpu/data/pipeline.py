@@ -2,34 +2,43 @@
 validation and prediction (``load_dataset`` picks one), both decoding each record
 with ``shopee_tpu.data.decode``.
 
-Training reads shards interleaved and in parallel, in any order unless asked for a
-fixed one, shuffles one pass at a time and repeats, flips each image while it is
-uint8, batches with ``drop_remainder=True`` so every shape is static for TPUs, then
-runs the other augmentations per batch (``shopee-tpu bench input`` measures what
-each costs). Evaluation reads the files in order, once, and keeps ids aligned with
+Training reads shards interleaved (remote ones in parallel, in any order unless
+asked for a fixed one), shuffles one pass at a time and repeats, decodes in
+parallel and flips each image while it is uint8, batches with
+``drop_remainder=True`` so every shape is static for TPUs, then runs the other
+augmentations per batch, if any (``shopee-tpu bench input`` measures what each
+step costs). Evaluation reads the files in order, once, and keeps ids aligned with
 images; it keeps the last partial batch, or with ``pad=True`` fills it with blank
 rows of sample weight 0 (validation on N replicas: full batches, each record counted
 once).
 
 Images leave both as uint8 pixels (the model input contract's 0..255): a quarter of
 the bytes of float32 on their way to the device, where the model casts and
-normalises them. On several hosts each training pipeline keeps every N-th record of
-one stream that all hosts read in the same order, so the hosts' rows are disjoint
-and together cover the records once per pass, whatever the shard sizes.
+normalises them. On several hosts each pipeline reads only its own part of the
+records, the same part in every epoch, and the parts are equal to a record
+(``data.sharding``): the hosts' rows are disjoint in every epoch and together cover
+the records once per pass, whatever the shard sizes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Collection
 
+from shopee_tpu import fs
 from shopee_tpu.data import decode
-from shopee_tpu.data.augment import augment_batch, flip_image, mix_batch, needs_mixing
+from shopee_tpu.data.augment import (
+    augment_batch,
+    flip_by_bits,
+    mix_batch,
+    needs_float,
+    needs_mixing,
+)
 from shopee_tpu.data.decode import read_ids_labels
 from shopee_tpu.data.files import count_records, holdout_files, list_files
 from shopee_tpu.data.manifests import manifest_beside
 from shopee_tpu.data.schemas import Schema, check_features, get_schema, probe_features
+from shopee_tpu.data.sharding import Part, host_part, part_sizes
 
 __all__ = [
     "load_dataset",
@@ -103,14 +112,13 @@ def train_dataset(
     ``drop_remainder=True``. See :func:`load_dataset` for the arguments."""
     tf = decode.tf()
     src = _source(files_or_pattern, schema, num_classes, need_label=True)
-    shared = num_workers > 1  # the stream before the shard must match on every host
-    if shared and seed is None:
-        raise ValueError(
-            f"training on {num_workers} workers needs a seed: every worker must "
-            "read the files in the same order to keep disjoint records"
-        )
-    records = _shuffled_records(src, seed, cache, deterministic or shared)
-    if shared:
+    part = host_part(src.files, num_workers, worker_index)
+    shared = num_workers > 1
+    # This worker's own draws: shuffling and augmentation differ between hosts.
+    if shared and seed is not None:
+        seed = seed * num_workers + worker_index
+    records = _shuffled_records(part, seed, cache, deterministic)
+    if part.stride:
         records = records.shard(num_workers, worker_index)
     if cache:
         records = records.cache()
@@ -118,63 +126,112 @@ def train_dataset(
         records = records.filter(
             decode.id_filter(keep_ids, src.schema, src.found, src.files[0])
         )
-    # This worker's own draws: shuffling and augmentation differ between hosts.
-    if shared:
-        seed = seed * num_workers + worker_index
     # Shuffled one pass at a time: an epoch holds each record once (give or take
     # a batch), where a shuffle after the repeat would mix several passes when the
     # buffer is larger than the data.
     records = records.shuffle(shuffle_buffer, seed=seed).repeat()
-    decoded = _decode_for_training(src, image_size, augment, seed, deterministic)
-    ds = records.enumerate().map(
+    if _random(augment):
+        # One seeded draw paired with each record before the parallel map, so the
+        # draws do not depend on which thread decodes what.
+        records = tf.data.Dataset.zip(tf.data.Dataset.random(seed=seed), records)
+    decoded = _decode_for_training(src, image_size, augment)
+    ds = records.map(
         decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
     )
     ds = ds.batch(batch_size, drop_remainder=True)
-    seeds = tf.data.Dataset.random(seed=seed).batch(2)
     finish = _finish_batch(src.num_classes, augment, value_range)
-    ds = tf.data.Dataset.zip(ds, seeds).map(
+    ds = ds.map(
         finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
     )
     options = _options(shared, deterministic)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
-def _shuffled_records(src: _Source, seed, cache: bool, deterministic: bool):
-    """One pass over the records, the files in a seeded order that changes each
-    pass (kept from the first pass when cached), read interleaved."""
+def _shuffled_records(part: Part, seed, cache: bool, deterministic: bool):
+    """One pass over this host's records, its files in a seeded order that changes
+    each pass (kept from the first pass when cached), read interleaved. A
+    ``stride`` part is one fixed stream, the same on every host."""
     tf = decode.tf()
-    names = tf.data.Dataset.from_tensor_slices(src.files)
-    if not cache:
-        names = names.shuffle(len(src.files), seed=seed)
-    return names.interleave(
-        lambda f: tf.data.TFRecordDataset(f, buffer_size=decode.READ_BUFFER),
-        cycle_length=min(len(src.files), 16),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=deterministic,
+    segments = _segments(part)
+    if not (cache or part.stride):
+        segments = segments.shuffle(max(1, len(part.files)), seed=seed)
+    # Remote files (gs://) are read by parallel workers, which hide each request's
+    # latency. Local ones are read by the thread that fills the shuffle buffer: a
+    # parallel interleave costs a thread hand-off per record (bench input counts
+    # the context switches), for reads that take microseconds.
+    parallel = {}
+    if part.files and fs.is_remote(part.files[0]):
+        parallel = dict(
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=deterministic or part.stride,
+        )
+    return segments.interleave(
+        lambda f, skip, take: (
+            tf.data.TFRecordDataset(f, buffer_size=decode.READ_BUFFER)
+            .skip(skip)
+            .take(take)
+        ),
+        cycle_length=max(1, min(len(part.files), 16)),
+        **parallel,
     )
 
 
-def _decode_for_training(src: _Source, image_size: int, augment, seed, deterministic):
-    """``(stream position, record) -> (uint8 image, label)``, flipped as asked.
-
-    Flips run per image while it is uint8 and still in cache, one draw per stream
-    position (no zipped seed dataset); the other augmentations run per batch."""
+def _segments(part: Part):
+    """``(file, records to skip, records to read)`` of each file of a host's part."""
     tf = decode.tf()
+    return tf.data.Dataset.from_tensor_slices(
+        (
+            tf.constant(part.files, tf.string, shape=[len(part.files)]),
+            tf.constant(part.skip, tf.int64, shape=[len(part.files)]),
+            tf.constant(part.take, tf.int64, shape=[len(part.files)]),
+        )
+    )
+
+
+def _flips(augment):
+    """The flips of ``augment`` (run per image), or None."""
+    return augment if augment and (augment.flip_lr or augment.flip_ud) else None
+
+
+def _per_batch(augment):
+    """The augmentations of ``augment`` that run per batch, or None: flips run
+    per image, and with nothing else asked the batch stays uint8 (no float32
+    round trip)."""
+    if augment is None:
+        return None
+    rest = dataclasses.replace(augment, flip_lr=False, flip_ud=False)
+    return rest if needs_float(rest) or needs_mixing(rest) else None
+
+
+def _random(augment) -> bool:
+    """Does training with ``augment`` draw random numbers?"""
+    return _flips(augment) is not None or _per_batch(augment) is not None
+
+
+def _decode_for_training(src: _Source, image_size: int, augment):
+    """``([draw,] record) -> (uint8 image, label[, draw])``, flipped as asked.
+
+    Flips run per image while it is uint8 and still in cache, from the bits of the
+    record's draw; the other augmentations run per batch, seeded by the batch's
+    first and last draws (``bench input`` measures what each step costs)."""
     parse = decode.record_parser(src.schema, src.found, ("image", "label"))
     exact = decode.stored_exactly(src.files, image_size)
-    flips = augment if augment and (augment.flip_lr or augment.flip_ud) else None
-    flip_seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+    flips = _flips(augment)
 
-    def decoded(i, record):
+    def image_label(record):
         ex = parse(record)
-        image = decode.decode_image(ex["image"], image_size, exact=exact)
-        if flips is not None:
-            image = flip_image(
-                image, flips, tf.stack([tf.constant(flip_seed, tf.int64), i])
-            )
-        return image, ex["label"]
+        return decode.decode_image(ex["image"], image_size, exact=exact), ex["label"]
 
-    return decode.plain(decoded)
+    if not _random(augment):
+        return decode.plain(image_label)
+
+    def drawn(draw, record):
+        image, label = image_label(record)
+        if flips is not None:
+            image = flip_by_bits(image, flips, draw)
+        return image, label, draw
+
+    return decode.plain(drawn)
 
 
 def _finish_batch(num_classes: int, augment, value_range):
@@ -182,14 +239,13 @@ def _finish_batch(num_classes: int, augment, value_range):
     vectorised op per batch costs far less in tf.data than one per image), and
     the output pixels."""
     tf = decode.tf()
-    rest = None
-    if augment is not None:
-        rest = dataclasses.replace(augment, flip_lr=False, flip_ud=False)
+    rest = _per_batch(augment)
 
-    def finish(batch, batch_seed):
-        images, onehot = batch[0], tf.one_hot(batch[1], num_classes)
+    def finish(images, labels, draws=None):
+        onehot = tf.one_hot(labels, num_classes)
         if rest is not None:
-            s = tf.random.experimental.stateless_split(batch_seed, 2)
+            seed = tf.stack([draws[0], draws[-1]])  # any batch size, even 1
+            s = tf.random.experimental.stateless_split(seed, 2)
             images = augment_batch(images, rest, seed=s[0], dtype=tf.float32)
             if needs_mixing(rest):
                 images, onehot = mix_batch(images, onehot, rest, seed=s[1])
@@ -217,25 +273,23 @@ def eval_dataset(
     ``(images, ids)``, and with ``pad`` a sample weight. See :func:`load_dataset`."""
     tf = decode.tf()
     src = _source(files_or_pattern, schema, num_classes, need_label=labels)
-    if not 0 <= worker_index < num_workers:
-        raise ValueError(f"worker_index {worker_index} not in [0, {num_workers})")
-    # Whole files per worker where it can (counts come from names or manifests).
-    by_file = num_workers > 1 and len(src.files) >= num_workers
-    files = src.files[worker_index::num_workers] if by_file else src.files
-    records = tf.data.Dataset.from_tensor_slices(files).flat_map(
-        lambda f: (
+    part = host_part(src.files, num_workers, worker_index)
+    records = _segments(part).flat_map(
+        lambda f, skip, take: (
             tf.data.TFRecordDataset(f, buffer_size=decode.READ_BUFFER)
+            .skip(skip)
+            .take(take)
             .enumerate()
-            .map(lambda i, r: (f, i, r))
+            .map(lambda i, r: (f, i + skip, r))
         )
     )
-    if num_workers > 1 and not by_file:
+    if part.stride:
         records = records.shard(num_workers, worker_index)
     if keep_ids is not None:
-        keep = decode.id_filter(keep_ids, src.schema, src.found, files[0])
+        keep = decode.id_filter(keep_ids, src.schema, src.found, src.files[0])
         records = records.filter(lambda f, i, r: keep(r))
     ds = records.map(
-        _decode_for_eval(src, files, image_size, labels),
+        _decode_for_eval(src, src.files, image_size, labels),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     if pad:
@@ -244,7 +298,7 @@ def eval_dataset(
         )
     else:
         ds = ds.batch(batch_size, drop_remainder=False)
-        n = decode.known_count(files) if num_workers == 1 else None
+        n = decode.known_count(src.files) if num_workers == 1 else None
         if keep_ids is not None and num_workers == 1:
             n = len({str(k) for k in keep_ids})  # each kept id is in the files once
         batches = None if n is None else -(-n // batch_size)
@@ -282,30 +336,6 @@ def _decode_for_eval(src: _Source, files: list[str], image_size: int, labels: bo
     return decode.plain(decoded)
 
 
-def _worker_counts(
-    files: list[str], num_workers: int, keep_ids: Collection[str] | None = None
-) -> list[int]:
-    """Records each evaluation pipeline reads, split as ``eval_dataset`` splits
-    (and, with ``keep_ids``, filters)."""
-    by_file = num_workers > 1 and len(files) >= num_workers
-    if keep_ids is None:
-        if by_file:
-            return [count_records(files[w::num_workers]) for w in range(num_workers)]
-        n = count_records(files)
-        return [len(range(w, n, num_workers)) for w in range(num_workers)]
-    keep = {str(k) for k in keep_ids}
-    if num_workers == 1:
-        return [len(keep)]  # each kept id is in the files exactly once
-    # Several workers: which kept ids each one meets needs the ids in file order.
-    if by_file:
-        return [
-            int(read_ids_labels(files[w::num_workers])["id"].isin(keep).sum())
-            for w in range(num_workers)
-        ]
-    kept = read_ids_labels(files)["id"].isin(keep).to_numpy()
-    return [int(kept[w::num_workers].sum()) for w in range(num_workers)]
-
-
 def eval_batches(
     files_or_pattern,
     batch_size: int,
@@ -319,7 +349,7 @@ def eval_batches(
         ValueError: The record count is unknown (no count in the file names and no
             manifest); it is never scanned implicitly.
     """
-    counts = _worker_counts(list_files(files_or_pattern), num_workers, keep_ids)
+    counts = part_sizes(list_files(files_or_pattern), num_workers, keep_ids)
     return max(1, -(-max(counts) // batch_size))
 
 
@@ -334,7 +364,7 @@ def _pad_to_batches(
         lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec
     )
     try:
-        counts = _worker_counts(files, num_workers, keep_ids)
+        counts = part_sizes(files, num_workers, keep_ids)
         n = counts[worker_index]
         batches = max(1, -(-max(counts) // batch_size))
     except ValueError:
@@ -372,16 +402,17 @@ def load_dataset(files_or_pattern, *, training: bool, labels: bool | None = None
         num_classes: One-hot width; default: the manifest's ``num_classes``.
         augment: Training: an ``AugmentConfig`` (``None``: no augmentation).
         seed: Training: seed for file order, shuffling and augmentation (with
-            several workers the file order is shared, and each worker shuffles and
-            augments with its own seed derived from it).
+            several workers each shuffles and augments with its own seed derived
+            from it).
         shuffle_buffer: Training: records in the shuffle buffer.
         cache: Training: keep the raw records in memory after the first pass.
             Evaluation: keep the decoded batches.
-        num_workers: Input pipelines (hosts) sharing the data; each reads its part.
-            Training: every ``num_workers``-th record of a stream all workers read
-            in the same order (disjoint rows, balanced whatever the file sizes).
-            Evaluation: whole files when there are at least as many files, else
-            every ``num_workers``-th record.
+        num_workers: Input pipelines (hosts) sharing the data; each reads its own
+            part, a range of the records in file order fixed for the run, the
+            parts equal to a record (``shopee_tpu.data.sharding``; without record
+            counts: whole files, or every ``num_workers``-th record when there
+            are fewer files than workers). Evaluation yields the records of its
+            part in file order.
         worker_index: This pipeline's index, ``0 <= worker_index < num_workers``.
         value_range: Output pixel range; ``(0, 255)``, the model input contract,
             yields uint8 pixels, any other range float32.

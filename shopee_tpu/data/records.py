@@ -23,7 +23,7 @@ from shopee_tpu.data.shard_writer import ShardParams, ShardWriter, write_shard
 from shopee_tpu.data.splits import stratified_group_kfold
 from shopee_tpu.data.writer_pool import WorkerPool
 
-__all__ = ["write_records", "write_records_from_csv"]
+__all__ = ["write_records", "write_records_from_csv", "write_rows"]
 
 
 def write_records_from_csv(
@@ -200,14 +200,91 @@ def _write_table(
             label_map = sources.build_label_map(table["label"])
         sources.check_labels(table["label"], label_map, where)
         ids = [label_map[v] for v in table["label"]]
-    groups = [g or f"\0row{i}" for i, g in enumerate(table["group"])]
-    n_shards = min(params["num_shards"], len(set(groups)))
-    strata = ids if not test else [0] * len(ids)
-    fold = stratified_group_kfold(strata, groups, n_shards, params["seed"])
     rows = list(zip(table["path"], ids, table["id"], table["group"], strict=True))
-    fingerprint = manifests.fingerprint(
-        params, label_map, [(r[1], r[2], r[3], int(f)) for r, f in zip(rows, fold)]
-    )
+    return _write_rows(rows, out_dir, params, label_map, workers, overwrite, bar)
+
+
+def write_rows(
+    rows: list[tuple],
+    out_dir: str | os.PathLike,
+    *,
+    label_map: Mapping[str, int],
+    test: bool,
+    shards: int = 16,
+    image_size: int | None = None,
+    resize: str = "square",
+    quality: int = 95,
+    workers: int | None = None,
+    overwrite: bool = False,
+    seed: int = 42,
+    prefix: str | None = None,
+    verbose: bool = True,
+    content: str | None = None,
+) -> dict:
+    """Writes rows whose class ids are known: the step every source but a stream
+    shares (files named in a CSV or found in class folders, arrays, pixel CSVs and
+    idx files). Shards are planned up front, and a rerun resumes.
+
+    Args:
+        rows: ``(source, class_id, id, group)`` per image; ``source`` is what
+            ``shard_writer.write_shard`` reads: a file path, ``Pixels`` or
+            ``Unusable`` (a row recorded as skipped with its reason). Class ids
+            are ``-1`` when ``test``.
+        label_map: ``{category: class_id}`` the class ids come from.
+        content: A digest of the images themselves, for sources whose ids do not
+            tell one dataset from another (arrays): it joins the fingerprint.
+
+    See :func:`write_records` for the other arguments and the manifest returned.
+    """
+    out_dir = os.fspath(out_dir)
+    params = _params(out_dir, shards, image_size, resize, quality, test, seed, prefix)
+    workers = max(1, workers or _cpu_count())
+    label_map = dict(label_map)
+    with progress_bar(
+        len(rows), f"records {params['prefix']}", unit="img", disable=not verbose
+    ) as bar:
+        return _write_rows(
+            rows, out_dir, params, label_map, workers, overwrite, bar, content
+        )
+
+
+def _write_rows(
+    rows, out_dir, params, label_map, workers, overwrite, bar, content=None
+) -> dict:
+    """Plans the shards of ``rows`` and writes those not finished yet."""
+    # The writer processes start (Python, numpy and Pillow: a fraction of a
+    # second each) while this process plans the shards.
+    n_procs = min(workers, params["num_shards"])
+    with WorkerPool(n_procs if n_procs > 1 else 0) as pool:
+        manifest, tasks = _plan_rows(
+            rows, out_dir, params, label_map, overwrite, content
+        )
+        # Finished shards of an earlier run count as done.
+        bar.total = len(rows)
+        bar.update(len(rows) - sum(len(t[2]) for t in tasks))
+        if not pool.procs or len(tasks) <= 1:
+            for task in tasks:
+                manifests.record(out_dir, manifest, write_shard(task, bar.update))
+        else:
+            for result in pool.map_unordered(
+                _largest_first(tasks), progress=bar.update
+            ):
+                manifests.record(out_dir, manifest, result)
+    return manifests.finish(out_dir, manifest)
+
+
+def _plan_rows(rows, out_dir, params, label_map, overwrite, content):
+    """Assigns rows to shards; returns the manifest and the shard tasks still to
+    write."""
+    test = params["test"]
+    groups = [g or f"\0row{i}" for i, (*_, g) in enumerate(rows)]
+    n_shards = min(params["num_shards"], len(set(groups)))
+    strata = [0] * len(rows) if test else [r[1] for r in rows]
+    fold = stratified_group_kfold(strata, groups, n_shards, params["seed"])
+    plan = [(r[1], r[2], r[3], int(f)) for r, f in zip(rows, fold)]
+    if content is not None:
+        plan.append(content)
+    fingerprint = manifests.fingerprint(params, label_map, plan)
     manifest = manifests.start(
         out_dir, params, label_map, fingerprint, n_shards, overwrite
     )
@@ -217,17 +294,23 @@ def _write_table(
         for s in range(n_shards)
         if str(s) not in manifest["done"]
     ]
-    # Finished shards of an earlier run count as done.
-    bar.total = len(rows)
-    bar.update(len(rows) - sum(len(t[2]) for t in tasks))
-    if workers == 1 or len(tasks) <= 1:
-        for task in tasks:
-            manifests.record(out_dir, manifest, write_shard(task, bar.update))
-    else:
-        with WorkerPool(min(workers, len(tasks)), sp) as pool:
-            for result in pool.map_unordered(tasks, progress=bar.update):
-                manifests.record(out_dir, manifest, result)
-    return manifests.finish(out_dir, manifest)
+    return manifest, tasks
+
+
+def _largest_first(tasks: list) -> list:
+    """Shard tasks by the bytes of their files, largest first: the next free
+    process takes the largest shard left, so the last to finish is a small one
+    (bytes are a rough proxy for decoding time)."""
+
+    def size(path) -> int:
+        if not isinstance(path, str | os.PathLike):  # pixels in memory
+            return 0
+        try:
+            return os.path.getsize(path)
+        except OSError:  # the writer reports the missing or unreadable file
+            return 0
+
+    return sorted(tasks, key=lambda t: -sum(size(row[0]) for row in t[2]))
 
 
 # ---------------------------------------------------------------------------

@@ -4,6 +4,10 @@ A shard is written to a hidden temporary name and renamed to
 ``<prefix>-NN-<count>.tfrec`` only once complete, so a killed run never leaves a
 file that looks like a finished shard. Unusable images are skipped and returned
 with the reason, never dropped silently.
+
+A row's source is a file path, pixels in memory (``Pixels``: arrays, pixel CSVs,
+idx files; encoded losslessly here, in the writer process) or a row its reader
+already found unusable (``Unusable``: recorded as skipped like a corrupt image).
 """
 
 from __future__ import annotations
@@ -14,10 +18,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shopee_tpu.data.images import BadImage, prepare_image
+from shopee_tpu.data.images import (
+    BadImage,
+    PreparedImage,
+    prepare_image,
+    prepare_pixels,
+)
 from shopee_tpu.data.tfrecord import RecordWriter, encode_example
 
-__all__ = ["ShardParams", "ShardWriter", "write_shard", "shard_name"]
+__all__ = [
+    "ShardParams",
+    "ShardWriter",
+    "Pixels",
+    "Unusable",
+    "write_shard",
+    "shard_name",
+]
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,21 @@ class ShardParams:
     image_size: int | None
     resize: str
     quality: int
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """One image as uint8 pixels (``H x W`` or ``H x W x C``)."""
+
+    array: object  # numpy.ndarray
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """A source row that holds no usable image; recorded as skipped, with why."""
+
+    where: str
+    reason: str
 
 
 def shard_name(params: ShardParams, index: int, count: int) -> str:
@@ -52,23 +83,41 @@ class ShardWriter:
         self.count = 0
         self.class_counts: dict[int, int] = {}
         self.skipped: list[dict] = []
+        self.channels = 0  # the most any stored image has
+        self.formats: dict[str, int] = {}
 
     def add(self, data: bytes, label: int, id_: str, group: str, where: str) -> None:
         """Adds one image (its original bytes); records a skip with the reason."""
         p = self.params
         try:
-            image, _ = prepare_image(
+            image = prepare_image(
                 data, image_size=p.image_size, resize=p.resize, quality=p.quality
             )
         except BadImage as e:
             self.skipped.append({"path": where, "reason": str(e)})
             return
+        self.add_prepared(image, data, label, id_, group)
+
+    def add_pixels(self, pixels, label: int, id_: str, group: str) -> None:
+        """Adds one image held as uint8 pixels (stored losslessly when small)."""
+        p = self.params
+        image, png = prepare_pixels(
+            pixels, image_size=p.image_size, resize=p.resize, quality=p.quality
+        )
+        self.add_prepared(image, png, label, id_, group)
+
+    def add_prepared(
+        self, image: PreparedImage, original: bytes, label: int, id_: str, group: str
+    ) -> None:
+        """Writes an image already prepared; ``original`` is what its MD5 is of."""
+        self.channels = max(self.channels, image.channels)
+        self.formats[image.format] = self.formats.get(image.format, 0) + 1
         example = {
-            "image": image,
+            "image": image.data,
             "label": int(label),
             "id": id_,
             "group": group,
-            "md5": hashlib.md5(data).hexdigest(),
+            "md5": hashlib.md5(original).hexdigest(),
         }
         self.writer.write(encode_example(example))
         self.count += 1
@@ -93,6 +142,8 @@ class ShardWriter:
             "count": self.count,
             "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
             "skipped": self.skipped,
+            "channels": self.channels,
+            "formats": dict(sorted(self.formats.items())),
         }
 
 
@@ -102,7 +153,8 @@ def write_shard(
     *,
     interval: float = 0.25,
 ) -> dict:
-    """Writes a shard from files: ``task = (params, index, [(path, label, id, group)])``.
+    """Writes a shard: ``task = (params, index, [(source, label, id, group)])``,
+    where ``source`` is a file path, ``Pixels`` or ``Unusable``.
 
     ``progress(n)`` is told about every ``n`` rows done (written or skipped), at most
     once per ``interval`` seconds and once at the end.
@@ -110,16 +162,13 @@ def write_shard(
     params, index, rows = task
     shard = ShardWriter(params, index)
     done, last = 0, time.monotonic()
-    for path, label, id_, group in rows:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            shard.skip(path, "missing file")
-        except OSError as e:
-            shard.skip(path, f"unreadable file ({type(e).__name__}: {e})")
+    for source, label, id_, group in rows:
+        if isinstance(source, Unusable):
+            shard.skip(source.where, source.reason)
+        elif isinstance(source, Pixels):
+            shard.add_pixels(source.array, label, id_, group)
         else:
-            shard.add(data, label, id_, group, path)
+            _add_file(shard, source, label, id_, group)
         done += 1
         if progress is not None and time.monotonic() - last >= interval:
             progress(done)
@@ -128,3 +177,15 @@ def write_shard(
     if progress is not None and done:
         progress(done)
     return result
+
+
+def _add_file(shard: ShardWriter, path: str, label: int, id_: str, group: str):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        shard.skip(path, "missing file")
+    except OSError as e:
+        shard.skip(path, f"unreadable file ({type(e).__name__}: {e})")
+    else:
+        shard.add(data, label, id_, group, path)

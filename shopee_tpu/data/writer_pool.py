@@ -62,7 +62,7 @@ def _recv(stream):
 class WorkerPool:
     """A few writer subprocesses; use as a context manager."""
 
-    def __init__(self, n: int, params):
+    def __init__(self, n: int, params=None):
         root = os.path.dirname(os.path.dirname(os.path.abspath(shopee_tpu.__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -77,8 +77,10 @@ class WorkerPool:
             )
             for _ in range(n)
         ]
-        for p in self.procs:
-            _send(p.stdin, ("params", params))
+        # Streamed items need the run's shard settings; shard tasks carry them.
+        if params is not None:
+            for p in self.procs:
+                _send(p.stdin, ("params", params))
 
     def _message(self, proc):
         # The raw pipe, never its buffered wrapper: a buffer could read a second
@@ -210,4 +212,9 @@ if __name__ == "__main__":
     # Keep the pipe clean: anything printed by libraries goes to stderr.
     out = sys.stdout.buffer
     sys.stdout = sys.stderr
+    # Pillow and its image plugins load now, while the parent plans the shards,
+    # rather than at the first image.
+    from PIL import Image
+
+    Image.preinit()
     serve(sys.stdin.buffer, out)

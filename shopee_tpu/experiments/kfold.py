@@ -54,6 +54,7 @@ from shopee_tpu.experiments.oof import (
 from shopee_tpu.inference.ensemble import first_difference, save_probs
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.run_folder import RunFolder, fold_path
+from shopee_tpu.shared_folder import check_shared
 from shopee_tpu.training import train
 
 __all__ = ["KFoldResult", "train_folds", "fold_assignment", "fold_ids"]
@@ -200,6 +201,7 @@ def train_folds(
     if acc.chief:
         _save_run_config(run, config)
         _save_assignment(run, assignment)
+    check_shared(acc, run.path, chief_writes=True)
     stop_reason = None
     for i in [fold] if fold is not None else range(k):
         if _fold_done(run, i, _fold_config(config, i)):
@@ -230,12 +232,15 @@ def _train_fold(config, i, files, assignment, acc, verbose, **train_args) -> str
         accelerator=acc,
         verbose=verbose,
         record_ids=fold_ids(assignment, i),
+        fit_to_time=False,  # the limit is every fold's: it only stops
         **train_args,
     )
     if not result.metrics["finished"]:
         return f"fold {i}: {result.metrics.get('stop_reason')}"
-    if acc.chief:
-        _predict_fold(result.model, _fold_config(config, i), files, assignment, i, acc)
+    # Every host predicts (on several hosts a prediction needs all of them); the
+    # chief writes, and the others wait until the fold's files are there.
+    _predict_fold(result.model, _fold_config(config, i), files, assignment, i, acc)
+    acc.sync(f"shopee_tpu.kfold.fold-{i}")
     del result
     gc.collect()
     return None
@@ -314,7 +319,8 @@ def _save_assignment(run: RunFolder, assignment: pd.DataFrame) -> None:
 
 def _predict_fold(model, cfg: RunConfig, files, assignment, i: int, acc) -> None:
     """Writes the fold model's TTA probabilities of its held-out records (and of the
-    external hold-out, when ``data.valid`` is set)."""
+    external hold-out, when ``data.valid`` is set): every host predicts them all,
+    the chief writes."""
     from shopee_tpu.models import input_spec
 
     folder = RunFolder(cfg.out_dir, writable=False)
@@ -338,11 +344,13 @@ def _predict_fold(model, cfg: RunConfig, files, assignment, i: int, acc) -> None
         )
     labels = held_out.set_index("id")["label"].reindex(ids).to_numpy()
     rows = {"labels": labels, "folds": np.full(len(ids), i)}
-    save_probs(folder.file(OOF), ids, probs, meta=meta, rows=rows)
+    if acc.chief:
+        save_probs(folder.file(OOF), ids, probs, meta=meta, rows=rows)
     if cfg.data.valid:
         ds = eval_dataset(list_files(cfg.data.valid), **common)
         ids, probs = predict(model, ds, tta, reduce, beta)
-        save_probs(folder.file(HOLDOUT), ids, probs, meta=meta)
+        if acc.chief:
+            save_probs(folder.file(HOLDOUT), ids, probs, meta=meta)
 
 
 # ---------------------------------------------------------------------------

@@ -34,6 +34,11 @@ from shopee_tpu.inference.ensemble import (
     save_probs,
 )
 from shopee_tpu.inference.stacking import fit_stacker
+from shopee_tpu.inference.submission import (
+    resolve_format,
+    write_cdiscount_submission,
+    write_image_submission,
+)
 
 __all__ = ["stack_runs", "format_stack_report"]
 
@@ -97,7 +102,7 @@ def stack_runs(
     test: Sequence[str | os.PathLike],
     out: str | os.PathLike = "submission.csv",
     *,
-    format: str = "shopee",
+    format: str = "auto",
     data=None,
     expected=None,
     product_reduce: str = "sum",
@@ -115,8 +120,9 @@ def stack_runs(
         out: Submission CSV. Beside it go ``<stem>.probs.npz`` (the stacked test
             probabilities), ``<stem>.stacker.npz`` and ``<stem>.stack.json`` (this
             report).
-        format: ``shopee`` (one row per image) or ``cdiscount`` (one row per
-            product; needs ``data``).
+        format: ``auto``, ``shopee`` or ``named`` (one row per image) or
+            ``cdiscount`` (one row per product; needs ``data``); see
+            ``shopee_tpu.inference.submission``.
         data: The test records, for their product groups (``cdiscount``).
         expected: Ids that must each appear once (``test.csv`` path, frame or list).
         product_reduce: ``sum``, ``mean`` or ``geometric`` for ``cdiscount``.
@@ -161,9 +167,7 @@ def _check_arguments(oof_names, test_names, format, data) -> None:
             f"{len(oof_names)} --oof files but {len(test_names)} --test files; give "
             "one of each per run, in the same order"
         )
-    if format not in ("shopee", "cdiscount"):
-        raise ValueError(f"format must be shopee or cdiscount, got {format!r}")
-    if format == "cdiscount" and data is None:
+    if resolve_format(format, {}).per_product and data is None:
         raise ValueError(
             "the cdiscount format needs the test records (data) for products"
         )
@@ -250,16 +254,13 @@ def _write_submission(
     out: str, format: str, runs: _Runs, stacked, data, expected, product_reduce
 ) -> None:
     """Writes (and validates) the submission of the stacked test probabilities: one
-    row per image for ``shopee``, per product for ``cdiscount``."""
-    from shopee_tpu.inference.submission import (
-        write_cdiscount_submission,
-        write_shopee_submission,
-    )
-
+    row per image, or per product for ``cdiscount``."""
     test_ids, label_map = runs.test_ids, runs.label_map
-    if format == "shopee":
+    if not resolve_format(format, label_map).per_product:
         want = test_ids if expected is None else expected
-        write_shopee_submission(out, test_ids, stacked, label_map, expected=want)
+        write_image_submission(
+            out, test_ids, stacked, label_map, format=format, expected=want
+        )
         return
     info = read_ids_labels(data)
     group = info.set_index(info["id"].astype(str))["group"].astype(str)

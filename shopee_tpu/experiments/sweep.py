@@ -277,8 +277,15 @@ def _run_points(
 def _train_point(cfg: RunConfig, changes, where, remaining, acc, verbose) -> dict:
     """Trains (or resumes) one point, as a k-fold run when ``data.folds`` is set."""
     run = train_folds if cfg.data.folds else train
+    # The limit is every point's: it only stops a run (k-fold runs say so themselves).
+    alone = {} if cfg.data.folds else {"fit_to_time": False}
     result = run(
-        cfg, out_dir=where, time_limit=remaining, accelerator=acc, verbose=verbose
+        cfg,
+        out_dir=where,
+        time_limit=remaining,
+        accelerator=acc,
+        verbose=verbose,
+        **alone,
     )
     finished = result.metrics.get("finished", result.metrics.get("complete"))
     status = "finished" if finished else "stopped (time limit); rerun to resume"

@@ -223,7 +223,13 @@ def tune(
         cfg = base.override([f"{k}={v}" for k, v in changes.items()])
         cfg = cfg.replace(name=os.path.basename(where), out_dir=where)
         acc = acc or connect(device or cfg.device, mixed_precision=cfg.mixed_precision)
-        result = train(cfg, time_limit=remaining, accelerator=acc, verbose=verbose)
+        result = train(  # the limit is every trial's: it only stops one
+            cfg,
+            time_limit=remaining,
+            accelerator=acc,
+            verbose=verbose,
+            fit_to_time=False,
+        )
         if not result.metrics["finished"]:
             break  # the time limit: this trial resumes on the next call
         value = result.metrics["best_val_accuracy"]

@@ -6,9 +6,13 @@ dictionary, submissions and the TTA report.
   files, ``save_probs`` / ``load_probs`` (float16 or uint8 with ids).
 - ``stacking``: ``fit_stacker`` on out-of-fold probabilities.
 - ``md5``: ``build_md5_dictionary`` and the image / product overrides.
-- ``submission``: Shopee and Cdiscount writers and validators.
+- ``submission``: the table of formats (Shopee, named classes, Cdiscount), their
+  writers and validators.
 - ``report``: ``tta_report`` on validation data.
-- ``run``: ``predict_run`` (what ``shopee-tpu predict`` calls).
+- ``run``: ``predict_run`` (what ``shopee-tpu predict --data`` calls).
+- ``files``: ``Classifier`` and ``predict_files``: plain image files, with a run
+  or an exported model (``shopee-tpu predict --images``).
+- ``exported``: an export folder's contract; ``load_exported`` runs it.
 
 Submodules are imported on first use, so importing this package is cheap.
 """
@@ -35,12 +39,18 @@ _EXPORTS = {
     "apply_image_overrides": "shopee_tpu.inference.md5",
     "apply_product_overrides": "shopee_tpu.inference.md5",
     "write_shopee_submission": "shopee_tpu.inference.submission",
+    "write_named_submission": "shopee_tpu.inference.submission",
+    "write_image_submission": "shopee_tpu.inference.submission",
     "write_cdiscount_submission": "shopee_tpu.inference.submission",
     "validate_shopee_submission": "shopee_tpu.inference.submission",
+    "validate_named_submission": "shopee_tpu.inference.submission",
     "validate_cdiscount_submission": "shopee_tpu.inference.submission",
     "SubmissionError": "shopee_tpu.inference.submission",
     "tta_report": "shopee_tpu.inference.report",
     "predict_run": "shopee_tpu.inference.run",
+    "Classifier": "shopee_tpu.inference.files",
+    "predict_files": "shopee_tpu.inference.files",
+    "load_exported": "shopee_tpu.inference.exported",
 }
 
 __all__ = sorted(_EXPORTS)

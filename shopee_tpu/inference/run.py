@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from shopee_tpu import fs
+from shopee_tpu import fs, multihost
 from shopee_tpu.accelerator import connect
 from shopee_tpu.data.decode import read_ids_labels
 from shopee_tpu.data.files import count_records, list_files
@@ -39,15 +39,15 @@ from shopee_tpu.data.pipeline import eval_dataset  # TensorFlow
 from shopee_tpu.inference import md5 as md5_lib
 from shopee_tpu.inference.ensemble import aggregate_products, combine_folds, save_probs
 from shopee_tpu.inference.submission import (
+    resolve_format,
     write_cdiscount_submission,
-    write_shopee_submission,
+    write_image_submission,
 )
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.run_folder import RunFolder
+from shopee_tpu.shared_folder import check_shared
 
 __all__ = ["predict_run", "load_run_model"]
-
-FORMATS = ("shopee", "cdiscount")
 
 
 def load_run_model(
@@ -124,7 +124,12 @@ def _predict_members(
         elif label_map != first[1]:
             raise ValueError(f"{member}: label map differs from {members[0]}'s")
         member_ids, p = predict(
-            model, dataset, tta, reduce, config.predict.beta, verbose=verbose
+            model,
+            dataset,
+            tta,
+            reduce,
+            config.predict.beta,
+            verbose=verbose and accelerator.chief,
         )
         if ids is not None and member_ids.tolist() != ids.tolist():
             raise ValueError(f"{member}: predicted the records in another order")
@@ -148,7 +153,8 @@ def predict_run(
     tta: Sequence[str] | None = None,
     reduce: str | None = None,
     batch_size: int | None = None,
-    format: str = "shopee",
+    format: str = "auto",
+    probability: bool = False,
     md5_dict="auto",
     product_reduce: str = "sum",
     expected=None,
@@ -167,8 +173,13 @@ def predict_run(
         reduce: ``mean``, ``geometric`` or ``beta`` (default: the config's).
         batch_size: Per-replica batch (default: ``predict.batch_size``, else the
             training batch size).
-        format: ``shopee`` (``filename,category``, one row per image) or
-            ``cdiscount`` (``_id,category_id``, images aggregated by product group).
+        format: ``auto`` (``shopee`` when the classes are numbers, else
+            ``named``), ``shopee`` (``filename,category``, two-digit numbers, one
+            row per image), ``named`` (``filename,category`` with the class names)
+            or ``cdiscount`` (``_id,category_id``, images aggregated by product
+            group); see ``shopee_tpu.inference.submission``.
+        probability: ``named``: add a column with the probability of each row's
+            class.
         md5_dict: An ``Md5Dictionary`` or its ``.npz`` path, built from the
             training records: known duplicates override predictions (images; and
             whole products for ``cdiscount``). ``"auto"``: the dictionary the run's
@@ -180,7 +191,9 @@ def predict_run(
             ``cdiscount`` every product of the test records' ``products.csv``
             (``cdiscount prepare-test``), those without a usable image included.
         weights: ``best`` or ``last``.
-        device: Overrides the config's device for ``connect()``.
+        device: The device for ``connect()`` (default: ``SHOPEE_TPU_DEVICE``, else
+            detection); the run config's ``device`` is not used, as the folder
+            is read only after connecting (see ``_open_run``).
         accelerator: An ``Accelerator`` to reuse instead of connecting.
         verbose: Print a summary.
 
@@ -188,18 +201,23 @@ def predict_run(
         The submission as a DataFrame; ``df.attrs["summary"]`` counts images,
         products and MD5 hits.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     out = os.fspath(out)
-    run = RunFolder(run_dir, writable=False)
+    run, accelerator = _open_run(run_dir, device, accelerator, verbose)
+    # A format that cannot take the run's classes fails before the prediction.
+    first = RunFolder((run.folds() or [run.path])[0], writable=False)
+    resolve_format(format, first.label_map(), probability=probability)
     files, pred = _predict_records(
-        run, data, tta, reduce, batch_size, weights, device, accelerator, verbose
+        run, data, tta, reduce, batch_size, weights, accelerator, verbose
     )
-    _save_probs(out, run, pred)
+    chief = accelerator.chief  # on several hosts each predicts, the chief writes
+    if chief:
+        _save_probs(out, run, pred)
+    fmt = resolve_format(format, pred.label_map, probability=probability)
     df = _submission(
-        pred, files, out, format, md5_dict, product_reduce, expected, verbose
-    )
-    if verbose:
+        pred, files, out if chief else None, fmt, md5_dict, product_reduce,
+        expected, verbose and chief, probability,
+    )  # fmt: skip
+    if verbose and chief:
         print(
             f"{out}: {len(df)} rows ({json.dumps(df.attrs['summary'])}); "
             f"probabilities in {_probs_path(out)}"
@@ -207,19 +225,35 @@ def predict_run(
     return df
 
 
+def _open_run(run_dir, device, accelerator, verbose):
+    """The run folder, opened after connecting: reading a remote folder may
+    import TensorFlow, which starts Keras on it, and on a TPU VM only JAX
+    reaches the TPU. Every host must see the folder. Connecting here, the run's
+    own precision applies (its device setting does not: the folder is read
+    after the device is chosen)."""
+    own = accelerator is None
+    if own and not fs.is_remote(run_dir) and multihost.multi_host_reason() is None:
+        # One host and a local folder (read without TensorFlow): a wrong path
+        # fails at once, not after the seconds connect() takes. Several hosts
+        # join first, so that all of them refuse a folder together.
+        RunFolder(run_dir, writable=False).config()
+    if own:
+        accelerator = connect(device, verbose=False)
+    check_shared(accelerator, os.fspath(run_dir), chief_writes=False)
+    run = RunFolder(run_dir, writable=False)
+    if own:
+        accelerator.set_precision(run.config().mixed_precision)
+        if verbose:
+            print(accelerator.summary)
+    return run, accelerator
+
+
 def _predict_records(
-    run: RunFolder, data, tta, reduce, batch_size, weights, device, accelerator, verbose
+    run: RunFolder, data, tta, reduce, batch_size, weights, accelerator, verbose
 ) -> tuple[list[str], _Prediction]:
     """The test files, and the run's (or its fold models') prediction of each of
     their records exactly once."""
-    saved = run.config()
     members = run.folds() or [run.path]
-    if accelerator is None:
-        accelerator = connect(
-            device or saved.device,
-            mixed_precision=saved.mixed_precision,
-            verbose=verbose,
-        )
     files = list_files(data)
     if not files:
         raise FileNotFoundError(f"{data}: no TFRecord files")
@@ -244,7 +278,9 @@ def _save_probs(out: str, run: RunFolder, pred: _Prediction) -> None:
     save_probs(_probs_path(out), pred.ids, pred.probs, dtype="float16", meta=meta)
 
 
-def _submission(pred, files, out, format, md5_dict, product_reduce, expected, verbose):
+def _submission(
+    pred, files, out, fmt, md5_dict, product_reduce, expected, verbose, probability
+):
     """Scores labelled records, applies the MD5 overrides and writes the format."""
     config, probs, ids = pred.config, pred.probs, pred.ids
     summary = {"images": len(ids)}
@@ -261,9 +297,12 @@ def _submission(pred, files, out, format, md5_dict, product_reduce, expected, ve
         probs, summary["md5_images"] = md5_lib.apply_image_overrides(
             probs, info["md5"].tolist(), dictionary
         )
-    if format == "shopee":
+    if not fmt.per_product:
         expected = ids if expected is None else expected
-        df = write_shopee_submission(out, ids, probs, pred.label_map, expected=expected)
+        df = write_image_submission(
+            out, ids, probs, pred.label_map, format=fmt.name,
+            probability=probability, expected=expected,
+        )  # fmt: skip
     else:
         groups = [g or i for g, i in zip(info["group"].astype(str), ids, strict=True)]
         keys, product_probs = aggregate_products(groups, probs, product_reduce)

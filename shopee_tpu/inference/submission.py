@@ -1,20 +1,28 @@
-"""Submission writers and validators for Shopee and Cdiscount.
+"""Submission formats: one table (``FORMATS``), their writers and validators.
 
 A submission that Kaggle rejects (or scores 0) wastes a day's quota, so the writers
 validate before writing, write atomically, and the validators name every problem:
 missing, extra or duplicate ids (with the ids), bad header or format, and categories
 the label map does not know.
 
-- Shopee Product Detection: ``filename,category``; category as two digits (``03``);
-  every ``test.csv`` filename exactly once.
-- Cdiscount: ``_id,category_id``; one row per product; ``category_id`` is the original
-  Cdiscount id (e.g. ``1000010653``) mapped back from our class id by the label map.
+- ``shopee`` (Shopee Product Detection): ``filename,category``; category as two
+  digits (``03``); every ``test.csv`` filename exactly once.
+- ``named``: ``filename,category`` with the class names of the label map as they
+  are (``Ankle boot``), for classes that are not Shopee's numbers; with
+  ``probability=True`` a third column, the probability of that class.
+- ``cdiscount``: ``_id,category_id``; one row per product; ``category_id`` is the
+  original Cdiscount id (e.g. ``1000010653``) mapped back from our class id by the
+  label map.
+
+``auto`` (what ``predict`` does unless told) picks ``shopee`` when every class is a
+number that fits two digits and no probability is asked for, else ``named``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -23,6 +31,15 @@ from shopee_tpu import fs
 
 __all__ = [
     "SubmissionError",
+    "SubmissionFormat",
+    "FORMATS",
+    "AUTO",
+    "FORMAT_CHOICES",
+    "resolve_format",
+    "write_image_submission",
+    "write_named_submission",
+    "validate_named_submission",
+    "named_frame",
     "shopee_frame",
     "cdiscount_frame",
     "write_shopee_submission",
@@ -33,6 +50,72 @@ __all__ = [
 ]
 
 _SHOW = 10  # ids named per problem in a message
+PROBABILITY = "probability"  # the optional third column of the named format
+
+
+@dataclass(frozen=True)
+class SubmissionFormat:
+    """One submission layout: its columns, what a category looks like, and
+    whether a row is an image or a product (images aggregated by group)."""
+
+    name: str
+    columns: tuple[str, str]  # id, category
+    pattern: str  # a valid category, as a regular expression
+    per_product: bool
+    probability: bool  # may carry a probability column
+    summary: str
+
+
+FORMATS: dict[str, SubmissionFormat] = {
+    f.name: f
+    for f in (
+        SubmissionFormat(
+            "shopee", ("filename", "category"), r"\d{2}", False, False,
+            "filename,category with two-digit category numbers (Shopee)",
+        ),
+        SubmissionFormat(
+            "named", ("filename", "category"), r".*\S.*", False, True,
+            "filename,category with the class names [,probability]",
+        ),
+        SubmissionFormat(
+            "cdiscount", ("_id", "category_id"), r"\d+", True, False,
+            "_id,category_id, one row per product (Cdiscount)",
+        ),
+    )
+}  # fmt: skip
+AUTO = "auto"
+FORMAT_CHOICES = (AUTO, *FORMATS)
+
+
+def resolve_format(
+    format: str, label_map: Mapping, *, probability: bool = False
+) -> SubmissionFormat:
+    """The format ``format`` names; ``auto``: ``shopee`` when every class is a
+    number 0..99 and no probability is asked for, else ``named``.
+
+    Raises:
+        ValueError: An unknown name, or a probability for a format without one.
+    """
+    if format == AUTO:
+        numbers = all(str(k).isdigit() and int(k) <= 99 for k in label_map)
+        format = "shopee" if numbers and label_map and not probability else "named"
+    if format not in FORMATS:
+        raise ValueError(
+            f"format must be one of {', '.join(FORMAT_CHOICES)}, got {format!r}"
+        )
+    names = [k for k in label_map if not str(k).isdigit()]
+    if format == "shopee" and names:
+        raise ValueError(
+            f"the shopee format takes classes that are numbers; these have names "
+            f"(e.g. {names[0]!r}): write the named format (--format named or auto)"
+        )
+    if probability and not FORMATS[format].probability:
+        raise ValueError(
+            f"the {format} format has exactly the columns "
+            f"{','.join(FORMATS[format].columns)}; a probability column comes "
+            "with the named format (--format named)"
+        )
+    return FORMATS[format]
 
 
 class SubmissionError(ValueError):
@@ -69,7 +152,10 @@ def _two_digits(category: str) -> str:
     try:
         value = int(category)
     except ValueError:
-        raise ValueError(f"Shopee category {category!r} is not a number") from None
+        raise ValueError(
+            f"Shopee category {category!r} is not a number; for classes with names "
+            "write the named format (format='named', --format named)"
+        ) from None
     if not 0 <= value <= 99:
         raise ValueError(f"Shopee category {category!r} does not fit two digits")
     return f"{value:02d}"
@@ -83,6 +169,26 @@ def shopee_frame(ids: Sequence[str], predictions, label_map: Mapping) -> pd.Data
     return pd.DataFrame(
         {"filename": [str(i) for i in ids], "category": [_two_digits(c) for c in cats]}
     )
+
+
+def named_frame(
+    ids: Sequence[str], predictions, label_map: Mapping, *, probability: bool = False
+) -> pd.DataFrame:
+    """The ``filename,category[,probability]`` frame with the class names.
+
+    ``probability`` needs probabilities ``[n, classes]``: the chosen class's.
+    """
+    chosen = class_ids(predictions)
+    cats = _categories(label_map, chosen)
+    if len(cats) != len(ids):
+        raise ValueError(f"{len(ids)} ids for {len(cats)} predictions")
+    df = pd.DataFrame({"filename": [str(i) for i in ids], "category": cats})
+    if probability:
+        p = np.asarray(predictions)
+        if p.ndim != 2:
+            raise ValueError("a probability column needs probabilities [n, classes]")
+        df[PROBABILITY] = np.round(p[np.arange(len(p)), chosen].astype(float), 6)
+    return df
 
 
 def cdiscount_frame(
@@ -116,9 +222,8 @@ def _name(items) -> str:
 
 def _validate(
     submission,
+    fmt: SubmissionFormat,
     *,
-    columns: tuple[str, str],
-    pattern: str,
     expected,
     allowed: set[str] | None,
 ) -> pd.DataFrame:
@@ -129,10 +234,13 @@ def _validate(
         df = pd.read_csv(submission, dtype=str, keep_default_na=False)
     else:
         df = submission.astype(str)
-    id_col, cat_col = columns
-    if list(df.columns) != list(columns):
+    id_col, cat_col = columns = fmt.columns
+    pattern = fmt.pattern
+    headers = [list(columns)] + [[*columns, PROBABILITY]] * fmt.probability
+    if list(df.columns) not in headers:
+        want = " or ".join(",".join(h) for h in headers)
         raise SubmissionError(
-            where, [f"header must be {','.join(columns)}, got {','.join(df.columns)}"]
+            where, [f"header must be {want}, got {','.join(df.columns)}"]
         )
     problems = []
     ids = df[id_col].tolist()
@@ -161,6 +269,8 @@ def _validate(
                     for i, c in zip(unknown[id_col], unknown[cat_col], strict=True)
                 )
             )
+    if PROBABILITY in df.columns:
+        problems += _probability_problems(df, id_col)
     want = _expected(expected, id_col)
     if want is not None:
         have, wanted = set(ids), set(want)
@@ -173,6 +283,17 @@ def _validate(
     if problems:
         raise SubmissionError(where, problems)
     return df
+
+
+def _probability_problems(df: pd.DataFrame, id_col: str) -> list[str]:
+    value = pd.to_numeric(df[PROBABILITY], errors="coerce")
+    bad = df[~value.between(0, 1)]
+    if not len(bad):
+        return []
+    return [
+        f"{PROBABILITY} not a number in 0..1 ({len(bad)}): "
+        + _name(f"{i}={v}" for i, v in zip(bad[id_col], bad[PROBABILITY], strict=True))
+    ]
 
 
 def validate_shopee_submission(
@@ -188,13 +309,17 @@ def validate_shopee_submission(
         label_map: ``{category: class_id}``; categories outside it are rejected.
     """
     allowed = None if label_map is None else {_two_digits(k) for k in label_map}
-    return _validate(
-        submission,
-        columns=("filename", "category"),
-        pattern=r"\d{2}",
-        expected=expected,
-        allowed=allowed,
-    )
+    return _validate(submission, FORMATS["shopee"], expected=expected, allowed=allowed)
+
+
+def validate_named_submission(
+    submission, expected=None, label_map=None
+) -> pd.DataFrame:
+    """Checks a named submission (``filename,category[,probability]``); see
+    ``validate_shopee_submission``. Categories must be the label map's names, a
+    probability a number in 0..1."""
+    allowed = None if label_map is None else {str(k) for k in label_map}
+    return _validate(submission, FORMATS["named"], expected=expected, allowed=allowed)
 
 
 def validate_cdiscount_submission(
@@ -206,17 +331,15 @@ def validate_cdiscount_submission(
     """
     allowed = None if label_map is None else {str(k) for k in label_map}
     return _validate(
-        submission,
-        columns=("_id", "category_id"),
-        pattern=r"\d+",
-        expected=expected,
-        allowed=allowed,
+        submission, FORMATS["cdiscount"], expected=expected, allowed=allowed
     )
 
 
 def _write(path, df: pd.DataFrame) -> None:
-
-    fs.write_text(path, df.to_csv(index=False, lineterminator="\n"))
+    """Writes atomically; ``path=None`` writes nothing (validate only, as on a
+    host that is not the chief of several)."""
+    if path is not None:
+        fs.write_text(path, df.to_csv(index=False, lineterminator="\n"))
 
 
 def write_shopee_submission(
@@ -225,7 +348,8 @@ def write_shopee_submission(
     """Validates and atomically writes ``filename,category``.
 
     Args:
-        path: Output CSV.
+        path: Output CSV (``None``: validate only, as on a host that is not the
+            chief of several).
         ids: Test filenames, one per prediction row.
         predictions: Probabilities ``[n, classes]`` or class ids ``[n]``.
         label_map: ``{category: class_id}`` of the training records.
@@ -237,10 +361,52 @@ def write_shopee_submission(
     return df
 
 
+def write_named_submission(
+    path,
+    ids: Sequence[str],
+    predictions,
+    label_map: Mapping,
+    *,
+    probability: bool = False,
+    expected=None,
+) -> pd.DataFrame:
+    """Validates and atomically writes ``filename,category[,probability]`` with the
+    class names; the arguments are those of ``write_shopee_submission``."""
+    df = named_frame(ids, predictions, label_map, probability=probability)
+    validate_named_submission(df, expected, label_map)
+    _write(path, df)
+    return df
+
+
+def write_image_submission(
+    path,
+    ids: Sequence[str],
+    predictions,
+    label_map: Mapping,
+    *,
+    format: str = AUTO,
+    probability: bool = False,
+    expected=None,
+) -> pd.DataFrame:
+    """Writes a one-row-per-image submission: ``shopee`` or ``named``, or the one
+    ``auto`` picks for the label map (see :func:`resolve_format`)."""
+    fmt = resolve_format(format, label_map, probability=probability)
+    if fmt.per_product:
+        raise ValueError(f"the {fmt.name} format has one row per product, not image")
+    if fmt.name == "shopee":
+        return write_shopee_submission(
+            path, ids, predictions, label_map, expected=expected
+        )
+    return write_named_submission(
+        path, ids, predictions, label_map, probability=probability, expected=expected
+    )
+
+
 def write_cdiscount_submission(
     path, product_ids: Sequence, predictions, label_map: Mapping, *, expected=None
 ) -> pd.DataFrame:
-    """Validates and atomically writes ``_id,category_id`` (one row per product)."""
+    """Validates and atomically writes ``_id,category_id`` (one row per product;
+    ``path=None`` validates only)."""
     df = cdiscount_frame(product_ids, predictions, label_map)
     validate_cdiscount_submission(df, expected, label_map)
     _write(path, df)

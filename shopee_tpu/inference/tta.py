@@ -15,7 +15,9 @@ device (``views_per_call="auto"``, the default; see :func:`auto_views_per_call`)
 
 Both give the same probabilities (to float rounding). Under several replicas (a TF
 strategy or a JAX ``DataParallel`` distribution) each batch is padded to a multiple
-of the replicas, split across them, and the padding is stripped again.
+of the replicas, split across them, and the padding is stripped again. On several
+JAX hosts every host passes the same batches and gets every row back
+(``shopee_tpu.inference.hosts``).
 
 The view names (``identity``, ``flip_lr``, ``shift_2``, ``zoom_90``...) and the
 reducers (``mean``, ``geometric``, ``beta``) are described in
@@ -28,10 +30,13 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from shopee_tpu import multihost
 from shopee_tpu.console import known_length, progress_bar
+from shopee_tpu.inference.hosts import hosts_call
 from shopee_tpu.inference.tta_views import (
     REDUCERS,
     ViewPlan,
+    classify_views,
     reduce_views,
     view_function,
 )
@@ -57,7 +62,6 @@ ViewsPerCall = int | str | None
 def _tta_model(model, members: Sequence[str]):
     """A keras Model mapping images [b, ...] to probabilities [b, len(members), C]."""
     import keras
-    from keras import ops
 
     fns = [view_function(m) for m in members]
 
@@ -69,14 +73,7 @@ def _tta_model(model, members: Sequence[str]):
             self.base = base
 
         def call(self, images, training=False):
-            # Pixels arrive as they left the pipeline (uint8: a quarter of the
-            # bytes of float32); the views are built from them on the device.
-            images = ops.cast(images, "float32")
-            b = ops.shape(images)[0]
-            stacked = ops.concatenate([fn(images) for fn in fns], axis=0)
-            probs = ops.cast(self.base(stacked, training=False), "float32")
-            probs = ops.reshape(probs, (len(fns), b, -1))
-            return ops.transpose(probs, (1, 0, 2))
+            return classify_views(fns, images, lambda x: self.base(x, training=False))
 
     return TTAModel(model)
 
@@ -176,10 +173,16 @@ class _Runner:
                 mesh = dist.device_mesh
                 axis = mesh.axis_names.index(dist.batch_dim_name)
                 self.distribution, self.replicas = dist, int(mesh.shape[axis])
+        # Several JAX hosts: Keras's predict_on_batch cannot read the output there
+        # (see hosts_call), so the views go through the multi-host path.
+        self.several_hosts = multihost.spans_hosts(self.distribution)
         if self.strategy is not None:
             with self.strategy.scope():
                 self.models = [_tta_model(model, c) for c in chunks]
             self.steps = [self._tf_distributed_step(m) for m in self.models]
+        elif self.several_hosts:
+            calls = [hosts_call(model, c) for c in chunks]
+            self.steps = [lambda x, call=call: call(x)[0] for call in calls]
         else:
             self.models = [_tta_model(model, c) for c in chunks]
             self.steps = [self._plain_step(m) for m in self.models]
@@ -306,6 +309,11 @@ def iter_view_probs(
     decoded to ``str``), so validation batches ``(images, labels)`` work as well.
     """
     runner = _cached_runner(model, plan, views_per_call)
+    if runner.several_hosts:
+        # Each batch is a collective: a host that ran out first would leave the
+        # others waiting for ever.
+        n = known_length(dataset)
+        multihost.agree(-1 if n is None else n, "predict: the number of batches")
     largest = 0
     for batch in dataset:
         images, extra = _split_batch(batch)
@@ -359,6 +367,10 @@ def predict(
     Returns:
         ``(ids, probs)``: ids as ``str`` (``None`` for bare image batches) and
         float32 ``probs [n, classes]`` in dataset order, each image exactly once.
+
+    On several JAX hosts (a pod slice) every process calls ``predict`` with the
+    same dataset, as it would on one host: each host sends its devices their rows
+    of every batch, and every host gets back every row, in dataset order.
     """
     plan = ViewPlan.parse(tta)
     if reduce not in REDUCERS:

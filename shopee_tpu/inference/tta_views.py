@@ -35,20 +35,70 @@ import numpy as np
 
 from shopee_tpu.inference.ensemble import arithmetic_mean, geometric_mean
 
-__all__ = ["ViewPlan", "reduce_views", "view_probs", "view_function", "REDUCERS"]
+__all__ = [
+    "ViewPlan",
+    "reduce_views",
+    "view_probs",
+    "view_function",
+    "host_view_function",
+    "classify_views",
+    "REDUCERS",
+]
 
 REDUCERS = ("mean", "geometric", "beta")
 _DIRECTIONS = ("right", "left", "down", "up")
 
 # ---------------------------------------------------------------------------
-# Views: functions of an image batch [b, h, w, c] built from keras.ops only, so
-# they run inside the compiled predict step on any backend.
+# Views: functions of an image batch [b, h, w, c] built from keras.ops, so they
+# run inside the compiled predict step on any backend; the same functions run on
+# numpy arrays (``host_view_function``) for exported models, with no Keras.
 
 
-def _shift(x, direction: str, k: int):
+def _keras_ops():
+    from keras import ops
+
+    return ops
+
+
+class _NumpyOps:
+    """The few ``keras.ops`` the views use, on numpy arrays."""
+
+    flip = staticmethod(np.flip)
+    concatenate = staticmethod(np.concatenate)
+    transpose = staticmethod(np.transpose)
+
+    @staticmethod
+    def rot90(x, k, axes):
+        return np.rot90(x, k=k, axes=axes)
+
+    class image:
+        @staticmethod
+        def resize(x, size, interpolation="bilinear"):
+            return _bilinear_resize(x, size)
+
+
+def _bilinear_resize(x: np.ndarray, size) -> np.ndarray:
+    """Bilinear resize of ``[b, h, w, c]`` with half-pixel centres, as
+    ``keras.ops.image.resize`` (no antialiasing) computes it."""
+
+    def weights(n_in: int, n_out: int):
+        pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (pos - lo).astype(np.float32)
+
+    x = np.asarray(x, np.float32)
+    top, bottom, wy = weights(x.shape[1], size[0])
+    left, right, wx = weights(x.shape[2], size[1])
+    rows = x[:, top] * (1 - wy)[None, :, None, None]
+    rows = rows + x[:, bottom] * wy[None, :, None, None]
+    out = rows[:, :, left] * (1 - wx)[None, None, :, None]
+    return out + rows[:, :, right] * wx[None, None, :, None]
+
+
+def _shift(x, direction: str, k: int, ops):
     """Moves the content ``k`` px towards ``direction``; the uncovered border is
     filled by reflection (like ``keras.layers.RandomTranslation``'s default)."""
-    from keras import ops
 
     axis = 2 if direction in ("right", "left") else 1
     side = x.shape[axis]
@@ -67,9 +117,7 @@ def _shift(x, direction: str, k: int):
     return ops.concatenate([take(k, None), border], axis=axis)
 
 
-def _zoom(x, pct: float):
-    from keras import ops
-
+def _zoom(x, pct: float, ops):
     if not 0 < pct < 100:
         raise ValueError(f"zoom_<pct> needs 0 < pct < 100, got {pct}")
     h, w = x.shape[1], x.shape[2]
@@ -79,9 +127,8 @@ def _zoom(x, pct: float):
     return ops.image.resize(crop, (h, w), interpolation="bilinear")
 
 
-def _simple_view(name: str) -> Callable | None:
-    from keras import ops
-
+def _simple_view(name: str, ops=None) -> Callable | None:
+    ops = ops or _keras_ops()
     fixed = {
         "identity": lambda x: x,
         "flip_lr": lambda x: ops.flip(x, axis=2),
@@ -96,11 +143,11 @@ def _simple_view(name: str) -> Callable | None:
     m = re.fullmatch(r"shift_(right|left|down|up)_(\d+)", name)
     if m:
         direction, k = m.group(1), int(m.group(2))
-        return lambda x: _shift(x, direction, k)
+        return lambda x: _shift(x, direction, k, ops)
     m = re.fullmatch(r"zoom_(\d+(?:\.\d+)?)", name)
     if m:
         pct = float(m.group(1))
-        return lambda x: _zoom(x, pct)
+        return lambda x: _zoom(x, pct, ops)
     return None
 
 
@@ -112,7 +159,8 @@ def _members(name: str) -> list[str]:
         m = re.fullmatch(r"shift_(\d+)", part)
         if m:
             expanded.append([f"shift_{d}_{m.group(1)}" for d in _DIRECTIONS])
-        elif part and _simple_view(part) is not None:
+        # Checked with the numpy views: parsing a plan needs no Keras.
+        elif part and _simple_view(part, _NumpyOps) is not None:
             expanded.append([part])
         else:
             raise ValueError(
@@ -126,9 +174,11 @@ def _members(name: str) -> list[str]:
     return ["+".join(c) for c in combos]
 
 
-def view_function(member: str) -> Callable:
-    """The keras.ops function of one single view, e.g. ``flip_lr+shift_left_2``."""
-    fns = [_simple_view(p) for p in member.split("+")]
+def view_function(member: str, *, host: bool = False) -> Callable:
+    """The keras.ops function of one single view, e.g. ``flip_lr+shift_left_2``;
+    ``host=True``: the same view on numpy arrays (no Keras)."""
+    ops = _NumpyOps if host else None
+    fns = [_simple_view(p, ops) for p in member.split("+")]
 
     def apply(x):
         for fn in fns:
@@ -136,6 +186,11 @@ def view_function(member: str) -> Callable:
         return x
 
     return apply
+
+
+def host_view_function(member: str) -> Callable:
+    """One single view on numpy ``[b, h, w, c]`` arrays, without Keras."""
+    return view_function(member, host=True)
 
 
 @dataclass(frozen=True)
@@ -210,3 +265,17 @@ def view_probs(member_probs: np.ndarray, plan: ViewPlan, reduce: str = "mean"):
         for g in plan.groups
     ]
     return np.stack(out, axis=1).astype(np.float32)
+
+
+def classify_views(fns, images, classify):
+    """``[b, ...]`` pixels -> ``[b, len(fns), C]``: every view of the batch in one
+    call of ``classify``."""
+    from keras import ops
+
+    # Pixels arrive as they left the pipeline (uint8: a quarter of the bytes of
+    # float32); the views are built from them on the device.
+    images = ops.cast(images, "float32")
+    b = ops.shape(images)[0]
+    stacked = ops.concatenate([fn(images) for fn in fns], axis=0)
+    probs = ops.reshape(ops.cast(classify(stacked), "float32"), (len(fns), b, -1))
+    return ops.transpose(probs, (1, 0, 2))

@@ -62,7 +62,7 @@ MAX_SOURCE_BYTES = 1 << 20  # Kaggle refuses larger kernel sources
 # The oldest versions the package runs on (setup.cfg's floors), by what the kernel
 # imports: TensorFlow feeds every accelerator (tf.data), JAX drives the TPU.
 REQUIRED = {"keras": "3.12", "tensorflow": "2.16"}
-REQUIRED_TPU = {"jax": "0.4.30"}
+REQUIRED_TPU = {"jax": "0.5.1"}
 
 # The repository's kernel-metadata.json, for users who installed the package and have
 # only a notebook (a test keeps the two identical).

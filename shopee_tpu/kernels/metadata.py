@@ -14,10 +14,10 @@ client leaves to the server or only warns about:
   ``owner/model/framework/variation/version`` (models);
 - ``machine_shape`` one of the accelerator ids, consistent with ``enable_gpu`` /
   ``enable_tpu`` (``enable_gpu`` alone gets a retired P100);
-- no ``docker_image`` with a TPU ``machine_shape``: a TPU v5e-8 session has no
-  image of its own, so a pinned one wins and the kernel runs on the CPU image
-  (kaggle-cli#1197; the notebook's own ``metadata.kaggle`` block does the same,
-  and ``kernel build`` drops it).
+- no ``docker_image(_pinning_type)`` with a TPU ``machine_shape``: a TPU v5e-8
+  session runs on a TPU VM with no image, so a pinned one wins and the kernel runs
+  on the CPU image (kaggle-cli#1197; so does the notebook's ``metadata.kaggle``,
+  which ``kernel build`` drops).
 
 Every error names the key. Unknown keys are errors too, so a typo is not ignored.
 """
@@ -37,6 +37,7 @@ __all__ = [
     "KernelMetadataError",
     "METADATA_FILE",
     "MACHINE_SHAPES",
+    "RETIRED_SHAPES",
     "apply_accelerator",
     "apply_overrides",
     "load_metadata",
@@ -71,20 +72,18 @@ LANGUAGES = ("python", "r", "rmarkdown")
 KERNEL_TYPES = ("script", "notebook")
 PINNING_TYPES = ("original", "latest")
 
-# machine_shape ids from Kaggle/kaggle-cli docs/kernels.md ("as of Feb 2026") and
-# PR #1198: NvidiaTeslaT4 is "GPU T4 x2", TpuV5E8 is "TPU v5e-8".
+# machine_shape ids from Kaggle/kaggle-cli docs/kernels.md ("as of Feb 2026"), sent
+# unchecked; PR #1198: NvidiaTeslaT4 is "GPU T4 x2", TpuV5E8 is "TPU v5e-8".
 MACHINE_SHAPES = {
-    "NvidiaTeslaT4": "gpu",
-    "NvidiaL4": "gpu",
-    "NvidiaL4X1": "gpu",
-    "NvidiaTeslaA100": "gpu",
-    "NvidiaH100": "gpu",
-    "NvidiaRtxPro6000": "gpu",
-    "TpuV5E8": "tpu",
-    "TpuV6E8": "tpu",
+    **dict.fromkeys(
+        ("NvidiaTeslaT4", "NvidiaTeslaT4Highmem", "NvidiaL4", "NvidiaL4X1")
+        + ("NvidiaTeslaA100", "NvidiaH100", "NvidiaRtxPro6000"),
+        "gpu",
+    ),
+    **dict.fromkeys(("TpuV5E8", "TpuV6E8"), "tpu"),
 }
 # What the server runs instead (kaggle 2.2.5, _RETIRED_ACCELERATORS).
-_RETIRED = {
+RETIRED_SHAPES = {
     "NvidiaTeslaP100": "runs on NvidiaTeslaT4 instead",
     "TpuV38": "runs on TpuV5E8 instead",
     "Tpu1VmV38": "runs on TpuV5E8 instead",
@@ -207,11 +206,11 @@ def _canonical_shape(value: Any) -> str:
     text = value.strip()
     if text.lower() in ("", "none"):
         return ""
-    known = {k.lower(): k for k in (*MACHINE_SHAPES, *_RETIRED)}
+    known = {k.lower(): k for k in (*MACHINE_SHAPES, *RETIRED_SHAPES)}
     shape = known.get(text.lower())
-    if shape in _RETIRED:
+    if shape in RETIRED_SHAPES:
         raise KernelMetadataError(
-            "machine_shape", f"{shape} is retired: Kaggle {_RETIRED[shape]}"
+            "machine_shape", f"{shape} is retired: Kaggle {RETIRED_SHAPES[shape]}"
         )
     if shape is None:
         raise KernelMetadataError(
@@ -359,6 +358,14 @@ def _check_accelerator(meta: dict[str, Any]) -> None:
             f"pins {meta['docker_image']!r}, and a {shape} session has no image of "
             "its own: the pinned one wins and the kernel runs on the CPU image "
             "(kaggle-cli#1197); remove docker_image",
+        )
+    if kind == "tpu" and (pinning := meta.get("docker_image_pinning_type")):
+        raise KernelMetadataError(
+            "docker_image_pinning_type",
+            f"{pinning!r} pins the session to a container image, and a {shape} "
+            "session runs on a TPU VM with no image of its own: a pinned CPU/GPU "
+            "image wins and the kernel runs without the TPU (kaggle-cli#1197); "
+            "remove docker_image_pinning_type",
         )
     if kind == "gpu" and not gpu:
         raise KernelMetadataError("enable_gpu", f"must be true for {shape}")

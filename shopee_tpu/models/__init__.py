@@ -33,11 +33,11 @@ _EXPORTS = {
     "freeze_backbone": "shopee_tpu.models.finetune",
     "unfreeze_backbone": "shopee_tpu.models.finetune",
     "describe": "shopee_tpu.models.summary",
-    "load_weights": "shopee_tpu.models.weights",
-    "set_preprocessing": "shopee_tpu.models.weights",
-    "WeightsError": "shopee_tpu.models.weights",
-    "WeightsNotFoundError": "shopee_tpu.models.weights",
-    "WeightsUnavailableError": "shopee_tpu.models.weights",
+    "load_weights": "shopee_tpu.models.weights.loader",
+    "set_preprocessing": "shopee_tpu.models.weights.loader",
+    "WeightsError": "shopee_tpu.models.weights.errors",
+    "WeightsNotFoundError": "shopee_tpu.models.weights.errors",
+    "WeightsUnavailableError": "shopee_tpu.models.weights.errors",
     "KerasHubError": "shopee_tpu.models.kerashub",
 }
 

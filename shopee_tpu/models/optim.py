@@ -111,7 +111,16 @@ class RampSchedule(_Base):
 @keras.saving.register_keras_serializable(package="shopee_tpu")
 class WarmupCosineSchedule(_Base):
     """Linear warmup from ``lr_start`` to ``lr_max`` over ``warmup_steps``, then a
-    half cosine from ``lr_max`` down to ``lr_min`` at ``total_steps`` (held after)."""
+    half cosine from ``lr_max`` down to ``lr_min`` at ``total_steps`` (held after).
+
+    Its end can move while training: an optimizer from ``make_optimizer`` owns a
+    ``planned_steps`` variable, created with ``total_steps``, and the schedule
+    reads its end from it (``planned``). A time limit that plans fewer epochs
+    (``shopee_tpu.training.time_plan``) assigns it; the compiled step reads the
+    new value at its next call, on TensorFlow and JAX alike (an optimizer
+    variable is part of the state JAX's step is handed), with no retrace, and a
+    checkpoint carries it with the rest of the optimizer state.
+    """
 
     def __init__(
         self,
@@ -127,10 +136,12 @@ class WarmupCosineSchedule(_Base):
             float(lr_max),
             float(lr_min),
         )
+        self.planned = None  # the optimizer's variable, once bound
 
     def __call__(self, step):
         s = ops.cast(step, "float32")
-        span = float(max(1, self.total_steps - self.warmup_steps))
+        total = self.total_steps if self.planned is None else self.planned
+        span = ops.maximum(ops.cast(total, "float32") - self.warmup_steps, 1.0)
         progress = ops.clip((s - self.warmup_steps) / span, 0.0, 1.0)
         cosine = self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (
             1.0 + ops.cos(math.pi * progress)
@@ -275,6 +286,8 @@ def make_optimizer(
     cls = classes[kind]
     if backbone_lr != 1.0:
         cls = _backbone_scaled(cls, frozenset(head), float(backbone_lr))
+    if isinstance(learning_rate, WarmupCosineSchedule):
+        cls = _planned_total(cls, learning_rate)
     if kind == "adamw":
         kw["weight_decay"] = optim.weight_decay
     else:
@@ -303,6 +316,30 @@ def _backbone_scaled(base: type, head: frozenset, factor: float) -> type:
 
     BackboneScaled.__name__ = base.__name__
     return BackboneScaled
+
+
+def _planned_total(base: type, schedule: WarmupCosineSchedule) -> type:
+    """``base`` owning the variable its cosine ``schedule`` reads its end from."""
+
+    class PlannedTotal(base):
+        def build(self, variables):
+            super().build(variables)
+            self.planned_steps = self.add_variable(
+                (),
+                initializer=keras.initializers.Constant(schedule.total_steps),
+                dtype="float32",
+                name="planned_steps",
+            )
+            schedule.planned = self.planned_steps
+
+    PlannedTotal.__name__ = base.__name__
+    return PlannedTotal
+
+
+def planned_steps(optimizer):
+    """The variable holding the optimizer's planned total of steps (the end of
+    its cosine schedule), or ``None`` for a schedule without an end."""
+    return getattr(optimizer, "planned_steps", None)
 
 
 def _variable_index(optimizer, variable) -> int:

@@ -12,20 +12,24 @@ Names (case-insensitive; ``-``/``_`` optional outside the EfficientNet ones):
   weights, normalised by its image converter (``shopee_tpu.models.kerashub``).
 * ``tiny-cnn``: three convolutions, for smoke runs and tests
   (``shopee_tpu.models.tiny``).
+* ``small-resnet`` (``-w<width>``, ``-b<blocks>``): a residual CNN for 28-64 px
+  images on CPUs (``shopee_tpu.models.small_resnet``).
 
 Every model takes float RGB pixels in 0..255. Where keras.applications expects its
 ``preprocess_input`` outside the model (ResNet v1 "caffe", ResNet v2 and Xception
 "tf", DenseNet "torch"), an ``ImageNetPreprocess`` layer does it inside; EfficientNetV2
 and ConvNeXt use their built-in preprocessing. Every model ends in the same head
 (GAP, optional dropout, float32 softmax ``predictions``; ConvNeXt keeps its pooled
-LayerNorm). Weights: ``None``, ``"imagenet"`` (keras.applications' notop file,
-downloaded; offline it fails with a hint), a local ``.h5`` / ``.weights.h5`` path
-loaded by layer name, or for our EfficientNets a PyTorch / safetensors state dict
-(``shopee_tpu.models.weights_torch``); a classifier that does not fit is skipped.
+LayerNorm). Weights: ``None``, ``"imagenet"`` (EfficientNets: its weights record;
+other families: keras.applications' notop file; offline either fails with a hint),
+a local ``.h5`` / ``.weights.h5`` path loaded by layer name, or for our
+EfficientNets a record's tag or name, or a PyTorch / safetensors state dict
+(``shopee_tpu.models.weights``); a classifier that does not fit is skipped.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -33,12 +37,12 @@ from typing import NamedTuple
 import keras
 
 from shopee_tpu.config import ModelConfig
-from shopee_tpu.models import kerashub, tiny
+from shopee_tpu.models import kerashub, small_resnet, tiny
 from shopee_tpu.models import layers as common
-from shopee_tpu.models import weights as loaders
 from shopee_tpu.models.efficientnet_builder import efficientnet
 from shopee_tpu.models.efficientnet_scaling import scaling
-from shopee_tpu.models.weights_h5 import WeightsError
+from shopee_tpu.models.weights import loader, records
+from shopee_tpu.models.weights.errors import WeightsError, WeightsUnavailableError
 
 
 @dataclass(frozen=True)
@@ -109,12 +113,13 @@ def available_models() -> list[str]:
     names = [f"efficientnet-b{n}" for n in range(8)]
     names += [f"efficientnet-lite{n}" for n in range(5)] + ["efficientnet-phi<value>"]
     names += [f.name for f in FAMILIES.values()]
-    return names + [tiny.NAME, "kerashub:<preset>"]
+    small = f"{small_resnet.NAME}[-w<width>][-b<blocks>]"
+    return names + [tiny.NAME, small, "kerashub:<preset>"]
 
 
 def resolve(name: str):
     """Parses a registry name: ``("efficientnet", variant)``, ``("family", Family)``,
-    ``("kerashub", preset)`` or ``("tiny", None)``.
+    ``("kerashub", preset)``, ``("small", (width, blocks))`` or ``("tiny", None)``.
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
@@ -128,6 +133,8 @@ def resolve(name: str):
         return "efficientnet", f"lite{m['n']}"
     if m := _EFFNET_PHI.fullmatch(text):
         return "efficientnet", float(m["v"])
+    if (shape := small_resnet.parse(text)) is not None:
+        return "small", shape
     key = re.sub(r"[-_ ]", "", text)
     if key == re.sub(r"[-_ ]", "", tiny.NAME):
         return "tiny", None
@@ -150,6 +157,8 @@ def input_spec(name_or_model) -> InputSpec:
             size = kerashub.native_size(what)
         elif kind == "tiny":
             size = tiny.NATIVE_SIZE
+        elif kind == "small":
+            size = small_resnet.NATIVE_SIZE
         else:
             size = scaling(what).resolution if kind == "efficientnet" else what.size
         return InputSpec(int(size), common.VALUE_RANGE)
@@ -182,27 +191,29 @@ def build_model(
         name: Registry name, e.g. ``efficientnet-b3``, ``efficientnet-phi-2.5``,
             ``resnet50v2``, ``convnext-tiny``.
         num_classes: Classifier outputs.
-        weights: ``None``, ``"imagenet"``, a path to a ``.h5`` / ``.weights.h5``
-            (keras.applications', the ``efficientnet`` package's, ours) or a run
-            folder (its ``best.weights.h5``). A KerasHub preset brings its own
+        weights: ``None``, ``"imagenet"`` (EfficientNets: or another record),
+            a path to a ``.h5`` / ``.weights.h5`` (keras.applications', the
+            ``efficientnet`` package's, ours) or a run folder (its
+            ``best.weights.h5``). A KerasHub preset brings its own
             weights; ``weights`` then may only name a run or file to load on top.
         input_size: Square input side; ``None`` uses the native one.
         dropout: Dropout before the classifier.
         drop_connect_rate: EfficientNet stochastic depth; keras.applications
             families only accept the default 0.2 (their own setting is used).
-        activation: EfficientNet and ``tiny-cnn`` activation; ``auto`` is the
-            backbone's own (swish, ReLU6 for EfficientNet-Lite), the only value
-            other families accept.
+        activation: EfficientNet, ``small-resnet`` and ``tiny-cnn`` activation;
+            ``auto`` is the backbone's own (swish, ReLU6 for EfficientNet-Lite,
+            ReLU for ``small-resnet``), the only value other families accept.
         batchnorm_momentum: Set on every BatchNormalization layer.
         include_top: ``False`` returns the pooled features.
         weights_preprocessing: EfficientNet and KerasHub only: the input
             normalisation the weights were trained with, ``auto`` (from the
-            weights), ``imagenet`` or ``advprop`` (see ``shopee_tpu.models.weights``).
+            weights' record), ``imagenet``, ``advprop``, ``lite`` or a record's name
+            (see ``shopee_tpu.models.weights.loader``).
         pretrained: ``False`` builds the architecture only: ``weights`` is ignored
             and a KerasHub preset's weights are not read (before loading a run's
             own weights).
-        any_size: EfficientNet and ``tiny-cnn`` (see ``supports_any_size``):
-            leave the input side open, for one model trained at several sizes.
+        any_size: Our own builders (see ``supports_any_size``): leave the input
+            side open, for one model trained at several sizes.
 
     Raises:
         ValueError: unknown name, or an option the family cannot honour.
@@ -222,7 +233,7 @@ def build_model(
         batchnorm_momentum=batchnorm_momentum,
         weights_preprocessing=weights_preprocessing,
     )
-    if kind in ("efficientnet", "tiny"):
+    if kind in ("efficientnet", "tiny", "small"):
         return _build_own(
             kind, what, num_classes, activation, drop_connect_rate, any_size, options
         )
@@ -236,13 +247,24 @@ def build_model(
 def _build_own(
     kind, what, num_classes, activation, drop_connect_rate, any_size, options
 ):
-    """EfficientNet or ``tiny-cnn``: our own builders, which honour every option."""
+    """EfficientNet, ``small-resnet`` or ``tiny-cnn``: our own builders, which
+    honour every option (the last two have no stochastic depth)."""
     if kind == "efficientnet":
         return efficientnet(
             what,
             num_classes,
             activation=activation,
             drop_connect_rate=drop_connect_rate,
+            any_size=any_size,
+            **options,
+        )
+    if kind == "small":
+        width, blocks = what
+        return small_resnet.small_resnet(
+            num_classes,
+            width=width,
+            blocks=blocks,
+            activation=activation,
             any_size=any_size,
             **options,
         )
@@ -297,8 +319,12 @@ def _build_application(
 
 
 def _check_run_backbone(weights: str, backbone: str) -> None:
-    """A run folder trained with another registry backbone fails with both names."""
-    src = loaders.resolve_source(weights)
+    """A run folder trained with another registry backbone fails with both names
+    (a missing path too; a weights record's tag or name is for the builder)."""
+    named = weights in records.tags() or weights in records.records()
+    if named and not os.path.exists(os.path.expanduser(weights)):
+        return
+    src = loader.resolve_source(weights)
     if not src.backbone or "kerashub:" in (src.backbone + backbone).lower():
         return
     try:
@@ -325,15 +351,15 @@ def _build_family(fam, num_classes, size, weights, dropout, include_top):
     if weights == "imagenet":
         kw["weights"] = "imagenet"
         try:
-            with loaders.socket_timeout(loaders.DOWNLOAD_TIMEOUT):
+            with records.socket_timeout(records.DOWNLOAD_TIMEOUT):
                 backbone = getattr(keras.applications, fam.constructor)(**kw)
         except Exception as e:
             if "URL fetch failure" not in str(e) and not isinstance(e, OSError):
                 raise
             url = re.search(r"URL fetch failure on (\S+?):? ", str(e))
             url = url[1] if url else "keras.applications"
-            raise loaders.WeightsUnavailableError(
-                loaders.offline_hint(
+            raise WeightsUnavailableError(
+                records.offline_hint(
                     f"ImageNet weights for {fam.name}", url.rsplit("/", 1)[-1], url
                 )
                 + f" Cause: {e}"
@@ -360,7 +386,7 @@ def _build_family(fam, num_classes, size, weights, dropout, include_top):
         outputs = x
     model = keras.Model(inputs, outputs, name=fam.name)
     if weights not in (None, "imagenet"):
-        loaders.load_weights(model, weights)
+        loader.load_weights(model, weights)
     return model
 
 
@@ -374,10 +400,11 @@ def _all_layers(model):
 def supports_any_size(name: str) -> bool:
     """Whether ``build_model(name, any_size=True)`` works: our EfficientNet builder
     pads its strided convolutions for a nominal size, so its weights behave the
-    same at any input side, and ``tiny-cnn`` pads the same at every side; other
+    same at any input side, and ``small-resnet`` and ``tiny-cnn`` pad the same at
+    every side; other
     families (position embeddings, pads from the input shape) keep one model per
     size."""
-    return resolve(name)[0] in ("efficientnet", "tiny")
+    return resolve(name)[0] in ("efficientnet", "tiny", "small")
 
 
 def build_from_config(

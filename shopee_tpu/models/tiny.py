@@ -18,8 +18,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from shopee_tpu.models import layers as common
-from shopee_tpu.models import weights as loaders
+from shopee_tpu.models.scratch import scratch_input, scratch_model
 
 NAME = "tiny-cnn"
 NATIVE_SIZE = 32
@@ -54,12 +53,14 @@ def tiny_cnn(
         any_size: Leave the input side open.
     """
     activation = "swish" if activation == "auto" else activation
-    if weights == "imagenet":
-        raise ValueError(f"{NAME} has no ImageNet weights; pass weights=None")
-    loaders.check_preprocessing(weights_preprocessing)
-    side = None if any_size else int(input_size or NATIVE_SIZE)
-    inputs = keras.Input((side, side, 3), name="input_layer")
-    x = common.normalized_pixels(inputs)
+    inputs, x = scratch_input(
+        NAME,
+        weights=weights,
+        weights_preprocessing=weights_preprocessing,
+        input_size=input_size,
+        native_size=NATIVE_SIZE,
+        any_size=any_size,
+    )
     for i, filters in enumerate(FILTERS):
         x = layers.Conv2D(
             filters,
@@ -71,13 +72,13 @@ def tiny_cnn(
         )(x)
         x = layers.BatchNormalization(momentum=batchnorm_momentum, name=f"bn{i + 1}")(x)
         x = layers.Activation(activation, name=f"activation{i + 1}")(x)
-    if include_top:
-        outputs = common.classifier_head(x, num_classes, dropout=dropout)
-    else:
-        outputs = layers.GlobalAveragePooling2D(name=common.POOL_NAME)(x)
-    model = keras.Model(inputs, outputs, name=NAME)
-    if weights is None:
-        loaders.set_preprocessing(model, weights_preprocessing)
-    else:
-        loaders.load_weights(model, weights, preprocessing=weights_preprocessing)
-    return model
+    return scratch_model(
+        inputs,
+        x,
+        NAME,
+        num_classes,
+        include_top=include_top,
+        dropout=dropout,
+        weights=weights,
+        weights_preprocessing=weights_preprocessing,
+    )

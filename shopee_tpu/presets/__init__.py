@@ -16,6 +16,7 @@ from shopee_tpu.presets import (
     photo_finetune,
     photo_lite0,
     shopee,
+    small_images,
     smoke,
 )
 
@@ -23,5 +24,13 @@ __all__ = ["PRESETS"]
 
 for _n in shopee.SIZES:
     register_preset(shopee.get_config(_n))
-for _module in (cdiscount, demo, photo, photo_finetune, photo_lite0, smoke):
+for _module in (
+    cdiscount,
+    demo,
+    photo,
+    photo_finetune,
+    photo_lite0,
+    small_images,
+    smoke,
+):
     register_preset(_module.get_config())

@@ -19,6 +19,7 @@ import numpy as np
 from shopee_tpu.data import pipeline
 from shopee_tpu.models import make_schedule
 from shopee_tpu.run_folder import RunFolder
+from shopee_tpu.training.time_plan import GUARD_MARGIN, FitToTime
 
 __all__ = [
     "EpochCommit",
@@ -63,6 +64,7 @@ class EpochCommit(keras.callbacks.Callback):
         # Every process must save at the same epoch: the chief's clock decides.
         self.agree = agree or (lambda flag: flag)
         self.pending: list[dict] = []  # rows of completed, uncommitted epochs
+        self.longest_commit = 0.0  # seconds (what the final commit may take)
         # The phase's side (progressive resizing): set by train() for a model with
         # an open input side; else the model's own.
         self.image_size: int | None = None
@@ -126,6 +128,7 @@ class EpochCommit(keras.callbacks.Callback):
 
     def commit_pending(self) -> None:
         """Commits the newest uncommitted epoch (with the ones before it)."""
+        began = time.monotonic()
         *earlier, row = self.pending
         self.run.commit_epoch(
             self.model,
@@ -137,25 +140,43 @@ class EpochCommit(keras.callbacks.Callback):
             earlier=earlier,
         )
         self.pending, self.last_commit = [], time.monotonic()
+        self.longest_commit = max(self.longest_commit, self.last_commit - began)
 
 
 class TimeBudget(keras.callbacks.Callback):
     """Stops before the session limit.
 
     After each epoch it stops when the next epoch (as long as the longest so far)
-    would not fit. The first epoch of each ``fit`` (each phase) also traces the
-    model, at several times a steady epoch's cost on CPU, so it counts only until
-    a steady epoch has been seen. Mid-epoch it stops only once the limit has passed
+    would not fit before the limit, less ``reserve()``: what follows the last
+    epoch (``FitToTime``, which plans a run to end before this guard). The first
+    epoch of each ``fit`` (each phase) also traces the model, at several times a
+    steady epoch's cost on CPU, so it counts only until a steady epoch has been
+    seen. Mid-epoch it stops only once the limit has passed
     and an earlier epoch is already committed, so the partial epoch is dropped and
     the checkpoint is kept; the first epoch always finishes, else nothing would be
-    saved at all. Place it before ``EpochCommit``, which commits the epoch it stops
-    at; an epoch is timed from the end of the one before, so a commit counts in
-    the next epoch's time.
+    saved at all. Mid-epoch it looks at the clock about every ``CHECK_EVERY``
+    seconds, so it may stop that much after the limit. Place it before
+    ``EpochCommit``, which commits the epoch it stops at; an epoch is timed from
+    the end of the one before, so a commit counts in the next epoch's time.
     """
 
-    def __init__(self, run: RunFolder, start: float, limit: float | None, agree=None):
+    # Seconds between mid-epoch checks of the limit. On several hosts a check is a
+    # broadcast from the chief, which every host must join: at every step it
+    # would cost a collective per step.
+    CHECK_EVERY = 5.0
+
+    def __init__(
+        self,
+        run: RunFolder,
+        start: float,
+        limit: float | None,
+        agree=None,
+        reserve=lambda: 0.0,
+    ):
         super().__init__()
         self.run, self.start, self.limit, self.reason = run, start, limit, None
+        # Seconds kept for what follows the last epoch (``FitToTime.reserve``).
+        self.reserve = reserve
         self.steady = self.first = 0.0  # longest steady / first (traced) epoch
         self.traced = False  # the current fit has traced its first epoch
         # Several processes must stop at the same step: the chief's clock decides.
@@ -168,15 +189,28 @@ class TimeBudget(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.traced = False
-        self.t0 = time.monotonic()
+        self.t0 = self.checked = time.monotonic()
+        self.steps = self.next_check = self.checked_step = 0
 
     def on_train_batch_end(self, batch, logs=None):
         if self.limit is None or self.model.stop_training:
             return
-        over = time.monotonic() - self.start > self.limit and self.run.epoch > 0
-        if self.agree(float(over)):
+        self.steps += 1
+        if self.steps < self.next_check:
+            return
+        now = time.monotonic()
+        over = now - self.start > self.limit and self.run.epoch > 0
+        # The chief also says when to check next, in steps from its pace: every
+        # host must join the same broadcasts, so none may go by its own clock.
+        per_step = (now - self.checked) / (self.steps - self.checked_step)
+        wait = max(1, int(self.CHECK_EVERY / max(per_step, 1e-6)))
+        self.checked, self.checked_step = now, self.steps
+        answer = self.agree(-1.0 if over else float(wait))
+        if answer < 0:
             self.model.stop_training = True
             self.reason = f"time limit {self.limit:.0f}s reached mid-epoch; kept epoch {self.run.epoch}"
+        else:
+            self.next_check = self.steps + int(answer)
 
     def on_epoch_end(self, epoch, logs=None):
         now = time.monotonic()
@@ -185,10 +219,11 @@ class TimeBudget(keras.callbacks.Callback):
             self.steady = max(self.steady, took)
         else:
             self.first, self.traced = max(self.first, took), True
-        if self.limit is None or self.reason:
-            return
+        if self.limit is None or self.reason or self.model.stop_training:
+            return  # (a planned end, or the phase's: FitToTime)
         elapsed = time.monotonic() - self.start
-        if self.agree(float(elapsed + 1.1 * self.longest > self.limit)):
+        limit = self.limit - self.reserve()
+        if self.agree(float(elapsed + GUARD_MARGIN * self.longest > limit)):
             self.model.stop_training = True
             self.reason = (
                 f"time limit {self.limit:.0f}s: {elapsed:.0f}s used, the next epoch "
@@ -266,22 +301,26 @@ def in_notebook() -> bool:
 
 
 def training_callbacks(
-    run, time_limit: float | None, checkpoint_every: float, extra: list = ()
+    run,
+    time_limit: float | None,
+    checkpoint_every: float,
+    extra: list = (),
+    plan: tuple = (None, 0),
 ):
     """The callbacks of a run's fits (``shopee_tpu.training.loop``), in order, with
-    the user's ``extra`` ones after ours: ``(callbacks, budget, commit)``.
+    the user's ``extra`` ones after ours: ``(callbacks, budget, commit, plan)``;
+    ``plan`` is ``(seconds to fit the run into, images predicted after it)``.
 
     EMA weights are swapped in for validation only; the commit saves the raw weights
     as ``last`` (they belong with the optimizer state) and the EMA weights, which
-    were scored, as ``best``. The budget decides before the commit, which then saves
-    the epoch it stops at.
+    were scored, as ``best``. The time plan and then the budget decide before the
+    commit, which then saves the epoch they stop at.
     """
     cfg, acc = run.config, run.acc
     global_batch = acc.batch_size(cfg.batch_size)
     # The same pure function the optimizer uses, for the history's LR column.
     schedule = make_schedule(cfg.optim, run.steps, cfg.epochs, acc.replicas)
     swapper = keras.callbacks.SwapEMAWeights() if cfg.optim.ema else None
-    budget = TimeBudget(run.folder, run.start, time_limit, agree=acc.from_chief)
     commit = EpochCommit(
         run.folder,
         run.steps,
@@ -293,6 +332,29 @@ def training_callbacks(
         every=checkpoint_every,
         agree=acc.from_chief,
     )
+    progress = Progress(cfg.epochs, run.steps) if run.verbose else None
+
+    def planned(epochs: int) -> None:
+        commit.schedule = make_schedule(cfg.optim, run.steps, epochs, acc.replicas)
+        if progress is not None:
+            progress.epochs = epochs
+
+    fit_within, predict_images = plan
+    plan = FitToTime(
+        run,
+        fit_within,
+        predict_images=predict_images,
+        agree=acc.from_chief,
+        commit_seconds=lambda: commit.longest_commit,
+        on_plan=planned,
+    )
+    budget = TimeBudget(
+        run.folder,
+        run.start,
+        time_limit,
+        agree=acc.from_chief,
+        reserve=lambda: plan.reserve,
+    )
     valid_rows = 0
     if run.validate:
         rec = run.records
@@ -303,14 +365,14 @@ def training_callbacks(
             rec["valid_ids"],
         )
         valid_rows = global_batch * batches
-    callbacks = [UnpaddedValidationLoss(valid_rows / max(1, run.n_valid)), budget]
-    callbacks = ([swapper] if swapper else []) + callbacks + [commit]
-    if run.verbose:
-        callbacks.append(Progress(cfg.epochs, run.steps))
+    callbacks = [UnpaddedValidationLoss(valid_rows / max(1, run.n_valid)), plan]
+    callbacks = ([swapper] if swapper else []) + callbacks + [budget, commit]
+    if progress is not None:
+        callbacks.append(progress)
     if extra:
         # A user's callback may stop training after our commit has passed on the
         # epoch; it must still be committed before `fit` ends (and swaps in the
         # EMA weights).
         built = [c if isinstance(c, keras.callbacks.Callback) else c() for c in extra]
         callbacks += [*built, CommitWhenStopped(commit)]
-    return callbacks, budget, commit
+    return callbacks, budget, commit, plan

@@ -25,6 +25,7 @@ from shopee_tpu.data import pipeline
 from shopee_tpu.data.manifests import manifest_beside
 from shopee_tpu.data.sources import class_names
 from shopee_tpu.run_folder import RunFolder
+from shopee_tpu.shared_folder import open_training_run
 from shopee_tpu.training.plan import (
     Phase,
     any_image_size,  # TensorFlow
@@ -32,6 +33,7 @@ from shopee_tpu.training.plan import (
     epoch_steps,
     make_plan,
     phase_at,
+    plan_phases,
     prepare_phase,
     resume_phase,
 )
@@ -75,6 +77,8 @@ def train(
     record_ids: dict[str, list[str]] | None = None,
     callbacks: list | None = None,
     resume_stopped: bool = False,
+    predict_images: int = 0,
+    fit_to_time: bool = True,
 ) -> TrainResult:
     """Trains (or resumes) the run described by ``config``.
 
@@ -82,7 +86,15 @@ def train(
         config: The run config; ``config.data.train`` names the training records.
         out_dir: Run folder; defaults to ``config.out_dir``.
         time_limit: Seconds of wall time this call may use (``--time-limit 8h45m``).
-            Training stops after the last epoch that fits, with its checkpoint.
+            After the first steady epoch the run plans the most epochs (up to
+            ``config.epochs``) that fit, with what follows them, and its cosine
+            schedule ends with the last of them (``shopee_tpu.training.time_plan``).
+            Should the epochs slow down, it plans fewer, and as a last guard it
+            stops after the last epoch that fits, with its checkpoint.
+        fit_to_time: ``False``: the time limit only stops the run, which resumes
+            in the next call with every epoch asked (a run spread over several
+            sessions; ``--resume-later``). k-fold runs, sweeps and ``tune``
+            share one limit among their runs and pass ``False``.
         checkpoint_every: Seconds of training between checkpoints: an epoch is
             committed once this much time has passed since the last commit, when
             it is the best so far, and at the end of each fit (phase, run, time
@@ -101,6 +113,8 @@ def train(
             run: its last epoch is committed, and a rerun does not train again.
         resume_stopped: Train on past a finished run that a callback stopped
             early, from its last committed epoch up to ``config.epochs``.
+        predict_images: Images you predict right after this call (each in every
+            view of ``config.predict.tta``); a time limit keeps time for them.
 
     Returns:
         The ``TrainResult``.
@@ -117,7 +131,8 @@ def train(
         run.say(f"finished run ({folder.epoch} of {epochs} epochs); not retrained")
         trained = (None, None, folder.state.get("stop_reason"), True)
     elif folder.epoch < epochs:
-        trained = _fit(run, time_limit, checkpoint_every, callbacks or [])
+        plan = (time_limit if fit_to_time else None, predict_images)
+        trained = _fit(run, time_limit, checkpoint_every, callbacks or [], plan)
     return _finish(run, *trained)
 
 
@@ -139,6 +154,7 @@ class _Run:
     per_call: int
     phases: list[Phase]
     one_model: bool
+    asked_epochs: int = 0  # before a time limit planned fewer
 
     @property
     def validate(self) -> bool:
@@ -166,7 +182,7 @@ def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> _Run:
         mixed_precision=config.mixed_precision,
         verbose=verbose > 0,
     )
-    folder = _open_run(config, acc)
+    folder = open_training_run(config, acc)
     verbose = verbose if acc.chief else 0  # one progress bar per run, not per host
     files = pipeline.list_files(config.data.train)
     label_map = {
@@ -193,6 +209,11 @@ def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> _Run:
     # The plan may pick the epoch count from the data size and cut the run into
     # phases (progressive resizing, a frozen warmup): see shopee_tpu.training.plan.
     epochs, phases = make_plan(config, n_train, image_size)
+    asked = epochs
+    # A time limit's plan, committed with the run, holds when it resumes.
+    if planned := int(acc.from_chief(float(folder.planned_epochs or 0))):
+        epochs = min(epochs, planned)
+        phases = plan_phases(config.plan, epochs, image_size)
     config = config.replace(epochs=epochs)
     # Progressive resizing on TensorFlow (CPU, GPU) trains one model with an open
     # input side: one traced graph serves every size, where a model per size costs
@@ -206,7 +227,7 @@ def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> _Run:
     )
     run = _Run(
         config, acc, folder, verbose, start, label_map, records, image_size,
-        n_train, n_valid, steps, per_call, phases, one_model,
+        n_train, n_valid, steps, per_call, phases, one_model, asked,
     )  # fmt: skip
     if not run.validate:
         run.say(
@@ -214,19 +235,6 @@ def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> _Run:
             f"{n_train} records and keeping the last epoch's weights"
         )
     return run
-
-
-def _open_run(config: RunConfig, acc) -> RunFolder:
-    """The run folder, opened by the chief first: it completes an interrupted
-    commit and saves the config; the other processes then only read."""
-    if acc.chief:
-        folder = RunFolder(config.out_dir)
-        folder.check_config(config)
-    acc.sync("shopee_tpu.train.open")
-    if not acc.chief:
-        folder = RunFolder(config.out_dir, writable=False)
-        folder.check_config(config, write=False)
-    return folder
 
 
 def _records(config: RunConfig, files: list[str], record_ids) -> dict[str, Any]:
@@ -332,24 +340,34 @@ def _build(run: _Run, phase: Phase, resume_from: int, *, any_size: bool | None =
     return model
 
 
-def _fit(run: _Run, time_limit: float | None, checkpoint_every: float, extra: list):
+def _fit(
+    run: _Run,
+    time_limit: float | None,
+    checkpoint_every: float,
+    extra: list,
+    plan: tuple = (None, 0),
+):
     """Trains the remaining epochs, one ``fit`` per phase; returns the model, its
     last phase, why it stopped early (the time budget, a user's callback), and
-    whether the run is finished (every epoch, or stopped by a callback)."""
+    whether the run is finished (every epoch, or stopped by a callback). With
+    ``plan`` (the time to fit into, the images predicted after) the epoch count
+    and the phases may change while a fit runs (``run.config.epochs``,
+    ``run.phases``); the fit then ends where the new plan needs the next
+    phase."""
     from shopee_tpu.training.callbacks import training_callbacks
 
-    cfg, folder = run.config, run.folder
+    folder = run.folder
     epoch = folder.epoch
     if epoch:
-        run.say(f"resuming after epoch {epoch} of {cfg.epochs}")
+        run.say(f"resuming after epoch {epoch} of {run.config.epochs}")
     phase = phase_at(run.phases, epoch)
     train_ds, valid_ds = _datasets(run, phase)
     model = _build(run, phase, epoch)
-    callbacks, budget, commit = training_callbacks(
-        run, time_limit, checkpoint_every, extra
+    callbacks, budget, commit, plan = training_callbacks(
+        run, time_limit, checkpoint_every, extra, plan
     )
     while True:  # the next phase resumes from the run folder's checkpoint
-        commit.image_size = phase.image_size
+        commit.image_size, plan.phase = phase.image_size, phase
         model.fit(
             train_ds,
             epochs=phase.end,
@@ -362,16 +380,13 @@ def _fit(run: _Run, time_limit: float | None, checkpoint_every: float, extra: li
         )
         if budget.reason:
             return model, phase, budget.reason, False
-        if folder.epoch < phase.end:  # a user's callback stopped training
-            return (
-                model,
-                phase,
-                f"stopped by a callback after epoch {folder.epoch}",
-                True,
-            )
-        if phase.end >= cfg.epochs:
+        if folder.epoch >= run.config.epochs:
             return model, phase, None, True
-        epoch, before, phase = phase.end, phase, phase_at(run.phases, phase.end)
+        if folder.epoch < phase.end and folder.epoch != plan.switch_at:
+            stopped = f"stopped by a callback after epoch {folder.epoch}"
+            return model, phase, stopped, True  # a user's callback
+        epoch, before = folder.epoch, phase
+        phase = phase_at(run.phases, epoch)
         if run.verbose:
             print(f"epoch {epoch + 1}: {describe_phase(phase)}")
         train_ds, valid_ds = _datasets(run, phase)
@@ -388,7 +403,12 @@ def _finish(run: _Run, model, phase: Phase | None, stop_reason, finished: bool):
     from shopee_tpu.training.report import final_metrics, report
 
     cfg, acc, folder = run.config, run.acc, run.folder
-    if model is None or run.one_model or phase is not run.phases[-1]:
+    last = run.phases[-1]
+    other = phase is None or (phase.image_size, phase.frozen) != (
+        last.image_size,
+        last.frozen,
+    )
+    if model is None or run.one_model or other:
         # The full size, fixed: not trained now, stopped early, or open-sized.
         model = _build(run, run.phases[-1], 0, any_size=False)
     valid_ds = _valid_dataset(run, run.phases[-1])

@@ -3,8 +3,9 @@ about a validation split that cannot be trusted, and the plots in the run folder
 (history, learning-rate schedule, confusion matrix, sample predictions).
 
 The validation predictions behind the confusion matrix are split over the devices,
-as ``fit`` splits its batches; on several JAX hosts every host predicts its part of
-the records with the others, and the chief gathers the parts and writes.
+as ``fit`` splits its batches; on several JAX hosts every host feeds its part of
+the records, gets every host's predictions back (``inference.hosts``),
+and the chief writes.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import warnings
 
 import numpy as np
 
-from shopee_tpu import multihost, plots
+from shopee_tpu import plots
 from shopee_tpu.data.augment import needs_mixing
 from shopee_tpu.data.sources import class_names
+from shopee_tpu.inference.hosts import hosts_call
 from shopee_tpu.inference.tta import tta_step
 from shopee_tpu.models import make_schedule
 from shopee_tpu.training.checks import validation_warnings
@@ -34,6 +36,8 @@ def final_metrics(run, folder, stop_reason: str | None, finished: bool) -> dict:
     metrics = {
         "epochs_completed": folder.epoch,
         "epochs": cfg.epochs,
+        # More than "epochs" when a time limit planned fewer (training.time_plan).
+        "epochs_asked": run.asked_epochs or cfg.epochs,
         "finished": finished,
         "stop_reason": stop_reason,
         "final_val_accuracy": last.get("val_accuracy"),
@@ -87,23 +91,44 @@ def report(run, folder, model, valid_ds, metrics: dict) -> None:
 
 def _predict_validation(model, valid_ds, acc):
     """``(labels, probabilities, sample grid)`` of the real (unpadded) validation
-    records; on several JAX hosts the chief holds every host's rows."""
+    records: every host's on each host; the samples come from this host's rows."""
     several = acc.backend == "jax" and acc.num_workers > 1
-    if several:
-        predict = multihost.predict_function(acc, model)
-    else:
-        one_view = tta_step(model, "identity")
-        predict = lambda x: one_view(x)[:, 0]  # noqa: E731
+    predict = _hosts_predict(model, acc) if several else _local_predict(model)
     labels, probs = [], []
     samples = plots.PredictionSamples(16)
     for x, y, weight in valid_ds:
         x, y = np.asarray(x), np.asarray(y)
         real = np.asarray(weight) > 0  # padding rows complete the last batch only
-        p = np.asarray(predict(x), dtype=np.float32)
-        if several:
-            p, y, real, x = (multihost.gather(acc, a) for a in (p, y, real, x))
-        y_true = np.argmax(y[real], axis=-1)
-        probs.append(p[real])
-        labels.append(y_true)
-        samples.add(x[real], y_true, p[real])
+        p, y_all, real_all, own = predict(x, y, real)
+        labels.append(np.argmax(y_all[real_all], axis=-1))
+        probs.append(p[real_all])
+        samples.add(x[real], np.argmax(y[real], axis=-1), own[real])
     return np.concatenate(labels), np.concatenate(probs), samples
+
+
+def _local_predict(model):
+    one_view = tta_step(model, "identity")
+
+    def predict(x, y, real):
+        p = np.asarray(one_view(x)[:, 0], np.float32)
+        return p, y, real, p
+
+    return predict
+
+
+def _hosts_predict(model, acc):
+    """Several JAX hosts: each feeds its own validation rows, as ``fit`` did, and
+    gets every host's rows back with their labels (``hosts_call``)."""
+    call = hosts_call(model)
+
+    def predict(x, y, real):
+        b = len(x)
+        # Each row's host and place ride along, to find this host's own rows.
+        where = np.arange(b, dtype=np.int32) + acc.worker_index * b
+        p, y_all, real_all, where = call(x, y, real, where, host_rows=True)
+        p = np.asarray(p[:, 0], np.float32)
+        mine = np.flatnonzero(where // b == acc.worker_index)
+        own = p[mine[np.argsort(where[mine])]]
+        return p, y_all, real_all, own
+
+    return predict

@@ -33,8 +33,9 @@ import re
 import numpy as np
 
 from shopee_tpu.models import layers as common
-from shopee_tpu.models import torch_files
-from shopee_tpu.models.weights_h5 import NORMALIZATION_NAME, WeightsError
+from shopee_tpu.models.weights import torch_files
+from shopee_tpu.models.weights.errors import WeightsError
+from shopee_tpu.models.weights.h5 import NORMALIZATION_NAME
 
 __all__ = ["assign_state_dict", "load_file", "naming_of"]
 

@@ -33,14 +33,10 @@ from shopee_tpu.models.efficientnet_scaling import (
     round_repeats,
     scaling,
 )
+from shopee_tpu.models.weights.errors import WeightsError
 
 NORMALIZATION_NAME = "normalization"  # the input normalisation our models own
 CLASSIFIER_ALIASES = ("probs",)  # the efficientnet package's classifier
-
-
-class WeightsError(ValueError):
-    """A weights source does not fit the model. The message is one line naming
-    the file (or run folder) and what differs."""
 
 
 # ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shopee_tpu.models.weights_h5 import WeightsError
+from shopee_tpu.models.weights.errors import WeightsError
 from shopee_tpu.utils import require_extra
 
 __all__ = ["TORCH_SUFFIXES", "is_torch_file", "read_state_dict"]
