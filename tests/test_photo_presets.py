@@ -1,6 +1,7 @@
 """Presets on real photographs: the photo task, where each preset is trained and
 its own model built, a short ``photo`` run well above chance, progressive resizing across a resume, fine-tuning
-from our own saved weights (frozen, then unfrozen), and ``bench accuracy --quick``."""
+from our own saved weights (frozen, then unfrozen). ``bench accuracy --quick`` is in
+test_bench.py."""
 
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ TRAINED_IN = {
     "smoke": "test_notebooks.py: every notebook's SMOKE run, the preset as it is",
     "photo": "this file: test_photo_run_beats_chance_and_resumes_across_...",
     "photo-finetune": "this file: test_finetune_freezes_then_unfreezes_...",
-    "photo-lite0": "this file: test_bench_accuracy_quick_... (ImageNet Lite0, 64 px,"
-    " one epoch without the frozen warm-up, which test_finetune_... covers)",
+    "photo-lite0": "test_bench.py: test_bench_accuracy_quick_... (ImageNet Lite0, 64"
+    " px, one frozen epoch, then one of all layers)",
     "shopee-b0": "test_training_jax.py: 8 JAX devices, killed and resumed",
     "cdiscount": "test_cdiscount.py: BSON to submission through the CLI",
     "small-images": "test_bench.py: bench fashion --quick (small-resnet-w4 at 28 px,"
@@ -306,77 +307,3 @@ def test_backbone_learning_rate_is_scaled_and_the_head_is_not():
     for name, delta in plain.items():
         want = delta if name.startswith("predictions") else 0.1 * delta
         np.testing.assert_allclose(scaled[name], want, rtol=1e-3, atol=1e-7)
-
-
-def test_bench_accuracy_summary_is_the_mean_and_sample_std_over_seeds():
-    from shopee_tpu.bench.accuracy import summarize
-
-    runs = [
-        {"peer_best": p, "ours": {"test_accuracy": o}, "gain": g, "time_ratio": t}
-        for p, o, g, t in [
-            (0.7, 0.8, 0.1, 0.9),
-            (0.6, 0.9, 0.3, 1.0),
-            (0.8, 0.7, -0.1, 0.8),
-        ]
-    ]
-    assert summarize(runs) == {
-        "peer_accuracy": {"mean": 0.7, "std": 0.1},
-        "ours_accuracy": {"mean": 0.8, "std": 0.1},
-        "gain": {"mean": 0.1, "std": 0.2},
-        "time_ratio": {"mean": 0.9, "std": 0.1},
-    }
-    assert summarize(runs[:1])["gain"] == {"mean": 0.1, "std": 0.0}
-
-
-@pytest.mark.slow
-def test_bench_accuracy_quick_reports_both_settings(tmp_path):
-    import statistics
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "shopee_tpu.cli", "bench", "accuracy", "--quick"]
-        + ["--json", "--seeds", "1", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env={**__import__("os").environ, "PYTHONPATH": REPO},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["benchmark"] == "accuracy" and result["seeds"] == [1]
-    assert result["split"] == "final" and result["photos"] == [
-        "coffee", "rocket", "ihc", "motorcycle"
-    ]  # fmt: skip
-    assert set(result["settings"]) == {"scratch", "pretrained"}
-    for name, setting in result["settings"].items():
-        runs = setting["runs"]
-        assert [r["seed"] for r in runs] == [1]
-        for r in runs:
-            peer, ours = r["peer"], r["ours"]
-            for side in (peer, ours):
-                assert 0 <= side["test_accuracy"] <= 1
-            best = max(peer["test_accuracy"], peer["test_accuracy_flip_tta"])
-            assert r["peer_best"] == best
-            assert r["gain"] == round(ours["test_accuracy"] - best, 4)
-            ratio = ours["wall_time_sec"] / peer["wall_time_sec"]  # walls to 0.1 s
-            slack = (
-                ratio * 0.05 * (1 / ours["wall_time_sec"] + 1 / peer["wall_time_sec"])
-            )
-            assert abs(r["time_ratio"] - ratio) <= slack + 5e-4
-            # Ours trains on every training crop (QUICK_TASK: 24 per photograph)
-            # and keeps its last epoch; the peer holds a tenth out to pick its best.
-            assert ours["train_images"] == 4 * 24
-        for key, values in {
-            "peer_accuracy": [r["peer_best"] for r in runs],
-            "ours_accuracy": [r["ours"]["test_accuracy"] for r in runs],
-            "gain": [r["gain"] for r in runs],
-            "time_ratio": [r["time_ratio"] for r in runs],
-        }.items():
-            want = {"mean": round(statistics.fmean(values), 4), "std": 0.0}
-            assert setting[key] == want, (name, key)
-    assert result["settings"]["pretrained"]["runs"][0]["peer"]["model"] == (
-        "efficientnet-lite0 (ImageNet)"
-    )

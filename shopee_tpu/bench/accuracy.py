@@ -18,28 +18,40 @@ Two settings:
 * ``scratch``: 64 px, the ``photo`` preset against ``keras.applications``
   EfficientNet-B0 from random weights;
 * ``pretrained``: 128 px, the ``photo-lite0`` preset against the peer fine-tuning
-  the same ImageNet EfficientNet-Lite0.
+  the same ImageNet EfficientNet-Lite0 as the Keras transfer-learning guide does.
 
-For each seed the peer runs first and ours gets at most the wall time it took.
-Both read the same JPEG files; each side's time covers everything after the task
-exists (records, training, prediction). The report gives every run, and per
-setting the mean and standard deviation over the seeds of both sides' accuracy,
-of the gain and of the time ratio.
+The same conditions for both contenders:
+
+* **the same images**: every training crop (neither holds any out);
+* **the same selection rule**: each keeps its final weights (ours: the last
+  epoch's weight average, part of its recipe);
+* **the same budget**: one wall time per setting (``Setting.budget``), from the
+  contender's start to the end of its prediction, records included. Ours passes
+  what is left of it, less a reserve for what follows training, to
+  ``train(time_limit=...)``; the peer's ``StopBefore`` callback stops before an
+  epoch that would eat into its reserve. A side may end at most ``MARGIN`` of the
+  budget past it (the report says whether each did);
+* **alternating order**: the peer runs first on even seeds, ours on odd ones.
+
+The report gives every run, and per setting the mean and standard deviation over
+the seeds of both sides' accuracy, of the gain and of the time ratio.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from shopee_tpu import fs
 from shopee_tpu.bench import mean_std, seeds_from
-from shopee_tpu.bench.peer import run_peer
+from shopee_tpu.bench.peer import PeerRecipe, run_peer
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data.photos import make_photo_dataset
 from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
@@ -55,28 +67,47 @@ FINAL_PHOTOS += ("coins", "brick", "gravel")
 SPLITS = {"tuning": TUNING_PHOTOS, "final": FINAL_PHOTOS}
 TASK = dict(train_per_class=120, test_per_class=40)
 QUICK_TASK = dict(train_per_class=24, test_per_class=8)
+# How far past the budget a contender may end, as a share of it: each side's
+# reserve is sized for its prediction on the reference machine, and a stop comes
+# at an epoch's end, so a slower prediction than planned shows up here.
+MARGIN = 0.03
+QUICK_BUDGET = 3600.0  # --quick: a smoke run of the code; never binds
+CONTENDERS = ("peer", "ours")
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One side-by-side: our preset against the peer, at one image size."""
+    """One side-by-side: our preset against the peer, at one image size.
+
+    ``budget``: seconds of wall time for each contender; ``reserve_ours`` and
+    ``reserve_peer``: seconds of it each keeps for what follows its training
+    (ours: the end of ``train`` and the preset's TTA; the peer: flip TTA).
+    docs/benchmarks.md says how each figure was chosen.
+    """
 
     preset: str
     image_size: int
     pretrained: bool
-    peer_epochs: int
-    peer_learning_rate: float  # docs/benchmarks.md says how each was chosen
+    budget: float
+    reserve_ours: float
+    reserve_peer: float
+    peer: PeerRecipe
     quick_sets: tuple[str, ...]  # --quick: a smoke run of the code
+    quick_peer: PeerRecipe
 
 
 SETTINGS = {
     "scratch": Setting(
-        "photo", 64, False, 30, 3e-3,
-        ("epochs=1", "plan.images_seen=0", "plan.min_epochs=1", "model.backbone=tiny-cnn"),
+        "photo", 64, False, 300.0, 25.0, 15.0,
+        PeerRecipe("EfficientNetB0", epochs=30, learning_rate=3e-3),
+        ("epochs=2", "plan.images_seen=0", "plan.min_epochs=1", "model.backbone=tiny-cnn"),
+        PeerRecipe("MobileNetV3Small", epochs=2, learning_rate=3e-3),
     ),
     "pretrained": Setting(
-        "photo-lite0", 128, True, 12, 1e-3,
-        ("epochs=1", "plan.images_seen=0", "plan.min_epochs=1", "plan.freeze_epochs=0"),
+        "photo-lite0", 128, True, 210.0, 30.0, 20.0,
+        PeerRecipe(epochs=12, learning_rate=1e-4, head_epochs=2),
+        ("epochs=2", "plan.images_seen=0", "plan.min_epochs=1", "plan.freeze_epochs=1"),
+        PeerRecipe(epochs=2, learning_rate=1e-4, head_epochs=1),
     ),
 }  # fmt: skip
 
@@ -100,12 +131,14 @@ def run_ours(
     seed: int,
     preset: str,
     sets: tuple[str, ...] = (),
-    time_limit: float | None = None,
+    budget: float | None = None,
+    reserve: float = 0.0,
 ) -> dict:
     """Records, ``train`` with the preset, ``predict`` with its TTA; accuracy, time.
 
-    Like the peer's final model, ours trains on every training image
-    (``data.valid_fraction=0``) and keeps its last epoch (the EMA weights).
+    Ours trains on every training image (``data.valid_fraction=0``) and keeps its
+    last epoch (the EMA weights). Within ``budget`` seconds from this call's start:
+    ``train`` gets what is left of it less ``reserve``, kept for what follows.
     """
     start, cpu = time.perf_counter(), time.process_time()
     records = _records(task, os.path.join(out, "records"))
@@ -117,8 +150,10 @@ def run_ours(
         "data.valid_fraction=0",
         *sets,
     )
-    limit = None if time_limit is None else time_limit - (time.perf_counter() - start)
+    began = time.perf_counter()
+    limit = None if budget is None else budget - reserve - (began - start)
     result = train(cfg, time_limit=limit, verbose=0)
+    trained = time.perf_counter()
     test = load_dataset(
         records["test"],
         image_size=result.model.input_shape[1],
@@ -129,11 +164,15 @@ def run_ours(
         result.model, test, tta=cfg.predict.tta, reduce=cfg.predict.reduce
     )
     labels = read_ids_labels(records["test"])["label"].to_numpy()
-    m = result.metrics
+    m, end = result.metrics, time.perf_counter()
     return {
         "test_accuracy": round(float((np.argmax(probs, -1) == labels).mean()), 4),
-        "wall_time_sec": round(time.perf_counter() - start, 1),
+        "wall_time_sec": round(end - start, 1),
         "cpu_time_sec": round(time.process_time() - cpu, 1),
+        "records_sec": round(began - start, 1),
+        "train_sec": round(trained - began, 1),
+        "predict_sec": round(end - trained, 1),
+        "train_time_limit_sec": None if limit is None else round(limit, 1),
         "epochs": m["epochs_completed"],
         "epochs_planned": m["epochs"],
         "stop_reason": m["stop_reason"],
@@ -158,74 +197,167 @@ def _records(task: dict, root: str) -> dict:
     return out
 
 
-def compare(setting: Setting, task: dict, out: str, *, seed: int, quick: bool) -> dict:
-    """One seed of one setting: the peer, then ours within the peer's wall time."""
-    peer = run_peer(
-        task,
-        seed=seed,
-        pretrained=setting.pretrained,
-        epochs=1 if quick else setting.peer_epochs,
-        learning_rate=setting.peer_learning_rate,
-        application="MobileNetV3Small"
-        if quick and not setting.pretrained
-        else "EfficientNetB0",
+def order(seed: int) -> list[str]:
+    """Who runs first: the peer on even seeds, ours on odd ones."""
+    return list(CONTENDERS) if seed % 2 == 0 else list(reversed(CONTENDERS))
+
+
+def run_in_order(contenders: dict[str, Callable[[], dict]], seed: int) -> dict:
+    """Runs the contenders one after the other in ``order(seed)``; each result gets
+    ``started_sec``, its start in seconds after the first one's."""
+    results, first = {}, time.perf_counter()
+    for name in order(seed):
+        began = round(time.perf_counter() - first, 1)
+        results[name] = {**contenders[name](), "started_sec": began}
+    return results
+
+
+def within(wall: float, budget: float | None) -> bool:
+    """A contender kept the budget: it ended at most ``MARGIN`` of it past it."""
+    return budget is None or wall <= budget * (1 + MARGIN)
+
+
+def compare(
+    setting: Setting,
+    task: dict,
+    out: str,
+    *,
+    seed: int,
+    budget: float | None,
+    peer: PeerRecipe,
+    sets: tuple[str, ...] = (),
+) -> dict:
+    """One seed of one setting: both contenders within the same budget, in
+    ``order(seed)``."""
+    results = run_in_order(
+        {
+            "peer": lambda: run_peer(
+                task,
+                seed=seed,
+                pretrained=setting.pretrained,
+                recipe=peer,
+                budget=budget,
+                reserve=setting.reserve_peer,
+            ),
+            "ours": lambda: run_ours(
+                task,
+                out,
+                seed=seed,
+                preset=setting.preset,
+                sets=sets,
+                budget=budget,
+                reserve=setting.reserve_ours,
+            ),
+        },
+        seed,
     )
-    ours = run_ours(
-        task,
-        out,
-        seed=seed,
-        preset=setting.preset,
-        sets=setting.quick_sets if quick else (),
-        time_limit=peer["wall_time_sec"],
-    )
-    peer_best = max(peer["test_accuracy"], peer["test_accuracy_flip_tta"])
+    for side in results.values():
+        side["within_budget"] = within(side["wall_time_sec"], budget)
+    them, ours = results["peer"], results["ours"]
+    # The peer's flip TTA counts: it beat plain prediction on the tuning split.
     return {
         "seed": seed,
-        "peer": peer,
+        "order": order(seed),
+        "budget_sec": budget,
+        "peer": them,
         "ours": ours,
-        "peer_best": peer_best,
-        "gain": round(ours["test_accuracy"] - peer_best, 4),
-        "time_ratio": round(ours["wall_time_sec"] / peer["wall_time_sec"], 3),
+        "peer_accuracy": them["test_accuracy_flip_tta"],
+        "gain": round(ours["test_accuracy"] - them["test_accuracy_flip_tta"], 4),
+        "time_ratio": round(ours["wall_time_sec"] / them["wall_time_sec"], 3),
     }
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Mean and standard deviation (over seeds; 0 for one seed) of each figure."""
+    """Mean and standard deviation (over seeds; 0 for one seed) of each figure, and
+    whether every contender kept the budget."""
     return {
-        "peer_accuracy": mean_std(r["peer_best"] for r in runs),
+        "peer_accuracy": mean_std(r["peer_accuracy"] for r in runs),
         "ours_accuracy": mean_std(r["ours"]["test_accuracy"] for r in runs),
         "gain": mean_std(r["gain"] for r in runs),
         "time_ratio": mean_std(r["time_ratio"] for r in runs),
+        "all_within_budget": all(
+            r[side]["within_budget"] for r in runs for side in CONTENDERS
+        ),
     }
 
 
 def run(args) -> dict:
-    """``args``: ``quick``, ``seeds`` (or ``seed``), ``split``, ``setting``, ``out``."""
+    """``args``: ``quick``, ``seeds`` (or ``seed``), ``split``, ``setting``, ``out``,
+    ``budget`` (seconds; 0: none), ``sets`` (ours) and ``peer_sets``."""
     quick = bool(getattr(args, "quick", False))
     seeds = seeds_from(args, [0, 1, 2])
     split = getattr(args, "split", None) or "final"
-    names = _settings(getattr(args, "setting", None))
     out = getattr(args, "out", None) or tempfile.mkdtemp(prefix="bench-accuracy-")
     report = {"benchmark": "accuracy", "quick": quick, "split": split, "seeds": seeds}
     report["photos"] = list(SPLITS[split][:4] if quick else SPLITS[split])
+    report["margin"] = MARGIN
     report["settings"] = {}
-    for name in names:
+    for name in _settings(getattr(args, "setting", None)):
         setting = SETTINGS[name]
         size = 64 if quick else setting.image_size
+        budget = _budget(getattr(args, "budget", None), setting, quick)
+        peer = peer_recipe(
+            setting.quick_peer if quick else setting.peer,
+            getattr(args, "peer_sets", None) or (),
+        )
+        sets = (setting.quick_sets if quick else ()) + tuple(
+            getattr(args, "sets", None) or ()
+        )
         runs = []
         for seed in seeds:
             where = os.path.join(out, f"{split}-{name}-{seed}")
             task = make_task(
                 os.path.join(where, "task"), seed, split=split, size=size, quick=quick
             )
-            runs.append(compare(setting, task, where, seed=seed, quick=quick))
+            runs.append(
+                compare(
+                    setting, task, where, seed=seed, budget=budget, peer=peer, sets=sets
+                )
+            )
         report["settings"][name] = {
             "preset": setting.preset,
             "image_size": size,
+            "budget_sec": budget,
+            "reserve_sec": {"ours": setting.reserve_ours, "peer": setting.reserve_peer},
+            "ours_sets": list(sets),
+            "peer_recipe": dataclasses.asdict(peer),
             "runs": runs,
             **summarize(runs),
         }
     return report
+
+
+def peer_recipe(base: PeerRecipe, sets) -> PeerRecipe:
+    """``base`` with ``field=value`` overrides (``--peer-set epochs=40``).
+
+    Raises:
+        ValueError: An unknown field or a value of the wrong type (named).
+    """
+    changes = {}
+    fields = {f.name: f for f in dataclasses.fields(PeerRecipe)}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(
+                f"--peer-set {item!r}: expected FIELD=VALUE, FIELD one of "
+                f"{', '.join(fields)}"
+            )
+        kind = type(getattr(base, key))
+        try:
+            changes[key] = kind(text)
+        except ValueError:
+            raise ValueError(
+                f"--peer-set {item!r}: {key} takes a {kind.__name__}"
+            ) from None
+    return dataclasses.replace(base, **changes)
+
+
+def _budget(given: float | None, setting: Setting, quick: bool) -> float | None:
+    if given is None:
+        return QUICK_BUDGET if quick else setting.budget
+    if given < 0:
+        raise ValueError(f"--budget {given}: expected seconds >= 0 (0: no budget)")
+    return float(given) or None
 
 
 def _settings(text: str | None) -> list[str]:

@@ -41,7 +41,7 @@ import numpy as np
 
 from shopee_tpu import fs
 from shopee_tpu.bench import mean_std, round_orders, seeds_from
-from shopee_tpu.bench.accuracy import summarize
+from shopee_tpu.bench.accuracy import MARGIN, summarize, within
 from shopee_tpu.bench.fashion_peer import BATCH, peer_model, run_fashion_peer
 from shopee_tpu.bench.peer import compile_peer
 from shopee_tpu.config import RunConfig
@@ -185,7 +185,7 @@ def calibrate_peer(folder: str, split: str, budget: float, width: int) -> dict:
     loaded = time.perf_counter() - start
     steps = len(x) // BATCH
     model = peer_model(keras, 10, side=x.shape[1], width=width)
-    compile_peer(keras, model, 100 * steps, steps, 1e-3)
+    compile_peer(model, 1e-3, 100 * steps, steps)
     x, y = x[..., None], keras.utils.to_categorical(y % 10, 10)
     timed = []
     for n in (2, min(steps, 40), min(steps, 40)):  # the first call traces
@@ -229,12 +229,14 @@ def compare(folder: str, out: str, *, seed: int, order, split, budget, peer_epoc
                 time_limit=budget,
             )
     peer, ours = results["peer"], results["ours"]
+    for side in (peer, ours):
+        side["within_budget"] = within(side["wall_time_sec"], budget)
     return {
         "seed": seed,
         "order": list(order),
         "peer": peer,
         "ours": ours,
-        "peer_best": peer["test_accuracy_flip_tta"],  # the peer's recipe: flip TTA
+        "peer_accuracy": peer["test_accuracy_flip_tta"],  # its recipe: flip TTA
         "gain": round(ours["test_accuracy"] - peer["test_accuracy_flip_tta"], 4),
         "time_ratio": round(ours["wall_time_sec"] / peer["wall_time_sec"], 3),
         "speed_ratio": round(ours["images_per_sec"] / peer["images_per_sec"], 3),
@@ -243,13 +245,14 @@ def compare(folder: str, out: str, *, seed: int, order, split, budget, peer_epoc
 
 def run(args) -> dict:
     """``args``: ``quick``, ``seeds`` (or ``seed``), ``split``, ``data``,
-    ``budget``, ``out``."""
+    ``budget``, ``out``, ``sets`` (ours: config overrides, for tuning)."""
     quick = bool(getattr(args, "quick", False))
     folder = find_data(getattr(args, "data", None))
     split = getattr(args, "split", None) or "final"
     seeds = seeds_from(args, [0, 1] if quick else [0, 1, 2])
     budget = float(getattr(args, "budget", None) or (QUICK["budget"] if quick else BUDGET))  # fmt: skip
     width = QUICK["peer_width"] if quick else PEER_WIDTH
+    sets = tuple(getattr(args, "sets", None) or ())
     out = getattr(args, "out", None) or tempfile.mkdtemp(prefix="bench-fashion-")
     calibration = calibrate_peer(folder, split, budget, width)
     if quick:
@@ -260,7 +263,7 @@ def run(args) -> dict:
             compare(
                 folder, out, seed=seed, order=order, split=split, budget=budget,
                 peer_epochs=calibration["epochs"], peer_width=width,
-                ours_sets=QUICK["ours"] if quick else (),
+                ours_sets=(*(QUICK["ours"] if quick else ()), *sets),
             )
         )  # fmt: skip
     speed = [r["speed_ratio"] for r in runs]
@@ -271,6 +274,8 @@ def run(args) -> dict:
         "data": folder,
         "seeds": seeds,
         "budget_sec": budget,
+        "margin": MARGIN,
+        "ours_sets": list(sets),
         "peer_calibration": calibration,
         "runs": runs,
         **summarize(runs),

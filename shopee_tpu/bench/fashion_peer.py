@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from shopee_tpu.bench.peer import compile_peer, stop_at
+from shopee_tpu.bench.peer import StopBefore, compile_peer
 
 BATCH = 128
 
@@ -71,7 +71,7 @@ def run_fashion_peer(
     keras.utils.set_random_seed(seed)
     model = peer_model(keras, classes, side=x_train.shape[1], width=width)
     epoch = len(x_train) // BATCH
-    compile_peer(keras, model, epochs * epoch, epoch, learning_rate)
+    compile_peer(model, learning_rate, epochs * epoch, epoch)
     epoch_seconds = _EpochTimes(keras)
     history = model.fit(
         x_train[..., None],
@@ -79,7 +79,7 @@ def run_fashion_peer(
         batch_size=BATCH,
         epochs=epochs,
         shuffle=True,
-        callbacks=[stop_at(keras, start, time_limit), epoch_seconds.callback],
+        callbacks=[StopBefore(start, time_limit), epoch_seconds.callback],
         verbose=0,
     )
     done = len(history.history["loss"])

@@ -64,6 +64,24 @@ def add_bench_parser(sub) -> None:
         "--budget",
         type=float,
         default=None,
-        help="bench fashion: seconds of wall time per contender and seed (780)",
+        help="bench accuracy, fashion: seconds of wall time for each contender "
+        "and seed, prediction included (default: the setting's; fashion 780; "
+        "accuracy 0: none, for tuning at fixed epochs)",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="bench accuracy, fashion: override our preset (repeatable)",
+    )
+    p.add_argument(
+        "--peer-set",
+        dest="peer_sets",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="bench accuracy: override the peer's recipe, e.g. epochs=40",
     )
     p.set_defaults(func=commands.bench_command)
