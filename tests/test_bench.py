@@ -496,6 +496,12 @@ def test_bench_accuracy_quick_both_settings_figures_follow_from_the_runs(
         assert r["ours"]["epochs"] == r["ours"]["epochs_planned"] == 2
         assert r["peer"]["epochs"] == r["peer"]["epochs_planned"] == 2
         assert r["peer"]["stop_reason"] is None
+        # The calibration's short run: one traced and one steady epoch (after one
+        # of the head, pretrained); the hour fits far more than the recipe's 2.
+        calibration = setting["peer_calibration"]
+        assert len(calibration["epoch_sec"]) == (3 if name == "pretrained" else 2)
+        assert calibration["epochs"] == 2 < calibration["epochs_that_fit"]
+        assert setting["peer_recipe"]["epochs"] == 2
     peer = out["settings"]["pretrained"]["runs"][0]["peer"]
     assert peer["model"] == "efficientnet-lite0 (ImageNet)"
     assert peer["epochs_per_phase"] == [
@@ -524,10 +530,34 @@ def test_bench_accuracy_budget_stops_both_sides_and_is_reported_as_missed(
     _check_summary(setting)
     peer, ours = r["peer"], r["ours"]
     assert peer["stop_reason"] == "budget reached mid-epoch" and peer["epochs"] == 1
+    # Nothing fits a second: the calibration gives the peer its least, 1 epoch.
+    assert setting["peer_calibration"]["epochs_that_fit"] < 1
+    assert setting["peer_calibration"]["epochs"] == peer["epochs_planned"] == 1
     assert ours["epochs"] == 1 < ours["epochs_planned"]
     assert ours["stop_reason"].startswith("time limit")
     assert not peer["within_budget"] and not ours["within_budget"]
     assert setting["all_within_budget"] is False
+
+
+def test_the_peer_gets_the_epochs_its_short_run_says_fit():
+    from shopee_tpu.bench.accuracy import CALIBRATION_SAFETY, peer_epochs_for
+    from shopee_tpu.bench.peer import PeerRecipe
+
+    assert CALIBRATION_SAFETY == 0.02
+    recipe = PeerRecipe(epochs=30)
+    # 300 s less 2 %: 294 s; less setup 4, prediction 10 and the trace's extra
+    # 8 s (18 - 10): 272 s, 27 steady epochs of 10 s.
+    short = {"epoch_sec": [18.0, 10.0], "setup_sec": 4.0, "after_training_sec": 10.0}
+    assert peer_epochs_for(300.0, short, recipe, False) == (27, 27)
+    assert peer_epochs_for(1000.0, short, recipe, False) == (30, 95)  # the recipe's
+    assert peer_epochs_for(10.0, short, recipe, False) == (1, -2)  # at least one
+    # Pretrained: a traced head epoch (12 s), a traced all-layers one (20 s), a
+    # steady one (10 s): both traces add 12 s; at least the head's 2 and one more.
+    tuned = PeerRecipe(epochs=12, head_epochs=2)
+    short["epoch_sec"] = [12.0, 20.0, 10.0]
+    assert peer_epochs_for(200.0, short, tuned, True) == (12, 17)
+    assert peer_epochs_for(100.0, short, tuned, True) == (7, 7)
+    assert peer_epochs_for(20.0, short, tuned, True) == (3, -1)
 
 
 def test_contenders_alternate_by_seed():

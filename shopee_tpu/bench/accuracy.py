@@ -28,9 +28,13 @@ The same conditions for both contenders:
 * **the same budget**: one wall time per setting (``Setting.budget``), from the
   contender's start to the end of its prediction, records included. Ours passes
   what is left of it, less a reserve for what follows training, to
-  ``train(time_limit=...)``; the peer's ``StopBefore`` callback stops before an
-  epoch that would eat into its reserve. A side may end at most ``MARGIN`` of the
-  budget past it (the report says whether each did);
+  ``train(time_limit=...)``, which plans its epochs to fit. The peer trains a
+  fixed number of epochs, as a user sets it from an earlier run: a short run of
+  its recipe before the seeds (``calibrate_peer``, outside every budget) sets
+  how many of the recipe's epochs fit, and its ``StopBefore`` callback stops it
+  before an epoch that would eat into its reserve should it run slower. A side
+  may end at most ``MARGIN`` of the budget past it (the report says whether
+  each did);
 * **alternating order**: the peer runs first on even seeds, ours on odd ones.
 
 The report gives every run, and per setting the mean and standard deviation over
@@ -72,6 +76,9 @@ QUICK_TASK = dict(train_per_class=24, test_per_class=8)
 # at an epoch's end, so a slower prediction than planned shows up here.
 MARGIN = 0.03
 QUICK_BUDGET = 3600.0  # --quick: a smoke run of the code; never binds
+# Of the budget, kept free when the peer's epoch count is set: an epoch may run a
+# little slower than the calibration's.
+CALIBRATION_SAFETY = 0.02
 CONTENDERS = ("peer", "ours")
 
 
@@ -197,6 +204,40 @@ def _records(task: dict, root: str) -> dict:
     return out
 
 
+def peer_epochs_for(budget: float, short: dict, recipe: PeerRecipe, pretrained: bool):
+    """How many of ``recipe``'s epochs fit ``budget``, from ``short``: the peer's
+    result on a short run of its recipe (``calibrate_peer``).
+
+    Every epoch is taken to last as long as the last one of the short run (a
+    steady epoch of the slowest phase: all layers, when pretrained); the traced
+    first epoch of each fit adds what it took beyond that; the setup and the
+    prediction come on top, with ``CALIBRATION_SAFETY`` of the budget kept free.
+    At least one epoch of each phase; at most the recipe's count.
+    """
+    seconds = short["epoch_sec"]
+    steady = seconds[-1]
+    traced = max(0.0, sum(seconds[:-1]) - steady * (len(seconds) - 1))
+    fixed = short["setup_sec"] + short["after_training_sec"] + traced
+    fits = int((budget * (1 - CALIBRATION_SAFETY) - fixed) // max(steady, 1e-6))
+    least = recipe.head_epochs + 1 if pretrained else 1
+    return max(least, min(recipe.epochs, fits)), fits
+
+
+def calibrate_peer(
+    setting: Setting, task: dict, recipe: PeerRecipe, *, seed: int, budget: float
+) -> dict:
+    """The peer's epoch count for ``budget``, as a user sets it from an earlier
+    run: a short run of its recipe on the first seed's task, outside every
+    budget, with one traced and one steady epoch of its last phase (after one
+    epoch of the head, when pretrained)."""
+    head = min(recipe.head_epochs, 1) if setting.pretrained else 0
+    short = dataclasses.replace(recipe, epochs=head + 2, head_epochs=head)
+    result = run_peer(task, seed=seed, pretrained=setting.pretrained, recipe=short)
+    epochs, fits = peer_epochs_for(budget, result, recipe, setting.pretrained)
+    keys = ("epoch_sec", "setup_sec", "after_training_sec", "wall_time_sec")
+    return {"epochs": epochs, "epochs_that_fit": fits, **{k: result[k] for k in keys}}
+
+
 def order(seed: int) -> list[str]:
     """Who runs first: the peer on even seeds, ours on odd ones."""
     return list(CONTENDERS) if seed % 2 == 0 else list(reversed(CONTENDERS))
@@ -303,12 +344,17 @@ def run(args) -> dict:
         sets = (setting.quick_sets if quick else ()) + tuple(
             getattr(args, "sets", None) or ()
         )
-        runs = []
+        runs, calibration = [], None
         for seed in seeds:
             where = os.path.join(out, f"{split}-{name}-{seed}")
             task = make_task(
                 os.path.join(where, "task"), seed, split=split, size=size, quick=quick
             )
+            if budget is not None and calibration is None:
+                calibration = calibrate_peer(
+                    setting, task, peer, seed=seed, budget=budget
+                )
+                peer = dataclasses.replace(peer, epochs=calibration["epochs"])
             runs.append(
                 compare(
                     setting, task, where, seed=seed, budget=budget, peer=peer, sets=sets
@@ -320,6 +366,7 @@ def run(args) -> dict:
             "budget_sec": budget,
             "reserve_sec": {"ours": setting.reserve_ours, "peer": setting.reserve_peer},
             "ours_sets": list(sets),
+            "peer_calibration": calibration,
             "peer_recipe": dataclasses.asdict(peer),
             "runs": runs,
             **summarize(runs),

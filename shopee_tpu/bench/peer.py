@@ -167,6 +167,8 @@ def run_peer(
         "wall_time_sec": round(wall, 1),
         "cpu_time_sec": round(time.process_time() - cpu, 1),
         "after_training_sec": round(wall - train_sec, 1),
+        "setup_sec": round(train_sec - sum(stop.seconds), 2),
+        "epoch_sec": [round(t, 2) for t in stop.seconds],
         "train_images": len(files.file_paths),
         "epochs": sum(epochs),
         "epochs_planned": recipe.epochs,
@@ -212,6 +214,7 @@ class StopBefore(keras.callbacks.Callback):
         self.start, self.budget, self.reserve = start, budget, reserve
         self.clock = clock or time.perf_counter
         self.first = self.steady = 0.0
+        self.seconds: list[float] = []  # every epoch's, over every fit
         self.reason = None
 
     @property
@@ -234,6 +237,7 @@ class StopBefore(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         took = self.clock() - self.began
+        self.seconds.append(took)
         if self.traced:
             self.steady = max(self.steady, took)
         else:
