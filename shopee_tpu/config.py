@@ -413,10 +413,6 @@ class RunConfig(_Section):
 
         fs.write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
-    def global_batch_size(self, replicas: int) -> int:
-        """The batch size across all replicas."""
-        return self.batch_size * replicas
-
 
 def config_diff(a: RunConfig, b: RunConfig, *, ignore: Iterable[str] = ()) -> list[str]:
     """Lists the dotted keys whose values differ, as ``key: a -> b`` lines."""
