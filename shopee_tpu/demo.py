@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from shopee_tpu import fs
-from shopee_tpu.accelerator import connect
+from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data.manifests import read_manifest
 from shopee_tpu.data.pipeline import read_ids_labels
@@ -187,7 +187,7 @@ def run_demo(
     cfg = cfg.override(list(sets))
     # Before the records are read: tf.data would start Keras on TensorFlow, and on
     # a TPU VM only JAX reaches the TPU.
-    acc = connect(cfg.device, mixed_precision=cfg.mixed_precision, verbose=verbose > 0)
+    acc = connect_for(cfg, verbose=verbose)
     data = prepare_demo_data(out, seed=cfg.seed)
     cfg = cfg.override(f"data.train={data['train_records']}", f"out_dir={out}/run")
     result = train(cfg, accelerator=acc, verbose=verbose)

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from shopee_tpu import fs
-from shopee_tpu.accelerator import connect
+from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data.decode import read_ids_labels
 from shopee_tpu.data.files import list_files
@@ -190,11 +190,7 @@ def train_folds(
     config, k = _kfold_config(config, folds, fold, out_dir)
     # Before the records are read: tf.data would start Keras on TensorFlow, and on
     # a TPU VM only JAX reaches the TPU.
-    acc = accelerator or connect(
-        device or config.device,
-        mixed_precision=config.mixed_precision,
-        verbose=verbose > 0,
-    )
+    acc = connect_for(config, device, accelerator, verbose)
     files = list_files(config.data.train)
     assignment = fold_assignment(files, config.data.schema, k, config.seed)
     run = RunFolder(config.out_dir, writable=acc.chief)

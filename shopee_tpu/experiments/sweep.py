@@ -31,7 +31,7 @@ from shopee_tpu import (
     fs,
     plots,  # matplotlib
 )
-from shopee_tpu.accelerator import connect
+from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import ConfigError, RunConfig
 from shopee_tpu.experiments.kfold import train_folds
 from shopee_tpu.run_folder import RunFolder
@@ -260,15 +260,7 @@ def _run_points(
             continue
         if verbose:
             print(f"{where}: point {n + 1} of {len(points)}: {changes}")
-        acc = (
-            acc
-            or accelerator
-            or connect(
-                device or cfg.device,
-                mixed_precision=cfg.mixed_precision,
-                verbose=verbose > 0,
-            )
-        )
+        acc = acc or connect_for(cfg, device, accelerator, verbose)
         rows.append(_train_point(cfg, changes, where, remaining, acc, verbose))
         trained += 1
     return rows, trained

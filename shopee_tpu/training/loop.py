@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shopee_tpu.accelerator import connect
+from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data import pipeline
 from shopee_tpu.data.manifests import manifest_beside
@@ -177,11 +177,7 @@ def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> _Run:
             "a k-fold config (data.folds): train it with "
             "shopee_tpu.experiments.kfold.train_folds (shopee-tpu train --folds K)"
         )
-    acc = accelerator or connect(
-        device or config.device,
-        mixed_precision=config.mixed_precision,
-        verbose=verbose > 0,
-    )
+    acc = connect_for(config, device, accelerator, verbose)
     folder = open_training_run(config, acc)
     verbose = verbose if acc.chief else 0  # one progress bar per run, not per host
     files = pipeline.list_files(config.data.train)
