@@ -34,6 +34,8 @@ import os
 import socket
 from dataclasses import dataclass
 
+import keras
+
 from shopee_tpu.models import layers as common
 from shopee_tpu.models.weights.errors import WeightsUnavailableError
 
@@ -311,8 +313,6 @@ def _wheel_path(relative: str) -> str | None:
 def _fetch(f: WeightsFile, cache_dir: str | None) -> str:
     """``keras.utils.get_file`` (cache ``$KERAS_HOME/models``); it checks md5 and
     sha256 itself, a PyTorch Hub name's sha256 prefix is checked here."""
-    import keras
-
     full = len(f.hash) in (32, 64)
     path = keras.utils.get_file(
         f.name,
