@@ -37,12 +37,9 @@ from shopee_tpu.data.files import count_records, list_files
 from shopee_tpu.data.manifests import manifest_beside
 from shopee_tpu.data.pipeline import eval_dataset  # TensorFlow
 from shopee_tpu.inference import md5 as md5_lib
-from shopee_tpu.inference.ensemble import aggregate_products, combine_folds, save_probs
-from shopee_tpu.inference.submission import (
-    resolve_format,
-    write_cdiscount_submission,
-    write_image_submission,
-)
+from shopee_tpu.inference.ensemble import combine_folds, save_probs
+from shopee_tpu.inference.products import write_product_submission
+from shopee_tpu.inference.submission import resolve_format, write_image_submission
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.run_folder import RunFolder
 from shopee_tpu.shared_folder import check_shared
@@ -304,22 +301,12 @@ def _submission(
             probability=probability, expected=expected,
         )  # fmt: skip
     else:
-        groups = [g or i for g, i in zip(info["group"].astype(str), ids, strict=True)]
-        keys, product_probs = aggregate_products(groups, probs, product_reduce)
-        if dictionary is not None:
-            product_probs, summary["md5_products"] = md5_lib.apply_product_overrides(
-                keys, product_probs, groups, info["md5"].tolist(), dictionary
-            )
-        products = _declared_products(files)
-        if products is not None:
-            keys, product_probs, summary["products_without_images"] = _all_products(
-                products, keys, product_probs
-            )
-            expected = products if expected is None else expected
-        summary["products"] = len(keys)
-        df = write_cdiscount_submission(
-            out, keys, product_probs, pred.label_map, expected=expected
-        )
+        df, products = write_product_submission(
+            out, ids, info["group"].astype(str), probs, pred.label_map, files,
+            product_reduce=product_reduce, expected=expected,
+            dictionary=dictionary, md5s=info["md5"].tolist(),
+        )  # fmt: skip
+        summary.update(products)
     df.attrs["summary"] = summary
     return df
 
@@ -360,32 +347,3 @@ def _declared_md5_dictionary(train) -> str | None:
     name = manifest_beside(first).get("md5_dictionary")
     path = fs.join(first.rsplit("/", 1)[0], name) if name else None
     return path if path and not fs.is_remote(path) and os.path.exists(path) else None
-
-
-def _declared_products(files: Sequence[str]) -> list[str] | None:
-    """Every product id of test records that list them (``products.csv``)."""
-    name = manifest_beside(files[0]).get("products")
-    if not name:
-        return None
-    folder = files[0].rsplit("/", 1)[0] if "/" in files[0] else "."
-    path = fs.join(folder, name)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{path}: listed in {folder}/manifest.json but missing")
-    return pd.read_csv(path, dtype={"_id": str})["_id"].tolist()
-
-
-def _all_products(products: list[str], keys, product_probs):
-    """Rows for every listed product, in the list's order. A product without a usable
-    image gets the mean prediction of all products (the test set's likeliest class)."""
-    row = {str(k): i for i, k in enumerate(np.asarray(keys).tolist())}
-    listed = set(products)
-    unknown = [k for k in row if k not in listed]
-    if unknown:
-        raise ValueError(
-            f"test records hold products not in products.csv: {unknown[:5]}"
-        )
-    prior = np.asarray(product_probs).mean(axis=0, keepdims=True)
-    table = np.concatenate([np.asarray(product_probs), prior])
-    picks = [row.get(p, len(table) - 1) for p in products]
-    n_missing = sum(p not in row for p in products)
-    return np.asarray(products), table[picks], n_missing
