@@ -405,7 +405,7 @@ def load_dataset(files_or_pattern, *, training: bool, labels: bool | None = None
         labels: Evaluation only: ``True`` yields ``(images, one-hot labels)``,
             otherwise ``(images, ids)``. Records without an id feature get ids
             ``"<file name>:<index>"``.
-        schema: ``shopee_tpu``, ``flowers``, ``melanoma``, ``shopee-community`` or a
+        schema: A name in ``shopee_tpu.data.schemas.SCHEMAS`` or a
             :class:`~shopee_tpu.data.schemas.Schema` with your feature names.
         image_size: Side of the square output images.
         batch_size: Global batch size.
