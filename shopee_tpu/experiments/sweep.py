@@ -150,15 +150,15 @@ def _finished_metrics(where: str, cfg: RunConfig) -> dict | None:
     is refused (as ``train()`` refuses to resume it)."""
     if not fs.exists(where):
         return None
-    run = RunFolder(where, writable=False)
-    saved = run.saved_config()
-    if saved is None or not run.exists(RunFolder.METRICS):
+    folder = RunFolder(where, writable=False)
+    saved = folder.saved_config()
+    if saved is None or not folder.exists(RunFolder.METRICS):
         return None
-    run.refuse_other(saved, cfg)
-    metrics = run.metrics()
+    folder.refuse_other(saved, cfg)
+    metrics = folder.metrics()
     if cfg.data.folds:
         return metrics if metrics.get("complete") else None
-    return metrics if run.finished else None
+    return metrics if folder.finished else None
 
 
 def result_row(changes: dict, metrics: dict | None, where: str, status: str) -> dict:

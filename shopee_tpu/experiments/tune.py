@@ -245,8 +245,8 @@ def _write_results(study, dims, out: str, base: RunConfig, verbose: int):
     rows = []
     for t in sorted(study.trials, key=lambda t: t.number):
         where = _trial_dir(out, t.number)
-        run = RunFolder(where, writable=False)
-        metrics = run.metrics() if run.exists(RunFolder.METRICS) else None
+        folder = RunFolder(where, writable=False)
+        metrics = folder.metrics() if folder.exists(RunFolder.METRICS) else None
         status = {"COMPLETE": "finished", "FAIL": "no validation score"}.get(
             t.state.name, "stopped; rerun to resume"
         )

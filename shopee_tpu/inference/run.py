@@ -62,9 +62,9 @@ def load_run_model(
     """
     from shopee_tpu.models import build_from_config, input_spec, load_weights  # Keras
 
-    run = RunFolder(run_dir, writable=False)
-    config, label_map = run.config(), run.label_map()
-    path = run.weights(weights)
+    folder = RunFolder(run_dir, writable=False)
+    config, label_map = folder.config(), folder.label_map()
+    path = folder.weights(weights)
     image_size = config.data.image_size or input_spec(config.model.backbone).size
     scope = accelerator.scope() if accelerator is not None else _null()
     with scope:
@@ -199,16 +199,16 @@ def predict_run(
         products and MD5 hits.
     """
     out = os.fspath(out)
-    run, accelerator = _open_run(run_dir, device, accelerator, verbose)
+    folder, accelerator = _open_run(run_dir, device, accelerator, verbose)
     # A format that cannot take the run's classes fails before the prediction.
-    first = RunFolder((run.folds() or [run.path])[0], writable=False)
+    first = RunFolder((folder.folds() or [folder.path])[0], writable=False)
     resolve_format(format, first.label_map(), probability=probability)
     files, pred = _predict_records(
-        run, data, tta, reduce, batch_size, weights, accelerator, verbose
+        folder, data, tta, reduce, batch_size, weights, accelerator, verbose
     )
     chief = accelerator.chief  # on several hosts each predicts, the chief writes
     if chief:
-        _save_probs(out, run, pred)
+        _save_probs(out, folder, pred)
     fmt = resolve_format(format, pred.label_map, probability=probability)
     df = _submission(
         pred, files, out if chief else None, fmt, md5_dict, product_reduce,
@@ -237,20 +237,20 @@ def _open_run(run_dir, device, accelerator, verbose):
     if own:
         accelerator = connect(device, verbose=False)
     check_shared(accelerator, os.fspath(run_dir), chief_writes=False)
-    run = RunFolder(run_dir, writable=False)
+    folder = RunFolder(run_dir, writable=False)
     if own:
-        accelerator.set_precision(run.config().mixed_precision)
+        accelerator.set_precision(folder.config().mixed_precision)
         if verbose:
             print(accelerator.summary)
-    return run, accelerator
+    return folder, accelerator
 
 
 def _predict_records(
-    run: RunFolder, data, tta, reduce, batch_size, weights, accelerator, verbose
+    folder: RunFolder, data, tta, reduce, batch_size, weights, accelerator, verbose
 ) -> tuple[list[str], _Prediction]:
     """The test files, and the run's (or its fold models') prediction of each of
     their records exactly once."""
-    members = run.folds() or [run.path]
+    members = folder.folds() or [folder.path]
     files = list_files(data)
     if not files:
         raise FileNotFoundError(f"{data}: no TFRecord files")
@@ -266,9 +266,9 @@ def _predict_records(
     return files, pred
 
 
-def _save_probs(out: str, run: RunFolder, pred: _Prediction) -> None:
+def _save_probs(out: str, folder: RunFolder, pred: _Prediction) -> None:
     """``<stem>.probs.npz``: the float16 probabilities with their ids and notes."""
-    meta = {"run": run.path, "tta": list(pred.tta), "reduce": pred.reduce}
+    meta = {"run": folder.path, "tta": list(pred.tta), "reduce": pred.reduce}
     meta["label_map"] = pred.label_map
     if len(pred.members) > 1:
         meta["folds"] = len(pred.members)
