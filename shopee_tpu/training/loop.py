@@ -23,19 +23,17 @@ from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data import pipeline
 from shopee_tpu.data.manifests import manifest_beside
+from shopee_tpu.data.shapes import any_image_size  # TensorFlow, when called
 from shopee_tpu.data.sources import class_names
 from shopee_tpu.run_folder import RunFolder
 from shopee_tpu.shared_folder import open_training_run
 from shopee_tpu.training.plan import (
     Phase,
-    any_image_size,  # TensorFlow
     describe_phase,
     epoch_steps,
     make_plan,
     phase_at,
     plan_phases,
-    prepare_phase,
-    resume_phase,
 )
 from shopee_tpu.training.state import RunRecords, RunState
 
@@ -294,6 +292,7 @@ def _build(
     import keras  # deferred: Keras only after connect()
 
     from shopee_tpu.models import build_from_config, compile_model
+    from shopee_tpu.models.finetune import prepare_phase, resume_phase
 
     cfg, acc = run.config, run.acc
     any_size = run.one_model if any_size is None else any_size
@@ -307,7 +306,7 @@ def _build(
             image_size=run.image_size if any_size else phase.image_size,
             any_size=any_size,
         )
-        prepare_phase(model, phase, cfg.plan)
+        prepare_phase(model, phase.frozen, cfg.plan)
         backbone_lr = cfg.plan.backbone_lr
         compile_model(
             model,
@@ -320,7 +319,11 @@ def _build(
             else 1.0,
         )
         if resume_from > 0:
-            resume_phase(run.folder, model, run.phases, phase, run.steps, resume_from)
+            before = phase_at(run.phases, resume_from - 1)
+            resume_phase(
+                run.folder, model, was_frozen=before.frozen, frozen=phase.frozen,
+                steps=run.steps, epoch=resume_from,
+            )  # fmt: skip
     return model
 
 
