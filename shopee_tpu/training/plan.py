@@ -14,11 +14,14 @@ A phase that changes the trainable set rebuilds the model and continues from the
 run folder's last checkpoint, so that phase change is exactly a resume, and a run
 killed anywhere, in any phase, resumes the same way. Size changes keep one model
 with an open input side on TensorFlow CPUs and GPUs (fed by datasets whose image
-side is left open, ``data.shapes.any_image_size``: one traced graph for every size); on TPUs
-and JAX every size gets its own model, rebuilt from the checkpoint (convolution
-weights do not depend on the image size). The learning-rate schedule runs over the whole run by
-optimizer step, unaffected by the phases. ``plan.images_seen`` picks the epoch
-count from the size of the training set.
+side is left open, ``data.shapes.any_image_size``: one traced graph for every
+size); on TPUs and JAX every size gets its own model, rebuilt from the checkpoint
+(convolution weights do not depend on the image size). The learning-rate schedule
+runs over the whole run by optimizer step, unaffected by the phases.
+``plan.images_seen`` picks the epoch count from the size of the training set.
+
+This module only plans: what trains in a phase and how a phase resumes are
+``models.finetune.prepare_phase`` and ``resume_phase``.
 """
 
 from __future__ import annotations
