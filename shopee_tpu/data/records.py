@@ -25,10 +25,10 @@ from shopee_tpu.data.writer_pool import WorkerPool
 
 __all__ = [
     "shard_params",
-    "usable_cpus",
     "write_records",
     "write_records_from_csv",
     "write_rows",
+    "writer_processes",
 ]
 
 
@@ -130,7 +130,7 @@ def write_records(
     """
     out_dir = os.fspath(out_dir)
     params = _params(out_dir, shards, image_size, resize, quality, test, seed, prefix)
-    workers = max(1, workers or usable_cpus())
+    workers = writer_processes(workers)
     label_map = sources.load_label_map(label_map)
     return _write_source(
         source, out_dir, params, label_map, workers, overwrite, verbose, _where
@@ -179,8 +179,13 @@ def _write_source(
         )
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity set, not the machine's)."""
+def writer_processes(workers: int | None) -> int:
+    """``workers`` writer processes (at least one), or with 0 or ``None`` one per
+    CPU this process may run on (its affinity set, not the machine's)."""
+    return max(1, workers or _usable_cpus())
+
+
+def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -245,7 +250,7 @@ def write_rows(
     """
     out_dir = os.fspath(out_dir)
     params = _params(out_dir, shards, image_size, resize, quality, test, seed, prefix)
-    workers = max(1, workers or usable_cpus())
+    workers = writer_processes(workers)
     label_map = dict(label_map)
     with progress_bar(
         len(rows), f"records {params['prefix']}", unit="img", disable=not verbose
