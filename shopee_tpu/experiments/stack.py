@@ -35,7 +35,11 @@ from shopee_tpu.inference.ensemble import (
 )
 from shopee_tpu.inference.products import write_product_submission
 from shopee_tpu.inference.stacking import fit_stacker
-from shopee_tpu.inference.submission import resolve_format, write_image_submission
+from shopee_tpu.inference.submission import (
+    output_stem,
+    resolve_format,
+    write_image_submission,
+)
 
 __all__ = ["stack_runs", "format_stack_report"]
 
@@ -144,7 +148,7 @@ def stack_runs(
     report = _report(runs, folds, cv, stacker.predict(list(x)), kind, out)
 
     out = os.fspath(out)
-    stem = out[: -len(".csv")] if out.endswith(".csv") else out
+    stem = output_stem(out)
     stacked = stacker.predict(list(runs.t))
     _write_submission(out, format, runs, stacked, data, expected, product_reduce)
     meta = {"stacked": test_names, "label_map": runs.label_map, "kind": kind}

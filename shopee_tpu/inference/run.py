@@ -39,7 +39,11 @@ from shopee_tpu.data.pipeline import eval_dataset  # TensorFlow
 from shopee_tpu.inference import md5 as md5_lib
 from shopee_tpu.inference.ensemble import combine_folds, save_probs
 from shopee_tpu.inference.products import write_product_submission
-from shopee_tpu.inference.submission import resolve_format, write_image_submission
+from shopee_tpu.inference.submission import (
+    output_stem,
+    resolve_format,
+    write_image_submission,
+)
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.run_folder import RunFolder
 from shopee_tpu.shared_folder import check_shared
@@ -138,8 +142,7 @@ def _predict_members(
 
 
 def _probs_path(out: str) -> str:
-    stem = out[: -len(".csv")] if out.endswith(".csv") else out
-    return f"{stem}.probs.npz"
+    return f"{output_stem(out)}.probs.npz"
 
 
 def predict_run(
