@@ -42,7 +42,7 @@ from shopee_tpu.hardware import jax_setup, tensorflow_setup
 from shopee_tpu.hardware.tpu_vm import AcceleratorNotFound, installed, tpu_vm_hints
 from shopee_tpu.utils import require_tensorflow
 
-__all__ = ["Accelerator", "AcceleratorNotFound", "connect"]
+__all__ = ["Accelerator", "AcceleratorNotFound", "connect", "connect_for"]
 
 DEVICE_ENV = "SHOPEE_TPU_DEVICE"
 DEVICES = ("auto", "tpu", "gpu", "cpu")
@@ -212,6 +212,18 @@ def connect(
     if verbose:
         print(acc.summary)
     return acc
+
+
+def connect_for(
+    config, device: str | None = None, accelerator=None, verbose: int = 1
+) -> Accelerator:
+    """``accelerator`` when given, else ``connect()`` as a run ``config`` asks:
+    its device (unless ``device`` overrides it) and its mixed precision."""
+    return accelerator or connect(
+        device or config.device,
+        mixed_precision=config.mixed_precision,
+        verbose=verbose > 0,
+    )
 
 
 def _choose_backend(requested: str | None, device: str) -> str:

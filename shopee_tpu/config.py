@@ -78,8 +78,8 @@ class DataConfig(_Section):
             keeps each product (group) within one shard, so the hold-out is a seeded,
             stratified split by group.
         test: Optional unlabeled test records for prediction.
-        schema: Feature layout of the records: ``shopee_tpu`` (ours), ``flowers``,
-            ``melanoma`` or ``shopee-community``.
+        schema: Feature layout of the records: a name in
+            ``shopee_tpu.data.schemas.SCHEMAS`` (``shopee_tpu``: ours).
         image_size: Side of the square model input; ``None`` asks the model.
         valid_fraction: Share of training shards held out when ``valid`` is unset;
             0 trains on every record without validation and keeps the last
@@ -412,10 +412,6 @@ class RunConfig(_Section):
         """Writes the config as JSON, atomically."""
 
         fs.write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
-
-    def global_batch_size(self, replicas: int) -> int:
-        """The batch size across all replicas."""
-        return self.batch_size * replicas
 
 
 def config_diff(a: RunConfig, b: RunConfig, *, ignore: Iterable[str] = ()) -> list[str]:

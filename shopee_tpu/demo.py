@@ -23,14 +23,16 @@ import numpy as np
 import pandas as pd
 
 from shopee_tpu import fs
-from shopee_tpu.accelerator import connect
+from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import RunConfig
+from shopee_tpu.data.digits import make_digits_dataset
 from shopee_tpu.data.manifests import read_manifest
 from shopee_tpu.data.pipeline import read_ids_labels
 from shopee_tpu.data.records import write_records_from_csv
 from shopee_tpu.data.sources import class_names
 from shopee_tpu.inference.ensemble import aggregate_products, load_probs
 from shopee_tpu.inference.md5 import build_from_records
+from shopee_tpu.inference.run import predict_run
 from shopee_tpu.training import train
 from shopee_tpu.utils import require_extra
 
@@ -51,8 +53,6 @@ def prepare_demo_data(
         Paths: ``train_records``, ``test_records``, ``test_csv``, ``test_labels_csv``,
         ``md5_dict`` and the digits summary.
     """
-    from shopee_tpu.data.digits import make_digits_dataset
-
     out = os.fspath(out)
     raw = os.path.join(out, "data")
     summary_path = os.path.join(raw, "summary.json")
@@ -173,7 +173,6 @@ def run_demo(
         ValueError: ``out`` holds the demo of another seed.
     """
     require_extra("sklearn", "demo", "the demo's bundled data (scikit-learn's digits)")
-    from shopee_tpu.inference.run import predict_run
 
     start = time.monotonic()
     out = os.fspath(out)
@@ -187,7 +186,7 @@ def run_demo(
     cfg = cfg.override(list(sets))
     # Before the records are read: tf.data would start Keras on TensorFlow, and on
     # a TPU VM only JAX reaches the TPU.
-    acc = connect(cfg.device, mixed_precision=cfg.mixed_precision, verbose=verbose > 0)
+    acc = connect_for(cfg, verbose=verbose)
     data = prepare_demo_data(out, seed=cfg.seed)
     cfg = cfg.override(f"data.train={data['train_records']}", f"out_dir={out}/run")
     result = train(cfg, accelerator=acc, verbose=verbose)

@@ -247,7 +247,11 @@ class RunFolder:
             }
             if improved:
                 path = os.path.join(tmp, self.BEST)
-                with evaluated_weights() if evaluated_weights else _nothing():
+                with (
+                    evaluated_weights()
+                    if evaluated_weights
+                    else contextlib.nullcontext()
+                ):
                     staged[self.BEST] = _save_weights(
                         model, path, epoch, optimizer=False
                     )
@@ -338,11 +342,6 @@ class RunFolder:
 def fold_path(run: str | os.PathLike, i: int) -> str:
     """The folder of fold ``i`` of the k-fold run in ``run``."""
     return fs.join(run, f"fold-{i}")
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield
 
 
 def _save_weights(model, path: str, epoch: int, *, optimizer: bool = True) -> str:

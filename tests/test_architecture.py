@@ -2,7 +2,8 @@
 way (no cycle between modules, nor between the top-level modules and subpackages),
 no private Keras, no function over 80 lines (the parser table excepted), no module
 over 450 lines, and imports inside functions only where they defer something heavy
-or optional (so ``import shopee_tpu`` stays light and Keras's backend stays open)."""
+or optional that the module does not import at the top already (so ``import
+shopee_tpu`` stays light and Keras's backend stays open)."""
 
 from __future__ import annotations
 
@@ -84,9 +85,11 @@ def _imports(tree: ast.AST):
 
     def walk(node, inside):
         for child in ast.iter_child_nodes(node):
+            # A script's `if __name__ == "__main__":` block runs late, like a function.
             deeper = inside or isinstance(
                 child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
             )
+            deeper = deeper or _is_main_block(child)
             if isinstance(child, ast.Import):
                 for alias in child.names:
                     yield alias.name, deeper
@@ -104,6 +107,13 @@ def _imports(tree: ast.AST):
             yield from walk(child, deeper)
 
     yield from walk(tree, False)
+
+
+def _is_main_block(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) in (
+        "__name__ == '__main__'",
+        '__name__ == "__main__"',
+    )
 
 
 def _ours(name: str) -> str | None:
@@ -231,27 +241,34 @@ def test_functions_and_modules_stay_short():
     assert {m: n for m, n in sizes.items() if n > 450} == {}
 
 
-def _heavy() -> set[str]:
-    """Package modules that import a deferred framework at module level, directly
-    or through another package module."""
+def _top_frameworks() -> dict[str, set[str]]:
+    """The deferred frameworks each package module imports at module level,
+    directly or through another package module."""
+    out = {module: set() for module in MODULES}
     direct = defaultdict(set)
-    heavy = set()
     for module, tree in TREES.items():
         for name, inside in _imports(tree):
             if inside:
                 continue
             if name.split(".")[0] in DEFERRED:
-                heavy.add(module)
+                out[module].add(name.split(".")[0])
             elif (target := _ours(name)) and target != module:
                 direct[module].add(target)
     changed = True
     while changed:
         changed = False
         for module, targets in direct.items():
-            if module not in heavy and targets & heavy:
-                heavy.add(module)
-                changed = True
-    return heavy
+            for target in targets:
+                if not out[target] <= out[module]:
+                    out[module] |= out[target]
+                    changed = True
+    return out
+
+
+def _heavy() -> set[str]:
+    """Package modules that import a deferred framework at module level, directly
+    or through another package module."""
+    return {module for module, found in _top_frameworks().items() if found}
 
 
 def test_imports_inside_functions_defer_only_what_is_heavy_or_optional():
@@ -267,6 +284,27 @@ def test_imports_inside_functions_defer_only_what_is_heavy_or_optional():
         }
     )
     assert late == []
+
+
+def test_imports_inside_functions_defer_what_the_module_does_not_import_already():
+    # A late import whose frameworks its module imports at the top anyway defers
+    # nothing, and belongs at the top.
+    top = _top_frameworks()
+
+    def brings(name: str) -> set[str]:
+        if name.split(".")[0] in DEFERRED:
+            return {name.split(".")[0]}
+        return top.get(_ours(name), set())
+
+    pointless = sorted(
+        {
+            (module, name)
+            for module, tree in TREES.items()
+            for name, inside in _imports(tree)
+            if inside and brings(name) and brings(name) <= top[module]
+        }
+    )
+    assert pointless == []
 
 
 def test_no_test_skips_on_a_missing_package():

@@ -206,4 +206,3 @@ def test_sections_build_from_dicts_and_replace():
     assert PredictConfig.from_dict({"batch_size": None}).batch_size is None
     with pytest.raises(ConfigError, match="model.depth"):
         ModelConfig.from_dict({"depth": 3}, where="model")
-    assert RunConfig().global_batch_size(8) == 256

@@ -39,6 +39,7 @@ from shopee_tpu.bench.accuracy import SETTINGS, make_task, run_ours
 from shopee_tpu.deploy.writer import export
 from shopee_tpu.inference.exported import load_exported
 from shopee_tpu.inference.files import list_images, read_image
+from shopee_tpu.inference.run import load_run_model
 
 SIZE, QUICK_SIZE = 224, 64
 QUICK_MODEL = ("model.backbone=tiny-cnn", "model.weights=null")
@@ -62,7 +63,6 @@ def _worker(spec_json: str) -> None:
 
     tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    from shopee_tpu.inference.run import load_run_model  # after the thread setting
 
     model, _, _, size = load_run_model(spec["run"])
     call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)

@@ -37,6 +37,7 @@ import os
 import tempfile
 import time
 
+import keras
 import numpy as np
 
 from shopee_tpu import fs
@@ -178,8 +179,6 @@ def calibrate_peer(folder: str, split: str, budget: float, width: int) -> dict:
     """The peer's epoch count for ``budget``, from a short run on this machine
     (as a user sets it from an earlier run): reading the files, tracing, a
     steady epoch's time from timed steps, and the two-view prediction."""
-    import keras
-
     start = time.perf_counter()
     x, y, x_test, _ = load_split(folder, split)
     loaded = time.perf_counter() - start

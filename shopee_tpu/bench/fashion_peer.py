@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import keras
 import numpy as np
 
 from shopee_tpu.bench.peer import StopBefore, compile_peer
@@ -63,8 +64,6 @@ def run_fashion_peer(
         width: Filters of the first stage (doubled at each of the next two).
         time_limit: Seconds; ``fit`` stops before an epoch that would end later.
     """
-    import keras
-
     start, cpu = time.perf_counter(), time.process_time()
     x_train, y_train, x_test, y_test = arrays()
     classes = int(max(y_train.max(), y_test.max())) + 1

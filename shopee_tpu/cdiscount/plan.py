@@ -76,12 +76,6 @@ class BsonIndex:
         """The product (row) of every image."""
         return np.repeat(np.arange(len(self.ids)), self.n_images)
 
-    @property
-    def image_position(self) -> np.ndarray:
-        """The position of every image inside its product's ``imgs``."""
-        starts = np.cumsum(self.n_images) - self.n_images
-        return np.arange(len(self.empty)) - np.repeat(starts, self.n_images)
-
     def usable_images(self) -> np.ndarray:
         """Non-empty pictures per product."""
         counts = np.zeros(len(self.ids), np.int64)

@@ -46,7 +46,7 @@ from shopee_tpu.cdiscount.plan import (
 from shopee_tpu.cdiscount.shards import INDEX, write_products
 from shopee_tpu.data import manifests
 from shopee_tpu.data.images import RESIZE_MODES
-from shopee_tpu.data.records import _cpu_count
+from shopee_tpu.data.records import writer_processes
 from shopee_tpu.inference.md5 import build_md5_dictionary
 
 __all__ = [
@@ -122,7 +122,7 @@ def prepare_cdiscount(
     common = dict(
         index=index, classes=classes, label_map=label_map, test=False,
         image_size=image_size, resize=resize, quality=quality, seed=seed,
-        workers=max(1, workers or _cpu_count()), overwrite=overwrite, say=say,
+        workers=writer_processes(workers), overwrite=overwrite, say=say,
     )  # fmt: skip
     t_write = time.monotonic()
     manifest, valid_manifest = _write_sides(
@@ -164,7 +164,7 @@ def prepare_cdiscount_test(
     test_bson, out_dir = os.fspath(test_bson), os.fspath(out_dir)
     say, start, index = _begin(test_bson, out_dir, shards, resize, overwrite, verbose)
     keep = ~index.empty
-    workers = max(1, workers or _cpu_count())
+    workers = writer_processes(workers)
     products = "_id,images,usable_images\n" + "".join(
         f"{i},{n},{u}\n"
         for i, n, u in zip(

@@ -106,7 +106,7 @@ def _picture_source(rng, image_size, duplicate_fraction, conflict_fraction):
     training images by class (the caller adds them), ``counts`` the copies made."""
     from sklearn.datasets import load_digits
 
-    from shopee_tpu.data.digits import _render
+    from shopee_tpu.data.digits import render_digit
 
     digits = load_digits()
     by_class = [np.flatnonzero(digits.target == c) for c in range(10)]
@@ -130,7 +130,7 @@ def _picture_source(rng, image_size, duplicate_fraction, conflict_fraction):
             source = pool[others[int(rng.integers(len(others)))]]
             return source[int(rng.integers(len(source)))]
         scan = digits.images[by_class[cls][int(rng.integers(len(by_class[cls])))]]
-        return _render(scan, image_size, rng)
+        return render_digit(scan, image_size, rng)
 
     return image, pool, counts
 

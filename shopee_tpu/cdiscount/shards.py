@@ -18,7 +18,7 @@ import numpy as np
 from shopee_tpu.cdiscount.bson_reader import BsonFormatError, read_product
 from shopee_tpu.cdiscount.plan import BsonIndex
 from shopee_tpu.data import manifests
-from shopee_tpu.data.records import _shard_params
+from shopee_tpu.data.records import shard_params
 from shopee_tpu.data.shard_writer import ShardWriter
 from shopee_tpu.data.writer_pool import WorkerPool
 
@@ -104,7 +104,7 @@ def write_products(
         out_dir, params, label_map, fingerprint, n_shards, overwrite
     )
     manifest.update(extra)
-    sp = _shard_params(out_dir, params, n_shards)
+    sp = shard_params(out_dir, params, n_shards)
     todo = [s for s in range(n_shards) if str(s) not in manifest["done"]]
     tasks = _tasks(sp, index, classes, keep, rows, shard_of, n_shards, todo)
     done_before = len(manifest["done"])

@@ -32,6 +32,8 @@ __all__ = [
     "stored_exactly",
     "known_count",
     "id_filter",
+    "made_id",
+    "made_ids",
     "to_output",
     "read_ids_labels",
     "READ_BUFFER",
@@ -176,6 +178,21 @@ def id_filter(keep_ids: Collection[str], schema: Schema, found, where: str):
     return plain(lambda record: table.lookup(parse_id(record)["id"]) > 0)
 
 
+def made_ids(path: str, start: int, n: int) -> list[str]:
+    """The ids of records ``start .. start + n - 1`` of ``path`` when the records
+    carry no id feature: ``<file name>:<index in the file>``."""
+    base = path.rsplit("/", 1)[-1]
+    return [f"{base}:{i}" for i in range(start, start + n)]
+
+
+def made_id(path, index):
+    """:func:`made_ids`'s rule inside a ``tf.data`` graph (``path`` and ``index``
+    are tensors)."""
+    t = tf()
+    base = t.strings.split(path, "/")[-1]
+    return t.strings.join([base, t.strings.as_string(index)], ":")
+
+
 def to_output(images, value_range):
     """A batch of pixels (uint8, or float from augmentation) in 0..255 -> what the
     pipelines yield: uint8 for the model input contract's 0..255 (rounded and
@@ -217,7 +234,6 @@ def read_ids_labels(
         known_count(files), "scan records", unit="rec", disable=not verbose
     )
     for path in files:
-        base = path.rsplit("/", 1)[-1]
         ds = t.data.TFRecordDataset(path, buffer_size=READ_BUFFER).map(
             lambda r: parse(r) | {"_n": t.constant(0)}
         )
@@ -228,7 +244,7 @@ def read_ids_labels(
                 if role in ex:
                     cols[role].extend(v.decode("utf-8") for v in ex[role])
                 elif role == "id":
-                    cols["id"].extend(f"{base}:{start + j}" for j in range(n))
+                    cols["id"].extend(made_ids(path, start, n))
                 else:
                     cols[role].extend([""] * n)
             cols["label"].extend(ex["label"].tolist() if "label" in ex else [-1] * n)

@@ -25,13 +25,13 @@ import os
 import numpy as np
 import pandas as pd
 
-__all__ = ["make_digits_dataset", "TEST_PLACEHOLDER"]
+__all__ = ["make_digits_dataset", "render_digit", "TEST_PLACEHOLDER"]
 
 # The Shopee test.csv carries a placeholder category for every row.
 TEST_PLACEHOLDER = "43"
 
 
-def _render(digit: np.ndarray, size: int, rng: np.random.Generator) -> bytes:
+def render_digit(digit: np.ndarray, size: int, rng: np.random.Generator) -> bytes:
     """Upscales one 8x8 scan (0..16) to a tinted RGB JPEG of ``size`` pixels."""
     from PIL import Image
 
@@ -80,7 +80,7 @@ def _write_products(out_dir, products, test_products, images, image_size, rng):
         group = f"p{p:05d}"
         category = f"{cls:02d}"
         for i in members:
-            blob = _render(images[i], image_size, rng)
+            blob = render_digit(images[i], image_size, rng)
             name = hashlib.md5(blob).hexdigest() + ".jpg"
             if p in test_products:
                 _write(os.path.join(out_dir, "test", "test", "test", name), blob)

@@ -301,7 +301,7 @@ def eval_dataset(
         n = decode.known_count(src.files) if num_workers == 1 else None
         if keep_ids is not None and num_workers == 1:
             n = len({str(k) for k in keep_ids})  # each kept id is in the files once
-        batches = None if n is None else -(-n // batch_size)
+        batches = None if n is None else _batches(n, batch_size)
     if batches is not None:
         # Telling tf.data the batch count lets Keras size validation epochs
         # instead of running into the end of the data (and warning) each epoch.
@@ -329,8 +329,7 @@ def _decode_for_eval(src: _Source, files: list[str], image_size: int, labels: bo
         if labels:
             return image, tf.one_hot(ex["label"], src.num_classes)
         if make_ids:
-            base = tf.strings.split(f, "/")[-1]
-            return image, tf.strings.join([base, tf.strings.as_string(i)], ":")
+            return image, decode.made_id(f, i)
         return image, ex["id"]
 
     return decode.plain(decoded)
@@ -350,7 +349,18 @@ def eval_batches(
             manifest); it is never scanned implicitly.
     """
     counts = part_sizes(list_files(files_or_pattern), num_workers, keep_ids)
-    return max(1, -(-max(counts) // batch_size))
+    return _even_batches(counts, batch_size)
+
+
+def _batches(records: int, batch_size: int) -> int:
+    """Batches that hold ``records`` rows, the last one perhaps partial."""
+    return -(-records // batch_size)
+
+
+def _even_batches(counts: list[int], batch_size: int) -> int:
+    """Batches per worker when each yields as many as the one with the most
+    records (``counts``), and at least one."""
+    return max(1, _batches(max(counts), batch_size))
 
 
 def _pad_to_batches(
@@ -366,7 +376,7 @@ def _pad_to_batches(
     try:
         counts = part_sizes(files, num_workers, keep_ids)
         n = counts[worker_index]
-        batches = max(1, -(-max(counts) // batch_size))
+        batches = _even_batches(counts, batch_size)
     except ValueError:
         if num_workers > 1:
             raise ValueError(
@@ -395,7 +405,7 @@ def load_dataset(files_or_pattern, *, training: bool, labels: bool | None = None
         labels: Evaluation only: ``True`` yields ``(images, one-hot labels)``,
             otherwise ``(images, ids)``. Records without an id feature get ids
             ``"<file name>:<index>"``.
-        schema: ``shopee_tpu``, ``flowers``, ``melanoma``, ``shopee-community`` or a
+        schema: A name in ``shopee_tpu.data.schemas.SCHEMAS`` or a
             :class:`~shopee_tpu.data.schemas.Schema` with your feature names.
         image_size: Side of the square output images.
         batch_size: Global batch size.

@@ -23,7 +23,13 @@ from shopee_tpu.data.shard_writer import ShardParams, ShardWriter, write_shard
 from shopee_tpu.data.splits import stratified_group_kfold
 from shopee_tpu.data.writer_pool import WorkerPool
 
-__all__ = ["write_records", "write_records_from_csv", "write_rows"]
+__all__ = [
+    "shard_params",
+    "write_records",
+    "write_records_from_csv",
+    "write_rows",
+    "writer_processes",
+]
 
 
 def write_records_from_csv(
@@ -124,7 +130,7 @@ def write_records(
     """
     out_dir = os.fspath(out_dir)
     params = _params(out_dir, shards, image_size, resize, quality, test, seed, prefix)
-    workers = max(1, workers or _cpu_count())
+    workers = writer_processes(workers)
     label_map = sources.load_label_map(label_map)
     return _write_source(
         source, out_dir, params, label_map, workers, overwrite, verbose, _where
@@ -173,7 +179,13 @@ def _write_source(
         )
 
 
-def _cpu_count() -> int:
+def writer_processes(workers: int | None) -> int:
+    """``workers`` writer processes (at least one), or with 0 or ``None`` one per
+    CPU this process may run on (its affinity set, not the machine's)."""
+    return max(1, workers or _usable_cpus())
+
+
+def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -238,7 +250,7 @@ def write_rows(
     """
     out_dir = os.fspath(out_dir)
     params = _params(out_dir, shards, image_size, resize, quality, test, seed, prefix)
-    workers = max(1, workers or _cpu_count())
+    workers = writer_processes(workers)
     label_map = dict(label_map)
     with progress_bar(
         len(rows), f"records {params['prefix']}", unit="img", disable=not verbose
@@ -288,7 +300,7 @@ def _plan_rows(rows, out_dir, params, label_map, overwrite, content):
     manifest = manifests.start(
         out_dir, params, label_map, fingerprint, n_shards, overwrite
     )
-    sp = _shard_params(out_dir, params, n_shards)
+    sp = shard_params(out_dir, params, n_shards)
     tasks = [
         (sp, s, [r for r, f in zip(rows, fold) if f == s])
         for s in range(n_shards)
@@ -325,7 +337,7 @@ def _write_stream(items: Iterable, out_dir, params, label_map, workers, overwrit
         out_dir, params, label_map or {}, fingerprint, n_shards, overwrite
     )
     done = {int(k) for k in manifest["done"]}
-    sp = _shard_params(out_dir, params, n_shards)
+    sp = shard_params(out_dir, params, n_shards)
     assign = _OnlineAssigner(n_shards, params["seed"])
     labels_seen: dict[str, int] = dict(label_map or {})
     local: dict[int, ShardWriter] = {}
@@ -397,7 +409,8 @@ class _OnlineAssigner:
 # Manifest bookkeeping shared by both paths.
 
 
-def _shard_params(out_dir: str, params: dict, n_shards: int) -> ShardParams:
+def shard_params(out_dir: str, params: dict, n_shards: int) -> ShardParams:
+    """What every writer process needs to name and fill the shards of ``out_dir``."""
     return ShardParams(
         out_dir=out_dir,
         prefix=params["prefix"],

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from shopee_tpu import fs
-from shopee_tpu.accelerator import connect
+from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data.decode import read_ids_labels
 from shopee_tpu.data.files import list_files
@@ -190,21 +190,17 @@ def train_folds(
     config, k = _kfold_config(config, folds, fold, out_dir)
     # Before the records are read: tf.data would start Keras on TensorFlow, and on
     # a TPU VM only JAX reaches the TPU.
-    acc = accelerator or connect(
-        device or config.device,
-        mixed_precision=config.mixed_precision,
-        verbose=verbose > 0,
-    )
+    acc = connect_for(config, device, accelerator, verbose)
     files = list_files(config.data.train)
     assignment = fold_assignment(files, config.data.schema, k, config.seed)
-    run = RunFolder(config.out_dir, writable=acc.chief)
+    folder = RunFolder(config.out_dir, writable=acc.chief)
     if acc.chief:
-        _save_run_config(run, config)
-        _save_assignment(run, assignment)
-    check_shared(acc, run.path, chief_writes=True)
+        _save_run_config(folder, config)
+        _save_assignment(folder, assignment)
+    check_shared(acc, folder.path, chief_writes=True)
     stop_reason = None
     for i in [fold] if fold is not None else range(k):
-        if _fold_done(run, i, _fold_config(config, i)):
+        if _fold_done(folder, i, _fold_config(config, i)):
             continue
         remaining = (
             None if time_limit is None else time_limit - (time.monotonic() - start)
@@ -221,7 +217,7 @@ def train_folds(
         )  # fmt: skip
         if stop_reason is not None:
             break
-    return _conclude(run, config, assignment, stop_reason, acc.chief, verbose)
+    return _conclude(folder, config, assignment, stop_reason, acc.chief, verbose)
 
 
 def _train_fold(config, i, files, assignment, acc, verbose, **train_args) -> str | None:
@@ -271,13 +267,13 @@ def _fold_config(config: RunConfig, i: int) -> RunConfig:
     )
 
 
-def _fold_done(run: RunFolder, i: int, fold_cfg: RunConfig) -> bool:
+def _fold_done(folder: RunFolder, i: int, fold_cfg: RunConfig) -> bool:
     """Whether fold ``i`` finished (with its out-of-fold file), checking that it
     trained with ``fold_cfg``."""
-    folder = run.fold(i)
-    if not fs.exists(fs.join(folder, OOF)):
+    path = folder.fold(i)
+    if not fs.exists(fs.join(path, OOF)):
         return False
-    done = RunFolder(folder, writable=False)
+    done = RunFolder(path, writable=False)
     if not done.finished:
         return False
     saved = done.saved_config()
@@ -286,21 +282,21 @@ def _fold_done(run: RunFolder, i: int, fold_cfg: RunConfig) -> bool:
     return True
 
 
-def _save_run_config(run: RunFolder, config: RunConfig) -> None:
+def _save_run_config(folder: RunFolder, config: RunConfig) -> None:
     """Saves the k-fold config; refuses a different one once a fold has started."""
     started = any(
-        fs.exists(fs.join(run.fold(i), RunFolder.STATE))
+        fs.exists(fs.join(folder.fold(i), RunFolder.STATE))
         for i in range(config.data.folds)
     )
-    saved = run.saved_config() if started else None
+    saved = folder.saved_config() if started else None
     if saved is not None:
-        run.refuse_other(saved, config)
-    config.save(run.file(RunFolder.CONFIG))
+        folder.refuse_other(saved, config)
+    config.save(folder.file(RunFolder.CONFIG))
 
 
-def _save_assignment(run: RunFolder, assignment: pd.DataFrame) -> None:
+def _save_assignment(folder: RunFolder, assignment: pd.DataFrame) -> None:
     """Writes folds.csv; a different saved split (the records changed) is an error."""
-    path = run.file("folds.csv")
+    path = folder.file("folds.csv")
     if not fs.exists(path):
         fs.write_text(path, assignment.to_csv(index=False))
         return
@@ -357,24 +353,24 @@ def _predict_fold(model, cfg: RunConfig, files, assignment, i: int, acc) -> None
 # Gathering the folds
 
 
-def _conclude(run: RunFolder, config, assignment, stop_reason, chief: bool, verbose):
+def _conclude(folder: RunFolder, config, assignment, stop_reason, chief: bool, verbose):
     """Gathers the folds when all are done (``metrics.json``); says what is left
     otherwise."""
     k = config.data.folds
-    done = [i for i in range(k) if _fold_done(run, i, _fold_config(config, i))]
+    done = [i for i in range(k) if _fold_done(folder, i, _fold_config(config, i))]
     if len(done) < k:
         if verbose:
             missing = sorted(set(range(k)) - set(done))
             print(
-                f"{run.path}: folds {done} of {k} done; to finish, train folds "
+                f"{folder.path}: folds {done} of {k} done; to finish, train folds "
                 f"{missing} (here or in other sessions, then copy their fold-<i> "
                 "folders here) and run again without --fold"
             )
         metrics = {"complete": False, "folds": k, "folds_done": done}
-        return KFoldResult({**metrics, "stop_reason": stop_reason}, run.path, done)
-    metrics = gather_folds(run, config, assignment, write=chief)
+        return KFoldResult({**metrics, "stop_reason": stop_reason}, folder.path, done)
+    metrics = gather_folds(folder, config, assignment, write=chief)
     if chief:
-        run.save_metrics(metrics)
+        folder.save_metrics(metrics)
     if verbose:
         print(format_fold_table(metrics))
-    return KFoldResult(metrics, run.path, done)
+    return KFoldResult(metrics, folder.path, done)

@@ -35,15 +35,17 @@ def product_keys(ids: pd.Series, groups: pd.Series) -> np.ndarray:
     return np.where(groups != "", "g:" + groups, "i:" + ids)
 
 
-def gather_folds(run: RunFolder, config: RunConfig, assignment, *, write: bool) -> dict:
+def gather_folds(
+    folder: RunFolder, config: RunConfig, assignment, *, write: bool
+) -> dict:
     """``RUN/oof.npz`` (every record once, in record order) and the metrics."""
     k = config.data.folds
-    parts = [load_probs(fs.join(run.fold(i), OOF)) for i in range(k)]
+    parts = [load_probs(fs.join(folder.fold(i), OOF)) for i in range(k)]
     ids = np.concatenate([p.ids.astype(str) for p in parts])
     want = assignment["id"].to_numpy(str)
     if len(ids) != len(want) or set(ids.tolist()) != set(want.tolist()):
         raise ValueError(
-            f"{run.path}: the folds' out-of-fold files do not cover the records once "
+            f"{folder.path}: the folds' out-of-fold files do not cover the records once "
             f"({len(ids)} rows for {len(want)} records; first differing id "
             f"{first_difference(want, ids, ('the records', 'the folds'))})"
         )
@@ -55,16 +57,16 @@ def gather_folds(run: RunFolder, config: RunConfig, assignment, *, write: bool) 
     fold_of = np.concatenate([p.rows["folds"] for p in parts])[order]
     if not np.array_equal(fold_of, assignment["fold"].to_numpy()):
         raise ValueError(
-            f"{run.path}: an out-of-fold file holds another fold's records"
+            f"{folder.path}: an out-of-fold file holds another fold's records"
         )
     if write:
-        run.save_label_map(RunFolder(run.fold(0), writable=False).label_map())
-        meta = {**parts[0].meta, "folds": k, "run": run.path}
+        folder.save_label_map(RunFolder(folder.fold(0), writable=False).label_map())
+        meta = {**parts[0].meta, "folds": k, "run": folder.path}
         meta.pop("fold", None)
         rows = {"labels": labels, "folds": fold_of}
-        save_probs(run.file(OOF), want, probs, meta=meta, rows=rows)
+        save_probs(folder.file(OOF), want, probs, meta=meta, rows=rows)
     correct = probs.argmax(-1) == labels
-    per_fold = _per_fold(run, k, assignment, fold_of, correct)
+    per_fold = _per_fold(folder, k, assignment, fold_of, correct)
     metrics = {
         "complete": True,
         "folds": k,
@@ -77,16 +79,16 @@ def gather_folds(run: RunFolder, config: RunConfig, assignment, *, write: bool) 
         "train_time_sec": round(sum(r["train_time_sec"] for r in per_fold), 1),
     }
     if config.data.valid:
-        metrics["holdout"] = _score_holdout(run, config)
+        metrics["holdout"] = _score_holdout(folder, config)
     return metrics
 
 
-def _per_fold(run: RunFolder, k: int, assignment, fold_of, correct) -> list[dict]:
+def _per_fold(folder: RunFolder, k: int, assignment, fold_of, correct) -> list[dict]:
     products = product_keys(assignment["id"], assignment["group"])
     rows = []
     for i in range(k):
-        folder = RunFolder(run.fold(i), writable=False)
-        m, mine = folder.metrics(), fold_of == i
+        fold_folder = RunFolder(folder.fold(i), writable=False)
+        m, mine = fold_folder.metrics(), fold_of == i
         rows.append(
             {
                 "fold": i,
@@ -98,16 +100,16 @@ def _per_fold(run: RunFolder, k: int, assignment, fold_of, correct) -> list[dict
                 "best_val_accuracy": _round(m.get("best_val_accuracy")),
                 "oof_accuracy": round(float(correct[mine].mean()), 4),
                 "train_time_sec": round(
-                    sum(r.get("epoch_time_sec", 0.0) for r in folder.history), 1
+                    sum(r.get("epoch_time_sec", 0.0) for r in fold_folder.history), 1
                 ),
             }
         )
     return rows
 
 
-def _score_holdout(run: RunFolder, config: RunConfig) -> dict:
+def _score_holdout(folder: RunFolder, config: RunConfig) -> dict:
     """Each fold model alone and the fold ensemble on the external hold-out."""
-    paths = [fs.join(run.fold(i), HOLDOUT) for i in range(config.data.folds)]
+    paths = [fs.join(folder.fold(i), HOLDOUT) for i in range(config.data.folds)]
     ids, stacked = align_probs([load_probs(p) for p in paths], names=paths)
     info = read_ids_labels(config.data.valid, schema=config.data.schema)
     truth = info.set_index(info["id"].astype(str))["label"]

@@ -25,18 +25,19 @@ import numpy as np
 import pandas as pd
 
 from shopee_tpu import fs
+from shopee_tpu.data.files import list_files
 from shopee_tpu.data.pipeline import read_ids_labels
 from shopee_tpu.inference.ensemble import (
-    aggregate_products,
     align_probs,
     arithmetic_mean,
     load_probs,
     save_probs,
 )
+from shopee_tpu.inference.products import write_product_submission
 from shopee_tpu.inference.stacking import fit_stacker
 from shopee_tpu.inference.submission import (
+    output_stem,
     resolve_format,
-    write_cdiscount_submission,
     write_image_submission,
 )
 
@@ -147,7 +148,7 @@ def stack_runs(
     report = _report(runs, folds, cv, stacker.predict(list(x)), kind, out)
 
     out = os.fspath(out)
-    stem = out[: -len(".csv")] if out.endswith(".csv") else out
+    stem = output_stem(out)
     stacked = stacker.predict(list(runs.t))
     _write_submission(out, format, runs, stacked, data, expected, product_reduce)
     meta = {"stacked": test_names, "label_map": runs.label_map, "kind": kind}
@@ -262,12 +263,14 @@ def _write_submission(
             out, test_ids, stacked, label_map, format=format, expected=want
         )
         return
-    info = read_ids_labels(data)
+    files = list_files(data)
+    info = read_ids_labels(files)
     group = info.set_index(info["id"].astype(str))["group"].astype(str)
     groups = group.reindex(test_ids.astype(str)).fillna("").to_numpy()
-    groups = np.where(groups == "", test_ids.astype(str), groups)
-    keys, product_probs = aggregate_products(groups, stacked, product_reduce)
-    write_cdiscount_submission(out, keys, product_probs, label_map, expected=expected)
+    write_product_submission(
+        out, test_ids.astype(str), groups, stacked, label_map, files,
+        product_reduce=product_reduce, expected=expected,
+    )  # fmt: skip
 
 
 def format_stack_report(report: dict) -> str:

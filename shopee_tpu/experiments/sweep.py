@@ -31,7 +31,7 @@ from shopee_tpu import (
     fs,
     plots,  # matplotlib
 )
-from shopee_tpu.accelerator import connect
+from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import ConfigError, RunConfig
 from shopee_tpu.experiments.kfold import train_folds
 from shopee_tpu.run_folder import RunFolder
@@ -150,15 +150,15 @@ def _finished_metrics(where: str, cfg: RunConfig) -> dict | None:
     is refused (as ``train()`` refuses to resume it)."""
     if not fs.exists(where):
         return None
-    run = RunFolder(where, writable=False)
-    saved = run.saved_config()
-    if saved is None or not run.exists(RunFolder.METRICS):
+    folder = RunFolder(where, writable=False)
+    saved = folder.saved_config()
+    if saved is None or not folder.exists(RunFolder.METRICS):
         return None
-    run.refuse_other(saved, cfg)
-    metrics = run.metrics()
+    folder.refuse_other(saved, cfg)
+    metrics = folder.metrics()
     if cfg.data.folds:
         return metrics if metrics.get("complete") else None
-    return metrics if run.finished else None
+    return metrics if folder.finished else None
 
 
 def result_row(changes: dict, metrics: dict | None, where: str, status: str) -> dict:
@@ -260,15 +260,7 @@ def _run_points(
             continue
         if verbose:
             print(f"{where}: point {n + 1} of {len(points)}: {changes}")
-        acc = (
-            acc
-            or accelerator
-            or connect(
-                device or cfg.device,
-                mixed_precision=cfg.mixed_precision,
-                verbose=verbose > 0,
-            )
-        )
+        acc = acc or connect_for(cfg, device, accelerator, verbose)
         rows.append(_train_point(cfg, changes, where, remaining, acc, verbose))
         trained += 1
     return rows, trained

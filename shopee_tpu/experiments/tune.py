@@ -33,7 +33,7 @@ from shopee_tpu import (
     fs,
     plots,  # matplotlib
 )
-from shopee_tpu.accelerator import connect
+from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import ConfigError, RunConfig
 from shopee_tpu.experiments.sweep import check_key, result_row, results_markdown
 from shopee_tpu.run_folder import RunFolder
@@ -222,7 +222,7 @@ def tune(
             print(f"{where}: trial {number + 1} of {trials}: {changes}")
         cfg = base.override([f"{k}={v}" for k, v in changes.items()])
         cfg = cfg.replace(name=os.path.basename(where), out_dir=where)
-        acc = acc or connect(device or cfg.device, mixed_precision=cfg.mixed_precision)
+        acc = acc or connect_for(cfg, device)
         result = train(  # the limit is every trial's: it only stops one
             cfg,
             time_limit=remaining,
@@ -245,8 +245,8 @@ def _write_results(study, dims, out: str, base: RunConfig, verbose: int):
     rows = []
     for t in sorted(study.trials, key=lambda t: t.number):
         where = _trial_dir(out, t.number)
-        run = RunFolder(where, writable=False)
-        metrics = run.metrics() if run.exists(RunFolder.METRICS) else None
+        folder = RunFolder(where, writable=False)
+        metrics = folder.metrics() if folder.exists(RunFolder.METRICS) else None
         status = {"COMPLETE": "finished", "FAIL": "no validation score"}.get(
             t.state.name, "stopped; rerun to resume"
         )

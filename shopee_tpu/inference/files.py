@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from shopee_tpu import fs
 from shopee_tpu.data.images import BadImage, prepare_image
@@ -35,6 +36,7 @@ from shopee_tpu.data.sources import (
     resolve_paths,
 )
 from shopee_tpu.inference.exported import ExportedModel
+from shopee_tpu.inference.run import load_run_model
 from shopee_tpu.inference.submission import AUTO, FORMATS, write_image_submission
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.inference.tta_views import (
@@ -134,8 +136,6 @@ class FilePredictions:
 
     def frame(self):
         """``path, category, probability`` (the top class and its probability)."""
-        import pandas as pd
-
         df = pd.DataFrame(
             {
                 "path": self.ids,
@@ -170,8 +170,6 @@ class Classifier:
     @classmethod
     def from_run(cls, run, *, weights: str = "best", tta=None, reduce=None):
         """The run's Keras model (Keras and TensorFlow or JAX)."""
-        from shopee_tpu.inference.run import load_run_model  # Keras
-
         model, config, label_map, size = load_run_model(run, weights=weights)
         return cls(
             model,

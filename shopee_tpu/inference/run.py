@@ -37,10 +37,11 @@ from shopee_tpu.data.files import count_records, list_files
 from shopee_tpu.data.manifests import manifest_beside
 from shopee_tpu.data.pipeline import eval_dataset  # TensorFlow
 from shopee_tpu.inference import md5 as md5_lib
-from shopee_tpu.inference.ensemble import aggregate_products, combine_folds, save_probs
+from shopee_tpu.inference.ensemble import combine_folds, save_probs
+from shopee_tpu.inference.products import write_product_submission
 from shopee_tpu.inference.submission import (
+    output_stem,
     resolve_format,
-    write_cdiscount_submission,
     write_image_submission,
 )
 from shopee_tpu.inference.tta import predict
@@ -65,9 +66,9 @@ def load_run_model(
     """
     from shopee_tpu.models import build_from_config, input_spec, load_weights  # Keras
 
-    run = RunFolder(run_dir, writable=False)
-    config, label_map = run.config(), run.label_map()
-    path = run.weights(weights)
+    folder = RunFolder(run_dir, writable=False)
+    config, label_map = folder.config(), folder.label_map()
+    path = folder.weights(weights)
     image_size = config.data.image_size or input_spec(config.model.backbone).size
     scope = accelerator.scope() if accelerator is not None else _null()
     with scope:
@@ -141,8 +142,7 @@ def _predict_members(
 
 
 def _probs_path(out: str) -> str:
-    stem = out[: -len(".csv")] if out.endswith(".csv") else out
-    return f"{stem}.probs.npz"
+    return f"{output_stem(out)}.probs.npz"
 
 
 def predict_run(
@@ -202,16 +202,16 @@ def predict_run(
         products and MD5 hits.
     """
     out = os.fspath(out)
-    run, accelerator = _open_run(run_dir, device, accelerator, verbose)
+    folder, accelerator = _open_run(run_dir, device, accelerator, verbose)
     # A format that cannot take the run's classes fails before the prediction.
-    first = RunFolder((run.folds() or [run.path])[0], writable=False)
+    first = RunFolder((folder.folds() or [folder.path])[0], writable=False)
     resolve_format(format, first.label_map(), probability=probability)
     files, pred = _predict_records(
-        run, data, tta, reduce, batch_size, weights, accelerator, verbose
+        folder, data, tta, reduce, batch_size, weights, accelerator, verbose
     )
     chief = accelerator.chief  # on several hosts each predicts, the chief writes
     if chief:
-        _save_probs(out, run, pred)
+        _save_probs(out, folder, pred)
     fmt = resolve_format(format, pred.label_map, probability=probability)
     df = _submission(
         pred, files, out if chief else None, fmt, md5_dict, product_reduce,
@@ -240,20 +240,20 @@ def _open_run(run_dir, device, accelerator, verbose):
     if own:
         accelerator = connect(device, verbose=False)
     check_shared(accelerator, os.fspath(run_dir), chief_writes=False)
-    run = RunFolder(run_dir, writable=False)
+    folder = RunFolder(run_dir, writable=False)
     if own:
-        accelerator.set_precision(run.config().mixed_precision)
+        accelerator.set_precision(folder.config().mixed_precision)
         if verbose:
             print(accelerator.summary)
-    return run, accelerator
+    return folder, accelerator
 
 
 def _predict_records(
-    run: RunFolder, data, tta, reduce, batch_size, weights, accelerator, verbose
+    folder: RunFolder, data, tta, reduce, batch_size, weights, accelerator, verbose
 ) -> tuple[list[str], _Prediction]:
     """The test files, and the run's (or its fold models') prediction of each of
     their records exactly once."""
-    members = run.folds() or [run.path]
+    members = folder.folds() or [folder.path]
     files = list_files(data)
     if not files:
         raise FileNotFoundError(f"{data}: no TFRecord files")
@@ -269,9 +269,9 @@ def _predict_records(
     return files, pred
 
 
-def _save_probs(out: str, run: RunFolder, pred: _Prediction) -> None:
+def _save_probs(out: str, folder: RunFolder, pred: _Prediction) -> None:
     """``<stem>.probs.npz``: the float16 probabilities with their ids and notes."""
-    meta = {"run": run.path, "tta": list(pred.tta), "reduce": pred.reduce}
+    meta = {"run": folder.path, "tta": list(pred.tta), "reduce": pred.reduce}
     meta["label_map"] = pred.label_map
     if len(pred.members) > 1:
         meta["folds"] = len(pred.members)
@@ -304,22 +304,12 @@ def _submission(
             probability=probability, expected=expected,
         )  # fmt: skip
     else:
-        groups = [g or i for g, i in zip(info["group"].astype(str), ids, strict=True)]
-        keys, product_probs = aggregate_products(groups, probs, product_reduce)
-        if dictionary is not None:
-            product_probs, summary["md5_products"] = md5_lib.apply_product_overrides(
-                keys, product_probs, groups, info["md5"].tolist(), dictionary
-            )
-        products = _declared_products(files)
-        if products is not None:
-            keys, product_probs, summary["products_without_images"] = _all_products(
-                products, keys, product_probs
-            )
-            expected = products if expected is None else expected
-        summary["products"] = len(keys)
-        df = write_cdiscount_submission(
-            out, keys, product_probs, pred.label_map, expected=expected
-        )
+        df, products = write_product_submission(
+            out, ids, info["group"].astype(str), probs, pred.label_map, files,
+            product_reduce=product_reduce, expected=expected,
+            dictionary=dictionary, md5s=info["md5"].tolist(),
+        )  # fmt: skip
+        summary.update(products)
     df.attrs["summary"] = summary
     return df
 
@@ -360,32 +350,3 @@ def _declared_md5_dictionary(train) -> str | None:
     name = manifest_beside(first).get("md5_dictionary")
     path = fs.join(first.rsplit("/", 1)[0], name) if name else None
     return path if path and not fs.is_remote(path) and os.path.exists(path) else None
-
-
-def _declared_products(files: Sequence[str]) -> list[str] | None:
-    """Every product id of test records that list them (``products.csv``)."""
-    name = manifest_beside(files[0]).get("products")
-    if not name:
-        return None
-    folder = files[0].rsplit("/", 1)[0] if "/" in files[0] else "."
-    path = fs.join(folder, name)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{path}: listed in {folder}/manifest.json but missing")
-    return pd.read_csv(path, dtype={"_id": str})["_id"].tolist()
-
-
-def _all_products(products: list[str], keys, product_probs):
-    """Rows for every listed product, in the list's order. A product without a usable
-    image gets the mean prediction of all products (the test set's likeliest class)."""
-    row = {str(k): i for i, k in enumerate(np.asarray(keys).tolist())}
-    listed = set(products)
-    unknown = [k for k in row if k not in listed]
-    if unknown:
-        raise ValueError(
-            f"test records hold products not in products.csv: {unknown[:5]}"
-        )
-    prior = np.asarray(product_probs).mean(axis=0, keepdims=True)
-    table = np.concatenate([np.asarray(product_probs), prior])
-    picks = [row.get(p, len(table) - 1) for p in products]
-    n_missing = sum(p not in row for p in products)
-    return np.asarray(products), table[picks], n_missing

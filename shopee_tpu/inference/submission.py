@@ -47,6 +47,7 @@ __all__ = [
     "validate_shopee_submission",
     "validate_cdiscount_submission",
     "class_ids",
+    "output_stem",
 ]
 
 _SHOW = 10  # ids named per problem in a message
@@ -333,6 +334,12 @@ def validate_cdiscount_submission(
     return _validate(
         submission, FORMATS["cdiscount"], expected=expected, allowed=allowed
     )
+
+
+def output_stem(out: str) -> str:
+    """``out`` without ``.csv``: the files written beside a submission (its
+    probabilities, a stacker, a report) are named ``<stem>.<what>``."""
+    return out[: -len(".csv")] if out.endswith(".csv") else out
 
 
 def _write(path, df: pd.DataFrame) -> None:

@@ -7,6 +7,7 @@ unfreeze: in Keras 3 a non-trainable BatchNorm also runs in inference mode, so i
 ImageNet statistics are not wrecked by small fine-tuning batches.
 
 Keras reads ``trainable`` when it compiles, so compile again after either call.
+``prepare_phase`` and ``resume_phase`` do this for the phases of a training run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import re
 
 import keras
 
+from shopee_tpu.config import PlanConfig
 from shopee_tpu.models import layers as common
+from shopee_tpu.run_folder import RunFolder
 
 
 def _backbone_layers(model) -> list:
@@ -118,3 +121,63 @@ def _start_index(layers: list, from_block) -> int:
         f"from_block={from_block!r} matches no backbone layer (first names: "
         f"{[layer.name for layer in layers[:4]]})"
     )
+
+
+# ---------------------------------------------------------------------------
+# The phases of a training run (``training.plan``): what trains in each, and how
+# a phase resumes from the run folder's checkpoint.
+
+
+def prepare_phase(model, frozen: bool, plan: PlanConfig) -> None:
+    """Sets what trains in a phase (``frozen``: its backbone is frozen); call
+    before compiling.
+
+    Frozen: only the head trains, and every BatchNorm runs in inference mode.
+    Unfrozen after a frozen start (fine-tuning): the whole backbone trains, BatchNorm
+    only with ``plan.train_batchnorm``; the loop compiles it with the backbone's
+    learning rate at ``plan.backbone_lr`` times the schedule's.
+    """
+    if frozen:
+        freeze_backbone(model)
+    elif plan.freeze_epochs > 0:
+        unfreeze_backbone(model, train_batchnorm=plan.train_batchnorm)
+
+
+def resume_phase(
+    folder: RunFolder,
+    model,
+    *,
+    was_frozen: bool,
+    frozen: bool,
+    steps: int,
+    epoch: int,
+) -> None:
+    """Loads the checkpoint of ``epoch`` (the run folder's last) into ``model``,
+    built for a phase whose backbone is ``frozen`` or not, after the phase of
+    ``epoch`` (``was_frozen``).
+
+    The weights always fit (they do not depend on the image size). The optimizer
+    state fits only when the trainable set is unchanged; after the frozen phase the
+    optimizer starts afresh (the backbone had no slots) at the same step, so the
+    learning-rate schedule continues, with its weight average (EMA) started from
+    the restored weights.
+    """
+    if was_frozen == frozen:
+        folder.restore(model)
+        return
+    folder.restore(model, optimizer=False)
+    optimizer = model.optimizer
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    history = folder.history
+    iterations = history[-1].get("iterations") if history else None
+    optimizer.iterations.assign(int(iterations or epoch * steps))
+    if optimizer.use_ema:
+        # A new average starts at zero, not at the restored weights, once the
+        # step count is past 0. Keras names the average of variable `a/b`
+        # `a_b_average` (add_variable_from_reference). A copy: on JAX an average
+        # sharing its weight's buffer would be donated twice by the train step.
+        slots = {v.name: v for v in optimizer.variables}
+        for variable in model.trainable_variables:
+            average = slots[variable.path.replace("/", "_") + "_average"]
+            average.assign(keras.ops.copy(variable))

@@ -17,52 +17,26 @@ common fine-tuning practice. Nothing was chosen on the split that bench reports.
 
 from __future__ import annotations
 
-from shopee_tpu.config import (
-    AugmentConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    PlanConfig,
-    PredictConfig,
-    RunConfig,
-)
+from shopee_tpu.config import ModelConfig, PlanConfig, RunConfig
+from shopee_tpu.presets import photo
 
 
 def get_config() -> RunConfig:
-    return RunConfig(
+    base = photo.get_config()
+    return base.replace(
         name="photo-lite0",
-        data=DataConfig(image_size=None, valid_fraction=0.1, cache=True),
-        model=ModelConfig(
+        data=base.data.replace(image_size=None),
+        model=base.model.replace(
             backbone="efficientnet-lite0",
             weights="imagenet",
-            drop_connect_rate=0.1,
-            dropout=0.2,
+            batchnorm_momentum=ModelConfig().batchnorm_momentum,
         ),
-        optim=OptimConfig(
-            optimizer="adamw",
-            learning_rate=1e-3,
-            weight_decay=0.05,
-            label_smoothing=0.1,
-            schedule="cosine",
-            warmup_epochs=1,
-            lr_start=1e-4,
-            lr_min=1e-6,
-            ema=True,
-            ema_momentum=0.99,
-        ),
-        augment=AugmentConfig(
-            flip_lr=True,
-            resized_crop=0.35,
-            brightness=0.1,
-            contrast=0.2,
-            saturation=0.2,
-        ),
+        optim=base.optim.replace(learning_rate=1e-3, warmup_epochs=1, lr_min=1e-6),
+        augment=base.augment.replace(resized_crop=0.35),
         plan=PlanConfig(
             images_seen=12000, min_epochs=6, freeze_epochs=2, backbone_lr=0.3
         ),
-        predict=PredictConfig(tta=("identity", "flip_lr"), reduce="mean"),
+        predict=base.predict.replace(tta=("identity", "flip_lr")),
         epochs=20,
-        batch_size=32,
-        seed=0,
         out_dir="runs/photo-lite0",
     )

@@ -16,9 +16,10 @@ from shopee_tpu.config import (
     OptimConfig,
     RunConfig,
 )
+from shopee_tpu.models.efficientnet_scaling import OFFICIAL
 
-# EfficientNet's native input sizes.
-SIZES = {0: 224, 1: 240, 2: 260, 3: 300, 4: 380, 5: 456, 6: 528, 7: 600}
+# EfficientNet's native input sizes, from the official scaling table.
+SIZES = {n: resolution for n, (_, _, resolution, _) in OFFICIAL.items()}
 # Per-replica batches that fit a 16 GB TPU v5e chip in bfloat16 (B6 at 512 px fits
 # 32 per 16 GB core; B7 needs less).
 BATCH = {0: 64, 1: 64, 2: 48, 3: 32, 4: 32, 5: 16, 6: 16, 7: 8}

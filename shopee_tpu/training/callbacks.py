@@ -19,6 +19,7 @@ import numpy as np
 from shopee_tpu.data import pipeline
 from shopee_tpu.models import make_schedule
 from shopee_tpu.run_folder import RunFolder
+from shopee_tpu.training.state import RunState
 from shopee_tpu.training.time_plan import GUARD_MARGIN, FitToTime
 
 __all__ = [
@@ -46,7 +47,7 @@ class EpochCommit(keras.callbacks.Callback):
 
     def __init__(
         self,
-        run: RunFolder,
+        folder: RunFolder,
         steps: int,
         global_batch: int,
         schedule,
@@ -58,7 +59,7 @@ class EpochCommit(keras.callbacks.Callback):
         agree=None,
     ):
         super().__init__()
-        self.run, self.steps, self.global_batch = run, steps, global_batch
+        self.folder, self.steps, self.global_batch = folder, steps, global_batch
         self.schedule, self.write, self.ema = schedule, write, ema
         self.monitor, self.every = monitor, every
         # Every process must save at the same epoch: the chief's clock decides.
@@ -102,7 +103,7 @@ class EpochCommit(keras.callbacks.Callback):
         now = time.monotonic()
         row = self._row(epoch, logs or {}, now)
         self.pending.append(row)
-        improved = self.monitor is not None and self.run.improves(row, self.monitor)
+        improved = self.monitor is not None and self.folder.improves(row, self.monitor)
         due = now - self.last_commit >= self.every
         ending = self.model.stop_training or epoch + 1 >= self.params["epochs"]
         if self.agree(float(improved or due or ending)):
@@ -130,7 +131,7 @@ class EpochCommit(keras.callbacks.Callback):
         """Commits the newest uncommitted epoch (with the ones before it)."""
         began = time.monotonic()
         *earlier, row = self.pending
-        self.run.commit_epoch(
+        self.folder.commit_epoch(
             self.model,
             row["epoch"],
             row,
@@ -167,14 +168,14 @@ class TimeBudget(keras.callbacks.Callback):
 
     def __init__(
         self,
-        run: RunFolder,
+        folder: RunFolder,
         start: float,
         limit: float | None,
         agree=None,
         reserve=lambda: 0.0,
     ):
         super().__init__()
-        self.run, self.start, self.limit, self.reason = run, start, limit, None
+        self.folder, self.start, self.limit, self.reason = folder, start, limit, None
         # Seconds kept for what follows the last epoch (``FitToTime.reserve``).
         self.reserve = reserve
         self.steady = self.first = 0.0  # longest steady / first (traced) epoch
@@ -199,7 +200,7 @@ class TimeBudget(keras.callbacks.Callback):
         if self.steps < self.next_check:
             return
         now = time.monotonic()
-        over = now - self.start > self.limit and self.run.epoch > 0
+        over = now - self.start > self.limit and self.folder.epoch > 0
         # The chief also says when to check next, in steps from its pace: every
         # host must join the same broadcasts, so none may go by its own clock.
         per_step = (now - self.checked) / (self.steps - self.checked_step)
@@ -208,7 +209,7 @@ class TimeBudget(keras.callbacks.Callback):
         answer = self.agree(-1.0 if over else float(wait))
         if answer < 0:
             self.model.stop_training = True
-            self.reason = f"time limit {self.limit:.0f}s reached mid-epoch; kept epoch {self.run.epoch}"
+            self.reason = f"time limit {self.limit:.0f}s reached mid-epoch; kept epoch {self.folder.epoch}"
         else:
             self.next_check = self.steps + int(answer)
 
@@ -301,7 +302,7 @@ def in_notebook() -> bool:
 
 
 def training_callbacks(
-    run,
+    run: RunState,
     time_limit: float | None,
     checkpoint_every: float,
     extra: list = (),
@@ -357,12 +358,11 @@ def training_callbacks(
     )
     valid_rows = 0
     if run.validate:
-        rec = run.records
         batches = pipeline.eval_batches(
-            rec["valid"],
+            run.records.valid,
             acc.host_batch_size(cfg.batch_size),
             acc.num_workers,
-            rec["valid_ids"],
+            run.records.valid_ids,
         )
         valid_rows = global_batch * batches
     callbacks = [UnpaddedValidationLoss(valid_rows / max(1, run.n_valid)), plan]

@@ -17,26 +17,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from shopee_tpu.accelerator import connect
+from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data import pipeline
 from shopee_tpu.data.manifests import manifest_beside
+from shopee_tpu.data.shapes import any_image_size  # TensorFlow, when called
 from shopee_tpu.data.sources import class_names
 from shopee_tpu.run_folder import RunFolder
 from shopee_tpu.shared_folder import open_training_run
 from shopee_tpu.training.plan import (
     Phase,
-    any_image_size,  # TensorFlow
     describe_phase,
     epoch_steps,
     make_plan,
     phase_at,
     plan_phases,
-    prepare_phase,
-    resume_phase,
 )
+from shopee_tpu.training.state import RunRecords, RunState
 
 __all__ = ["TrainResult", "train"]
 
@@ -63,6 +62,21 @@ class TrainResult:
     def class_names(self) -> list[str]:
         """Category names in class-id order."""
         return class_names(self.label_map)
+
+
+class Fitted(NamedTuple):
+    """What the fits of one ``train()`` call leave: the model (``None`` when
+    nothing was trained), its last phase, why it stopped early (the time budget,
+    a user's callback), and whether the run is finished (every epoch, or stopped
+    by a callback)."""
+
+    model: Any
+    phase: Phase | None
+    stop_reason: str | None
+    finished: bool
+
+
+NOT_TRAINED = Fitted(None, None, None, False)
 
 
 def train(
@@ -125,47 +139,18 @@ def train(
             config is a k-fold run's (train those with ``train_folds``).
     """
     run = _setup(config, out_dir, device, accelerator, verbose, record_ids)
-    trained = (None, None, None, False)  # model, its phase, why it stopped, finished
+    fitted = NOT_TRAINED
     folder, epochs = run.folder, run.config.epochs
     if folder.finished and (folder.epoch >= epochs or not resume_stopped):
         run.say(f"finished run ({folder.epoch} of {epochs} epochs); not retrained")
-        trained = (None, None, folder.state.get("stop_reason"), True)
+        fitted = Fitted(None, None, folder.state.get("stop_reason"), True)
     elif folder.epoch < epochs:
         plan = (time_limit if fit_to_time else None, predict_images)
-        trained = _fit(run, time_limit, checkpoint_every, callbacks or [], plan)
-    return _finish(run, *trained)
+        fitted = _fit(run, time_limit, checkpoint_every, callbacks or [], plan)
+    return _finish(run, fitted)
 
 
-@dataclass
-class _Run:
-    """What the steps of one run share."""
-
-    config: RunConfig
-    acc: Any
-    folder: RunFolder
-    verbose: int
-    start: float
-    label_map: dict[str, int]
-    records: dict[str, Any]  # train/valid files and the ids kept of each
-    image_size: int
-    n_train: int
-    n_valid: int
-    steps: int
-    per_call: int
-    phases: list[Phase]
-    one_model: bool
-    asked_epochs: int = 0  # before a time limit planned fewer
-
-    @property
-    def validate(self) -> bool:
-        return bool(self.records["valid"])
-
-    def say(self, text: str) -> None:
-        if self.verbose:
-            print(f"{self.folder.path}: {text}")
-
-
-def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> _Run:
+def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> RunState:
     """The hardware, the run folder, the records and the plan of a run."""
     start = time.monotonic()
     verbose = 1 if verbose is None else verbose
@@ -177,11 +162,7 @@ def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> _Run:
             "a k-fold config (data.folds): train it with "
             "shopee_tpu.experiments.kfold.train_folds (shopee-tpu train --folds K)"
         )
-    acc = accelerator or connect(
-        device or config.device,
-        mixed_precision=config.mixed_precision,
-        verbose=verbose > 0,
-    )
+    acc = connect_for(config, device, accelerator, verbose)
     folder = open_training_run(config, acc)
     verbose = verbose if acc.chief else 0  # one progress bar per run, not per host
     files = pipeline.list_files(config.data.train)
@@ -200,8 +181,8 @@ def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> _Run:
     from shopee_tpu.models import input_spec, supports_any_size  # Keras: after connect
 
     image_size = config.data.image_size or input_spec(config.model.backbone).size
-    n_train = _count(records["train"], records["train_ids"])
-    n_valid = _count(records["valid"], records["valid_ids"]) if records["valid"] else 0
+    n_train = _count(records.train, records.train_ids)
+    n_valid = _count(records.valid, records.valid_ids) if records.valid else 0
     steps, per_call = epoch_steps(
         config, n_train, acc.batch_size(config.batch_size), verbose,
         limit=acc.max_steps_per_execution,
@@ -225,7 +206,7 @@ def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> _Run:
         and acc.kind != "tpu"
         and supports_any_size(config.model.backbone)
     )
-    run = _Run(
+    run = RunState(
         config, acc, folder, verbose, start, label_map, records, image_size,
         n_train, n_valid, steps, per_call, phases, one_model, asked,
     )  # fmt: skip
@@ -237,14 +218,13 @@ def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> _Run:
     return run
 
 
-def _records(config: RunConfig, files: list[str], record_ids) -> dict[str, Any]:
+def _records(config: RunConfig, files: list[str], record_ids) -> RunRecords:
     """The training and validation records, in the order of precedence: the ids
     given (a fold), ``data.valid``, the records' own split, a hold-out of shards.
     ``valid_fraction=0`` trains on every record: nothing to pick a best epoch by,
     so each epoch's (EMA) weights become ``best`` and the last epoch's stay."""
     if record_ids is not None:
-        train_ids, valid_ids = record_ids["train"], record_ids["valid"]
-        return dict(train=files, valid=files, train_ids=train_ids, valid_ids=valid_ids)
+        return RunRecords(files, files, record_ids["train"], record_ids["valid"])
     if config.data.valid:
         valid = pipeline.list_files(config.data.valid)
     elif own := manifest_beside(files[0]).get("valid"):
@@ -254,14 +234,14 @@ def _records(config: RunConfig, files: list[str], record_ids) -> dict[str, Any]:
         files, valid = pipeline.holdout_files(
             files, config.data.valid_fraction, config.seed
         )
-    return dict(train=files, valid=valid, train_ids=None, valid_ids=None)
+    return RunRecords(files, valid)
 
 
 def _count(files: list[str], ids) -> int:
     return len(ids) if ids is not None else pipeline.count_records(files)
 
 
-def _common(run: _Run, phase: Phase) -> dict:
+def _common(run: RunState, phase: Phase) -> dict:
     acc = run.acc
     return dict(
         schema=run.config.data.schema,
@@ -273,30 +253,30 @@ def _common(run: _Run, phase: Phase) -> dict:
     )
 
 
-def _valid_dataset(run: _Run, phase: Phase):
+def _valid_dataset(run: RunState, phase: Phase):
     """Validation batches: full on any replica count, padding rows weigh 0."""
     if not run.validate:
         return None
     return pipeline.eval_dataset(
-        run.records["valid"],
+        run.records.valid,
         labels=True,
         pad=True,
         cache=run.config.data.cache,
-        keep_ids=run.records["valid_ids"],
+        keep_ids=run.records.valid_ids,
         **_common(run, phase),
     )
 
 
-def _datasets(run: _Run, phase: Phase):
+def _datasets(run: RunState, phase: Phase):
     """The training and validation datasets of one phase."""
     cfg = run.config
     train_ds = pipeline.train_dataset(
-        run.records["train"],
+        run.records.train,
         augment=cfg.augment,
         seed=cfg.seed + phase.start,
         shuffle_buffer=cfg.data.shuffle_buffer,
         deterministic=cfg.data.deterministic,
-        keep_ids=run.records["train_ids"],
+        keep_ids=run.records.train_ids,
         **_common(run, phase),
     )
     valid_ds = _valid_dataset(run, phase)
@@ -305,11 +285,14 @@ def _datasets(run: _Run, phase: Phase):
     return train_ds, valid_ds
 
 
-def _build(run: _Run, phase: Phase, resume_from: int, *, any_size: bool | None = None):
+def _build(
+    run: RunState, phase: Phase, resume_from: int, *, any_size: bool | None = None
+):
     """The compiled model of one phase, resumed from the run folder."""
     import keras  # deferred: Keras only after connect()
 
     from shopee_tpu.models import build_from_config, compile_model
+    from shopee_tpu.models.finetune import prepare_phase, resume_phase
 
     cfg, acc = run.config, run.acc
     any_size = run.one_model if any_size is None else any_size
@@ -323,7 +306,7 @@ def _build(run: _Run, phase: Phase, resume_from: int, *, any_size: bool | None =
             image_size=run.image_size if any_size else phase.image_size,
             any_size=any_size,
         )
-        prepare_phase(model, phase, cfg.plan)
+        prepare_phase(model, phase.frozen, cfg.plan)
         backbone_lr = cfg.plan.backbone_lr
         compile_model(
             model,
@@ -336,20 +319,22 @@ def _build(run: _Run, phase: Phase, resume_from: int, *, any_size: bool | None =
             else 1.0,
         )
         if resume_from > 0:
-            resume_phase(run.folder, model, run.phases, phase, run.steps, resume_from)
+            before = phase_at(run.phases, resume_from - 1)
+            resume_phase(
+                run.folder, model, was_frozen=before.frozen, frozen=phase.frozen,
+                steps=run.steps, epoch=resume_from,
+            )  # fmt: skip
     return model
 
 
 def _fit(
-    run: _Run,
+    run: RunState,
     time_limit: float | None,
     checkpoint_every: float,
     extra: list,
     plan: tuple = (None, 0),
-):
-    """Trains the remaining epochs, one ``fit`` per phase; returns the model, its
-    last phase, why it stopped early (the time budget, a user's callback), and
-    whether the run is finished (every epoch, or stopped by a callback). With
+) -> Fitted:
+    """Trains the remaining epochs, one ``fit`` per phase (see ``Fitted``). With
     ``plan`` (the time to fit into, the images predicted after) the epoch count
     and the phases may change while a fit runs (``run.config.epochs``,
     ``run.phases``); the fit then ends where the new plan needs the next
@@ -379,12 +364,12 @@ def _fit(
             verbose=0,
         )
         if budget.reason:
-            return model, phase, budget.reason, False
+            return Fitted(model, phase, budget.reason, False)
         if folder.epoch >= run.config.epochs:
-            return model, phase, None, True
+            return Fitted(model, phase, None, True)
         if folder.epoch < phase.end and folder.epoch != plan.switch_at:
             stopped = f"stopped by a callback after epoch {folder.epoch}"
-            return model, phase, stopped, True  # a user's callback
+            return Fitted(model, phase, stopped, True)  # a user's callback
         epoch, before = folder.epoch, phase
         phase = phase_at(run.phases, epoch)
         if run.verbose:
@@ -396,13 +381,14 @@ def _fit(
             folder.restore(model)
 
 
-def _finish(run: _Run, model, phase: Phase | None, stop_reason, finished: bool):
+def _finish(run: RunState, fitted: Fitted) -> TrainResult:
     """The returned model (the best weights, at the full size), the metrics and
     the report; marks the run finished (every epoch done, or stopped by a
     callback)."""
     from shopee_tpu.training.report import final_metrics, report
 
     cfg, acc, folder = run.config, run.acc, run.folder
+    model, phase, stop_reason, finished = fitted
     last = run.phases[-1]
     other = phase is None or (phase.image_size, phase.frozen) != (
         last.image_size,

@@ -14,11 +14,14 @@ A phase that changes the trainable set rebuilds the model and continues from the
 run folder's last checkpoint, so that phase change is exactly a resume, and a run
 killed anywhere, in any phase, resumes the same way. Size changes keep one model
 with an open input side on TensorFlow CPUs and GPUs (fed by datasets whose image
-side is left open, ``any_image_size``: one traced graph for every size); on TPUs
-and JAX every size gets its own model, rebuilt from the checkpoint (convolution
-weights do not depend on the image size). The learning-rate schedule runs over the whole run by
-optimizer step, unaffected by the phases. ``plan.images_seen`` picks the epoch
-count from the size of the training set.
+side is left open, ``data.shapes.any_image_size``: one traced graph for every
+size); on TPUs and JAX every size gets its own model, rebuilt from the checkpoint
+(convolution weights do not depend on the image size). The learning-rate schedule
+runs over the whole run by optimizer step, unaffected by the phases.
+``plan.images_seen`` picks the epoch count from the size of the training set.
+
+This module only plans: what trains in a phase and how a phase resumes are
+``models.finetune.prepare_phase`` and ``resume_phase``.
 """
 
 from __future__ import annotations
@@ -36,10 +39,7 @@ __all__ = [
     "plan_epochs",
     "plan_phases",
     "phase_at",
-    "prepare_phase",
-    "resume_phase",
     "describe_phase",
-    "any_image_size",
 ]
 
 
@@ -144,80 +144,10 @@ def phase_at(phases: list[Phase], epoch: int) -> Phase:
     return phases[-1]
 
 
-def prepare_phase(model, phase: Phase, plan: PlanConfig) -> None:
-    """Sets what trains in ``phase``; call before compiling.
-
-    Frozen: only the head trains, and every BatchNorm runs in inference mode.
-    Unfrozen after a frozen start (fine-tuning): the whole backbone trains, BatchNorm
-    only with ``plan.train_batchnorm``; the loop compiles it with the backbone's
-    learning rate at ``plan.backbone_lr`` times the schedule's.
-    """
-    from shopee_tpu.models.finetune import freeze_backbone, unfreeze_backbone
-
-    if phase.frozen:
-        freeze_backbone(model)
-    elif plan.freeze_epochs > 0:
-        unfreeze_backbone(model, train_batchnorm=plan.train_batchnorm)
-
-
 def describe_phase(phase: Phase) -> str:
     """One line for logs: ``64 px, backbone frozen, epochs 1-2``."""
     what = "backbone frozen" if phase.frozen else "all layers train"
     return f"{phase.image_size} px, {what}, epochs {phase.start + 1}-{phase.end}"
-
-
-def resume_phase(
-    run, model, phases: list[Phase], phase: Phase, steps: int, epoch: int
-) -> None:
-    """Loads the checkpoint of ``epoch`` (the run folder's last) into ``model``,
-    built for ``phase``.
-
-    The weights always fit (they do not depend on the image size). The optimizer
-    state fits only when the trainable set is unchanged; after the frozen phase the
-    optimizer starts afresh (the backbone had no slots) at the same step, so the
-    learning-rate schedule continues, with its weight average (EMA) started from
-    the restored weights.
-    """
-    before = phase_at(phases, epoch - 1)
-    if before.frozen == phase.frozen:
-        run.restore(model)
-        return
-    run.restore(model, optimizer=False)
-    optimizer = model.optimizer
-    if not optimizer.built:
-        optimizer.build(model.trainable_variables)
-    history = run.history
-    iterations = history[-1].get("iterations") if history else None
-    optimizer.iterations.assign(int(iterations or epoch * steps))
-    if optimizer.use_ema:
-        # A new average starts at zero, not at the restored weights, once the
-        # step count is past 0. Keras names the average of variable `a/b`
-        # `a_b_average` (add_variable_from_reference). A copy: on JAX an average
-        # sharing its weight's buffer would be donated twice by the train step.
-        import keras
-
-        slots = {v.name: v for v in optimizer.variables}
-        for variable in model.trainable_variables:
-            average = slots[variable.path.replace("/", "_") + "_average"]
-            average.assign(keras.ops.copy(variable))
-
-
-def any_image_size(dataset):
-    """``dataset`` with the image side of its first element left open.
-
-    Keras traces its training step once per input signature; batches whose side
-    is unknown to the signature share one traced graph across the sizes of
-    progressive resizing. The values are unchanged. ``None`` passes through.
-    """
-    if dataset is None:
-        return None
-    import tensorflow as tf
-
-    def relax(images, *rest):
-        shape = [images.shape[0], None, None, images.shape[-1]]
-        return (tf.compat.v1.placeholder_with_default(images, shape), *rest)
-
-    return dataset.map(relax)
 
 
 def epoch_steps(

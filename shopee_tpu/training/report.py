@@ -21,13 +21,17 @@ from shopee_tpu.data.sources import class_names
 from shopee_tpu.inference.hosts import hosts_call
 from shopee_tpu.inference.tta import tta_step
 from shopee_tpu.models import make_schedule
+from shopee_tpu.run_folder import RunFolder
 from shopee_tpu.training.checks import validation_warnings
+from shopee_tpu.training.state import RunState
 
 __all__ = ["final_metrics", "report"]
 
 
-def final_metrics(run, folder, stop_reason: str | None, finished: bool) -> dict:
-    """``metrics.json`` of a run (``run`` is the loop's ``_Run``)."""
+def final_metrics(
+    run: RunState, folder: RunFolder, stop_reason: str | None, finished: bool
+) -> dict:
+    """``metrics.json`` of a run."""
     cfg, acc = run.config, run.acc
     history = folder.history
     best = folder.state.get("best") or {}
@@ -62,7 +66,7 @@ def final_metrics(run, folder, stop_reason: str | None, finished: bool) -> dict:
     return metrics
 
 
-def report(run, folder, model, valid_ds, metrics: dict) -> None:
+def report(run: RunState, folder: RunFolder, model, valid_ds, metrics: dict) -> None:
     """Plots into the run folder and adds ``val_accuracy_best_weights``."""
     cfg, acc = run.config, run.acc
     if acc.chief:

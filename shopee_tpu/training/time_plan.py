@@ -38,6 +38,7 @@ import keras
 
 from shopee_tpu.models.optim import planned_steps
 from shopee_tpu.training.plan import Phase, phase_at, plan_phases
+from shopee_tpu.training.state import RunState
 
 __all__ = ["AfterTraining", "FitToTime", "epochs_that_fit"]
 
@@ -114,7 +115,7 @@ class FitToTime(keras.callbacks.Callback):
     which commits the epoch it stops at.
 
     Args:
-        run: The loop's ``_Run``; its ``config.epochs`` and ``phases`` follow
+        run: The run's state; its ``config.epochs`` and ``phases`` follow
             the plan.
         limit: Seconds from ``run.start``; ``None`` plans nothing.
         predict_images: Images the caller predicts after training, each in
@@ -126,7 +127,7 @@ class FitToTime(keras.callbacks.Callback):
 
     def __init__(
         self,
-        run,
+        run: RunState,
         limit: float | None,
         *,
         predict_images: int = 0,

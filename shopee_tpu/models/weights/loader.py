@@ -115,11 +115,11 @@ def resolve_source(source: str | os.PathLike) -> WeightsSource:
     """
     path = os.path.expanduser(os.fspath(source))
     if os.path.isdir(path):
-        run = RunFolder(path, writable=False)
-        if run.exists(run.BEST) or run.exists(run.LAST):
-            saved = run.saved_config()
+        folder = RunFolder(path, writable=False)
+        if folder.exists(folder.BEST) or folder.exists(folder.LAST):
+            saved = folder.saved_config()
             return WeightsSource(
-                run.weights("best"), path, saved.model.backbone if saved else None
+                folder.weights("best"), path, saved.model.backbone if saved else None
             )
         if _is_kerashub_preset(path):
             raise WeightsError(

@@ -34,7 +34,10 @@ import os
 import socket
 from dataclasses import dataclass
 
+import keras
+
 from shopee_tpu.models import layers as common
+from shopee_tpu.models.efficientnet_scaling import LITE, OFFICIAL
 from shopee_tpu.models.weights.errors import WeightsUnavailableError
 
 # Input normalisations (mean, std on the 0..1 scale) weights were trained with:
@@ -59,8 +62,9 @@ TIMM_URL = (
 )
 DOWNLOAD_TIMEOUT = 30.0  # seconds per socket operation; offline fails fast
 
-B_SIZES = (224, 240, 260, 300, 380, 456, 528, 600)
-LITE_SIZES = (224, 240, 260, 280, 300)
+# The variants' native input sizes, from the scaling tables.
+B_SIZES = tuple(resolution for _, _, resolution, _ in OFFICIAL.values())
+LITE_SIZES = tuple(resolution for _, _, resolution, _ in LITE.values())
 # (top, notop) hashes: keras.applications' md5s (from keras' source), the
 # efficientnet package's sha256s and md5s (from its efficientnet/weights.py).
 KERAS_MD5 = (
@@ -311,8 +315,6 @@ def _wheel_path(relative: str) -> str | None:
 def _fetch(f: WeightsFile, cache_dir: str | None) -> str:
     """``keras.utils.get_file`` (cache ``$KERAS_HOME/models``); it checks md5 and
     sha256 itself, a PyTorch Hub name's sha256 prefix is checked here."""
-    import keras
-
     full = len(f.hash) in (32, 64)
     path = keras.utils.get_file(
         f.name,
