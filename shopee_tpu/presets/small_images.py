@@ -42,7 +42,10 @@ def get_config() -> RunConfig:
             drop_connect_rate=0.0,
             batchnorm_momentum=0.99,
         ),
-        optim=base.optim.replace(warmup_epochs=1, ema_momentum=0.999),
+        # The photo preset's EMA momentum, 0.99: its average spans about 100
+        # steps. At 0.999 a run a time limit plans at 2 epochs (936 steps of 128 on
+        # 2 cores in 13 minutes) keeps 0.999 ** 936 = 39 % of its random start.
+        optim=base.optim.replace(warmup_epochs=1),
         augment=AugmentConfig(flip_lr=True, shift=0.1, cutout=0.4),
         plan=PlanConfig(),
         predict=PredictConfig(tta=("identity", "flip_lr"), reduce="mean"),
