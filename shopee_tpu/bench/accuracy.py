@@ -337,6 +337,7 @@ def run(args) -> dict:
         setting = SETTINGS[name]
         size = 64 if quick else setting.image_size
         budget = _budget(getattr(args, "budget", None), setting, quick)
+        idle = quick and getattr(args, "budget", None) is None
         peer = peer_recipe(
             setting.quick_peer if quick else setting.peer,
             getattr(args, "peer_sets", None) or (),
@@ -350,7 +351,8 @@ def run(args) -> dict:
             task = make_task(
                 os.path.join(where, "task"), seed, split=split, size=size, quick=quick
             )
-            if budget is not None and calibration is None:
+            # --quick's hour never binds: no epoch count to set.
+            if budget is not None and calibration is None and not idle:
                 calibration = calibrate_peer(
                     setting, task, peer, seed=seed, budget=budget
                 )
