@@ -34,14 +34,14 @@ class TrainOptions(TypedDict, total=False):
     Attributes:
         time_limit: Seconds of wall time this call may use (``--time-limit
             8h45m``); ``None`` (the default): no limit. A ``train()`` call fits
-            its run to it: after the first steady epoch the run plans the most
-            epochs (up to ``config.epochs``) that fit, with what follows them,
-            and its cosine schedule ends with the last of them
-            (``shopee_tpu.training.time_plan``). Should the epochs slow down, it
-            plans fewer, and as a last guard it stops after the last epoch that
-            fits, with its checkpoint. K-fold runs, sweeps and ``tune`` share
-            the limit among their runs, which it only stops: a rerun continues
-            the run it stopped, and the runs not started yet.
+            its run to it (unless ``fit_to_time=False``): after the first steady
+            epoch the run plans the most epochs (up to ``config.epochs``) that
+            fit, with what follows them, and its cosine schedule ends with the
+            last of them (``shopee_tpu.training.time_plan``). Should the epochs
+            slow down, it plans fewer, and as a last guard it stops after the
+            last epoch that fits, with its checkpoint. K-fold runs, sweeps and
+            ``tune`` share the limit among their runs, which it only stops: a
+            rerun continues the run it stopped, and the runs not started yet.
         checkpoint_every: Seconds of training between checkpoints (default 60):
             an epoch is committed once this much time has passed since the last
             commit, when it is the best so far, and at the end of each fit
