@@ -33,12 +33,12 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Unpack
 
 import numpy as np
 import pandas as pd
 
 from shopee_tpu import fs
-from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data.decode import read_ids_labels
 from shopee_tpu.data.files import list_files
@@ -55,7 +55,13 @@ from shopee_tpu.inference.ensemble import first_difference, save_probs
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.run_folder import RunFolder, fold_path
 from shopee_tpu.shared_folder import check_shared
-from shopee_tpu.training import train
+from shopee_tpu.training import TrainOptions, train
+from shopee_tpu.training.options import (
+    accelerator_for,
+    check_options,
+    time_left,
+    verbosity,
+)
 
 __all__ = ["KFoldResult", "train_folds", "fold_assignment", "fold_ids"]
 
@@ -158,12 +164,7 @@ def train_folds(
     folds: int | None = None,
     fold: int | None = None,
     out_dir: str | None = None,
-    time_limit: float | None = None,
-    checkpoint_every: float = 60.0,
-    device: str | None = None,
-    accelerator=None,
-    verbose: int | None = None,
-    callbacks: list | None = None,
+    **options: Unpack[TrainOptions],
 ) -> KFoldResult:
     """Trains (or resumes, or gathers) a k-fold run. See the module docstring.
 
@@ -172,25 +173,24 @@ def train_folds(
         folds: K; defaults to ``config.data.folds``.
         fold: Train only this fold (then gather if every fold is present).
         out_dir: The k-fold run folder; defaults to ``config.out_dir``.
-        time_limit: Seconds for this call across folds; a fold that does not finish
-            in time stops the run (rerun to continue).
-        checkpoint_every: Seconds between a fold's checkpoints (see ``train``).
-        device: Overrides ``config.device``.
-        accelerator: An ``Accelerator`` to reuse.
-        verbose: 1 shows progress, 0 is silent.
-        callbacks: Your own callbacks, handed to each fold's ``train``.
+        **options: How this call trains (``shopee_tpu.training.TrainOptions``),
+            handed to each fold's ``train``. The time limit is the call's, across
+            folds: a fold that does not finish in time stops the run (rerun to
+            continue).
 
     Raises:
         ValueError: Bad fold counts (see ``fold_assignment``) or ``fold`` out of range.
         ConfigMismatch: ``out_dir`` (or a gathered fold folder) holds a run with a
             different config.
+        TypeError: An option that ``TrainOptions`` does not have.
     """
+    check_options("train_folds", options)
     start = time.monotonic()
-    verbose = 1 if verbose is None else verbose
+    verbose = verbosity(options)
     config, k = _kfold_config(config, folds, fold, out_dir)
     # Before the records are read: tf.data would start Keras on TensorFlow, and on
     # a TPU VM only JAX reaches the TPU.
-    acc = connect_for(config, device, accelerator, verbose)
+    acc = accelerator_for(config, options)
     files = list_files(config.data.train)
     assignment = fold_assignment(files, config.data.schema, k, config.seed)
     folder = RunFolder(config.out_dir, writable=acc.chief)
@@ -202,39 +202,33 @@ def train_folds(
     for i in [fold] if fold is not None else range(k):
         if _fold_done(folder, i, _fold_config(config, i)):
             continue
-        remaining = (
-            None if time_limit is None else time_limit - (time.monotonic() - start)
-        )
+        remaining = time_left(options, start)
         if remaining is not None and remaining <= 0:
             stop_reason = f"time limit reached before fold {i}"
             break
         if verbose:
             print(f"{config.out_dir}: training fold-{i} ({k} folds)")
-        stop_reason = _train_fold(
-            config, i, files, assignment, acc, verbose,
-            time_limit=remaining, checkpoint_every=checkpoint_every,
-            callbacks=callbacks,
-        )  # fmt: skip
+        each: TrainOptions = {**options, "time_limit": remaining, "accelerator": acc}
+        stop_reason = _train_fold(config, i, files, assignment, each)
         if stop_reason is not None:
             break
     return _conclude(folder, config, assignment, stop_reason, acc.chief, verbose)
 
 
-def _train_fold(config, i, files, assignment, acc, verbose, **train_args) -> str | None:
+def _train_fold(config, i, files, assignment, options: TrainOptions) -> str | None:
     """Trains fold ``i`` and writes its out-of-fold file; why it stopped, if it did
     not finish."""
     result = train(
         _fold_config(config, i),
-        accelerator=acc,
-        verbose=verbose,
         record_ids=fold_ids(assignment, i),
         fit_to_time=False,  # the limit is every fold's: it only stops
-        **train_args,
+        **options,
     )
     if not result.metrics["finished"]:
         return f"fold {i}: {result.metrics.get('stop_reason')}"
     # Every host predicts (on several hosts a prediction needs all of them); the
     # chief writes, and the others wait until the fold's files are there.
+    acc = options["accelerator"]
     _predict_fold(result.model, _fold_config(config, i), files, assignment, i, acc)
     acc.sync(f"shopee_tpu.kfold.fold-{i}")
     del result

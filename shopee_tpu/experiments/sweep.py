@@ -24,6 +24,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
+from typing import Unpack
 
 import pandas as pd
 
@@ -31,11 +32,16 @@ from shopee_tpu import (
     fs,
     plots,  # matplotlib
 )
-from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import ConfigError, RunConfig
 from shopee_tpu.experiments.kfold import train_folds
 from shopee_tpu.run_folder import RunFolder
-from shopee_tpu.training import train
+from shopee_tpu.training import TrainOptions, train
+from shopee_tpu.training.options import (
+    accelerator_for,
+    check_options,
+    time_left,
+    verbosity,
+)
 
 __all__ = [
     "check_key",
@@ -194,10 +200,7 @@ def run_sweep(
     out: str | os.PathLike,
     *,
     folds: int | None = None,
-    time_limit: float | None = None,
-    device: str | None = None,
-    accelerator=None,
-    verbose: int = 1,
+    **options: Unpack[TrainOptions],
 ) -> pd.DataFrame:
     """Trains every grid point (skipping finished ones) and writes the results.
 
@@ -207,25 +210,26 @@ def run_sweep(
         out: The sweep folder: one run folder per point plus ``results.csv``,
             ``results.md`` and ``results.png``.
         folds: Train each point as a k-fold run of this many folds.
-        time_limit: Seconds for this call; points that no longer fit are left for
-            the next call (their rows say ``not run``).
-        device: Overrides the config's device.
-        accelerator: An ``Accelerator`` to reuse.
-        verbose: 1 shows progress, 0 is silent.
+        **options: How this call trains (``shopee_tpu.training.TrainOptions``),
+            handed to each point's run. The time limit is the call's, across
+            points: those that no longer fit are left for the next call (their
+            rows say ``not run``).
 
     Returns:
         The results table, one row per point.
+
+    Raises:
+        TypeError: An option that ``TrainOptions`` does not have.
     """
-    start = time.monotonic()
+    check_options("run_sweep", options)
+    start, verbose = time.monotonic(), verbosity(options)
     out = os.fspath(out)
     if folds is not None:
         base = base.replace(data=base.data.replace(folds=int(folds)))
     axes = parse_grid(grid, base)
     points = grid_points(base, axes)
     os.makedirs(out, exist_ok=True)
-    rows, trained = _run_points(
-        points, out, start, time_limit, device, accelerator, verbose
-    )
+    rows, trained = _run_points(points, out, start, options)
     results = pd.DataFrame(rows)
     keys = [k for k, _ in axes]
     _write_results(out, results, axes, base)
@@ -237,11 +241,11 @@ def run_sweep(
 
 
 def _run_points(
-    points, out: str, start: float, time_limit, device, accelerator, verbose
+    points, out: str, start: float, options: TrainOptions
 ) -> tuple[list[dict], int]:
     """Trains the points that are not finished while time is left; one results row
     per point, and how many points trained."""
-    acc = None
+    acc, verbose = None, verbosity(options)
     rows, trained = [], 0
     for n, (name, changes, cfg) in enumerate(points):
         where = os.path.join(out, name)
@@ -252,33 +256,25 @@ def _run_points(
                 print(f"{where}: finished; skipped")
             rows.append(result_row(changes, metrics, where, "finished"))
             continue
-        remaining = (
-            None if time_limit is None else time_limit - (time.monotonic() - start)
-        )
+        remaining = time_left(options, start)
         if remaining is not None and remaining <= 0:
             rows.append(result_row(changes, None, where, "not run (time limit)"))
             continue
         if verbose:
             print(f"{where}: point {n + 1} of {len(points)}: {changes}")
-        acc = acc or connect_for(cfg, device, accelerator, verbose)
-        rows.append(_train_point(cfg, changes, where, remaining, acc, verbose))
+        acc = acc or accelerator_for(cfg, options)
+        each: TrainOptions = {**options, "time_limit": remaining, "accelerator": acc}
+        rows.append(_train_point(cfg, changes, where, each))
         trained += 1
     return rows, trained
 
 
-def _train_point(cfg: RunConfig, changes, where, remaining, acc, verbose) -> dict:
+def _train_point(cfg: RunConfig, changes, where, options: TrainOptions) -> dict:
     """Trains (or resumes) one point, as a k-fold run when ``data.folds`` is set."""
-    run = train_folds if cfg.data.folds else train
-    # The limit is every point's: it only stops a run (k-fold runs say so themselves).
-    alone = {} if cfg.data.folds else {"fit_to_time": False}
-    result = run(
-        cfg,
-        out_dir=where,
-        time_limit=remaining,
-        accelerator=acc,
-        verbose=verbose,
-        **alone,
-    )
+    if cfg.data.folds:
+        result = train_folds(cfg, out_dir=where, **options)
+    else:  # the limit is every point's: it only stops a run (as in k-fold runs)
+        result = train(cfg, out_dir=where, fit_to_time=False, **options)
     finished = result.metrics.get("finished", result.metrics.get("complete"))
     status = "finished" if finished else "stopped (time limit); rerun to resume"
     row = result_row(changes, result.metrics, where, status)

@@ -26,6 +26,7 @@ import os
 import time
 import typing
 from collections.abc import Sequence
+from typing import Unpack
 
 import pandas as pd
 
@@ -37,7 +38,8 @@ from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import ConfigError, RunConfig
 from shopee_tpu.experiments.sweep import check_key, result_row, results_markdown
 from shopee_tpu.run_folder import RunFolder
-from shopee_tpu.training import train
+from shopee_tpu.training import TrainOptions, train
+from shopee_tpu.training.options import check_options, time_left, verbosity
 from shopee_tpu.utils import require_extra
 
 __all__ = ["Dimension", "parse_space", "tune"]
@@ -175,10 +177,7 @@ def tune(
     out: str | os.PathLike,
     *,
     trials: int,
-    time_limit: float | None = None,
-    device: str | None = None,
-    accelerator=None,
-    verbose: int = 1,
+    **options: Unpack[TrainOptions],
 ) -> pd.DataFrame:
     """Runs (or resumes) the search until ``trials`` trials are done; returns the
     results table, one row per trial (see the module docstring).
@@ -188,11 +187,15 @@ def tune(
         space: ``--space`` items (see ``parse_space``).
         out: The search folder.
         trials: Trials to have done when the call ends.
-        time_limit: Seconds for this call; an unfinished trial resumes next call.
-        device: Overrides the config's device.
-        accelerator: An ``Accelerator`` to reuse.
-        verbose: 1 shows progress, 0 is silent.
+        **options: How this call trains (``shopee_tpu.training.TrainOptions``),
+            handed to each trial's ``train``. The time limit is the call's, across
+            trials: an unfinished trial resumes next call.
+
+    Raises:
+        TypeError: An option that ``TrainOptions`` does not have.
     """
+    check_options("tune", options)
+    verbose = verbosity(options)
     optuna = _optuna()
     start, out = time.monotonic(), os.fspath(out)
     dims = parse_space(space, base)
@@ -203,11 +206,9 @@ def tune(
         )
     study = _study(optuna, out, base.seed, dims, base)
     state = optuna.trial.TrialState
-    acc = accelerator
+    acc = None
     while True:
-        remaining = (
-            None if time_limit is None else time_limit - (time.monotonic() - start)
-        )
+        remaining = time_left(options, start)
         pending = [t for t in study.trials if t.state == state.RUNNING]
         done = [t for t in study.trials if t.state in (state.COMPLETE, state.FAIL)]
         if (not pending and len(done) >= trials) or (
@@ -222,14 +223,10 @@ def tune(
             print(f"{where}: trial {number + 1} of {trials}: {changes}")
         cfg = base.override([f"{k}={v}" for k, v in changes.items()])
         cfg = cfg.replace(name=os.path.basename(where), out_dir=where)
-        acc = acc or connect_for(cfg, device)
-        result = train(  # the limit is every trial's: it only stops one
-            cfg,
-            time_limit=remaining,
-            accelerator=acc,
-            verbose=verbose,
-            fit_to_time=False,
-        )
+        acc = acc or connect_for(cfg, options.get("device"), options.get("accelerator"))
+        each: TrainOptions = {**options, "time_limit": remaining, "accelerator": acc}
+        # The limit is every trial's: it only stops one.
+        result = train(cfg, fit_to_time=False, **each)
         if not result.metrics["finished"]:
             break  # the time limit: this trial resumes on the next call
         value = result.metrics["best_val_accuracy"]

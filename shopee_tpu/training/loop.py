@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Unpack
 
-from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data import pipeline
 from shopee_tpu.data.manifests import manifest_beside
@@ -27,6 +26,12 @@ from shopee_tpu.data.shapes import any_image_size  # TensorFlow, when called
 from shopee_tpu.data.sources import class_names
 from shopee_tpu.run_folder import RunFolder
 from shopee_tpu.shared_folder import open_training_run
+from shopee_tpu.training.options import (
+    SingleRunOptions,
+    accelerator_for,
+    check_options,
+    verbosity,
+)
 from shopee_tpu.training.plan import (
     Phase,
     describe_phase,
@@ -83,52 +88,22 @@ def train(
     config: RunConfig,
     *,
     out_dir: str | None = None,
-    time_limit: float | None = None,
-    checkpoint_every: float = 60.0,
-    device: str | None = None,
-    accelerator=None,
-    verbose: int | None = None,
     record_ids: dict[str, list[str]] | None = None,
-    callbacks: list | None = None,
-    resume_stopped: bool = False,
-    predict_images: int = 0,
-    fit_to_time: bool = True,
+    **options: Unpack[SingleRunOptions],
 ) -> TrainResult:
     """Trains (or resumes) the run described by ``config``.
 
     Args:
         config: The run config; ``config.data.train`` names the training records.
         out_dir: Run folder; defaults to ``config.out_dir``.
-        time_limit: Seconds of wall time this call may use (``--time-limit 8h45m``).
-            After the first steady epoch the run plans the most epochs (up to
-            ``config.epochs``) that fit, with what follows them, and its cosine
-            schedule ends with the last of them (``shopee_tpu.training.time_plan``).
-            Should the epochs slow down, it plans fewer, and as a last guard it
-            stops after the last epoch that fits, with its checkpoint.
-        fit_to_time: ``False``: the time limit only stops the run, which resumes
-            in the next call with every epoch asked (a run spread over several
-            sessions; ``--resume-later``). k-fold runs, sweeps and ``tune``
-            share one limit among their runs and pass ``False``.
-        checkpoint_every: Seconds of training between checkpoints: an epoch is
-            committed once this much time has passed since the last commit, when
-            it is the best so far, and at the end of each fit (phase, run, time
-            limit). A crash loses at most this much; 0 commits every epoch.
-        device: Overrides ``config.device`` for ``connect()``.
-        accelerator: An ``Accelerator`` from ``shopee_tpu.connect()`` to reuse.
-        verbose: 1 shows progress bars, 0 is silent; ``None`` picks 1.
         record_ids: ``{"train": ids, "valid": ids}``: train on and validate on
             these records of ``data.train`` (one fold of a k-fold run, see
             ``shopee_tpu.experiments.kfold``).
-        callbacks: Your own Keras callbacks (TensorBoard, EarlyStopping, a
-            logger), or functions that return one (called once Keras runs on the
-            backend ``connect()`` chose), run after ours in every ``fit``: the
-            epoch is committed to the run folder before they see it. A callback
-            that stops training (``EarlyStopping``) ends the run as a finished
-            run: its last epoch is committed, and a rerun does not train again.
-        resume_stopped: Train on past a finished run that a callback stopped
-            early, from its last committed epoch up to ``config.epochs``.
-        predict_images: Images you predict right after this call (each in every
-            view of ``config.predict.tta``); a time limit keeps time for them.
+        **options: How this call trains: ``time_limit``, ``checkpoint_every``,
+            ``device``, ``accelerator``, ``verbose``, ``callbacks``,
+            ``resume_stopped``, ``predict_images``, ``fit_to_time``; each is
+            documented in ``shopee_tpu.training.options`` (``TrainOptions``,
+            ``SingleRunOptions``).
 
     Returns:
         The ``TrainResult``.
@@ -137,23 +112,29 @@ def train(
         ConfigMismatch: ``out_dir`` holds a run trained with a different config.
         ValueError: ``config.data.train`` is unset or holds no records, or the
             config is a k-fold run's (train those with ``train_folds``).
+        TypeError: An option that is not one of those above.
     """
-    run = _setup(config, out_dir, device, accelerator, verbose, record_ids)
+    check_options("train", options, SingleRunOptions)
+    run = _setup(config, out_dir, record_ids, options)
     fitted = NOT_TRAINED
     folder, epochs = run.folder, run.config.epochs
+    resume_stopped = options.get("resume_stopped", False)
     if folder.finished and (folder.epoch >= epochs or not resume_stopped):
         run.say(f"finished run ({folder.epoch} of {epochs} epochs); not retrained")
         fitted = Fitted(None, None, folder.state.get("stop_reason"), True)
     elif folder.epoch < epochs:
-        plan = (time_limit if fit_to_time else None, predict_images)
-        fitted = _fit(run, time_limit, checkpoint_every, callbacks or [], plan)
+        time_limit = options.get("time_limit")
+        fit_to = time_limit if options.get("fit_to_time", True) else None
+        plan = (fit_to, options.get("predict_images", 0))
+        every = options.get("checkpoint_every", 60.0)
+        fitted = _fit(run, time_limit, every, options.get("callbacks") or [], plan)
     return _finish(run, fitted)
 
 
-def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> RunState:
+def _setup(config, out_dir, record_ids, options: SingleRunOptions) -> RunState:
     """The hardware, the run folder, the records and the plan of a run."""
     start = time.monotonic()
-    verbose = 1 if verbose is None else verbose
+    verbose = verbosity(options)
     config = config.replace(out_dir=out_dir or config.out_dir)
     if not config.data.train:
         raise ValueError("config.data.train is not set: point it at a TFRecord folder")
@@ -162,7 +143,7 @@ def _setup(config, out_dir, device, accelerator, verbose, record_ids) -> RunStat
             "a k-fold config (data.folds): train it with "
             "shopee_tpu.experiments.kfold.train_folds (shopee-tpu train --folds K)"
         )
-    acc = connect_for(config, device, accelerator, verbose)
+    acc = accelerator_for(config, options)
     folder = open_training_run(config, acc)
     verbose = verbose if acc.chief else 0  # one progress bar per run, not per host
     files = pipeline.list_files(config.data.train)
