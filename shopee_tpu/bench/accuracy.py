@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shopee_tpu import fs
-from shopee_tpu.bench import mean_std, seeds_from
+from shopee_tpu.bench import mean_std, round_orders, seeds_from
 from shopee_tpu.bench.peer import PeerRecipe, run_peer
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data.photos import make_photo_dataset
@@ -240,7 +240,7 @@ def calibrate_peer(
 
 def order(seed: int) -> list[str]:
     """Who runs first: the peer on even seeds, ours on odd ones."""
-    return list(CONTENDERS) if seed % 2 == 0 else list(reversed(CONTENDERS))
+    return round_orders(list(CONTENDERS), seed + 1)[seed]
 
 
 def run_in_order(contenders: dict[str, Callable[[], dict]], seed: int) -> dict:
