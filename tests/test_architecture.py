@@ -194,6 +194,16 @@ def test_every_lazy_export_names_a_top_level_definition_of_its_module():
     assert LAZY and missing == []
 
 
+def test_no_lazy_export_shares_its_name_with_a_submodule():
+    # Importing package.x binds the package's attribute x to that module, so a
+    # lazy export named x would then be the module, not the function (it was:
+    # shopee_tpu.experiments.tune, once the command line had imported it).
+    clashes = [
+        (package, name) for package, name in LAZY if f"{package}.{name}" in MODULES
+    ]
+    assert LAZY and clashes == []
+
+
 def test_no_import_cycle_between_modules():
     assert _cycles(_edges()) == []
 

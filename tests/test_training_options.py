@@ -10,8 +10,7 @@ import time
 import pytest
 
 from shopee_tpu.config import RunConfig
-from shopee_tpu.experiments import run_sweep, train_folds
-from shopee_tpu.experiments.tune import tune  # the package's `tune` may be the module
+from shopee_tpu.experiments import run_sweep, train_folds, tune
 from shopee_tpu.training import SingleRunOptions, TrainOptions, train
 from shopee_tpu.training.options import time_left, verbosity
 

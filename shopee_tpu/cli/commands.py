@@ -19,9 +19,9 @@ from shopee_tpu.data.records import write_records_from_csv
 from shopee_tpu.demo import run_demo
 from shopee_tpu.deploy.writer import export
 from shopee_tpu.experiments.kfold import train_folds
+from shopee_tpu.experiments.search import tune
 from shopee_tpu.experiments.stack import stack_runs
 from shopee_tpu.experiments.sweep import run_sweep
-from shopee_tpu.experiments.tune import tune
 from shopee_tpu.inference.files import predict_files
 from shopee_tpu.inference.run import predict_run
 from shopee_tpu.kernels.build import build_kernel

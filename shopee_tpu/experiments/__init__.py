@@ -9,7 +9,7 @@ built on ``train()`` and the inference package.
 ``stack``       ``stack_runs``: the meta-learner over several runs' out-of-fold
                 probabilities, applied to their test probabilities
 ``sweep``       ``run_sweep``: one run per grid point, a results table and plot
-``tune``        ``tune``: an Optuna search (the ``[tune]`` extra), one run per
+``search``      ``tune``: an Optuna search (the ``[tune]`` extra), one run per
                 trial, resumable from its SQLite study
 =============== ==============================================================
 
@@ -27,7 +27,7 @@ _EXPORTS = {
     "stack_runs": "shopee_tpu.experiments.stack",
     "run_sweep": "shopee_tpu.experiments.sweep",
     "parse_grid": "shopee_tpu.experiments.sweep",
-    "tune": "shopee_tpu.experiments.tune",
+    "tune": "shopee_tpu.experiments.search",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -34,12 +34,16 @@ from shopee_tpu import (
     fs,
     plots,  # matplotlib
 )
-from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import ConfigError, RunConfig
 from shopee_tpu.experiments.sweep import check_key, result_row, results_markdown
 from shopee_tpu.run_folder import RunFolder
 from shopee_tpu.training import TrainOptions, train
-from shopee_tpu.training.options import check_options, time_left, verbosity
+from shopee_tpu.training.options import (
+    accelerator_for,
+    check_options,
+    time_left,
+    verbosity,
+)
 from shopee_tpu.utils import require_extra
 
 __all__ = ["Dimension", "parse_space", "tune"]
@@ -223,7 +227,7 @@ def tune(
             print(f"{where}: trial {number + 1} of {trials}: {changes}")
         cfg = base.override([f"{k}={v}" for k, v in changes.items()])
         cfg = cfg.replace(name=os.path.basename(where), out_dir=where)
-        acc = acc or connect_for(cfg, options.get("device"), options.get("accelerator"))
+        acc = acc or accelerator_for(cfg, options)
         each: TrainOptions = {**options, "time_limit": remaining, "accelerator": acc}
         # The limit is every trial's: it only stops one.
         result = train(cfg, fit_to_time=False, **each)

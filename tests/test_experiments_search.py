@@ -123,17 +123,28 @@ def test_four_trials_killed_after_the_second_resume_without_repeating(
     ],
 )
 def test_bad_search_spaces_are_named(item, message):
-    from shopee_tpu.experiments.tune import parse_space
+    from shopee_tpu.experiments.search import parse_space
 
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         parse_space([item], RunConfig.preset("demo"))
 
 
 def test_integer_keys_search_whole_numbers():
-    from shopee_tpu.experiments.tune import parse_space
+    from shopee_tpu.experiments.search import parse_space
 
     (epochs, tta) = parse_space(
         ["epochs=2:9", "predict.reduce=mean,geometric"], RunConfig()
     )
     assert (epochs.integer, epochs.low, epochs.high) == (True, 2.0, 9.0)
     assert tta.choices == ("mean", "geometric")
+
+
+def test_a_quiet_search_connects_quietly(tmp_path, capsys):
+    from shopee_tpu.experiments import tune
+
+    # No records: the trial's run stops at its first read, after the connect.
+    missing = tmp_path / "no-records"
+    base = RunConfig.preset("demo").override(*TINY, f"data.train={missing}")
+    with pytest.raises(FileNotFoundError, match="no-records"):
+        tune(base, SPACE, tmp_path / "tune", trials=1, verbose=0)
+    assert capsys.readouterr().out == ""
