@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from unittest import mock
@@ -13,6 +14,7 @@ from conftest import photo_crops, run_python
 
 from shopee_tpu.models import (
     WeightsUnavailableError,
+    build_model,
     describe,
     drop_connect_rates,
     efficientnet,
@@ -353,8 +355,9 @@ def test_each_kernel_draws_its_own_start_and_the_seed_alone_decides_it():
     kernels = [layer.kernel.numpy() for layer in same_shape]
     assert kernels[0].shape == kernels[1].shape
     assert not np.array_equal(*kernels)
-    # Another process, which imported the builder before seeding: the same weights
-    # (on several JAX hosts a difference stops the run at the first layer).
+    # Another process, which imported the builder before seeding, and this one,
+    # which has drawn from every RNG since: the same weights (on several JAX hosts
+    # a difference stops the run at the first layer).
     code = (
         "import hashlib, keras\n"
         "from shopee_tpu.models import build_model\n"
@@ -365,5 +368,9 @@ def test_each_kernel_draws_its_own_start_and_the_seed_alone_decides_it():
         "    print(hashlib.md5(b''.join(w.tobytes() for w in m.get_weights()))"
         ".hexdigest())\n"
     )
-    first, second = (run_python(code).split() for _ in range(2))
-    assert first == second and len(first) == 2
+    here = []
+    for name in ("efficientnet-phi-6", "tiny-cnn"):
+        keras.utils.set_random_seed(3)
+        weights = build_model(name, 10, input_size=32).get_weights()
+        here.append(hashlib.md5(b"".join(w.tobytes() for w in weights)).hexdigest())
+    assert run_python(code).split() == here
