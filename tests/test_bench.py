@@ -602,7 +602,7 @@ class _Clock:
         self.now, self.durations = 0.0, durations
 
 
-def _fit_with_budget(durations, *, budget, reserve, epochs=20, fits=1):
+def _fit_with_budget(durations, *, budget, reserve, epochs=20, fits=1, steady=None):
     import keras
     import numpy as np
 
@@ -620,7 +620,7 @@ def _fit_with_budget(durations, *, budget, reserve, epochs=20, fits=1):
 
     tick = Tick()
     tick.epoch_seen = 0
-    stop = StopBefore(0.0, budget, reserve, clock=lambda: clock.now)
+    stop = StopBefore(0.0, budget, reserve, steady, clock=lambda: clock.now)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile("sgd", "mse")
     x, y = np.zeros((10, 2), "float32"), np.zeros((10, 1), "float32")
@@ -648,6 +648,11 @@ def test_the_peer_stops_before_an_epoch_that_would_eat_into_its_reserve():
     # Before that, it is: 30 s used, 25 s left < 30 s.
     stop, steps, now = _fit_with_budget([3.0, 1.0], budget=85, reserve=30)
     assert steps == [1] and now == 30.0
+    # Unless a calibration run timed a steady epoch (10 s): then 25 s left fit
+    # the next, and 15 s the one after; 5 s do not.
+    stop, steps, now = _fit_with_budget([3.0, 1.0], budget=85, reserve=30, steady=10)
+    assert steps == [3] and now == 50.0
+    assert stop.reason == "the next epoch (~10s) would not fit"
     # A second fit (the all-layers phase) expects its first epoch to last as
     # long as the longest first epoch so far, then its own steady ones.
     stop, steps, now = _fit_with_budget([1.0], budget=100, reserve=15, epochs=5, fits=3)

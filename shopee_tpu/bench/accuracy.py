@@ -356,7 +356,11 @@ def run(args) -> dict:
                 calibration = calibrate_peer(
                     setting, task, peer, seed=seed, budget=budget
                 )
-                peer = dataclasses.replace(peer, epochs=calibration["epochs"])
+                peer = dataclasses.replace(
+                    peer,
+                    epochs=calibration["epochs"],
+                    steady_epoch_sec=calibration["epoch_sec"][-1],
+                )
             runs.append(
                 compare(
                     setting, task, where, seed=seed, budget=budget, peer=peer, sets=sets

@@ -43,6 +43,9 @@ class PeerRecipe:
             all-layers phase, when pretrained).
         head_epochs: Pretrained: epochs of the head alone on the frozen backbone.
         head_learning_rate: Its constant learning rate (the guide's Adam default).
+        steady_epoch_sec: Seconds of a steady epoch of the last phase, as a
+            calibration run measured them: the budget guard's estimate of the
+            next epoch until this run has timed a steady one itself.
     """
 
     application: str = "EfficientNetB0"
@@ -50,6 +53,7 @@ class PeerRecipe:
     learning_rate: float = 3e-3
     head_epochs: int = 0
     head_learning_rate: float = 1e-3
+    steady_epoch_sec: float | None = None
 
 
 def _test_labels(task: dict) -> np.ndarray:
@@ -138,7 +142,7 @@ def run_peer(
     )
     train_ds = files.prefetch(tf.data.AUTOTUNE)
     model, backbone = _model(task, pretrained, recipe.application)
-    stop = StopBefore(start, budget, reserve)
+    stop = StopBefore(start, budget, reserve, steady=recipe.steady_epoch_sec)
     epochs = []
     if pretrained and recipe.head_epochs:
         backbone.trainable = False
@@ -206,14 +210,26 @@ class StopBefore(keras.callbacks.Callback):
     as long as the longest of this ``fit`` after its first (which traces the step
     and so runs longer), or, before one is seen, as long as the longest first
     epoch: the all-layers phase after the head's is a new ``fit`` with a new trace
-    and slower steps. As ``train()``'s time limit does. ``clock`` is for tests.
+    and slower steps. As ``train()``'s time limit does. ``steady``: a steady
+    epoch's seconds known from an earlier run, the estimate until this ``fit``
+    has timed one itself (the pretrained peer's traced first all-layers epoch ran
+    2.4 times as long as a steady one, and so stopped it with 70 s of its budget
+    unused). ``clock`` is for tests.
     """
 
-    def __init__(self, start: float, budget, reserve: float = 0.0, clock=None):
+    def __init__(
+        self,
+        start: float,
+        budget,
+        reserve: float = 0.0,
+        steady: float | None = None,
+        clock=None,
+    ):
         super().__init__()
         self.start, self.budget, self.reserve = start, budget, reserve
         self.clock = clock or time.perf_counter
         self.first = self.steady = 0.0
+        self.known = steady or 0.0
         self.seconds: list[float] = []  # every epoch's, over every fit
         self.reason = None
 
@@ -244,7 +260,7 @@ class StopBefore(keras.callbacks.Callback):
             self.first, self.traced = max(self.first, took), True
         if self.budget is None or self.stopped:
             return
-        expected = self.steady or self.first
+        expected = self.steady or self.known or self.first
         if self._left() < expected:
             self.model.stop_training = True
             self.reason = f"the next epoch (~{expected:.0f}s) would not fit"
