@@ -133,7 +133,7 @@ def kill_when(proc, ready, *, timeout: float, poll: float = 0.02) -> None:
 @pytest.fixture(scope="session")
 def digits_records(digits_dir, tmp_path_factory):
     """The digits fixture written as train (4 shards) and test (1 shard) records."""
-    from shopee_tpu.data.records import write_records_from_csv
+    from shopee_tpu.data.write.records import write_records_from_csv
 
     out = tmp_path_factory.mktemp("digits_records")
     common = dict(

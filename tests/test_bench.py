@@ -698,7 +698,7 @@ def _fashion_idx(folder, train: int = 200, test: int = 50) -> None:
     ships them): 28 px grey noise with a bright bar whose height is the class."""
     import numpy as np
 
-    from shopee_tpu.data.idx import write_idx
+    from shopee_tpu.data.write.idx import write_idx
 
     rng = np.random.default_rng(0)
     for stem, n in (("train", train), ("t10k", test)):

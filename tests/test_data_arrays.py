@@ -12,8 +12,8 @@ from conftest import photo_crops, stored_records
 from PIL import Image
 
 from shopee_tpu.data import write_arrays
-from shopee_tpu.data.idx import IdxFormatError, read_idx, read_idx_pair, write_idx
 from shopee_tpu.data.manifests import read_manifest
+from shopee_tpu.data.write.idx import IdxFormatError, read_idx, read_idx_pair, write_idx
 
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
 

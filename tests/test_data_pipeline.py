@@ -20,8 +20,8 @@ from shopee_tpu.data.pipeline import (
     load_dataset,
     read_ids_labels,
 )
-from shopee_tpu.data.records import write_records_from_csv
 from shopee_tpu.data.schemas import Schema
+from shopee_tpu.data.write.records import write_records_from_csv
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,14 @@ from __future__ import annotations
 from shopee_tpu.utils import lazy_exports
 
 _EXPORTS = {
-    "write_records": "shopee_tpu.data.records",
-    "write_records_from_csv": "shopee_tpu.data.records",
-    "write_records_from_folders": "shopee_tpu.data.folders",
-    "write_pixels_csv": "shopee_tpu.data.pixels_csv",
-    "write_arrays": "shopee_tpu.data.arrays",
-    "write_idx_records": "shopee_tpu.data.arrays",
-    "read_idx": "shopee_tpu.data.idx",
-    "read_idx_pair": "shopee_tpu.data.idx",
+    "write_records": "shopee_tpu.data.write.records",
+    "write_records_from_csv": "shopee_tpu.data.write.records",
+    "write_records_from_folders": "shopee_tpu.data.write.folders",
+    "write_pixels_csv": "shopee_tpu.data.write.pixels_csv",
+    "write_arrays": "shopee_tpu.data.write.arrays",
+    "write_idx_records": "shopee_tpu.data.write.arrays",
+    "read_idx": "shopee_tpu.data.write.idx",
+    "read_idx_pair": "shopee_tpu.data.write.idx",
     "read_manifest": "shopee_tpu.data.manifests",
     "load_dataset": "shopee_tpu.data.pipeline",
     "train_dataset": "shopee_tpu.data.pipeline",

@@ -23,7 +23,7 @@ from shopee_tpu.config import RunConfig
 from shopee_tpu.data import pipeline
 from shopee_tpu.data.manifests import manifest_beside
 from shopee_tpu.data.shapes import any_image_size  # TensorFlow, when called
-from shopee_tpu.data.sources import class_names
+from shopee_tpu.data.write.sources import class_names
 from shopee_tpu.run_folder import RunFolder
 from shopee_tpu.shared_folder import open_training_run
 from shopee_tpu.training.options import (
