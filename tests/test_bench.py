@@ -421,7 +421,7 @@ def _same_images(task_root, out_dir: str) -> None:
 
     import pandas as pd
 
-    from shopee_tpu.data.pipeline import read_ids_labels
+    from shopee_tpu.data.read.pipeline import read_ids_labels
 
     listed = set(pd.read_csv(f"{task_root}/train.csv", dtype=str).filename)
     folder = {

@@ -26,7 +26,7 @@ def _grey(n: int, side: int = 28, seed: int = 0) -> np.ndarray:
 
 def _decoded(out_dir, side: int) -> dict[str, np.ndarray]:
     """``{id: pixels}`` as the training pipeline decodes them (3 channels)."""
-    from shopee_tpu.data.pipeline import load_dataset
+    from shopee_tpu.data.read.pipeline import load_dataset
 
     ds = load_dataset(out_dir, training=False, image_size=side, batch_size=16)
     return {

@@ -12,8 +12,8 @@ from conftest import photo_crops
 from PIL import Image
 
 from shopee_tpu.config import AugmentConfig
-from shopee_tpu.data.decode import DCT_METHOD
-from shopee_tpu.data.pipeline import (
+from shopee_tpu.data.read.decode import DCT_METHOD
+from shopee_tpu.data.read.pipeline import (
     count_records,
     holdout_files,
     list_files,

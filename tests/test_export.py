@@ -31,7 +31,7 @@ EXPORTS = {
 def trained(tmp_path_factory):
     from shopee_tpu.config import RunConfig
     from shopee_tpu.data.digits import make_digits_dataset
-    from shopee_tpu.data.files import list_files
+    from shopee_tpu.data.read.files import list_files
     from shopee_tpu.data.write.records import write_records_from_csv
     from shopee_tpu.deploy.check import keras_probabilities, record_images
     from shopee_tpu.inference.run import load_run_model
@@ -174,7 +174,7 @@ def _test_files(trained, n: int) -> tuple[list[str], list[str]]:
 def test_files_predict_as_the_records_written_from_them(trained, tmp_path):
     from PIL import Image
 
-    from shopee_tpu.data.pipeline import load_dataset
+    from shopee_tpu.data.read.pipeline import load_dataset
     from shopee_tpu.data.write.records import write_records_from_csv
     from shopee_tpu.inference.files import Classifier
     from shopee_tpu.inference.tta import predict

@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
 
 def test_predict_run_writes_each_test_filename_once(setup):
     from shopee_tpu import predict
-    from shopee_tpu.data.pipeline import load_dataset
+    from shopee_tpu.data.read.pipeline import load_dataset
     from shopee_tpu.inference.ensemble import load_probs
     from shopee_tpu.inference.run import predict_run
     from shopee_tpu.inference.submission import validate_shopee_submission

@@ -58,7 +58,7 @@ from shopee_tpu.bench import mean_std, round_orders, seeds_from
 from shopee_tpu.bench.peer import PeerRecipe, run_peer
 from shopee_tpu.config import RunConfig
 from shopee_tpu.data.photos import make_photo_dataset
-from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
+from shopee_tpu.data.read.pipeline import load_dataset, read_ids_labels
 from shopee_tpu.data.write.records import write_records_from_csv
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.training import train
