@@ -30,8 +30,8 @@ EXPORTS = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from shopee_tpu.config import RunConfig
-    from shopee_tpu.data.digits import make_digits_dataset
     from shopee_tpu.data.read.files import list_files
+    from shopee_tpu.data.samples.digits import make_digits_dataset
     from shopee_tpu.data.write.records import write_records_from_csv
     from shopee_tpu.deploy.check import keras_probabilities, record_images
     from shopee_tpu.inference.run import load_run_model

@@ -19,7 +19,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from shopee_tpu.config import RunConfig
-    from shopee_tpu.data.digits import make_digits_dataset
+    from shopee_tpu.data.samples.digits import make_digits_dataset
     from shopee_tpu.data.write.records import write_records_from_csv
     from shopee_tpu.models import build_from_config
 

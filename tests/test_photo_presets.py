@@ -14,7 +14,7 @@ import pytest
 from conftest import TINY
 
 from shopee_tpu.config import PRESETS, RunConfig
-from shopee_tpu.data.photos import _regions, prepare_photo_records
+from shopee_tpu.data.samples.photos import _regions, prepare_photo_records
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ _EXPORTS = {
     "mix_batch": "shopee_tpu.data.read.augment",
     "group_split": "shopee_tpu.data.splits",
     "stratified_group_kfold": "shopee_tpu.data.splits",
-    "make_digits_dataset": "shopee_tpu.data.digits",
+    "make_digits_dataset": "shopee_tpu.data.samples.digits",
 }
 
 __all__ = sorted(_EXPORTS)
