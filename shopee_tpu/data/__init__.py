@@ -1,22 +1,28 @@
 """Input data: TFRecord writing and reading, augmentations, grouped splits.
 
-=================== =========================================================
-``sources``         the Shopee layout, CSVs/DataFrames, label maps
-``records``         ``write_records``, ``write_records_from_csv`` (with
-                    ``shard_writer``, ``writer_pool``, ``tfrecord``, ``images``)
-``folders``         ``write_records_from_folders``: a folder per class
-``arrays``          ``write_arrays`` (``keras.datasets``), ``write_idx_records``
-``pixels_csv``      ``write_pixels_csv``: Kaggle's ``label,pixel1..pixelN``
-``idx``             MNIST's idx files: ``read_idx``, ``read_idx_pair``
-``manifests``       ``manifest.json``: reading it, resuming a write from it
-``files``           finding, counting and holding out shards
-``decode``          one record: parse, decode; ``read_ids_labels``
-``pipeline``        ``train_dataset``, ``eval_dataset``, ``load_dataset``
-``schemas``         feature layouts: ours and the well-known Kaggle ones
-``augment``         ``augment_batch``, ``augment_image``, ``mix_batch`` (any backend)
-``splits``          ``group_split``, ``stratified_group_kfold``
-``digits``          ``photos``: real offline datasets in the Shopee layout
-=================== =========================================================
+Three rooms and what they share: ``write`` (no TensorFlow) and ``read`` (``tf.data``)
+never import each other, ``samples`` writes through ``write``, and the formats and
+``splits`` at this level import none of them.
+
+===================== ====================================================
+``write.sources``     the Shopee layout, CSVs/DataFrames, label maps
+``write.records``     ``write_records``, ``write_records_from_csv`` (with
+                      ``shard_writer``, ``writer_pool``, ``images``)
+``write.folders``     ``write_records_from_folders``: a folder per class
+``write.arrays``      ``write_arrays`` (``keras.datasets``), ``write_idx_records``
+``write.pixels_csv``  ``write_pixels_csv``: Kaggle's ``label,pixel1..pixelN``
+``write.idx``         MNIST's idx files: ``read_idx``, ``read_idx_pair``
+``read.files``        finding, counting and holding out shards
+``read.decode``       one record: parse, decode; ``read_ids_labels``
+``read.pipeline``     ``train_dataset``, ``eval_dataset``, ``load_dataset``
+                      (with ``sharding``, ``shapes``)
+``read.augment``      ``augment_batch``, ``augment_image``, ``mix_batch`` (any backend)
+``samples.digits``    ``samples.photos``: real offline datasets in the Shopee layout
+``tfrecord``          the record format, written without TensorFlow
+``manifests``         ``manifest.json``: reading it, resuming a write from it
+``schemas``           feature layouts: ours and the well-known Kaggle ones
+``splits``            ``group_split``, ``stratified_group_kfold``
+===================== ====================================================
 
 The Cdiscount competition's BSON files have their own package,
 ``shopee_tpu.cdiscount``.
