@@ -25,11 +25,11 @@ import pandas as pd
 from shopee_tpu import fs
 from shopee_tpu.accelerator import connect_for
 from shopee_tpu.config import RunConfig
-from shopee_tpu.data.digits import make_digits_dataset
 from shopee_tpu.data.manifests import read_manifest
-from shopee_tpu.data.pipeline import read_ids_labels
-from shopee_tpu.data.records import write_records_from_csv
-from shopee_tpu.data.sources import class_names
+from shopee_tpu.data.read.pipeline import read_ids_labels
+from shopee_tpu.data.samples.digits import make_digits_dataset
+from shopee_tpu.data.write.records import write_records_from_csv
+from shopee_tpu.data.write.sources import class_names
 from shopee_tpu.inference.ensemble import aggregate_products, load_probs
 from shopee_tpu.inference.md5 import build_from_records
 from shopee_tpu.inference.run import predict_run

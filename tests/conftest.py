@@ -45,7 +45,7 @@ def jax_compilation_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """About 300 real digit scans as 32-px JPEGs in the Shopee competition layout."""
-    from shopee_tpu.data.digits import make_digits_dataset
+    from shopee_tpu.data.samples.digits import make_digits_dataset
 
     out = tmp_path_factory.mktemp("digits")
     info = make_digits_dataset(out, image_size=32, limit=300, seed=0)
@@ -133,7 +133,7 @@ def kill_when(proc, ready, *, timeout: float, poll: float = 0.02) -> None:
 @pytest.fixture(scope="session")
 def digits_records(digits_dir, tmp_path_factory):
     """The digits fixture written as train (4 shards) and test (1 shard) records."""
-    from shopee_tpu.data.records import write_records_from_csv
+    from shopee_tpu.data.write.records import write_records_from_csv
 
     out = tmp_path_factory.mktemp("digits_records")
     common = dict(

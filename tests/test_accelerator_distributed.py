@@ -457,7 +457,7 @@ tf.config.set_logical_device_configuration(
         + _recipe(digits_records, tmp_path / "run", "epochs=2", "batch_size=4")
         + r"""
 import shopee_tpu
-from shopee_tpu.data import pipeline
+from shopee_tpu.data.read import pipeline
 from shopee_tpu.training import train
 acc = shopee_tpu.connect(strategy="mirrored", verbose=False)
 result = train(cfg, accelerator=acc, verbose=0)

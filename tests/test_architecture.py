@@ -94,7 +94,7 @@ def _imports(tree: ast.AST):
                 for alias in child.names:
                     yield alias.name, deeper
             elif isinstance(child, ast.ImportFrom) and child.level == 0:
-                # `from shopee_tpu.data import pipeline` imports the module
+                # `from shopee_tpu.data.read import pipeline` imports the module
                 # `pipeline`; `from shopee_tpu.data import load_dataset` imports
                 # the package.
                 # A package's lazy export is an import of the module behind it.

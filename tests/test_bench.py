@@ -421,7 +421,7 @@ def _same_images(task_root, out_dir: str) -> None:
 
     import pandas as pd
 
-    from shopee_tpu.data.pipeline import read_ids_labels
+    from shopee_tpu.data.read.pipeline import read_ids_labels
 
     listed = set(pd.read_csv(f"{task_root}/train.csv", dtype=str).filename)
     folder = {
@@ -703,7 +703,7 @@ def _fashion_idx(folder, train: int = 200, test: int = 50) -> None:
     ships them): 28 px grey noise with a bright bar whose height is the class."""
     import numpy as np
 
-    from shopee_tpu.data.idx import write_idx
+    from shopee_tpu.data.write.idx import write_idx
 
     rng = np.random.default_rng(0)
     for stem, n in (("train", train), ("t10k", test)):

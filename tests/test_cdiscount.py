@@ -68,7 +68,7 @@ def _docs(path) -> list[dict]:
 
 
 def _records(folder):
-    from shopee_tpu.data.pipeline import read_ids_labels
+    from shopee_tpu.data.read.pipeline import read_ids_labels
 
     return read_ids_labels(folder)
 

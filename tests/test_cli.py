@@ -222,14 +222,14 @@ def test_unavailable_weights_are_one_line(digits_records, tmp_path):
 
 def test_our_warnings_are_one_line_notes_and_others_unchanged(tmp_path):
     # A hold-out of 10 % over 4 shards must take 25 %: the note says so on one line.
-    from shopee_tpu.data.files import holdout_files
+    from shopee_tpu.data.read.files import holdout_files
 
     for i in range(4):
         (tmp_path / f"train-{i:05d}-10.tfrec").write_bytes(b"")
     code = (
         "import sys, warnings\n"
         "from shopee_tpu.console import one_line_warnings\n"
-        "from shopee_tpu.data.files import holdout_files\n"
+        "from shopee_tpu.data.read.files import holdout_files\n"
         "one_line_warnings('shopee-tpu train')\n"
         f"holdout_files({str(tmp_path)!r}, 0.1, 0)\n"
         "warnings.warn('from elsewhere')\n"

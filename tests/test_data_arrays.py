@@ -12,8 +12,8 @@ from conftest import photo_crops, stored_records
 from PIL import Image
 
 from shopee_tpu.data import write_arrays
-from shopee_tpu.data.idx import IdxFormatError, read_idx, read_idx_pair, write_idx
 from shopee_tpu.data.manifests import read_manifest
+from shopee_tpu.data.write.idx import IdxFormatError, read_idx, read_idx_pair, write_idx
 
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
 
@@ -26,7 +26,7 @@ def _grey(n: int, side: int = 28, seed: int = 0) -> np.ndarray:
 
 def _decoded(out_dir, side: int) -> dict[str, np.ndarray]:
     """``{id: pixels}`` as the training pipeline decodes them (3 channels)."""
-    from shopee_tpu.data.pipeline import load_dataset
+    from shopee_tpu.data.read.pipeline import load_dataset
 
     ds = load_dataset(out_dir, training=False, image_size=side, batch_size=16)
     return {

@@ -12,7 +12,7 @@ import pytest
 from conftest import photo_crops, run_python
 
 from shopee_tpu.config import AugmentConfig
-from shopee_tpu.data.augment import augment_image, mix_batch
+from shopee_tpu.data.read.augment import augment_image, mix_batch
 
 OFF = AugmentConfig(flip_lr=False)
 SINGLE = {
@@ -313,7 +313,7 @@ def test_all_ops_inside_tf_data(photo):
 def test_augment_batch_draws_per_image(photo):
     import tensorflow as tf
 
-    from shopee_tpu.data.augment import augment_batch
+    from shopee_tpu.data.read.augment import augment_batch
 
     batch = np.stack([photo] * 16).astype(np.uint8)
     out = augment_batch(batch, SINGLE["flip_lr"], seed=[0, 1]).numpy()
@@ -352,7 +352,7 @@ x = photo_crops(1, 16, seed=2)[0].astype("float32")
         + """
 import numpy as np, tensorflow as tf, keras
 from shopee_tpu.config import AugmentConfig
-from shopee_tpu.data.augment import augment_image, mix_batch
+from shopee_tpu.data.read.augment import augment_image, mix_batch
 assert keras.backend.backend() == "jax"
 cfg = AugmentConfig(rotate=20, shear=10, zoom=0.2, shift=0.1, random_crop=0.2,
                     cutout=0.3, hue=0.1, mixup=0.2, cutmix=1.0)

@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from shopee_tpu.config import AugmentConfig
-from shopee_tpu.data.augment import (
+from shopee_tpu.data.read.augment import (
     augment_batch,
     random_resized_crop,
     resized_crop_boxes,

@@ -12,8 +12,8 @@ from conftest import photo_crops, stored_records
 from PIL import Image
 
 from shopee_tpu.cli import main
-from shopee_tpu.data.folders import scan_folders, write_records_from_folders
 from shopee_tpu.data.manifests import read_manifest
+from shopee_tpu.data.write.folders import scan_folders, write_records_from_folders
 
 TRUNCATED = "corrupt or truncated image (OSError: image file is truncated"
 

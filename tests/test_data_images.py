@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shopee_tpu.data.images import prepare_image, resized_image
+from shopee_tpu.data.write.images import prepare_image, resized_image
 
 
 def _photo_files() -> dict[str, bytes]:

@@ -10,8 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
-from shopee_tpu.data.files import HoldoutWarning, holdout_files
-from shopee_tpu.data.pipeline import (
+from shopee_tpu.data.read.files import HoldoutWarning, holdout_files
+from shopee_tpu.data.read.pipeline import (
     count_records,
     eval_batches,
     list_files,

@@ -12,16 +12,16 @@ from conftest import photo_crops
 from PIL import Image
 
 from shopee_tpu.config import AugmentConfig
-from shopee_tpu.data.decode import DCT_METHOD
-from shopee_tpu.data.pipeline import (
+from shopee_tpu.data.read.decode import DCT_METHOD
+from shopee_tpu.data.read.pipeline import (
     count_records,
     holdout_files,
     list_files,
     load_dataset,
     read_ids_labels,
 )
-from shopee_tpu.data.records import write_records_from_csv
 from shopee_tpu.data.schemas import Schema
+from shopee_tpu.data.write.records import write_records_from_csv
 
 
 @pytest.fixture(scope="module")

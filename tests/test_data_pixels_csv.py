@@ -13,7 +13,11 @@ from PIL import Image
 
 from shopee_tpu.cli import main
 from shopee_tpu.data.manifests import read_manifest
-from shopee_tpu.data.pixels_csv import parse_shape, read_pixels_csv, write_pixels_csv
+from shopee_tpu.data.write.pixels_csv import (
+    parse_shape,
+    read_pixels_csv,
+    write_pixels_csv,
+)
 
 
 def _grey(n: int, side: int, seed: int = 0) -> np.ndarray:

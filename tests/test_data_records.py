@@ -14,8 +14,8 @@ from conftest import photo_crops, run_python
 from PIL import Image
 
 from shopee_tpu.data.manifests import read_manifest
-from shopee_tpu.data.records import write_records, write_records_from_csv
 from shopee_tpu.data.tfrecord import crc32c, encode_example, read_records
+from shopee_tpu.data.write.records import write_records, write_records_from_csv
 
 
 def _jpeg(side=40, seed=0, size=None) -> bytes:
@@ -217,8 +217,8 @@ def test_crc32c_equals_the_bytewise_definition_at_every_length():
 
 
 def test_progress_counts_every_image_across_worker_processes(tmp_path, capsys):
-    from shopee_tpu.data.shard_writer import ShardParams
-    from shopee_tpu.data.writer_pool import WorkerPool
+    from shopee_tpu.data.write.shard_writer import ShardParams
+    from shopee_tpu.data.write.writer_pool import WorkerPool
 
     paths = []
     for i in range(24):

@@ -19,7 +19,7 @@ import pandas as pd
 from conftest import REPO
 
 from shopee_tpu.data.manifests import read_manifest
-from shopee_tpu.data.records import write_records
+from shopee_tpu.data.write.records import write_records
 
 
 def _table(digits_dir) -> pd.DataFrame:
@@ -73,7 +73,7 @@ def test_resume_after_sigkill(digits_dir, tmp_path):
     out = tmp_path / "out"
     code = f"""
 import pandas as pd
-from shopee_tpu.data.records import write_records
+from shopee_tpu.data.write.records import write_records
 write_records(pd.read_pickle({str(tmp_path / "table.pkl")!r}), {str(out)!r},
               shards=6, workers=2, image_size=24)
 """

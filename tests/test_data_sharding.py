@@ -11,9 +11,9 @@ import shutil
 import pytest
 from test_multihost_jax import SIDE, ids_of, records_with_ids
 
-from shopee_tpu.data.files import list_files, record_counts
-from shopee_tpu.data.pipeline import load_dataset
-from shopee_tpu.data.sharding import host_part
+from shopee_tpu.data.read.files import list_files, record_counts
+from shopee_tpu.data.read.pipeline import load_dataset
+from shopee_tpu.data.read.sharding import host_part
 
 N = 100  # records 1..100
 BATCH = 4  # rows per host and step

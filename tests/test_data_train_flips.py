@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from shopee_tpu.config import AugmentConfig
-from shopee_tpu.data.augment import flip_image
-from shopee_tpu.data.pipeline import load_dataset
+from shopee_tpu.data.read.augment import flip_image
+from shopee_tpu.data.read.pipeline import load_dataset
 
 
 def _marked() -> np.ndarray:

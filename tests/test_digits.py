@@ -2,7 +2,7 @@ import os
 
 import pandas as pd
 
-from shopee_tpu.data.digits import TEST_PLACEHOLDER
+from shopee_tpu.data.samples.digits import TEST_PLACEHOLDER
 
 
 def test_digits_layout(digits_dir):

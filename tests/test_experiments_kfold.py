@@ -189,7 +189,7 @@ def test_oof_and_fold_ensemble_equal_the_fold_models_predictions(
 ):
     from shopee_tpu import predict
     from shopee_tpu.cli import main
-    from shopee_tpu.data.pipeline import load_dataset
+    from shopee_tpu.data.read.pipeline import load_dataset
     from shopee_tpu.inference.ensemble import load_probs
     from shopee_tpu.inference.run import load_run_model
 
@@ -355,7 +355,7 @@ def test_stack_refuses_files_that_do_not_match(two_runs, capsys):
 
 
 def test_keep_ids_selects_records_inside_tf_data(digits_records):
-    from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
+    from shopee_tpu.data.read.pipeline import load_dataset, read_ids_labels
 
     info = read_ids_labels(digits_records["train"])
     keep = set(info.id[info.label == 3].tolist()[::2])

@@ -30,9 +30,9 @@ EXPORTS = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from shopee_tpu.config import RunConfig
-    from shopee_tpu.data.digits import make_digits_dataset
-    from shopee_tpu.data.files import list_files
-    from shopee_tpu.data.records import write_records_from_csv
+    from shopee_tpu.data.read.files import list_files
+    from shopee_tpu.data.samples.digits import make_digits_dataset
+    from shopee_tpu.data.write.records import write_records_from_csv
     from shopee_tpu.deploy.check import keras_probabilities, record_images
     from shopee_tpu.inference.run import load_run_model
     from shopee_tpu.training import train
@@ -146,7 +146,7 @@ def test_quantized_litert_keeps_top1_and_reports_its_accuracy_drop(
 
 
 def test_contract_names_the_classes_and_the_preprocessing(trained, exports):
-    from shopee_tpu.data.sources import class_names
+    from shopee_tpu.data.write.sources import class_names
 
     folder = exports["litert-int8"].folder
     contract = json.loads(open(os.path.join(folder, "model.json")).read())
@@ -174,8 +174,8 @@ def _test_files(trained, n: int) -> tuple[list[str], list[str]]:
 def test_files_predict_as_the_records_written_from_them(trained, tmp_path):
     from PIL import Image
 
-    from shopee_tpu.data.pipeline import load_dataset
-    from shopee_tpu.data.records import write_records_from_csv
+    from shopee_tpu.data.read.pipeline import load_dataset
+    from shopee_tpu.data.write.records import write_records_from_csv
     from shopee_tpu.inference.files import Classifier
     from shopee_tpu.inference.tta import predict
 

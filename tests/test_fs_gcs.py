@@ -135,7 +135,7 @@ def test_gs_paths_never_import_tensorflow_or_keras(gcs):
     out = run_python(
         "import sys\n"
         "from shopee_tpu import fs\n"
-        "from shopee_tpu.data.files import count_records, list_files\n"
+        "from shopee_tpu.data.read.files import count_records, list_files\n"
         "from shopee_tpu.run_folder import RunFolder\n"
         "fs.write_json('gs://bucket/notf/run/config.json', {'a': 1})\n"
         "run = RunFolder('gs://bucket/notf/run')\n"

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from shopee_tpu.cli import main
-from shopee_tpu.data.images import BadImage
+from shopee_tpu.data.write.images import BadImage
 from shopee_tpu.deploy.check import compare_predictions
 from shopee_tpu.inference.exported import check_format, read_contract
 from shopee_tpu.inference.files import (

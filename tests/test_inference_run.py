@@ -19,8 +19,8 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from shopee_tpu.config import RunConfig
-    from shopee_tpu.data.digits import make_digits_dataset
-    from shopee_tpu.data.records import write_records_from_csv
+    from shopee_tpu.data.samples.digits import make_digits_dataset
+    from shopee_tpu.data.write.records import write_records_from_csv
     from shopee_tpu.models import build_from_config
 
     root = tmp_path_factory.mktemp("run_e2e")
@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
 
 def test_predict_run_writes_each_test_filename_once(setup):
     from shopee_tpu import predict
-    from shopee_tpu.data.pipeline import load_dataset
+    from shopee_tpu.data.read.pipeline import load_dataset
     from shopee_tpu.inference.ensemble import load_probs
     from shopee_tpu.inference.run import predict_run
     from shopee_tpu.inference.submission import validate_shopee_submission

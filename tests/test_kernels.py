@@ -154,7 +154,7 @@ def test_build_embeds_the_package_after_the_parameters_and_applies_overrides(tmp
         if f.endswith(".py") and "__pycache__" not in d
     }
     assert set(names) < everything
-    needed = ("__init__", "accelerator", "training/loop", "data/pipeline", "plots")
+    needed = ("__init__", "accelerator", "training/loop", "data/read/pipeline", "plots")
     assert {f"shopee_tpu/{m}.py" for m in needed} <= set(names)
     assert {"shopee_tpu/inference/run.py", "shopee_tpu/runtime.py"} <= set(names)
     left_out = everything - set(names)

@@ -141,7 +141,7 @@ def _image(record_id: int, label: int) -> bytes:
 
 def records_with_ids(out, ids, shards):
     """Records of ``ids``, each image carrying its id (``ids_of`` reads it back)."""
-    from shopee_tpu.data.records import write_records
+    from shopee_tpu.data.write.records import write_records
 
     items = ((_image(i, i % 10), f"{i % 10:02d}", str(i), str(i)) for i in ids)
     write_records(items, out, shards=shards, workers=1, seed=0, verbose=False)

@@ -23,7 +23,7 @@ import json, os, sys
 import numpy as np
 import shopee_tpu as st
 from shopee_tpu.cli import main
-from shopee_tpu.data.pipeline import load_dataset
+from shopee_tpu.data.read.pipeline import load_dataset
 from shopee_tpu.inference.run import load_run_model
 
 out, train, test, tag = sys.argv[1:5]

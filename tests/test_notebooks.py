@@ -205,7 +205,7 @@ def test_inference_smoke_run_ensembles_runs_into_a_valid_submission(tmp_path):
 @pytest.mark.slow
 def test_cdiscount_smoke_run_goes_from_bson_to_one_row_per_product(tmp_path):
     from shopee_tpu.cdiscount.sample import SAMPLE_CATEGORY_IDS
-    from shopee_tpu.data.decode import read_ids_labels
+    from shopee_tpu.data.read.decode import read_ids_labels
     from shopee_tpu.inference import aggregate_products, load_probs
 
     nb = _execute("cdiscount.ipynb", tmp_path)
@@ -250,7 +250,7 @@ def test_cdiscount_smoke_run_goes_from_bson_to_one_row_per_product(tmp_path):
 
 @pytest.mark.slow
 def test_tfrecords_smoke_run_writes_every_image_once(tmp_path):
-    from shopee_tpu.data.pipeline import read_ids_labels
+    from shopee_tpu.data.read.pipeline import read_ids_labels
 
     _execute("tfrecords.ipynb", tmp_path)
     download = tmp_path / "records-download"

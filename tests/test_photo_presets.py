@@ -14,7 +14,7 @@ import pytest
 from conftest import TINY
 
 from shopee_tpu.config import PRESETS, RunConfig
-from shopee_tpu.data.photos import _regions, prepare_photo_records
+from shopee_tpu.data.samples.photos import _regions, prepare_photo_records
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_each_preset_builds_its_own_model_and_optimizer(name):
 
 
 def test_a_holdout_of_few_classes_is_named(photo_task):
-    from shopee_tpu.data.files import HoldoutWarning, holdout_files
+    from shopee_tpu.data.read.files import HoldoutWarning, holdout_files
 
     # 16 regions in 8 shards: one held-out shard is 2 regions of 2 of the 4 classes,
     # where an untrained model answering one class scores 0.5 (a CI run once kept
@@ -125,7 +125,7 @@ def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
     photo_task, tmp_path, monkeypatch
 ):
     import shopee_tpu.models as models
-    from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
+    from shopee_tpu.data.read.pipeline import load_dataset, read_ids_labels
     from shopee_tpu.inference.tta import predict
     from shopee_tpu.training import train
 

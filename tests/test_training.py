@@ -118,7 +118,7 @@ def test_time_budget_stops_with_a_loadable_checkpoint_and_config_is_locked(
 def test_without_a_holdout_trains_on_every_record_and_returns_the_last_ema_weights(
     digits_records, tmp_path
 ):
-    from shopee_tpu.data.pipeline import count_records
+    from shopee_tpu.data.read.pipeline import count_records
     from shopee_tpu.models import build_from_config
     from shopee_tpu.training import train
 

@@ -72,7 +72,7 @@ TRAIN_AND_CHECK = r"""
 import json, sys
 import numpy as np
 from shopee_tpu.config import RunConfig
-from shopee_tpu.data import pipeline
+from shopee_tpu.data.read import pipeline
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.training import train
 
@@ -194,7 +194,7 @@ def test_validation_on_eight_replicas_equals_numpy_over_the_real_records(
 def test_tta_predict_through_the_cli_on_eight_jax_devices(
     killed_and_resumed, digits_records, tmp_path
 ):
-    from shopee_tpu.data.pipeline import count_records, read_ids_labels
+    from shopee_tpu.data.read.pipeline import count_records, read_ids_labels
 
     test = digits_records["test"]
     n = count_records(test)

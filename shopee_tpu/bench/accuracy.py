@@ -1,7 +1,7 @@
 """``shopee-tpu bench accuracy``: held-out accuracy on real photographs, ours against
 what a competent Keras user writes (``shopee_tpu.bench.peer``), over several seeds.
 
-The task (``shopee_tpu.data.photos``): each class is one real photograph bundled
+The task (``shopee_tpu.data.samples.photos``): each class is one real photograph bundled
 with scikit-image or scikit-learn; samples are random crops with scale, position
 and flip jitter; the test crops come from a band of every photograph that no
 training crop touches. Each seed draws other edges and other crops.
@@ -57,9 +57,9 @@ from shopee_tpu import fs
 from shopee_tpu.bench import mean_std, round_orders, seeds_from
 from shopee_tpu.bench.peer import PeerRecipe, run_peer
 from shopee_tpu.config import RunConfig
-from shopee_tpu.data.photos import make_photo_dataset
-from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
-from shopee_tpu.data.records import write_records_from_csv
+from shopee_tpu.data.read.pipeline import load_dataset, read_ids_labels
+from shopee_tpu.data.samples.photos import make_photo_dataset
+from shopee_tpu.data.write.records import write_records_from_csv
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.training import train
 

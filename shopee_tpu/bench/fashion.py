@@ -46,9 +46,9 @@ from shopee_tpu.bench.accuracy import MARGIN, summarize, within
 from shopee_tpu.bench.fashion_peer import BATCH, peer_model, run_fashion_peer
 from shopee_tpu.bench.peer import compile_peer
 from shopee_tpu.config import RunConfig
-from shopee_tpu.data.arrays import write_arrays
-from shopee_tpu.data.idx import read_idx_pair
-from shopee_tpu.data.pipeline import load_dataset, read_ids_labels
+from shopee_tpu.data.read.pipeline import load_dataset, read_ids_labels
+from shopee_tpu.data.write.arrays import write_arrays
+from shopee_tpu.data.write.idx import read_idx_pair
 from shopee_tpu.inference.tta import predict
 from shopee_tpu.training import train
 

@@ -62,11 +62,11 @@ from shopee_tpu.bench.input_corpus import (
 )
 from shopee_tpu.bench.input_e2e import end_to_end, writer_steps
 from shopee_tpu.config import AugmentConfig
-from shopee_tpu.data.augment import flip_by_bits
-from shopee_tpu.data.decode import decode_image
-from shopee_tpu.data.files import list_files
-from shopee_tpu.data.pipeline import load_dataset
-from shopee_tpu.data.records import write_records
+from shopee_tpu.data.read.augment import flip_by_bits
+from shopee_tpu.data.read.decode import decode_image
+from shopee_tpu.data.read.files import list_files
+from shopee_tpu.data.read.pipeline import load_dataset
+from shopee_tpu.data.write.records import write_records
 
 # (images made, their side, training size, batch): full and --quick settings.
 FULL = (1920, 500, 224, 64)

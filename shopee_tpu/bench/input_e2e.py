@@ -18,11 +18,11 @@ import numpy as np
 
 from shopee_tpu.bench import ratios, round_orders, spread
 from shopee_tpu.config import AugmentConfig
-from shopee_tpu.data.files import list_files
-from shopee_tpu.data.images import resized_image
-from shopee_tpu.data.pipeline import load_dataset
-from shopee_tpu.data.records import write_records
+from shopee_tpu.data.read.files import list_files
+from shopee_tpu.data.read.pipeline import load_dataset
 from shopee_tpu.data.tfrecord import crc32c, encode_example
+from shopee_tpu.data.write.images import resized_image
+from shopee_tpu.data.write.records import write_records
 
 EPOCHS = (1, 3, 10)
 

@@ -45,8 +45,8 @@ from shopee_tpu.cdiscount.plan import (
 )
 from shopee_tpu.cdiscount.shards import INDEX, write_products
 from shopee_tpu.data import manifests
-from shopee_tpu.data.images import RESIZE_MODES
-from shopee_tpu.data.records import writer_processes
+from shopee_tpu.data.write.images import RESIZE_MODES
+from shopee_tpu.data.write.records import writer_processes
 from shopee_tpu.inference.md5 import build_md5_dictionary
 
 __all__ = [

@@ -106,7 +106,7 @@ def _picture_source(rng, image_size, duplicate_fraction, conflict_fraction):
     training images by class (the caller adds them), ``counts`` the copies made."""
     from sklearn.datasets import load_digits
 
-    from shopee_tpu.data.digits import render_digit
+    from shopee_tpu.data.samples.digits import render_digit
 
     digits = load_digits()
     by_class = [np.flatnonzero(digits.target == c) for c in range(10)]

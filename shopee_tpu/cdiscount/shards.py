@@ -18,9 +18,9 @@ import numpy as np
 from shopee_tpu.cdiscount.bson_reader import BsonFormatError, read_product
 from shopee_tpu.cdiscount.plan import BsonIndex
 from shopee_tpu.data import manifests
-from shopee_tpu.data.records import shard_params
-from shopee_tpu.data.shard_writer import ShardWriter
-from shopee_tpu.data.writer_pool import WorkerPool
+from shopee_tpu.data.write.records import shard_params
+from shopee_tpu.data.write.shard_writer import ShardWriter
+from shopee_tpu.data.write.writer_pool import WorkerPool
 
 __all__ = ["write_products", "write_products_shard", "INDEX"]
 

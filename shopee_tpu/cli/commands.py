@@ -11,11 +11,11 @@ import os
 from shopee_tpu.bench import run_bench
 from shopee_tpu.cdiscount.prepare import prepare_cdiscount, prepare_cdiscount_test
 from shopee_tpu.config import RunConfig
-from shopee_tpu.data.arrays import read_class_names, write_idx_records
-from shopee_tpu.data.folders import write_records_from_folders
 from shopee_tpu.data.manifests import summary_lines
-from shopee_tpu.data.pixels_csv import write_pixels_csv
-from shopee_tpu.data.records import write_records_from_csv
+from shopee_tpu.data.write.arrays import read_class_names, write_idx_records
+from shopee_tpu.data.write.folders import write_records_from_folders
+from shopee_tpu.data.write.pixels_csv import write_pixels_csv
+from shopee_tpu.data.write.records import write_records_from_csv
 from shopee_tpu.demo import run_demo
 from shopee_tpu.deploy.writer import export
 from shopee_tpu.experiments.kfold import train_folds

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from shopee_tpu.data.decode import read_ids_labels
-from shopee_tpu.data.files import holdout_files, list_files
 from shopee_tpu.data.manifests import manifest_beside
-from shopee_tpu.data.pipeline import eval_dataset
+from shopee_tpu.data.read.decode import read_ids_labels
+from shopee_tpu.data.read.files import holdout_files, list_files
+from shopee_tpu.data.read.pipeline import eval_dataset
 
 __all__ = [
     "record_images",

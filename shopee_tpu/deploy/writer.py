@@ -23,7 +23,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from shopee_tpu.data.sources import class_names
+from shopee_tpu.data.write.sources import class_names
 from shopee_tpu.deploy import check as checks
 from shopee_tpu.deploy.convert import write_model
 from shopee_tpu.inference.exported import (

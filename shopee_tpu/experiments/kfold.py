@@ -40,9 +40,9 @@ import pandas as pd
 
 from shopee_tpu import fs
 from shopee_tpu.config import RunConfig
-from shopee_tpu.data.decode import read_ids_labels
-from shopee_tpu.data.files import list_files
-from shopee_tpu.data.pipeline import eval_dataset  # TensorFlow
+from shopee_tpu.data.read.decode import read_ids_labels
+from shopee_tpu.data.read.files import list_files
+from shopee_tpu.data.read.pipeline import eval_dataset  # TensorFlow
 from shopee_tpu.data.splits import stratified_group_kfold
 from shopee_tpu.experiments.oof import (
     HOLDOUT,

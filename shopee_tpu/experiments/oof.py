@@ -14,7 +14,7 @@ import pandas as pd
 
 from shopee_tpu import fs
 from shopee_tpu.config import RunConfig
-from shopee_tpu.data.decode import read_ids_labels
+from shopee_tpu.data.read.decode import read_ids_labels
 from shopee_tpu.inference.ensemble import (
     align_probs,
     combine_folds,

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from shopee_tpu import fs
-from shopee_tpu.data.files import list_files
-from shopee_tpu.data.pipeline import read_ids_labels
+from shopee_tpu.data.read.files import list_files
+from shopee_tpu.data.read.pipeline import read_ids_labels
 from shopee_tpu.inference.ensemble import (
     align_probs,
     arithmetic_mean,

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from shopee_tpu import fs
-from shopee_tpu.data.images import BadImage, prepare_image
-from shopee_tpu.data.sources import (
+from shopee_tpu.data.write.images import BadImage, prepare_image
+from shopee_tpu.data.write.sources import (
     IMAGE_SUFFIXES,
     class_names,
     normalise_table,

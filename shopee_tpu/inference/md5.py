@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shopee_tpu import fs
-from shopee_tpu.data import pipeline
 from shopee_tpu.data.manifests import read_manifest
+from shopee_tpu.data.read import pipeline
 
 __all__ = [
     "Md5Dictionary",
@@ -182,7 +182,7 @@ def build_md5_dictionary(items, *, label_map: dict | None = None) -> Md5Dictiona
 
     Args:
         items: A DataFrame with columns ``md5``, ``label`` and optionally ``group``
-            (``shopee_tpu.data.pipeline.read_ids_labels(train_files)``), or an
+            (``shopee_tpu.data.read.pipeline.read_ids_labels(train_files)``), or an
             iterable of ``(md5_or_image_bytes, label[, group])`` tuples. ``md5`` may
             be a 32-digit hex string, 16 raw bytes or the image file's bytes. Items
             with an empty group are indexed as images only.

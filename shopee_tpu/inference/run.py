@@ -32,10 +32,10 @@ import pandas as pd
 
 from shopee_tpu import fs, multihost
 from shopee_tpu.accelerator import connect
-from shopee_tpu.data.decode import read_ids_labels
-from shopee_tpu.data.files import count_records, list_files
 from shopee_tpu.data.manifests import manifest_beside
-from shopee_tpu.data.pipeline import eval_dataset  # TensorFlow
+from shopee_tpu.data.read.decode import read_ids_labels
+from shopee_tpu.data.read.files import count_records, list_files
+from shopee_tpu.data.read.pipeline import eval_dataset  # TensorFlow
 from shopee_tpu.inference import md5 as md5_lib
 from shopee_tpu.inference.ensemble import combine_folds, save_probs
 from shopee_tpu.inference.products import write_product_submission

@@ -220,7 +220,7 @@ def reachable_modules(
                 found.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module)
-                # `from shopee_tpu.data import pipeline` names a module too
+                # `from shopee_tpu.data.read import pipeline` names a module too
                 found.update(f"{node.module}.{a.name}" for a in node.names)
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 found.add(node.value)

@@ -16,7 +16,7 @@ import time
 import keras
 import numpy as np
 
-from shopee_tpu.data import pipeline
+from shopee_tpu.data.read import pipeline
 from shopee_tpu.models import make_schedule
 from shopee_tpu.run_folder import RunFolder
 from shopee_tpu.training.state import RunState

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Unpack
 
 from shopee_tpu.config import RunConfig
-from shopee_tpu.data import pipeline
 from shopee_tpu.data.manifests import manifest_beside
-from shopee_tpu.data.shapes import any_image_size  # TensorFlow, when called
-from shopee_tpu.data.sources import class_names
+from shopee_tpu.data.read import pipeline
+from shopee_tpu.data.read.shapes import any_image_size  # TensorFlow, when called
+from shopee_tpu.data.write.sources import class_names
 from shopee_tpu.run_folder import RunFolder
 from shopee_tpu.shared_folder import open_training_run
 from shopee_tpu.training.options import (

@@ -14,7 +14,7 @@ A phase that changes the trainable set rebuilds the model and continues from the
 run folder's last checkpoint, so that phase change is exactly a resume, and a run
 killed anywhere, in any phase, resumes the same way. Size changes keep one model
 with an open input side on TensorFlow CPUs and GPUs (fed by datasets whose image
-side is left open, ``data.shapes.any_image_size``: one traced graph for every
+side is left open, ``data.read.shapes.any_image_size``: one traced graph for every
 size); on TPUs and JAX every size gets its own model, rebuilt from the checkpoint
 (convolution weights do not depend on the image size). The learning-rate schedule
 runs over the whole run by optimizer step, unaffected by the phases.

@@ -16,8 +16,8 @@ import warnings
 import numpy as np
 
 from shopee_tpu import plots
-from shopee_tpu.data.augment import needs_mixing
-from shopee_tpu.data.sources import class_names
+from shopee_tpu.data.read.augment import needs_mixing
+from shopee_tpu.data.write.sources import class_names
 from shopee_tpu.inference.hosts import hosts_call
 from shopee_tpu.inference.tta import tta_step
 from shopee_tpu.models import make_schedule

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from shopee_tpu import fs
-from shopee_tpu.data.records import write_records_from_csv
+from shopee_tpu.data.write.records import write_records_from_csv
 
 __all__ = [
     "PHOTOS",

@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 
 import shopee_tpu
-from shopee_tpu.data.shard_writer import ShardWriter, write_shard
+from shopee_tpu.data.write.shard_writer import ShardWriter, write_shard
 
 __all__ = ["WorkerPool"]
 
@@ -70,7 +70,7 @@ class WorkerPool:
         )
         self.procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "shopee_tpu.data.writer_pool"],
+                [sys.executable, "-m", "shopee_tpu.data.write.writer_pool"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,

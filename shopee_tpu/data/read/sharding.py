@@ -15,7 +15,7 @@ the same number of records, to one. So:
   either end (the records before its range are read to be skipped: at most one
   file's worth).
 
-The counts come from the file names or the manifest (``data.files``). Without
+The counts come from the file names or the manifest (``data.read.files``). Without
 them, whole files go round robin when there are at least as many files as hosts
 (the parts may then differ in size), else every host reads every record and keeps
 every N-th (``stride``).
@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from shopee_tpu.data.decode import read_ids_labels
-from shopee_tpu.data.files import record_counts
+from shopee_tpu.data.read.decode import read_ids_labels
+from shopee_tpu.data.read.files import record_counts
 
 __all__ = ["Part", "host_part", "part_sizes"]
 

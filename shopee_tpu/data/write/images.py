@@ -20,7 +20,7 @@ image is encoded, as uncompressed PNG when both sides are at most
 ``LOSSLESS_MAX_SIDE`` (64) pixels, so that a 28 x 28 Fashion-MNIST or a 32 x 32
 CIFAR image reads back pixel for pixel, and as JPEG at ``quality`` above it. Grey
 images stay one channel in either format; the reader expands them to the three
-channels every model takes (``shopee_tpu.data.decode.decode_image``).
+channels every model takes (``shopee_tpu.data.read.decode.decode_image``).
 """
 
 from __future__ import annotations

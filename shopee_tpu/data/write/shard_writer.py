@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shopee_tpu.data.images import (
+from shopee_tpu.data.tfrecord import RecordWriter, encode_example
+from shopee_tpu.data.write.images import (
     BadImage,
     PreparedImage,
     prepare_image,
     prepare_pixels,
 )
-from shopee_tpu.data.tfrecord import RecordWriter, encode_example
 
 __all__ = [
     "ShardParams",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 from shopee_tpu.config import AugmentConfig
-from shopee_tpu.data.decode import tf as require_tensorflow
+from shopee_tpu.data.read.decode import tf as require_tensorflow
 
 __all__ = [
     "augment_batch",

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from shopee_tpu.console import progress_bar
-from shopee_tpu.data.files import count_records, list_files
 from shopee_tpu.data.manifests import manifests_of
+from shopee_tpu.data.read.files import count_records, list_files
 from shopee_tpu.data.schemas import Schema, check_features, get_schema, probe_features
 from shopee_tpu.utils import require_tensorflow
 

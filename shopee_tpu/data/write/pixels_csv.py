@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shopee_tpu.data import arrays, sources
+from shopee_tpu.data.write import arrays, sources
 
 __all__ = ["PixelTable", "read_pixels_csv", "write_pixels_csv", "parse_shape"]
 
@@ -232,7 +232,7 @@ def write_pixels_csv(
     Labels that are all whole numbers are class ids (named by ``class_names``,
     else ``"0"``, ``"1"``, ...); other labels are class names. See
     :func:`read_pixels_csv` for ``shape`` and ``test`` and
-    :func:`shopee_tpu.data.arrays.write_arrays` for the rest.
+    :func:`shopee_tpu.data.write.arrays.write_arrays` for the rest.
     """
     csv = os.fspath(csv)
     table = read_pixels_csv(csv, shape=shape, test=test)

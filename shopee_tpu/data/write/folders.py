@@ -22,8 +22,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from shopee_tpu.data import sources
-from shopee_tpu.data.records import write_records
+from shopee_tpu.data.write import sources
+from shopee_tpu.data.write.records import write_records
 
 __all__ = [
     "FolderScan",
@@ -150,7 +150,7 @@ def write_records_from_folders(
             by default every class folder in sorted order.
         verbose: A progress bar, and one line for files that are not images and
             class folders without images.
-        **options: As in :func:`shopee_tpu.data.records.write_records`.
+        **options: As in :func:`shopee_tpu.data.write.records.write_records`.
 
     Returns:
         The manifest (see :func:`shopee_tpu.data.read_manifest`).

@@ -4,8 +4,9 @@ it comes) and ``write_idx_records`` (MNIST's idx files).
 Pixels go to the one record writer (``records.write_rows``) as they are: each image
 is encoded losslessly as PNG in a writer process and stored as PNG when at most 64
 pixels a side, so a 28 x 28 image reads back pixel for pixel
-(``shopee_tpu.data.images``). Grey arrays (``N x H x W`` or ``N x H x W x 1``) stay
-one channel in the records; the manifest's ``channels`` says which.
+(``shopee_tpu.data.write.images``). Grey arrays (``N x H x W`` or
+``N x H x W x 1``) stay one channel in the records; the manifest's ``channels``
+says which.
 
 Labels may be class ids (integers) or class names (text). Integer class ids are
 kept as they are: without ``class_names``, class ``k`` is named ``"k"`` and the
@@ -20,10 +21,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from shopee_tpu.data import sources
-from shopee_tpu.data.idx import read_idx, read_idx_pair
-from shopee_tpu.data.records import write_rows
-from shopee_tpu.data.shard_writer import Pixels, Unusable
+from shopee_tpu.data.write import sources
+from shopee_tpu.data.write.idx import read_idx, read_idx_pair
+from shopee_tpu.data.write.records import write_rows
+from shopee_tpu.data.write.shard_writer import Pixels, Unusable
 
 __all__ = [
     "write_arrays",
@@ -72,7 +73,7 @@ def write_arrays(
             validation set).
         **options: ``shards``, ``image_size``, ``resize``, ``quality``,
             ``workers``, ``overwrite``, ``seed``, ``prefix``, ``verbose``: as in
-            :func:`shopee_tpu.data.records.write_records`. Square images keep
+            :func:`shopee_tpu.data.write.records.write_records`. Square images keep
             their side unless ``image_size`` is given.
 
     Returns:

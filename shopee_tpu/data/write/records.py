@@ -17,11 +17,12 @@ import numpy as np
 
 from shopee_tpu import fs
 from shopee_tpu.console import progress_bar
-from shopee_tpu.data import manifests, sources
-from shopee_tpu.data.images import RESIZE_MODES
-from shopee_tpu.data.shard_writer import ShardParams, ShardWriter, write_shard
+from shopee_tpu.data import manifests
 from shopee_tpu.data.splits import stratified_group_kfold
-from shopee_tpu.data.writer_pool import WorkerPool
+from shopee_tpu.data.write import sources
+from shopee_tpu.data.write.images import RESIZE_MODES
+from shopee_tpu.data.write.shard_writer import ShardParams, ShardWriter, write_shard
+from shopee_tpu.data.write.writer_pool import WorkerPool
 
 __all__ = [
     "shard_params",

@@ -1,6 +1,6 @@
 """TFRecords to batches: ``train_dataset`` for training, ``eval_dataset`` for
 validation and prediction (``load_dataset`` picks one), both decoding each record
-with ``shopee_tpu.data.decode``.
+with ``shopee_tpu.data.read.decode``.
 
 Training reads shards interleaved (remote ones in parallel, in any order unless
 asked for a fixed one), shuffles one pass at a time and repeats, decodes in
@@ -16,7 +16,7 @@ Images leave both as uint8 pixels (the model input contract's 0..255): a quarter
 the bytes of float32 on their way to the device, where the model casts and
 normalises them. On several hosts each pipeline reads only its own part of the
 records, the same part in every epoch, and the parts are equal to a record
-(``data.sharding``): the hosts' rows are disjoint in every epoch and together cover
+(``data.read.sharding``): the hosts' rows are disjoint in every epoch and together cover
 the records once per pass, whatever the shard sizes.
 """
 
@@ -26,19 +26,19 @@ import dataclasses
 from collections.abc import Collection
 
 from shopee_tpu import fs
-from shopee_tpu.data import decode
-from shopee_tpu.data.augment import (
+from shopee_tpu.data.manifests import manifest_beside
+from shopee_tpu.data.read import decode
+from shopee_tpu.data.read.augment import (
     augment_batch,
     flip_by_bits,
     mix_batch,
     needs_float,
     needs_mixing,
 )
-from shopee_tpu.data.decode import read_ids_labels
-from shopee_tpu.data.files import count_records, holdout_files, list_files
-from shopee_tpu.data.manifests import manifest_beside
+from shopee_tpu.data.read.decode import read_ids_labels
+from shopee_tpu.data.read.files import count_records, holdout_files, list_files
+from shopee_tpu.data.read.sharding import Part, host_part, part_sizes
 from shopee_tpu.data.schemas import Schema, check_features, get_schema, probe_features
-from shopee_tpu.data.sharding import Part, host_part, part_sizes
 
 __all__ = [
     "load_dataset",
@@ -419,7 +419,7 @@ def load_dataset(files_or_pattern, *, training: bool, labels: bool | None = None
             Evaluation: keep the decoded batches.
         num_workers: Input pipelines (hosts) sharing the data; each reads its own
             part, a range of the records in file order fixed for the run, the
-            parts equal to a record (``shopee_tpu.data.sharding``; without record
+            parts equal to a record (``shopee_tpu.data.read.sharding``; without record
             counts: whole files, or every ``num_workers``-th record when there
             are fewer files than workers). Evaluation yields the records of its
             part in file order.

@@ -1,0 +1,1 @@
+"""The reader: TFRecord shards -> tf.data batches (TensorFlow), any feature layout."""

@@ -1,0 +1,1 @@
+"""Bundled real datasets, offline, in the Shopee layout: digits and photographs."""

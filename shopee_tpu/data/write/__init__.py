@@ -1,0 +1,1 @@
+"""The writer: every source users have -> TFRecord shards, without TensorFlow."""
