@@ -196,8 +196,7 @@ def test_every_lazy_export_names_a_top_level_definition_of_its_module():
 
 def test_no_lazy_export_shares_its_name_with_a_submodule():
     # Importing package.x binds the package's attribute x to that module, so a
-    # lazy export named x would then be the module, not the function (it was:
-    # shopee_tpu.experiments.tune, once the command line had imported it).
+    # lazy export named x would then be the module, not the function.
     clashes = [
         (package, name) for package, name in LAZY if f"{package}.{name}" in MODULES
     ]

@@ -211,10 +211,10 @@ class StopBefore(keras.callbacks.Callback):
     and so runs longer), or, before one is seen, as long as the longest first
     epoch: the all-layers phase after the head's is a new ``fit`` with a new trace
     and slower steps. As ``train()``'s time limit does. ``steady``: a steady
-    epoch's seconds known from an earlier run, the estimate until this ``fit``
-    has timed one itself (the pretrained peer's traced first all-layers epoch ran
-    2.4 times as long as a steady one, and so stopped it with 70 s of its budget
-    unused). ``clock`` is for tests.
+    epoch's seconds known from an earlier run (the calibration), the estimate
+    until this ``fit`` has timed one itself: a traced first epoch runs several
+    times as long as a steady one, and would stop the peer with budget left.
+    ``clock`` is for tests.
     """
 
     def __init__(
