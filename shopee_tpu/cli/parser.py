@@ -119,20 +119,7 @@ def _add_export_parser(sub) -> None:
     p.set_defaults(func=commands.export_command)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="shopee-tpu",
-        description="Product-image classification for Kaggle kernels on TPU, GPU or CPU.",
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {__version__}"
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("config", help="print the resolved run config as JSON")
-    _add_config_args(p)
-    p.set_defaults(func=commands.config_command)
-
+def _add_tfrecords_parser(sub) -> None:
     p = sub.add_parser(
         "tfrecords",
         help="write TFRecord shards from images: a CSV of files, class folders, a "
@@ -194,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=commands.tfrecords_command)
 
-    _add_cdiscount_parser(sub)
 
+def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train (and resume) a run from a config")
     _add_config_args(p)
     p.add_argument(
@@ -242,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.train_command)
 
+
+def _add_predict_parser(sub) -> None:
     p = sub.add_parser(
         "predict", help="predict test records with TTA; write a submission"
     )
@@ -291,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default=None)
     p.set_defaults(func=commands.predict_command)
 
-    _add_export_parser(sub)
 
+def _add_stack_parser(sub) -> None:
     p = sub.add_parser(
         "stack", help="stack runs' out-of-fold probabilities into a submission"
     )
@@ -309,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("per_class", "full"), default="per_class")
     p.set_defaults(func=commands.stack_command)
 
+
+def _add_sweep_parser(sub) -> None:
     p = sub.add_parser("sweep", help="one run per grid point; a results table and plot")
     _add_config_args(p)
     p.add_argument(
@@ -324,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default=None)
     p.set_defaults(func=commands.sweep_command)
 
+
+def _add_tune_parser(sub) -> None:
     p = sub.add_parser("tune", help="an Optuna search over config keys, resumable")
     _add_config_args(p)
     p.add_argument(
@@ -339,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default=None)
     p.set_defaults(func=commands.tune_command)
 
+
+def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the main job end to end on bundled real data")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster setting")
@@ -350,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.demo_command)
 
-    add_bench_parser(sub)
 
+def _add_kernel_parser(sub) -> None:
     p = sub.add_parser("kernel", help="build, push and check Kaggle kernels")
     kernel = p.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)
     k = kernel.add_parser(
@@ -389,6 +384,37 @@ def build_parser() -> argparse.ArgumentParser:
     k = kernel.add_parser("status", help="status of a kernel's latest session")
     k.add_argument("slug", help="owner/kernel-slug")
     k.set_defaults(func=commands.kernel_status_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shopee-tpu",
+        description="Product-image classification for Kaggle kernels on TPU, GPU or CPU.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("config", help="print the resolved run config as JSON")
+    _add_config_args(p)
+    p.set_defaults(func=commands.config_command)
+
+    # Each command's options, in the order `shopee-tpu --help` lists them.
+    for add in (
+        _add_tfrecords_parser,
+        _add_cdiscount_parser,
+        _add_train_parser,
+        _add_predict_parser,
+        _add_export_parser,
+        _add_stack_parser,
+        _add_sweep_parser,
+        _add_tune_parser,
+        _add_demo_parser,
+        add_bench_parser,
+        _add_kernel_parser,
+    ):
+        add(sub)
 
     # --verbose is accepted before or after the command name.
     for p in (parser, *sub.choices.values()):
