@@ -62,9 +62,21 @@ def test_the_cell_installs_a_wheel_of_this_checkout_into_a_fresh_venv(tmp_path):
         timeout=600,
     )
     (wheel,) = glob.glob(str(wheels / "shopee_tpu-*.whl"))
+    # A fresh venv that sees our venv's packages but not shopee_tpu, like Colab or
+    # Kaggle (keras, numpy, pandas... installed; the package not): a .pth adds the
+    # site-packages folder to sys.path, and the editable install's own .pth inside
+    # it is not read from there. pip then installs the wheel alone; that the
+    # dependencies resolve from nothing is what every `make venv` proves.
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
     python = str(venv / "bin" / "python")
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    ours = next(p for p in sys.path if p.endswith("site-packages"))
+    with open(os.path.join(site, "our-packages.pth"), "w") as f:
+        f.write(ours + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     missing = subprocess.run(
         [python, "-c", "import shopee_tpu"], capture_output=True, cwd=tmp_path, env=env
