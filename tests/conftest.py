@@ -10,6 +10,18 @@ import time
 
 # Quiet TensorFlow's C++ logging in tests and subprocesses; keep oneDNN on as in use.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# JAX compiles at LLVM's lowest optimisation level in every process of the session:
+# the tests prove behaviour, not speed, and on 2 cores compiling costs them more
+# than running (the TF-vs-JAX small_resnet child: 31 s of CPU at the default level,
+# 12.5 s at 0). A child that sets XLA_FLAGS itself uses xla_flags().
+XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", XLA_TEST_FLAGS)
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a JAX child over ``devices`` host devices."""
+    return f"--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAGS}"
+
 
 import pytest  # noqa: E402
 

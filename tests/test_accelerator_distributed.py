@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO, run_python, xla_flags
 
 pytestmark = pytest.mark.slow
 
@@ -207,9 +207,11 @@ def test_jax_backend_data_parallel_over_eight_devices_trains():
     code = (
         PRELUDE
         + TRAINING
-        + r"""
+        + f"""
 os.environ["KERAS_BACKEND"] = "jax"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = {xla_flags(8)!r}
+"""
+        + r"""
 import shopee_tpu
 acc = shopee_tpu.connect()
 import keras, tensorflow as tf

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 import shopee_tpu
 from shopee_tpu.cli import main, parse_duration
@@ -166,7 +166,7 @@ def test_a_tpu_vm_never_trains_on_the_cpu_quietly(tmp_path):
     assert "TPU VM" not in proc.stderr
     # No backend chosen: the command line picks JAX before anything starts Keras
     # (8 CPU devices stand in for the chips, asked for with JAX_PLATFORMS=cpu).
-    stand_in = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    stand_in = {"XLA_FLAGS": xla_flags(8)}
     proc = _run(*args, env={**tpu_vm, **stand_in, "JAX_PLATFORMS": "cpu"})
     _one_line_error(proc, str(tmp_path))
     assert "CPU x8 replica(s), backend=jax" in proc.stdout

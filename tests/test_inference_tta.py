@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import photo_crops, run_python
+from tests.conftest import photo_crops, run_python, xla_flags
 
 SIZE, CLASSES = 8, 5
 
@@ -228,7 +228,7 @@ def test_multi_replica_ragged_batches(backend):
     2 host devices): a 3-image batch is padded to 4 and the padding stripped."""
     env = {
         "KERAS_BACKEND": backend,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": xla_flags(2),
     }
     out = json.loads(run_python(_REPLICA_CODE, env=env).strip().splitlines()[-1])
     assert out["replicas"] == out["runner"] == 2

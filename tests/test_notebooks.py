@@ -11,7 +11,7 @@ import re
 import nbformat
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_flags
 from nbclient import NotebookClient
 
 NOTEBOOK_DIR = os.path.join(REPO, "notebooks")
@@ -112,7 +112,7 @@ def test_on_a_kaggle_tpu_vm_connect_picks_jax(name, tmp_path):
     env.update(
         PYTHONPATH=REPO,
         ISTPUVM="1",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=xla_flags(8),
         # 8 CPU devices stand in for the chips: asked for on purpose, else auto
         # mode refuses to train a TPU VM on its CPU.
         JAX_PLATFORMS="cpu",
