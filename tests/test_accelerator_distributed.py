@@ -58,17 +58,7 @@ def _result(stdout: str) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def test_mirrored_strategy_over_two_logical_cpus_keeps_replicas_identical():
-    code = (
-        PRELUDE
-        + TRAINING
-        + r"""
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras, shopee_tpu
-acc = shopee_tpu.connect(strategy="mirrored")
+MIRRORED_REPLICAS = r"""
 keras.utils.set_random_seed(0)
 with acc.scope():
     model = tiny_model(keras)
@@ -84,12 +74,15 @@ for v, start in zip(model.weights, init):
         spread=max(float(np.abs(c.numpy() - copies[0].numpy()).max()) for c in copies),
         moved=float(np.abs(copies[0].numpy() - start).max()),
     ))
-report(summary=acc.summary, replicas=acc.replicas, kind=acc.kind,
+report(part="replicas", summary=acc.summary, replicas=acc.replicas, kind=acc.kind,
        strategy=type(acc.strategy).__name__, batch=acc.batch_size(8),
        steps=int(model.optimizer.iterations.numpy()), variables=per_var)
 """
-    )
-    r = _result(run_python(code, timeout=240))
+
+
+@pytest.mark.xdist_group("mirrored")  # one worker starts the module's child
+def test_mirrored_strategy_over_two_logical_cpus_keeps_replicas_identical(mirrored):
+    r = mirrored["replicas"]
 
     assert (r["replicas"], r["kind"], r["strategy"]) == (2, "cpu", "MirroredStrategy")
     assert r["batch"] == 16 and r["steps"] == 2
@@ -445,23 +438,9 @@ print("RESULT " + json.dumps(dict(
     assert all(np.isfinite(h["loss"]) for h in r["history"])
 
 
-def test_mirrored_strategy_trains_the_shopee_b0_recipe_with_partial_batches(
-    digits_records, tmp_path
-):
-    code = (
-        PRELUDE
-        + r"""
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-"""
-        + _recipe(digits_records, tmp_path / "run", "epochs=2", "batch_size=4")
-        + r"""
-import shopee_tpu
+MIRRORED_RECIPE = r"""
 from shopee_tpu.data.read import pipeline
 from shopee_tpu.training import train
-acc = shopee_tpu.connect(strategy="mirrored", verbose=False)
 result = train(cfg, accelerator=acc, verbose=0)
 # Validation again, by hand, over exactly the held-out records.
 _, valid = pipeline.holdout_files(cfg.data.train, cfg.data.valid_fraction, cfg.seed)
@@ -469,12 +448,44 @@ ds = pipeline.load_dataset(valid, image_size=32, batch_size=8, training=False,
                            labels=True)
 _, probs = shopee_tpu.predict(result.model, ds, tta="identity")
 labels = np.concatenate([y.numpy().argmax(1) for _, y in ds])
-print("RESULT " + json.dumps(dict(summary=acc.summary, metrics=result.metrics,
+report(part="recipe", summary=acc.summary, metrics=result.metrics,
     history=result.history, numpy_accuracy=float((probs.argmax(1) == labels).mean()),
-    n_valid=int(len(labels)))))
+    n_valid=int(len(labels)))
 """
+
+
+@pytest.fixture(scope="module")
+def mirrored(digits_records, tmp_path_factory):
+    """One child over 2 logical CPUs with MirroredStrategy: a tiny model's replicas
+    after two steps, then the shopee-b0 recipe through train() (one child's
+    imports and TensorFlow start for both checks)."""
+    out = tmp_path_factory.mktemp("mirrored") / "run"
+    code = (
+        PRELUDE
+        + TRAINING
+        + r"""
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+"""
+        + _recipe(digits_records, out, "epochs=2", "batch_size=4")
+        + r"""
+import keras, shopee_tpu
+acc = shopee_tpu.connect(strategy="mirrored", verbose=False)
+"""
+        + MIRRORED_REPLICAS
+        + MIRRORED_RECIPE
     )
-    r = _result(run_python(code, timeout=300))
+    stdout = run_python(code, timeout=400)
+    parts = [json.loads(ln[len("RESULT ") :]) for ln in stdout.splitlines()
+             if ln.startswith("RESULT ")]  # fmt: skip
+    return {p.pop("part"): p for p in parts}
+
+
+@pytest.mark.xdist_group("mirrored")  # one worker starts the module's child
+def test_mirrored_strategy_trains_the_shopee_b0_recipe_with_partial_batches(mirrored):
+    r = mirrored["recipe"]
 
     metrics = r["metrics"]
     assert "MirroredStrategy" in r["summary"] and metrics["replicas"] == 2
