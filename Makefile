@@ -54,6 +54,7 @@ KAGGLE_TPU_PYTHON ?= $(shell for p in python3.12 \
   $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12; do \
   $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
 KAGGLE_TPU_TESTS := tests/test_training_jax.py tests/test_multihost_jax.py \
+  tests/test_multihost_runs.py \
   tests/test_accelerator_distributed.py tests/test_inference_tta.py tests/test_kernels.py \
   tests/test_notebooks.py tests/test_gcs_run.py tests/test_fs_gcs.py
 

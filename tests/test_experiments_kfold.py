@@ -33,7 +33,7 @@ SETS = (
     "optim.warmup_epochs=0.5",
 )
 STEPS = 60  # half a second an epoch: the kill lands while fold 1 trains
-RUN = ("epochs=3", f"steps_per_epoch={STEPS}")
+RUN = ("epochs=2", f"steps_per_epoch={STEPS}")
 
 
 def _config(records, *extra):
@@ -136,13 +136,13 @@ def _reload(saved: dict, records) -> dict:
 def test_killed_run_resumes_fold_by_fold_and_gathers_another_sessions_fold(kfold):
     run, killed = kfold["run"], kfold["killed"]
     # Killed during fold 1 (the second fold): fold 0 complete, fold 1 partial.
-    assert 1 <= killed["fold1_epoch"] < 3 and not killed["fold1_oof"]
+    assert killed["fold1_epoch"] == 1 and not killed["fold1_oof"]
     assert not killed["fold2_present"] and not killed["gathered"]
     assert kfold["metrics"]["complete"] and kfold["metrics"]["folds"] == 3
     # Fold 1 continued where it stopped; folds 0 and 2 were not retrained.
     history = pd.read_csv(run / "fold-1" / "history.csv")
-    assert history.epoch.tolist() == [1, 2, 3]
-    assert history.iterations.tolist() == [STEPS, 2 * STEPS, 3 * STEPS]
+    assert history.epoch.tolist() == [1, 2]
+    assert history.iterations.tolist() == [STEPS, 2 * STEPS]
     for i, mtime in kfold["mtimes"].items():
         assert os.path.getmtime(run / f"fold-{i}" / "last.weights.h5") == mtime
     for i in range(3):

@@ -20,6 +20,17 @@ from shopee_tpu.config import RunConfig
 
 RUN, RECS = "gs://bucket/run", "gs://bucket/recs"
 STEPS = 40
+SPLIT = "=== predict ===\n"
+# `shopee-tpu train ARGS` then `shopee-tpu predict ARGS`, in one process.
+RESUME_THEN_PREDICT = f"""
+import sys
+from shopee_tpu.cli import main
+
+at = sys.argv.index("--")
+assert main(sys.argv[1:at]) == 0
+print({SPLIT!r}, end="", flush=True)
+assert main(sys.argv[at + 1 :]) == 0
+"""
 
 
 def _committed_epoch() -> int:
@@ -68,11 +79,20 @@ def test_jax_run_in_a_bucket_resumes_after_sigkill_and_predicts(
         killed_at = state["epoch"]
         assert killed_at in (1, 2) and not state["finished"]
 
+        # One process resumes the run, then predicts from the bucket (each
+        # process pays ~10 s of imports): the two commands, one after the other.
+        sub = "gs://bucket/preds/submission.csv"
+        predict = ["predict", "--run", RUN, "--data", f"{RECS}/test", "--out", sub]
         done = subprocess.run(
-            train, env=env, capture_output=True, text=True, timeout=600
+            [sys.executable, "-c", RESUME_THEN_PREDICT, *train[3:], "--", *predict],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        assert f"resuming after epoch {killed_at} of 3" in done.stdout
+        resumed, _ = done.stdout.split(SPLIT)
+        assert f"resuming after epoch {killed_at} of 3" in resumed
         history = pd.read_csv(io.StringIO(fs.read_text(f"{RUN}/history.csv")))
         assert history.epoch.tolist() == [1, 2, 3]
         assert history.iterations.tolist() == [STEPS, 2 * STEPS, 3 * STEPS]
@@ -89,16 +109,6 @@ def test_jax_run_in_a_bucket_resumes_after_sigkill_and_predicts(
             "best.weights.h5",
         } <= run_files
         assert not [n for n in run_files if n.startswith(".")], run_files
-
-        sub = "gs://bucket/preds/submission.csv"
-        pred = subprocess.run(
-            [*cli, "predict", "--run", RUN, "--data", f"{RECS}/test", "--out", sub],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert pred.returncode == 0, pred.stderr[-3000:]
         submission = pd.read_csv(io.StringIO(fs.read_text(sub)))
         want = pd.read_csv(digits_records["test_csv"])["filename"]
         assert sorted(submission["filename"]) == sorted(want)

@@ -1,17 +1,14 @@
-"""Several JAX hosts on one machine: the README's command line, run as written by
-two processes x 4 host devices joined over loopback through Keras's distribution
-variables, as the hosts of a TPU pod slice would be. Together they train one model.
-
-What each process hands to its devices is recorded after Keras's own dataset
-handling (``jax.make_array_from_process_local_data``, through which Keras's JAX
-trainer sends every host's rows): each training image carries its record number
-in its pixels, so the test sees which records each host fed at each step.
+"""Several JAX hosts on one machine: how a process finds its peers, and the tools
+the multi-host tests share: ``run_hosts`` starts processes joined over loopback
+through Keras's distribution variables, as the hosts of a TPU pod slice;
+``SITECUSTOMIZE`` records what each hands to its devices; ``records_with_ids``
+writes images that carry their record ids (the README command's run on two hosts
+is in test_multihost_runs.py).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import socket
 import subprocess
@@ -19,8 +16,6 @@ import sys
 import time
 
 import numpy as np
-import pandas as pd
-import pytest
 from test_training_jax import jax_env
 
 from shopee_tpu.multihost import multi_host_reason
@@ -200,89 +195,6 @@ def run_hosts(
                 p.kill()
                 p.communicate()
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
-
-
-@pytest.mark.slow
-def test_the_readme_command_on_two_jax_hosts_trains_one_model_on_disjoint_rows(
-    tmp_path,
-):
-    train = records_with_ids(tmp_path / "train", range(1, TRAIN + 1), shards=5)
-    valid = records_with_ids(tmp_path / "valid", range(1001, 1001 + VALID), shards=2)
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    out, log = tmp_path / "runs" / "hosts", tmp_path / "feeds"
-    # The README's command, on a tiny model: 8 replicas x batch 2 = 16 a step.
-    command = ["-m", "shopee_tpu", "train", "--preset", "shopee-b0"]
-    for setting in (
-        f"data.train={train}",
-        f"data.valid={valid}",
-        "model.backbone=tiny-cnn",
-        "model.weights=none",
-        f"data.image_size={SIDE}",
-        "epochs=2",
-        "batch_size=2",
-    ):
-        command += ["--set", setting]
-    command += ["--out", str(out)]
-    outputs = run_hosts(
-        command,
-        devices=4,
-        path=[str(tmp_path / "site")],
-        SHOPEE_TEST_FEED_LOG=str(log),
-    )
-    for code, _, stderr in outputs:
-        assert code == 0, stderr[-6000:]
-    assert "CPU x8" in outputs[0][1] and "hosts=2, worker 1/2" in outputs[0][1]
-
-    feeds = [json.loads((tmp_path / f"feeds.{i}").read_text()) for i in range(2)]
-    # Every batch crossed to the devices as uint8 pixels.
-    assert {f["dtype"] for host in feeds for f in host["feeds"]} == {"uint8"}
-    # One model: the same weights on both processes when fit starts and ends.
-    assert feeds[0]["weights"] == feeds[1]["weights"]
-    assert [tag for tag, _ in feeds[0]["weights"]] == ["start", "end"]
-
-    steps = TRAIN // 16  # 12 steps an epoch: 192 of the 200 records
-    rows = [
-        [f["ids"] for f in host["feeds"] if 0 < f["ids"][0] <= TRAIN and not f["peek"]]
-        for host in feeds
-    ]
-    for host in rows:  # one batch of 8 rows per step and host: 2 epochs
-        assert len(host) == 2 * steps and {len(batch) for batch in host} == {8}
-    epochs = [
-        [
-            {i for batch in host[e * steps : (e + 1) * steps] for i in batch}
-            for host in rows
-        ]
-        for e in range(2)
-    ]
-    # Each host fed its own records in every epoch (a host's part is the same
-    # in every pass); in the first, 96 distinct ones each, 192 of the 200.
-    for epoch in epochs:
-        assert epoch[0].isdisjoint(epoch[1])
-        assert epoch[0] | epoch[1] <= set(range(1, TRAIN + 1))
-    assert [len(ids) for ids in epochs[0]] == [8 * steps, 8 * steps]
-
-    # Validation: each host its own records, every record once (blank padding
-    # rows decode to 0).
-    seen = [
-        i
-        for host in feeds
-        for f in host["feeds"]
-        if not f["peek"]
-        for i in f["ids"]
-        if i > 1000
-    ]
-    assert sorted(seen) == sorted([*range(1001, 1001 + VALID)] * 3)  # 2 epochs, report
-
-    # One run folder, written by process 0: exactly its epochs, once each.
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert (metrics["replicas"], metrics["hosts"], metrics["backend"]) == (8, 2, "jax")
-    assert metrics["train_images"] == TRAIN and metrics["valid_images"] == VALID
-    assert 0 <= metrics["val_accuracy_best_weights"] <= 1
-    history = pd.read_csv(out / "history.csv")
-    assert history.epoch.tolist() == [1, 2]
-    assert history.iterations.tolist() == [steps, 2 * steps]
-    assert sorted(p.name for p in out.parent.iterdir()) == ["hosts"]
 
 
 def test_multi_host_detection_from_the_environment():
