@@ -225,28 +225,48 @@ def test_imagenet_normalization_quirk_is_fixed_on_load(tmp_path):
     )
 
 
+DEAD_URL = "http://127.0.0.1:9/"  # offline: nothing listens on port 9
+
+# The checks below that need a fresh interpreter, in one child (its imports cost
+# about 10 s): the seeded weights of a process that imported the builder before
+# seeding and drew from every RNG since, then the builder's offline error with
+# Keras's own cache (KERAS_HOME) empty.
+FRESH_PROCESS = f"""
+import hashlib, keras
+from shopee_tpu.models import build_model, efficientnet
+from shopee_tpu.models.weights import records as weights
+build_model('tiny-cnn', 3)  # imports everything, draws from the RNGs
+for name in ('efficientnet-phi-6', 'tiny-cnn'):
+    keras.utils.set_random_seed(3)
+    m = build_model(name, 10, input_size=32)
+    print('MD5', hashlib.md5(b''.join(w.tobytes() for w in m.get_weights())).hexdigest())
+weights.KERAS_WEIGHTS_URL = {DEAD_URL!r}
+try:
+    efficientnet(0, 10, input_size=32, weights='imagenet')
+except weights.WeightsUnavailableError as e:
+    print('REFUSED', e)
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process(tmp_path_factory) -> str:
+    keras_home = tmp_path_factory.mktemp("keras_home")
+    return run_python(FRESH_PROCESS, env={"KERAS_HOME": str(keras_home)})
+
+
 @pytest.mark.slow
-def test_imagenet_offline_error_says_how_to_attach_the_file(tmp_path):
-    # Offline: nothing listens on port 9, and the caches are empty folders.
-    dead = "http://127.0.0.1:9/"
+@pytest.mark.xdist_group("efficientnet_child")  # one child for both
+def test_imagenet_offline_error_says_how_to_attach_the_file(tmp_path, fresh_process):
+    # Offline, and the caches are empty folders.
     with pytest.raises(WeightsUnavailableError) as e:
-        with mock.patch.object(weights, "KERAS_WEIGHTS_URL", dead):
+        with mock.patch.object(weights, "KERAS_WEIGHTS_URL", DEAD_URL):
             fetch_efficientnet_imagenet(0, include_top=False, cache_dir=str(tmp_path))
     message = str(e.value)
     assert "efficientnetb0_notop.h5" in message
     assert "Kaggle dataset" in message and "weights=" in message
     # Through the builder, with Keras's own cache (KERAS_HOME) empty.
-    code = (
-        "from shopee_tpu.models import efficientnet\n"
-        "from shopee_tpu.models.weights import records as weights\n"
-        f"weights.KERAS_WEIGHTS_URL = {dead!r}\n"
-        "try:\n"
-        "    efficientnet(0, 10, input_size=32, weights='imagenet')\n"
-        "except weights.WeightsUnavailableError as e:\n"
-        "    print('REFUSED', e)\n"
-    )
-    out = run_python(code, env={"KERAS_HOME": str(tmp_path / "keras")})
-    assert "REFUSED" in out and "Kaggle dataset" in out
+    (refused,) = [x for x in fresh_process.splitlines() if x.startswith("REFUSED")]
+    assert "Kaggle dataset" in refused
     with pytest.raises(ValueError, match="B0..B7"):
         efficientnet(-1.0, 10, weights="imagenet")
 
@@ -348,7 +368,10 @@ def test_an_open_size_model_is_the_fixed_model_at_its_nominal_size(size):
 
 
 @pytest.mark.slow
-def test_each_kernel_draws_its_own_start_and_the_seed_alone_decides_it():
+@pytest.mark.xdist_group("efficientnet_child")  # one child for both
+def test_each_kernel_draws_its_own_start_and_the_seed_alone_decides_it(
+    fresh_process,
+):
     keras.utils.set_random_seed(3)
     model = efficientnet(-6.0, 10, input_size=32)
     same_shape = [model.get_layer(f"block{b}a_expand_conv") for b in (2, 3)]
@@ -358,19 +381,10 @@ def test_each_kernel_draws_its_own_start_and_the_seed_alone_decides_it():
     # Another process, which imported the builder before seeding, and this one,
     # which has drawn from every RNG since: the same weights (on several JAX hosts
     # a difference stops the run at the first layer).
-    code = (
-        "import hashlib, keras\n"
-        "from shopee_tpu.models import build_model\n"
-        "build_model('tiny-cnn', 3)\n"  # imports everything, draws from the RNGs
-        "for name in ('efficientnet-phi-6', 'tiny-cnn'):\n"
-        "    keras.utils.set_random_seed(3)\n"
-        "    m = build_model(name, 10, input_size=32)\n"
-        "    print(hashlib.md5(b''.join(w.tobytes() for w in m.get_weights()))"
-        ".hexdigest())\n"
-    )
     here = []
     for name in ("efficientnet-phi-6", "tiny-cnn"):
         keras.utils.set_random_seed(3)
         weights = build_model(name, 10, input_size=32).get_weights()
         here.append(hashlib.md5(b"".join(w.tobytes() for w in weights)).hexdigest())
-    assert run_python(code).split() == here
+    there = [x.split()[1] for x in fresh_process.splitlines() if x.startswith("MD5")]
+    assert there == here
