@@ -3,9 +3,10 @@
 SIGKILL after epoch 1 and resumed; validation on 8 replicas against a numpy
 recomputation; TTA predict through the CLI; mixed_bfloat16 training and resuming.
 
-Each JAX run is a fresh interpreter (the backend and device count are fixed at
-start); the runs share the session's JAX compilation cache (conftest), so a resumed
-run does not compile again what the killed one compiled.
+Each JAX child is a fresh interpreter (the backend and device count are fixed at
+start) and costs its imports and JAX start, so a child runs every check that can
+share it; the children share the session's JAX compilation cache (conftest), so a
+resumed run does not compile again what the killed one compiled.
 """
 
 from __future__ import annotations
@@ -222,78 +223,6 @@ def test_tta_predict_through_the_cli_on_eight_jax_devices(
     assert len(probs["ids"]) == n == len(set(probs["ids"].tolist()))
 
 
-BF16 = r"""
-import json, sys
-import numpy as np
-import shopee_tpu
-from shopee_tpu.config import RunConfig
-from shopee_tpu.training import train
-
-acc = shopee_tpu.connect(mixed_precision="mixed_bfloat16")
-cfg = RunConfig.load(sys.argv[1])
-first = train(cfg, accelerator=acc, time_limit=1e-3, verbose=0)  # stops after epoch 1
-second = train(cfg, accelerator=acc, verbose=0)  # a new model, from the checkpoint
-model = second.model
-x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
-conv = next(l for l in model.layers if "conv" in type(l).__name__.lower())
-print("RESULT " + json.dumps(dict(
-    summary=acc.summary, first=first.metrics, second=second.metrics,
-    history=second.history, conv_compute=conv.compute_dtype,
-    conv_variable=conv.variable_dtype,
-    # Float variables only: the normalization layer's sample count is an integer.
-    weights=sorted({str(w.dtype) for w in model.get_weights() if w.dtype.kind == "f"}),
-    probs_dtype=str(model.predict_on_batch(x).dtype),
-    probs_sum=float(model.predict_on_batch(x).sum(1).mean()))))
-"""
-
-
-@pytest.mark.slow
-def test_mixed_bfloat16_on_jax_trains_and_resumes(digits_records, tmp_path):
-    out = tmp_path / "run"
-    # 184 records / global batch 16 = 11 steps, not a multiple of 4: the epoch is
-    # rounded to 8 steps so each of its two calls runs 4. The dtype plumbing (the
-    # policy, float32 pixels, softmax and master weights, a resume) is the same for
-    # every backbone: tiny-cnn, where the EfficientNet's compile costs minutes.
-    cfg = shopee_b0_tiny(
-        digits_records,
-        out,
-        "model.backbone=tiny-cnn",
-        "epochs=2",
-        "batch_size=2",
-        "optim.steps_per_execution=4",
-    )
-    cfg.save(tmp_path / "cfg.json")
-    script = tmp_path / "bf16.py"
-    script.write_text(BF16)
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "cfg.json")],
-        env=jax_env(8),
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert done.returncode == 0, done.stderr[-5000:]
-    r = result_of(done.stdout)
-
-    assert "precision=mixed_bfloat16" in r["summary"]
-    assert (r["conv_compute"], r["conv_variable"]) == ("bfloat16", "float32")
-    assert r["weights"] == ["float32"]  # checkpoints hold float32 master weights
-    assert r["probs_dtype"] == "float32"  # the softmax stays float32
-    assert abs(r["probs_sum"] - 1) < 1e-5
-    assert (
-        r["first"]["epochs_completed"] == 1
-        and "time limit" in (r["first"]["stop_reason"])
-    )
-    assert r["second"]["finished"] and r["second"]["epochs_completed"] == 2
-    assert (r["second"]["steps_per_epoch"], r["second"]["steps_per_execution"]) == (
-        8,
-        4,
-    )
-    assert [h["epoch"] for h in r["history"]] == [1, 2]
-    assert [h["iterations"] for h in r["history"]] == [8, 16]
-    assert all(np.isfinite(h["val_loss"]) for h in r["history"])
-
-
 # In the child: after every step, the head's raw kernel and its EMA average; the
 # average must follow Keras's recurrence (its first step copies the weight, later
 # ones avg = m * avg + (1 - m) * weight) from where the phase started it.
@@ -342,19 +271,60 @@ class EmaProbe(keras.callbacks.Callback):
 """
 
 
-@pytest.mark.slow
-def test_ema_follows_its_recurrence_across_the_unfrozen_boundary_on_jax(
-    digits_records, tmp_path
-):
+BF16 = r"""
+import json, sys
+import numpy as np
+import shopee_tpu
+from shopee_tpu.config import RunConfig
+from shopee_tpu.training import train
+
+acc = shopee_tpu.connect(mixed_precision="mixed_bfloat16")
+cfg = RunConfig.load(sys.argv[2])
+first = train(cfg, accelerator=acc, time_limit=1e-3, verbose=0)  # stops after epoch 1
+second = train(cfg, accelerator=acc, verbose=0)  # a new model, from the checkpoint
+model = second.model
+x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+conv = next(l for l in model.layers if "conv" in type(l).__name__.lower())
+print("RESULT " + json.dumps(dict(
+    summary=acc.summary, first=first.metrics, second=second.metrics,
+    history=second.history, conv_compute=conv.compute_dtype,
+    conv_variable=conv.variable_dtype,
+    # Float variables only: the normalization layer's sample count is an integer.
+    weights=sorted({str(w.dtype) for w in model.get_weights() if w.dtype.kind == "f"}),
+    probs_dtype=str(model.predict_on_batch(x).dtype),
+    probs_sum=float(model.predict_on_batch(x).sum(1).mean()))))
+"""
+
+
+# The EMA probe's fine-tune (float32), then the mixed_bfloat16 run: one JAX child
+# for both (its imports and JAX start cost more than either tiny run).
+EMA_RUN = r"""
+import sys
+from shopee_tpu.config import RunConfig
+from shopee_tpu.training import train
+probe = []
+def make_probe():
+    probe.append(EmaProbe())
+    return probe[-1]
+result = train(RunConfig.load(sys.argv[1]), verbose=0, callbacks=[make_probe])
+print("RESULT " + json.dumps(dict(metrics=result.metrics,
+                                  phases=probe[0].report(0.9)), default=str))
+"""
+
+
+@pytest.fixture(scope="module")
+def ema_then_bfloat16(digits_records, tmp_path_factory):
+    """Two tiny-cnn runs in one 8-device JAX child: the EMA probe's fine-tune in
+    float32 (train() connects with the config's precision), then mixed_bfloat16
+    (connect() sets the policy) trained and resumed."""
+    from conftest import TINY
+
+    root = tmp_path_factory.mktemp("ema_bf16")
     # The new optimizer's EMA averages start from the frozen phase's weights; on
     # JAX an average sharing its weight's buffer would be donated twice a step.
-    # After every step the average equals the recurrence computed from the raw
-    # weights' trajectory, and differs from the raw weights.
-    from conftest import TINY, run_python
-
-    cfg = RunConfig.preset("photo-finetune").override(
+    RunConfig.preset("photo-finetune").override(
         f"data.train={digits_records['train']}",
-        f"out_dir={tmp_path / 'ft'}",
+        f"out_dir={root / 'ft'}",
         *TINY,
         "batch_size=4",
         "plan.images_seen=0",
@@ -364,24 +334,69 @@ def test_ema_follows_its_recurrence_across_the_unfrozen_boundary_on_jax(
         "optim.steps_per_execution=1",
         "optim.ema=true",
         "optim.ema_momentum=0.9",
+    ).save(str(root / "ema.json"))
+    # 184 records / global batch 16 = 11 steps, not a multiple of 4: the epoch is
+    # rounded to 8 steps so each of its two calls runs 4. The dtype plumbing (the
+    # policy, float32 pixels, softmax and master weights, a resume) is the same for
+    # every backbone: tiny-cnn, where the EfficientNet's compile costs minutes.
+    shopee_b0_tiny(
+        digits_records,
+        root / "run",
+        "model.backbone=tiny-cnn",
+        "epochs=2",
+        "batch_size=2",
+        "optim.steps_per_execution=4",
+    ).save(root / "bf16.json")
+    script = root / "ema_bf16.py"
+    script.write_text(EMA_PROBE + EMA_RUN + BF16)
+    done = subprocess.run(
+        [sys.executable, str(script), str(root / "ema.json"), str(root / "bf16.json")],
+        env=jax_env(8),
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
-    cfg.save(str(tmp_path / "cfg.json"))
-    code = (
-        EMA_PROBE
-        + f"""
-from shopee_tpu.config import RunConfig
-from shopee_tpu.training import train
-probe = []
-def make_probe():
-    probe.append(EmaProbe())
-    return probe[-1]
-result = train(RunConfig.load({str(tmp_path / "cfg.json")!r}), verbose=0,
-               callbacks=[make_probe])
-print("RESULT " + json.dumps(dict(metrics=result.metrics,
-                                  phases=probe[0].report(0.9)), default=str))
-"""
+    assert done.returncode == 0, done.stderr[-5000:]
+    results = [
+        json.loads(line[len("RESULT ") :])
+        for line in done.stdout.splitlines()
+        if line.startswith("RESULT ")
+    ]
+    assert len(results) == 2, done.stdout[-3000:]
+    return dict(ema=results[0], bf16=results[1])
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ema_bf16")  # one worker runs the fixture's child
+def test_mixed_bfloat16_on_jax_trains_and_resumes(ema_then_bfloat16):
+    r = ema_then_bfloat16["bf16"]
+    assert "precision=mixed_bfloat16" in r["summary"]
+    assert (r["conv_compute"], r["conv_variable"]) == ("bfloat16", "float32")
+    assert r["weights"] == ["float32"]  # checkpoints hold float32 master weights
+    assert r["probs_dtype"] == "float32"  # the softmax stays float32
+    assert abs(r["probs_sum"] - 1) < 1e-5
+    assert (
+        r["first"]["epochs_completed"] == 1
+        and "time limit" in (r["first"]["stop_reason"])
     )
-    r = result_of(run_python(code, env=jax_env(2), timeout=900))
+    assert r["second"]["finished"] and r["second"]["epochs_completed"] == 2
+    assert (r["second"]["steps_per_epoch"], r["second"]["steps_per_execution"]) == (
+        8,
+        4,
+    )
+    assert [h["epoch"] for h in r["history"]] == [1, 2]
+    assert [h["iterations"] for h in r["history"]] == [8, 16]
+    assert all(np.isfinite(h["val_loss"]) for h in r["history"])
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ema_bf16")  # one worker runs the fixture's child
+def test_ema_follows_its_recurrence_across_the_unfrozen_boundary_on_jax(
+    ema_then_bfloat16,
+):
+    # After every step the average equals the recurrence computed from the raw
+    # weights' trajectory, and differs from the raw weights.
+    r = ema_then_bfloat16["ema"]
     assert r["metrics"]["finished"] and r["metrics"]["epochs_completed"] == 2
     frozen, unfrozen = r["phases"]
     assert (frozen["first_iteration"], frozen["steps"]) == (0, 4)
