@@ -50,10 +50,22 @@ def _block_prefixes(model) -> list[str]:
     return seen
 
 
-@pytest.mark.parametrize("n", range(8))
+@pytest.fixture(scope="module")
+def b0_imagenet_head():
+    """Our B0 at 224 px with the 1000-class head, for the tests that only read it."""
+    return efficientnet(0, 1000)
+
+
+B0_GROUP = pytest.mark.xdist_group("efficientnet_b0")  # the tests reading one B0
+
+
+@pytest.mark.parametrize("n", [pytest.param(0, marks=B0_GROUP), *range(1, 8)])
 @pytest.mark.slow
-def test_golden_param_counts_and_drop_connect_b0_to_b7(n):
-    model = efficientnet(n, 1000)
+def test_golden_param_counts_and_drop_connect_b0_to_b7(n, request):
+    if n == 0:
+        model = request.getfixturevalue("b0_imagenet_head")
+    else:
+        model = efficientnet(n, 1000)
     assert model.count_params() == GOLDEN_PARAMS[n], f"B{n}"
     assert model.input_shape == (None, *(scaling(n).resolution,) * 2, 3)
     blocks = _block_prefixes(model)
@@ -74,9 +86,10 @@ def test_golden_param_counts_and_drop_connect_b0_to_b7(n):
     keras.backend.clear_session()
 
 
-def test_same_as_keras_applications_b0():
+@B0_GROUP
+def test_same_as_keras_applications_b0(b0_imagenet_head):
+    ours = b0_imagenet_head
     keras.backend.clear_session()  # keras.applications numbers repeated layer names
-    ours = efficientnet(0, 1000)
     ref = keras.applications.EfficientNetB0(weights=None)
     assert ours.count_params() == ref.count_params() == GOLDEN_PARAMS[0]
     weighted = [
@@ -312,8 +325,9 @@ def test_options_activation_momentum_dropout_head():
     assert features.output.shape == (None, round_filters(1280, scaling(-3.0).width))
 
 
-def test_describe_b0_macs_and_params():
-    table = describe(efficientnet(0, 1000))
+@B0_GROUP
+def test_describe_b0_macs_and_params(b0_imagenet_head):
+    table = describe(b0_imagenet_head)
     assert table.attrs["input_size"] == 224
     assert table.attrs["params"] == GOLDEN_PARAMS[0]
     # The paper's 0.39 B "FLOPs" for B0 are multiply-accumulates.
