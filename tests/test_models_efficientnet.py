@@ -50,10 +50,22 @@ def _block_prefixes(model) -> list[str]:
     return seen
 
 
-@pytest.mark.parametrize("n", range(8))
+@pytest.fixture(scope="module")
+def b0_imagenet_head():
+    """Our B0 at 224 px with the 1000-class head, for the tests that only read it."""
+    return efficientnet(0, 1000)
+
+
+B0_GROUP = pytest.mark.xdist_group("efficientnet_b0")  # the tests reading one B0
+
+
+@pytest.mark.parametrize("n", [pytest.param(0, marks=B0_GROUP), *range(1, 8)])
 @pytest.mark.slow
-def test_golden_param_counts_and_drop_connect_b0_to_b7(n):
-    model = efficientnet(n, 1000)
+def test_golden_param_counts_and_drop_connect_b0_to_b7(n, request):
+    if n == 0:
+        model = request.getfixturevalue("b0_imagenet_head")
+    else:
+        model = efficientnet(n, 1000)
     assert model.count_params() == GOLDEN_PARAMS[n], f"B{n}"
     assert model.input_shape == (None, *(scaling(n).resolution,) * 2, 3)
     blocks = _block_prefixes(model)
@@ -74,9 +86,10 @@ def test_golden_param_counts_and_drop_connect_b0_to_b7(n):
     keras.backend.clear_session()
 
 
-def test_same_as_keras_applications_b0():
+@B0_GROUP
+def test_same_as_keras_applications_b0(b0_imagenet_head):
+    ours = b0_imagenet_head
     keras.backend.clear_session()  # keras.applications numbers repeated layer names
-    ours = efficientnet(0, 1000)
     ref = keras.applications.EfficientNetB0(weights=None)
     assert ours.count_params() == ref.count_params() == GOLDEN_PARAMS[0]
     weighted = [
@@ -225,28 +238,48 @@ def test_imagenet_normalization_quirk_is_fixed_on_load(tmp_path):
     )
 
 
+DEAD_URL = "http://127.0.0.1:9/"  # offline: nothing listens on port 9
+
+# The checks below that need a fresh interpreter, in one child (its imports cost
+# about 10 s): the seeded weights of a process that imported the builder before
+# seeding and drew from every RNG since, then the builder's offline error with
+# Keras's own cache (KERAS_HOME) empty.
+FRESH_PROCESS = f"""
+import hashlib, keras
+from shopee_tpu.models import build_model, efficientnet
+from shopee_tpu.models.weights import records as weights
+build_model('tiny-cnn', 3)  # imports everything, draws from the RNGs
+for name in ('efficientnet-phi-6', 'tiny-cnn'):
+    keras.utils.set_random_seed(3)
+    m = build_model(name, 10, input_size=32)
+    print('MD5', hashlib.md5(b''.join(w.tobytes() for w in m.get_weights())).hexdigest())
+weights.KERAS_WEIGHTS_URL = {DEAD_URL!r}
+try:
+    efficientnet(0, 10, input_size=32, weights='imagenet')
+except weights.WeightsUnavailableError as e:
+    print('REFUSED', e)
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process(tmp_path_factory) -> str:
+    keras_home = tmp_path_factory.mktemp("keras_home")
+    return run_python(FRESH_PROCESS, env={"KERAS_HOME": str(keras_home)})
+
+
 @pytest.mark.slow
-def test_imagenet_offline_error_says_how_to_attach_the_file(tmp_path):
-    # Offline: nothing listens on port 9, and the caches are empty folders.
-    dead = "http://127.0.0.1:9/"
+@pytest.mark.xdist_group("efficientnet_child")  # one child for both
+def test_imagenet_offline_error_says_how_to_attach_the_file(tmp_path, fresh_process):
+    # Offline, and the caches are empty folders.
     with pytest.raises(WeightsUnavailableError) as e:
-        with mock.patch.object(weights, "KERAS_WEIGHTS_URL", dead):
+        with mock.patch.object(weights, "KERAS_WEIGHTS_URL", DEAD_URL):
             fetch_efficientnet_imagenet(0, include_top=False, cache_dir=str(tmp_path))
     message = str(e.value)
     assert "efficientnetb0_notop.h5" in message
     assert "Kaggle dataset" in message and "weights=" in message
     # Through the builder, with Keras's own cache (KERAS_HOME) empty.
-    code = (
-        "from shopee_tpu.models import efficientnet\n"
-        "from shopee_tpu.models.weights import records as weights\n"
-        f"weights.KERAS_WEIGHTS_URL = {dead!r}\n"
-        "try:\n"
-        "    efficientnet(0, 10, input_size=32, weights='imagenet')\n"
-        "except weights.WeightsUnavailableError as e:\n"
-        "    print('REFUSED', e)\n"
-    )
-    out = run_python(code, env={"KERAS_HOME": str(tmp_path / "keras")})
-    assert "REFUSED" in out and "Kaggle dataset" in out
+    (refused,) = [x for x in fresh_process.splitlines() if x.startswith("REFUSED")]
+    assert "Kaggle dataset" in refused
     with pytest.raises(ValueError, match="B0..B7"):
         efficientnet(-1.0, 10, weights="imagenet")
 
@@ -292,8 +325,9 @@ def test_options_activation_momentum_dropout_head():
     assert features.output.shape == (None, round_filters(1280, scaling(-3.0).width))
 
 
-def test_describe_b0_macs_and_params():
-    table = describe(efficientnet(0, 1000))
+@B0_GROUP
+def test_describe_b0_macs_and_params(b0_imagenet_head):
+    table = describe(b0_imagenet_head)
     assert table.attrs["input_size"] == 224
     assert table.attrs["params"] == GOLDEN_PARAMS[0]
     # The paper's 0.39 B "FLOPs" for B0 are multiply-accumulates.
@@ -348,7 +382,10 @@ def test_an_open_size_model_is_the_fixed_model_at_its_nominal_size(size):
 
 
 @pytest.mark.slow
-def test_each_kernel_draws_its_own_start_and_the_seed_alone_decides_it():
+@pytest.mark.xdist_group("efficientnet_child")  # one child for both
+def test_each_kernel_draws_its_own_start_and_the_seed_alone_decides_it(
+    fresh_process,
+):
     keras.utils.set_random_seed(3)
     model = efficientnet(-6.0, 10, input_size=32)
     same_shape = [model.get_layer(f"block{b}a_expand_conv") for b in (2, 3)]
@@ -358,19 +395,10 @@ def test_each_kernel_draws_its_own_start_and_the_seed_alone_decides_it():
     # Another process, which imported the builder before seeding, and this one,
     # which has drawn from every RNG since: the same weights (on several JAX hosts
     # a difference stops the run at the first layer).
-    code = (
-        "import hashlib, keras\n"
-        "from shopee_tpu.models import build_model\n"
-        "build_model('tiny-cnn', 3)\n"  # imports everything, draws from the RNGs
-        "for name in ('efficientnet-phi-6', 'tiny-cnn'):\n"
-        "    keras.utils.set_random_seed(3)\n"
-        "    m = build_model(name, 10, input_size=32)\n"
-        "    print(hashlib.md5(b''.join(w.tobytes() for w in m.get_weights()))"
-        ".hexdigest())\n"
-    )
     here = []
     for name in ("efficientnet-phi-6", "tiny-cnn"):
         keras.utils.set_random_seed(3)
         weights = build_model(name, 10, input_size=32).get_weights()
         here.append(hashlib.md5(b"".join(w.tobytes() for w in weights)).hexdigest())
-    assert run_python(code).split() == here
+    there = [x.split()[1] for x in fresh_process.splitlines() if x.startswith("MD5")]
+    assert there == here

@@ -199,8 +199,11 @@ def _set_reference(reference: keras.Model, state: dict) -> None:
         layer.set_weights([w, *extra])
 
 
-@pytest.mark.parametrize("variant", [0, 3])
-@pytest.mark.parametrize("save", [save_legacy, save_zip], ids=["legacy", "zip"])
+# Each serialization once and each variant once: the reader does not look at the
+# model, and the name mapping (B3's deeper stages) does not look at the file.
+@pytest.mark.parametrize(
+    ("save", "variant"), [(save_zip, 0), (save_legacy, 3)], ids=["zip-b0", "legacy-b3"]
+)
 def test_b_state_dicts_in_both_serializations_load_exactly(variant, save, tmp_path):
     application = getattr(keras.applications, f"EfficientNetB{variant}")
     reference = application(weights=None, input_shape=(64, 64, 3), classes=10)

@@ -149,7 +149,7 @@ def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
         tmp_path / "run",
         "model.backbone=efficientnet-phi-6",
         f"data.valid={photo_task['test_records']}",
-        "epochs=16",
+        "epochs=8",
         "batch_size=8",
         "optim.ema_momentum=0.95",
         "data.deterministic=true",  # the same input order on a busy machine
@@ -160,15 +160,15 @@ def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
     result = train(cfg, verbose=0)
     history = result.history
     assert history[0] == first.history[0]  # epoch 1 was kept, not trained again
-    assert [r["epoch"] for r in history] == list(range(1, 17))
-    assert [r["image_size"] for r in history] == [32] * 4 + [48] * 4 + [64] * 8
+    assert [r["epoch"] for r in history] == list(range(1, 9))
+    assert [r["image_size"] for r in history] == [32] * 2 + [48] * 2 + [64] * 4
     # On TF's CPU every size trained one model with an open input side (one traced
     # graph); each call then returned a model fixed at the full size.
     assert built == [True, False, True, False]
     steps = history[0]["iterations"]
     assert steps == 20  # 160 training images in batches of 8
     # The optimizer's step count carried over the resume and every phase change.
-    assert [r["iterations"] for r in history] == [steps * e for e in range(1, 17)]
+    assert [r["iterations"] for r in history] == [steps * e for e in range(1, 9)]
     assert isinstance(result.metrics["validation_warnings"], list)
 
     test = load_dataset(
@@ -177,9 +177,10 @@ def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
     _, probs = predict(result.model, test, tta=cfg.predict.tta)
     labels = read_ids_labels(photo_task["test_records"])["label"].to_numpy()
     accuracy = (probs.argmax(-1) == labels).mean()
-    # Chance is 0.25 (16 of 64). Seeds 1-4 of this setting scored 0.48-0.91 (12
-    # and 16 epochs, two runs at once on 2 cores); the best epoch of a model that
-    # learned nothing stays near 0.25 + 2 standard deviations (0.36).
+    # Chance is 0.25 (16 of 64). At these 8 epochs seeds 0-4 scored 0.72, 0.625,
+    # 0.70, 0.81 and 0.67 (this test is seed 0; 12 and 16 epochs had scored
+    # 0.48-0.91 over seeds 1-4: the longer run proved no more); the best epoch of
+    # a model that learned nothing stays near 0.25 + 2 standard deviations (0.36).
     assert accuracy >= 0.45, accuracy
 
 

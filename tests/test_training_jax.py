@@ -3,9 +3,10 @@
 SIGKILL after epoch 1 and resumed; validation on 8 replicas against a numpy
 recomputation; TTA predict through the CLI; mixed_bfloat16 training and resuming.
 
-Each JAX run is a fresh interpreter (the backend and device count are fixed at
-start); the runs share the session's JAX compilation cache (conftest), so a resumed
-run does not compile again what the killed one compiled.
+Each JAX child is a fresh interpreter (the backend and device count are fixed at
+start) and costs its imports and JAX start, so a child runs every check that can
+share it; the children share the session's JAX compilation cache (conftest), so a
+resumed run does not compile again what the killed one compiled.
 """
 
 from __future__ import annotations
@@ -59,15 +60,17 @@ def shopee_b0_tiny(records: dict, out, *extra: str) -> RunConfig:
         "data.image_size=32",
         "model.backbone=efficientnet-phi-6",
         "model.weights=none",
-        "epochs=3",
+        "epochs=2",
         "batch_size=4",
         f"out_dir={out}",
         *extra,
     )
 
 
-# Trains (or resumes) the run, then recomputes validation with numpy from the
-# best weights' probabilities over exactly the held-out records.
+# Trains (or resumes) the run, recomputes validation with numpy from the best
+# weights' probabilities over exactly the held-out records, then runs the CLI
+# command given after the config (in this process: a JAX child's imports and
+# compiles cost more than its work).
 TRAIN_AND_CHECK = r"""
 import json, sys
 import numpy as np
@@ -93,21 +96,28 @@ print("RESULT " + json.dumps(dict(
     history=result.history, metrics=result.metrics,
     numpy_accuracy=float((probs.argmax(1) == labels).mean()),
     numpy_loss=float(loss), near_ties=int((top2[:, 1] - top2[:, 0] < 1e-5).sum()),
-    n_valid=int(len(labels)), output_dtype=str(model.outputs[0].dtype))))
+    n_valid=int(len(labels)), output_dtype=str(model.outputs[0].dtype))), flush=True)
+if len(sys.argv) > 2:  # then the rest of the command line, as `shopee-tpu ...`
+    from shopee_tpu.cli import main
+    sys.exit(main(sys.argv[2:]))
 """
 
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(digits_records, tmp_path_factory):
     """The tiny shopee-b0 run on 8 JAX devices: SIGKILLed once epoch 1 is
-    committed, then run again to the end."""
+    committed, then run again to the end, and `shopee-tpu predict` with TTA over
+    the test records from the finished run's folder."""
     root = tmp_path_factory.mktemp("jax_run")
     out = root / "run"
     cfg_path = root / "cfg.json"
     shopee_b0_tiny(digits_records, out).save(cfg_path)
     script = root / "train.py"
     script.write_text(TRAIN_AND_CHECK)
-    cmd = [sys.executable, str(script), str(cfg_path)]
+    sub = root / "submission.csv"
+    predict = ["predict", "--run", str(out), "--data", digits_records["test"]]
+    predict += ["--out", str(sub), "--tta", "identity,flip_lr"]
+    cmd = [sys.executable, str(script), str(cfg_path), *predict]
     env = jax_env(8)
 
     proc = subprocess.Popen(
@@ -136,6 +146,7 @@ def killed_and_resumed(digits_records, tmp_path_factory):
         killed_state=killed_state,
         stdout=done.stdout,
         result=result_of(done.stdout),
+        submission=sub,
     )
 
 
@@ -146,11 +157,11 @@ def test_shopee_b0_on_eight_jax_devices_resumes_after_sigkill(killed_and_resumed
     out = run["out"]
     # Killed after epoch 1 was committed and before epoch 2 was.
     assert run["killed_state"]["epoch"] == 1 and not run["killed_state"]["finished"]
-    assert "resuming after epoch 1 of 3" in run["stdout"]
+    assert "resuming after epoch 1 of 2" in run["stdout"]
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["backend"], metrics["replicas"], metrics["hosts"]) == ("jax", 8, 1)
-    assert metrics["finished"] and metrics["epochs_completed"] == 3
+    assert metrics["finished"] and metrics["epochs_completed"] == 2
     # An epoch (184 records / global batch 32 = 5 steps) shorter than the preset's
     # steps_per_execution of 32 runs as one call of 5 steps, not 32.
     steps = metrics["steps_per_epoch"]
@@ -158,8 +169,8 @@ def test_shopee_b0_on_eight_jax_devices_resumes_after_sigkill(killed_and_resumed
     assert metrics["steps_per_execution"] == 5
 
     history = pd.read_csv(out / "history.csv")
-    assert history.epoch.tolist() == [1, 2, 3]
-    assert history.iterations.tolist() == [steps, 2 * steps, 3 * steps]
+    assert history.epoch.tolist() == [1, 2]
+    assert history.iterations.tolist() == [steps, 2 * steps]
     for column in ("val_accuracy", "val_loss", "accuracy", "loss", "lr"):
         assert history[column].notna().all() and np.isfinite(history[column]).all()
     assert ((history.val_accuracy >= 0) & (history.val_accuracy <= 1)).all()
@@ -192,102 +203,24 @@ def test_validation_on_eight_replicas_equals_numpy_over_the_real_records(
 @pytest.mark.slow
 @pytest.mark.xdist_group("jax8")  # one worker trains the fixture's run
 def test_tta_predict_through_the_cli_on_eight_jax_devices(
-    killed_and_resumed, digits_records, tmp_path
+    killed_and_resumed, digits_records
 ):
     from shopee_tpu.data.read.pipeline import count_records, read_ids_labels
 
     test = digits_records["test"]
     n = count_records(test)
     assert n % 32  # a ragged last batch for 8 replicas x 4
-    sub = tmp_path / "submission.csv"
-    done = subprocess.run(
-        [sys.executable, "-m", "shopee_tpu.cli", "predict"]
-        + ["--run", str(killed_and_resumed["out"]), "--data", test]
-        + ["--out", str(sub), "--tta", "identity,flip_lr"],
-        env=jax_env(8),
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert done.returncode == 0, done.stderr[-5000:]
-    assert "CPU x8" in done.stdout and "backend=jax" in done.stdout
+    # The fixture's child ran `shopee-tpu predict --run RUN --data TEST --tta
+    # identity,flip_lr` after its training had printed its RESULT line.
+    stdout = killed_and_resumed["stdout"]
+    predicted = stdout[stdout.index("RESULT ") :]
+    assert "CPU x8" in predicted and "backend=jax" in predicted
+    sub = killed_and_resumed["submission"]
     table = pd.read_csv(sub, dtype=str)
     ids = read_ids_labels(test)["id"].tolist()
     assert len(table) == n and sorted(table.filename) == sorted(ids)
-    probs = np.load(tmp_path / "submission.probs.npz")
+    probs = np.load(sub.with_suffix(".probs.npz"))
     assert len(probs["ids"]) == n == len(set(probs["ids"].tolist()))
-
-
-BF16 = r"""
-import json, sys
-import numpy as np
-import shopee_tpu
-from shopee_tpu.config import RunConfig
-from shopee_tpu.training import train
-
-acc = shopee_tpu.connect(mixed_precision="mixed_bfloat16")
-cfg = RunConfig.load(sys.argv[1])
-first = train(cfg, accelerator=acc, time_limit=1e-3, verbose=0)  # stops after epoch 1
-second = train(cfg, accelerator=acc, verbose=0)  # a new model, from the checkpoint
-model = second.model
-x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
-conv = next(l for l in model.layers if "conv" in type(l).__name__.lower())
-print("RESULT " + json.dumps(dict(
-    summary=acc.summary, first=first.metrics, second=second.metrics,
-    history=second.history, conv_compute=conv.compute_dtype,
-    conv_variable=conv.variable_dtype,
-    # Float variables only: the normalization layer's sample count is an integer.
-    weights=sorted({str(w.dtype) for w in model.get_weights() if w.dtype.kind == "f"}),
-    probs_dtype=str(model.predict_on_batch(x).dtype),
-    probs_sum=float(model.predict_on_batch(x).sum(1).mean()))))
-"""
-
-
-@pytest.mark.slow
-def test_mixed_bfloat16_on_jax_trains_and_resumes(digits_records, tmp_path):
-    out = tmp_path / "run"
-    # 184 records / global batch 16 = 11 steps, not a multiple of 4: the epoch is
-    # rounded to 8 steps so each of its two calls runs 4. The dtype plumbing (the
-    # policy, float32 pixels, softmax and master weights, a resume) is the same for
-    # every backbone: tiny-cnn, where the EfficientNet's compile costs minutes.
-    cfg = shopee_b0_tiny(
-        digits_records,
-        out,
-        "model.backbone=tiny-cnn",
-        "epochs=2",
-        "batch_size=2",
-        "optim.steps_per_execution=4",
-    )
-    cfg.save(tmp_path / "cfg.json")
-    script = tmp_path / "bf16.py"
-    script.write_text(BF16)
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "cfg.json")],
-        env=jax_env(8),
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert done.returncode == 0, done.stderr[-5000:]
-    r = result_of(done.stdout)
-
-    assert "precision=mixed_bfloat16" in r["summary"]
-    assert (r["conv_compute"], r["conv_variable"]) == ("bfloat16", "float32")
-    assert r["weights"] == ["float32"]  # checkpoints hold float32 master weights
-    assert r["probs_dtype"] == "float32"  # the softmax stays float32
-    assert abs(r["probs_sum"] - 1) < 1e-5
-    assert (
-        r["first"]["epochs_completed"] == 1
-        and "time limit" in (r["first"]["stop_reason"])
-    )
-    assert r["second"]["finished"] and r["second"]["epochs_completed"] == 2
-    assert (r["second"]["steps_per_epoch"], r["second"]["steps_per_execution"]) == (
-        8,
-        4,
-    )
-    assert [h["epoch"] for h in r["history"]] == [1, 2]
-    assert [h["iterations"] for h in r["history"]] == [8, 16]
-    assert all(np.isfinite(h["val_loss"]) for h in r["history"])
 
 
 # In the child: after every step, the head's raw kernel and its EMA average; the
@@ -338,19 +271,60 @@ class EmaProbe(keras.callbacks.Callback):
 """
 
 
-@pytest.mark.slow
-def test_ema_follows_its_recurrence_across_the_unfrozen_boundary_on_jax(
-    digits_records, tmp_path
-):
+BF16 = r"""
+import json, sys
+import numpy as np
+import shopee_tpu
+from shopee_tpu.config import RunConfig
+from shopee_tpu.training import train
+
+acc = shopee_tpu.connect(mixed_precision="mixed_bfloat16")
+cfg = RunConfig.load(sys.argv[2])
+first = train(cfg, accelerator=acc, time_limit=1e-3, verbose=0)  # stops after epoch 1
+second = train(cfg, accelerator=acc, verbose=0)  # a new model, from the checkpoint
+model = second.model
+x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+conv = next(l for l in model.layers if "conv" in type(l).__name__.lower())
+print("RESULT " + json.dumps(dict(
+    summary=acc.summary, first=first.metrics, second=second.metrics,
+    history=second.history, conv_compute=conv.compute_dtype,
+    conv_variable=conv.variable_dtype,
+    # Float variables only: the normalization layer's sample count is an integer.
+    weights=sorted({str(w.dtype) for w in model.get_weights() if w.dtype.kind == "f"}),
+    probs_dtype=str(model.predict_on_batch(x).dtype),
+    probs_sum=float(model.predict_on_batch(x).sum(1).mean()))))
+"""
+
+
+# The EMA probe's fine-tune (float32), then the mixed_bfloat16 run: one JAX child
+# for both (its imports and JAX start cost more than either tiny run).
+EMA_RUN = r"""
+import sys
+from shopee_tpu.config import RunConfig
+from shopee_tpu.training import train
+probe = []
+def make_probe():
+    probe.append(EmaProbe())
+    return probe[-1]
+result = train(RunConfig.load(sys.argv[1]), verbose=0, callbacks=[make_probe])
+print("RESULT " + json.dumps(dict(metrics=result.metrics,
+                                  phases=probe[0].report(0.9)), default=str))
+"""
+
+
+@pytest.fixture(scope="module")
+def ema_then_bfloat16(digits_records, tmp_path_factory):
+    """Two tiny-cnn runs in one 8-device JAX child: the EMA probe's fine-tune in
+    float32 (train() connects with the config's precision), then mixed_bfloat16
+    (connect() sets the policy) trained and resumed."""
+    from conftest import TINY
+
+    root = tmp_path_factory.mktemp("ema_bf16")
     # The new optimizer's EMA averages start from the frozen phase's weights; on
     # JAX an average sharing its weight's buffer would be donated twice a step.
-    # After every step the average equals the recurrence computed from the raw
-    # weights' trajectory, and differs from the raw weights.
-    from conftest import TINY, run_python
-
-    cfg = RunConfig.preset("photo-finetune").override(
+    RunConfig.preset("photo-finetune").override(
         f"data.train={digits_records['train']}",
-        f"out_dir={tmp_path / 'ft'}",
+        f"out_dir={root / 'ft'}",
         *TINY,
         "batch_size=4",
         "plan.images_seen=0",
@@ -360,24 +334,69 @@ def test_ema_follows_its_recurrence_across_the_unfrozen_boundary_on_jax(
         "optim.steps_per_execution=1",
         "optim.ema=true",
         "optim.ema_momentum=0.9",
+    ).save(str(root / "ema.json"))
+    # 184 records / global batch 16 = 11 steps, not a multiple of 4: the epoch is
+    # rounded to 8 steps so each of its two calls runs 4. The dtype plumbing (the
+    # policy, float32 pixels, softmax and master weights, a resume) is the same for
+    # every backbone: tiny-cnn, where the EfficientNet's compile costs minutes.
+    shopee_b0_tiny(
+        digits_records,
+        root / "run",
+        "model.backbone=tiny-cnn",
+        "epochs=2",
+        "batch_size=2",
+        "optim.steps_per_execution=4",
+    ).save(root / "bf16.json")
+    script = root / "ema_bf16.py"
+    script.write_text(EMA_PROBE + EMA_RUN + BF16)
+    done = subprocess.run(
+        [sys.executable, str(script), str(root / "ema.json"), str(root / "bf16.json")],
+        env=jax_env(8),
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
-    cfg.save(str(tmp_path / "cfg.json"))
-    code = (
-        EMA_PROBE
-        + f"""
-from shopee_tpu.config import RunConfig
-from shopee_tpu.training import train
-probe = []
-def make_probe():
-    probe.append(EmaProbe())
-    return probe[-1]
-result = train(RunConfig.load({str(tmp_path / "cfg.json")!r}), verbose=0,
-               callbacks=[make_probe])
-print("RESULT " + json.dumps(dict(metrics=result.metrics,
-                                  phases=probe[0].report(0.9)), default=str))
-"""
+    assert done.returncode == 0, done.stderr[-5000:]
+    results = [
+        json.loads(line[len("RESULT ") :])
+        for line in done.stdout.splitlines()
+        if line.startswith("RESULT ")
+    ]
+    assert len(results) == 2, done.stdout[-3000:]
+    return dict(ema=results[0], bf16=results[1])
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ema_bf16")  # one worker runs the fixture's child
+def test_mixed_bfloat16_on_jax_trains_and_resumes(ema_then_bfloat16):
+    r = ema_then_bfloat16["bf16"]
+    assert "precision=mixed_bfloat16" in r["summary"]
+    assert (r["conv_compute"], r["conv_variable"]) == ("bfloat16", "float32")
+    assert r["weights"] == ["float32"]  # checkpoints hold float32 master weights
+    assert r["probs_dtype"] == "float32"  # the softmax stays float32
+    assert abs(r["probs_sum"] - 1) < 1e-5
+    assert (
+        r["first"]["epochs_completed"] == 1
+        and "time limit" in (r["first"]["stop_reason"])
     )
-    r = result_of(run_python(code, env=jax_env(2), timeout=900))
+    assert r["second"]["finished"] and r["second"]["epochs_completed"] == 2
+    assert (r["second"]["steps_per_epoch"], r["second"]["steps_per_execution"]) == (
+        8,
+        4,
+    )
+    assert [h["epoch"] for h in r["history"]] == [1, 2]
+    assert [h["iterations"] for h in r["history"]] == [8, 16]
+    assert all(np.isfinite(h["val_loss"]) for h in r["history"])
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ema_bf16")  # one worker runs the fixture's child
+def test_ema_follows_its_recurrence_across_the_unfrozen_boundary_on_jax(
+    ema_then_bfloat16,
+):
+    # After every step the average equals the recurrence computed from the raw
+    # weights' trajectory, and differs from the raw weights.
+    r = ema_then_bfloat16["ema"]
     assert r["metrics"]["finished"] and r["metrics"]["epochs_completed"] == 2
     frozen, unfrozen = r["phases"]
     assert (frozen["first_iteration"], frozen["steps"]) == (0, 4)
