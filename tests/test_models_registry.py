@@ -273,11 +273,10 @@ compile_model(model, OptimConfig(optimizer="adamw"), steps_per_epoch=1, epochs=1
 logs = model.train_on_batch(x, np.eye(5, dtype="float32")[[0, 1, 2]], return_dict=True)
 print("LOSS", float(logs["loss"]), keras.backend.backend())
 """
-    # LLVM's lowest optimisation level, as in test_training_jax.py: on JAX every
+    # (XLA at LLVM's lowest level, as conftest sets for the session: on JAX every
     # initializer and eager op of the build compiles a program, and at the default
-    # level those compiles took most of this test (56 s of build, 10 s at -O0).
-    flags = "--xla_backend_optimization_level=0"
-    out = run_python(code, env={"KERAS_BACKEND": "jax", "XLA_FLAGS": flags})
+    # level those compiles took most of this test: 56 s of build, 10 s at -O0.)
+    out = run_python(code, env={"KERAS_BACKEND": "jax"})
     assert "jax" in out and np.isfinite(float(out.split("LOSS ")[1].split()[0]))
     np.testing.assert_allclose(
         np.load(tmp_path / "jax.npy"), model.predict_on_batch(x), rtol=1e-4, atol=1e-5

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 from shopee_tpu.config import RunConfig
 from shopee_tpu.training.plan import epoch_steps as _epoch_steps
@@ -33,13 +33,11 @@ def jax_env(devices: int, **extra: str) -> dict[str, str]:
     """The environment of a JAX child over ``devices`` host devices (with the
     session's compilation cache, from conftest)."""
     env = {k: v for k, v in os.environ.items() if k not in OUTER_ENV}
-    # LLVM's lowest optimisation level: these runs prove behaviour, not speed,
-    # and on 2 cores compiling costs them more than running (the 8-device run
-    # took 75 s instead of 90 s, its epochs 1.4 times as long).
-    flags = "--xla_backend_optimization_level=0"
+    # (XLA at LLVM's lowest level, xla_flags: the 8-device run took 75 s instead
+    # of 90 s, its epochs 1.4 times as long.)
     env.update(
         KERAS_BACKEND="jax",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {flags}",
+        XLA_FLAGS=xla_flags(devices),
         PYTHONPATH=REPO,
         **extra,
     )
