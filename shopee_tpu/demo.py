@@ -181,8 +181,8 @@ def run_demo(
         cfg = cfg.override(f"seed={int(seed)}")
     if quick:
         # 5 of the 22 epochs, and an EMA that forgets faster, so that it follows a
-        # run of ~200 steps: held out 0.92, 0.84 and 0.87 on seeds 0-2, as good as
-        # 8 epochs were (0.90, 0.85), since the cosine still runs its whole course.
+        # run of ~200 steps; the cosine runs its whole course in those 5 epochs
+        # (held out 0.92, 0.84 and 0.87 on seeds 0-2: docs/benchmarks.md).
         cfg = cfg.override("epochs=5", "optim.ema_momentum=0.95")
     cfg = cfg.override(list(sets))
     # Before the records are read: tf.data would start Keras on TensorFlow, and on
