@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 EXTRAS := cpu,jax,demo,gcs,test
 
-.PHONY: demo test test-fast test-kaggle-tpu lint format venv wheel upgrade-constraints \
+.PHONY: demo test test-long test-fast test-kaggle-tpu lint format venv wheel upgrade-constraints \
 	upgrade-kaggle-tpu-constraints clean
 
 venv: $(STAMP)
@@ -98,15 +98,22 @@ wheel: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/shopee-tpu demo --out runs/demo
 
+# Every test but the whole-workflow runs (marked long), in 15 minutes or less from a
+# fresh clone on 2 cores; CI runs it, then test-long (.ci/run).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=0 --durations-min=30
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not long" --durations=0 --durations-min=30
+
+# The whole-workflow runs: recipes trained to their end, several hosts, the
+# notebooks' smoke runs and the benchmarks that train.
+test-long: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m long --durations=0 --durations-min=30
 
 # The edit-test loop: every test not marked slow (no training, no JAX process).
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" --durations=5
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not long" --durations=5
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -278,6 +278,7 @@ def test_bench_input_corpus_is_every_jpeg_below_the_folder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bench_train_fractions_and_ratios_follow_from_the_rounds(capsys):
     out = _bench(capsys, "train", "--rounds", "2")
     assert out["model"] == "tiny-cnn"
@@ -358,6 +359,7 @@ def test_bench_ablation_changes_are_each_variant_minus_the_preset(capsys, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bench_export_speedups_and_accuracy_lost_follow_from_the_runs(capsys, tmp_path):
     out = _bench(capsys, "export", "--rounds", "2", "--out", str(tmp_path))
     assert (out["bench"], out["quick"], out["model"]) == ("export", True, "tiny-cnn")
@@ -472,6 +474,7 @@ def _check_summary(setting: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bench_accuracy_quick_pretrained_figures_follow_from_the_runs(capsys, tmp_path):
     # The pretrained setting end to end (the scratch one: the budget test below).
     out = _bench(
@@ -508,6 +511,7 @@ def test_bench_accuracy_quick_pretrained_figures_follow_from_the_runs(capsys, tm
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bench_accuracy_budget_stops_both_sides_and_is_reported_as_missed(
     capsys, tmp_path
 ):
@@ -716,6 +720,7 @@ def _fashion_idx(folder, train: int = 200, test: int = 50) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bench_fashion_alternates_and_its_figures_follow_from_the_runs(
     capsys, tmp_path
 ):

@@ -17,6 +17,7 @@ QUICK_LEVEL = 0.6
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_quick_demo_scores_far_above_chance_with_clean_logs(tmp_path):
     out = tmp_path / "demo"
     # The user's environment: TensorFlow's C++ logging at its default level.

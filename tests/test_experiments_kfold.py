@@ -133,6 +133,7 @@ def _reload(saved: dict, records) -> dict:
     return saved
 
 
+@pytest.mark.long
 def test_killed_run_resumes_fold_by_fold_and_gathers_another_sessions_fold(kfold):
     run, killed = kfold["run"], kfold["killed"]
     # Killed during fold 1 (the second fold): fold 0 complete, fold 1 partial.
@@ -152,6 +153,7 @@ def test_killed_run_resumes_fold_by_fold_and_gathers_another_sessions_fold(kfold
     assert "out-of-fold accuracy" in kfold["printed"]
 
 
+@pytest.mark.long
 def test_every_record_once_out_of_fold_and_no_product_split(kfold, digits_records):
     from shopee_tpu.data.splits import stratified_group_kfold
     from shopee_tpu.inference.ensemble import load_probs
@@ -184,6 +186,7 @@ def test_every_record_once_out_of_fold_and_no_product_split(kfold, digits_record
         assert r["train_images"] + r["valid_images"] == len(truth)
 
 
+@pytest.mark.long
 def test_oof_and_fold_ensemble_equal_the_fold_models_predictions(
     kfold, digits_records, tmp_path
 ):

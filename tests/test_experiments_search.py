@@ -42,6 +42,7 @@ def _complete(out) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_three_trials_killed_in_the_second_resume_without_repeating(
     digits_records, tmp_path, capsys
 ):

@@ -23,6 +23,7 @@ GRID = ["model.dropout=0,0.5", "optim.label_smoothing=0,0.1"]
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sweep_of_2x2_points_writes_the_table_and_a_rerun_trains_nothing(
     digits_records, tmp_path, capsys
 ):

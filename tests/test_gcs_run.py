@@ -41,6 +41,7 @@ def _committed_epoch() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_jax_run_in_a_bucket_resumes_after_sigkill_and_predicts(
     digits_records, tmp_path, monkeypatch
 ):

@@ -36,7 +36,11 @@ from test_multihost_jax import (
 )
 from test_training_jax import result_of
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost_runs")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.long,
+    pytest.mark.xdist_group("multihost_runs"),
+]
 
 SETS = [*TINY, "model.weights=none", "batch_size=4", "epochs=1"]
 README_DONE = "=== the README command ended ==="

@@ -177,6 +177,7 @@ def _check_shopee_submission(path, test_csv, labels_csv):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_baseline_smoke_run_writes_a_valid_accurate_submission(tmp_path):
     nb = _execute("shopee_tpu_baseline.ipynb", tmp_path)
     data = tmp_path / "runs" / "baseline-data" / "data"
@@ -189,6 +190,7 @@ def test_baseline_smoke_run_writes_a_valid_accurate_submission(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_inference_smoke_run_ensembles_runs_into_a_valid_submission(tmp_path):
     _execute("inference.ipynb", tmp_path)
     data = tmp_path / "smoke-data" / "data"
@@ -203,6 +205,7 @@ def test_inference_smoke_run_ensembles_runs_into_a_valid_submission(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_cdiscount_smoke_run_goes_from_bson_to_one_row_per_product(tmp_path):
     from shopee_tpu.cdiscount.sample import SAMPLE_CATEGORY_IDS
     from shopee_tpu.data.read.decode import read_ids_labels
@@ -249,6 +252,7 @@ def test_cdiscount_smoke_run_goes_from_bson_to_one_row_per_product(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_tfrecords_smoke_run_writes_every_image_once(tmp_path):
     from shopee_tpu.data.read.pipeline import read_ids_labels
 

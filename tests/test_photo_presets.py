@@ -121,6 +121,7 @@ def test_a_holdout_of_few_classes_is_named(photo_task):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_photo_run_beats_chance_and_resumes_across_resolution_stages(
     photo_task, tmp_path, monkeypatch
 ):

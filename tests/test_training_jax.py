@@ -150,6 +150,7 @@ def killed_and_resumed(digits_records, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("jax8")  # one worker trains the fixture's run
+@pytest.mark.long
 def test_shopee_b0_on_eight_jax_devices_resumes_after_sigkill(killed_and_resumed):
     run = killed_and_resumed
     out = run["out"]
@@ -176,6 +177,7 @@ def test_shopee_b0_on_eight_jax_devices_resumes_after_sigkill(killed_and_resumed
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("jax8")  # one worker trains the fixture's run
+@pytest.mark.long
 def test_validation_on_eight_replicas_equals_numpy_over_the_real_records(
     killed_and_resumed,
 ):
@@ -200,6 +202,7 @@ def test_validation_on_eight_replicas_equals_numpy_over_the_real_records(
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("jax8")  # one worker trains the fixture's run
+@pytest.mark.long
 def test_tta_predict_through_the_cli_on_eight_jax_devices(
     killed_and_resumed, digits_records
 ):
@@ -366,6 +369,7 @@ def ema_then_bfloat16(digits_records, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ema_bf16")  # one worker runs the fixture's child
+@pytest.mark.long
 def test_mixed_bfloat16_on_jax_trains_and_resumes(ema_then_bfloat16):
     r = ema_then_bfloat16["bf16"]
     assert "precision=mixed_bfloat16" in r["summary"]
@@ -389,6 +393,7 @@ def test_mixed_bfloat16_on_jax_trains_and_resumes(ema_then_bfloat16):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ema_bf16")  # one worker runs the fixture's child
+@pytest.mark.long
 def test_ema_follows_its_recurrence_across_the_unfrozen_boundary_on_jax(
     ema_then_bfloat16,
 ):
