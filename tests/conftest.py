@@ -140,6 +140,9 @@ def kill_when(proc, ready, *, timeout: float, poll: float = 0.02) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+        if proc.stderr is not None:  # the pipe, once read or no longer needed
+            proc.stderr.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,22 @@
 """Several JAX hosts on one machine: 2 processes x 4 host devices joined over
 loopback through Keras's distribution variables, as the hosts of a TPU pod slice.
-The same two processes run, one after the other:
-
-- the README's command line, as ``python -m shopee_tpu`` runs it: together they
-  train one model, each host on its own rows. What each process hands to its
+Two processes run the README's command line, as ``python -m shopee_tpu`` runs
+it: together they train one model, each host on its own rows. What each process hands to its
   devices is recorded after Keras's own dataset handling
   (``jax.make_array_from_process_local_data``, through which Keras's JAX trainer
   sends every host's rows; ``test_multihost_jax.SITECUSTOMIZE``): each training
   image carries its record number in its pixels, so the test sees which records
-  each host fed at each step;
+  each host fed at each step.
+
+Two more processes (``make test-long``) run, one after the other:
+
 - a run folder that some host cannot see: refused in one line; a shared one
   stopped and resumed on every host from the same epoch;
 - k-fold, ``shopee-tpu predict`` and ``st.predict``: they finish with what one
   process over as many devices gets.
 
-Each process pays ~10 s of imports, so the scenarios share the processes; one
-worker runs this module (its fixture starts the hosts once).
+Each process pays ~10 s of imports, so the long scenarios share their processes;
+one worker runs them (their fixture starts the hosts once).
 """
 
 from __future__ import annotations
@@ -36,11 +37,7 @@ from test_multihost_jax import (
 )
 from test_training_jax import result_of
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.long,
-    pytest.mark.xdist_group("multihost_runs"),
-]
+pytestmark = pytest.mark.slow
 
 SETS = [*TINY, "model.weights=none", "batch_size=4", "epochs=1"]
 README_DONE = "=== the README command ended ==="
@@ -49,7 +46,7 @@ HOSTS = r"""
 import atexit, json, os, runpy, sys
 
 out, train, test, tag = sys.argv[1:5]
-if tag == "hosts":
+if tag == "readme":
     # The README's command, as `python -m shopee_tpu` runs it, before anything
     # else is imported; then what the hosts fed their devices is saved.
     import sitecustomize
@@ -63,6 +60,7 @@ if tag == "hosts":
     sitecustomize.save()
     atexit.unregister(sitecustomize.save)
     print("=== the README command ended ===", flush=True)
+    sys.exit(0)
 
 import contextlib, hashlib, io
 import numpy as np
@@ -140,22 +138,34 @@ print("RESULT " + json.dumps(found))
 
 
 @pytest.fixture(scope="module")
-def hosts(digits_records, tmp_path_factory):
-    """Two hosts run every scenario; then one process over as many devices
-    predicts from the weights the hosts trained."""
-    root = tmp_path_factory.mktemp("multihost_runs")
+def readme_hosts(tmp_path_factory):
+    """Two hosts run the README's command, recording what they feed."""
+    root = tmp_path_factory.mktemp("multihost_readme")
     script = root / "hosts.py"
     script.write_text(HOSTS)
     (root / "site").mkdir()
     (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     readme = readme_command(root)
-    args = [str(script), str(root), digits_records["train"], digits_records["test"]]
     two = run_hosts(
-        [*args, "hosts", json.dumps(SETS), json.dumps(readme)],
+        [str(script), str(root), "-", "-", "readme", "[]", json.dumps(readme)],
         devices=4,
         path=[str(root / "site")],
         SHOPEE_TEST_FEED_LOG=str(root / "feeds"),
     )
+    for code, _, stderr in two:
+        assert code == 0, stderr[-6000:]
+    return root, two
+
+
+@pytest.fixture(scope="module")
+def hosts(digits_records, tmp_path_factory):
+    """Two hosts run the long scenarios; then one process over as many devices
+    predicts from the weights the hosts trained."""
+    root = tmp_path_factory.mktemp("multihost_runs")
+    script = root / "hosts.py"
+    script.write_text(HOSTS)
+    args = [str(script), str(root), digits_records["train"], digits_records["test"]]
+    two = run_hosts([*args, "hosts", json.dumps(SETS)], devices=4)
     for code, _, stderr in two:
         assert code == 0, stderr[-6000:]
     ((code, _, stderr),) = run_hosts([*args, "one", "[]"], hosts=1, devices=8)
@@ -182,6 +192,8 @@ def readme_command(root) -> list[str]:
     return [*command, "--out", str(root / "runs" / "hosts")]
 
 
+@pytest.mark.long
+@pytest.mark.xdist_group("multihost_runs")  # one worker starts the long hosts
 def test_kfold_and_predict_on_two_hosts_equal_one_host(hosts):
     tmp_path, _ = hosts
     # The k-fold run finished on both hosts with every record's out-of-fold
@@ -211,6 +223,8 @@ def test_kfold_and_predict_on_two_hosts_equal_one_host(hosts):
         assert "(host 0: 2, host 1: 3)" in said
 
 
+@pytest.mark.long
+@pytest.mark.xdist_group("multihost_runs")
 def test_an_unshared_run_folder_is_refused_and_a_shared_one_resumes_together(hosts):
     tmp_path, two = hosts
     found = [result_of(stdout) for _, stdout, _ in two]
@@ -232,8 +246,10 @@ def test_an_unshared_run_folder_is_refused_and_a_shared_one_resumes_together(hos
     assert history.epoch.tolist() == [1, 2]
 
 
-def test_the_readme_command_on_two_jax_hosts_trains_one_model_on_disjoint_rows(hosts):
-    tmp_path, two = hosts
+def test_the_readme_command_on_two_jax_hosts_trains_one_model_on_disjoint_rows(
+    readme_hosts,
+):
+    tmp_path, two = readme_hosts
     out = tmp_path / "runs" / "hosts"
     said = two[0][1].split(README_DONE)[0]
     assert "CPU x8" in said and "hosts=2, worker 1/2" in said
