@@ -1,12 +1,13 @@
 """Several JAX hosts on one machine: 2 processes x 4 host devices joined over
 loopback through Keras's distribution variables, as the hosts of a TPU pod slice.
-Two processes run the README's command line, as ``python -m shopee_tpu`` runs
-it: together they train one model, each host on its own rows. What each process hands to its
-  devices is recorded after Keras's own dataset handling
-  (``jax.make_array_from_process_local_data``, through which Keras's JAX trainer
-  sends every host's rows; ``test_multihost_jax.SITECUSTOMIZE``): each training
-  image carries its record number in its pixels, so the test sees which records
-  each host fed at each step.
+
+Two processes run the README's command line, as ``python -m shopee_tpu`` runs it:
+together they train one model, each host on its own rows. What each process hands
+to its devices is recorded after Keras's own dataset handling
+(``jax.make_array_from_process_local_data``, through which Keras's JAX trainer
+sends every host's rows; ``test_multihost_jax.SITECUSTOMIZE``): each training image
+carries its record number in its pixels, so the test sees which records each host
+fed at each step.
 
 Two more processes (``make test-long``) run, one after the other:
 
