@@ -13,12 +13,12 @@ EXTRAS := cpu,jax,demo,gcs,test
 
 venv: $(STAMP)
 
-# uv installs the set in about 50 s from an empty cache on this machine class, where
-# pip took about 2.5 minutes of every fresh clone's `make test`. It compiles the
-# bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set, a venv without it
-# compiles every import from source in every process (`import tensorflow, keras, jax`
-# 16-19 s of CPU instead of 8-10 s). uv does not read pip's config: every version
-# comes from the constraints file or the pins given.
+# uv installs the set in about half pip's time from an empty cache
+# (docs/benchmarks.md). It compiles the bytecode as pip does: where
+# PYTHONDONTWRITEBYTECODE is set, a venv without it compiles every import from source
+# in every process, which doubles the CPU of `import tensorflow, keras, jax`. uv does
+# not read pip's config: every version comes from the constraints file or the pins
+# given.
 # tf_keras and keras-hub (through tensorflow-text) require the `tensorflow` package,
 # which would go in over tensorflow-cpu: both go in without dependencies, tf_keras
 # at the installed TensorFlow's version (setup.cfg [test] lists the rest of what they

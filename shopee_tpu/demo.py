@@ -182,7 +182,7 @@ def run_demo(
     if quick:
         # 5 of the 22 epochs, and an EMA that forgets faster, so that it follows a
         # run of ~200 steps; the cosine runs its whole course in those 5 epochs
-        # (held out 0.92, 0.84 and 0.87 on seeds 0-2: docs/benchmarks.md).
+        # (the held-out accuracy on each seed: docs/benchmarks.md).
         cfg = cfg.override("epochs=5", "optim.ema_momentum=0.95")
     cfg = cfg.override(list(sets))
     # Before the records are read: tf.data would start Keras on TensorFlow, and on

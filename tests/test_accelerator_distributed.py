@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, run_python, xla_flags
+from test_training_jax import result_of, results_of
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +51,6 @@ def tiny_dataset(tf, seed, batch):
 def report(**values):
     print("RESULT " + json.dumps(values), flush=True)
 """
-
-
-def _result(stdout: str) -> dict:
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"child printed no RESULT line:\n{stdout[-3000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
 
 
 MIRRORED_REPLICAS = r"""
@@ -176,7 +171,7 @@ def test_multi_worker_mirrored_strategy_two_processes_over_loopback(tmp_path):
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-6000:]
 
-    results = [_result(out) for out in outputs]
+    results = [result_of(out) for out in outputs]
     assert [r["worker_index"] for r in results] == [0, 1]
     for r in results:
         assert r["strategy"] == "MultiWorkerMirroredStrategy"
@@ -224,7 +219,7 @@ report(summary=acc.summary, replicas=acc.replicas, backend=acc.backend,
        moved=[bool(np.abs(a - b).max() > 0) for a, b in zip(init, final)])
 """
     )
-    r = _result(run_python(code, timeout=240))
+    r = result_of(run_python(code, timeout=240))
 
     assert (r["backend"], r["kind"], r["replicas"]) == ("jax", "cpu", 8)
     assert r["distribution"] == "DataParallel"
@@ -258,7 +253,7 @@ print("RESULT " + json.dumps(dict(backend=acc.backend, kind=acc.kind,
     tensorflow_imported="tensorflow" in sys.modules)))
 """
     )
-    r = _result(run_python(code, timeout=180))
+    r = result_of(run_python(code, timeout=180))
 
     assert (r["backend"], r["env"], r["kind"]) == ("jax", "jax", "cpu")
     assert "fell back to CPU" in r["summary"]
@@ -359,7 +354,7 @@ for name, entry in entries.items():
 print("RESULT " + json.dumps(found))
 """
     )
-    found = _result(run_python(code, timeout=300))
+    found = result_of(run_python(code, timeout=300))
 
     assert list(found) == [
         "train",
@@ -425,7 +420,7 @@ print("RESULT " + json.dumps(dict(
     first=first.metrics, second=second.metrics, history=second.history)))
 """
     )
-    r = _result(run_python(code, timeout=300))
+    r = result_of(run_python(code, timeout=300))
 
     assert r["optimizer"] == "LossScaleOptimizer" and r["policy"] == "mixed_float16"
     assert r["first"]["epochs_completed"] == 1
@@ -477,9 +472,7 @@ acc = shopee_tpu.connect(strategy="mirrored", verbose=False)
         + MIRRORED_REPLICAS
         + MIRRORED_RECIPE
     )
-    stdout = run_python(code, timeout=400)
-    parts = [json.loads(ln[len("RESULT ") :]) for ln in stdout.splitlines()
-             if ln.startswith("RESULT ")]  # fmt: skip
+    parts = results_of(run_python(code, timeout=400))
     return {p.pop("part"): p for p in parts}
 
 

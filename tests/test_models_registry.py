@@ -54,7 +54,6 @@ def test_every_name_resolves_to_a_keras_constructor():
         assert input_spec(name).size == family.size
 
 
-@pytest.mark.slow
 def _check_our_head(model, name: str, size: int, classes: int) -> None:
     assert model.name == name
     assert model.input_shape == (None, size, size, 3), name
@@ -67,6 +66,7 @@ def _check_our_head(model, name: str, size: int, classes: int) -> None:
     assert input_spec(model) == (size, (0.0, 255.0))
 
 
+@pytest.mark.slow
 def test_one_of_each_family_builds_with_our_head():
     for name in BUILT:
         size = 72 if name == "xception" else 32
@@ -273,9 +273,8 @@ compile_model(model, OptimConfig(optimizer="adamw"), steps_per_epoch=1, epochs=1
 logs = model.train_on_batch(x, np.eye(5, dtype="float32")[[0, 1, 2]], return_dict=True)
 print("LOSS", float(logs["loss"]), keras.backend.backend())
 """
-    # (XLA at LLVM's lowest level, as conftest sets for the session: on JAX every
-    # initializer and eager op of the build compiles a program, and at the default
-    # level those compiles took most of this test: 56 s of build, 10 s at -O0.)
+    # On JAX every initializer and eager op of the build compiles a program: the
+    # session's XLA_FLAGS (conftest) keep those compiles at LLVM's lowest level.
     out = run_python(code, env={"KERAS_BACKEND": "jax"})
     assert "jax" in out and np.isfinite(float(out.split("LOSS ")[1].split()[0]))
     np.testing.assert_allclose(

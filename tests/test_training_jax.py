@@ -33,8 +33,6 @@ def jax_env(devices: int, **extra: str) -> dict[str, str]:
     """The environment of a JAX child over ``devices`` host devices (with the
     session's compilation cache, from conftest)."""
     env = {k: v for k, v in os.environ.items() if k not in OUTER_ENV}
-    # (XLA at LLVM's lowest level, xla_flags: the 8-device run took 75 s instead
-    # of 90 s, its epochs 1.4 times as long.)
     env.update(
         KERAS_BACKEND="jax",
         XLA_FLAGS=xla_flags(devices),
@@ -44,10 +42,15 @@ def jax_env(devices: int, **extra: str) -> dict[str, str]:
     return env
 
 
-def result_of(stdout: str) -> dict:
+def results_of(stdout: str) -> list[dict]:
+    """Every ``RESULT {json}`` line a child printed, in order."""
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"child printed no RESULT line:\n{stdout[-3000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
+    return [json.loads(line[len("RESULT ") :]) for line in lines]
+
+
+def result_of(stdout: str) -> dict:
+    return results_of(stdout)[-1]
 
 
 # The shopee-b0 recipe (Adam, ramp schedule with linear LR scaling, label
@@ -358,11 +361,7 @@ def ema_then_bfloat16(digits_records, tmp_path_factory):
         timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-5000:]
-    results = [
-        json.loads(line[len("RESULT ") :])
-        for line in done.stdout.splitlines()
-        if line.startswith("RESULT ")
-    ]
+    results = results_of(done.stdout)
     assert len(results) == 2, done.stdout[-3000:]
     return dict(ema=results[0], bf16=results[1])
 
